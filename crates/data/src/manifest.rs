@@ -1,0 +1,518 @@
+//! Benchmark manifests: classes, native-class maps, domains, directions and split rules.
+//!
+//! A manifest is a TOML file in `manifests/` (see `datasets.md` for the format). It is parsed
+//! into `Raw*` structs that reject unknown keys, then checked into a [`Manifest`] before any
+//! work starts, so every later stage can rely on its invariants: labels are `0..n` without
+//! gaps, every native class maps to exactly one label per domain, every direction names
+//! declared domains, and the default split rule exists.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The manifest format version this build reads.
+pub const MANIFEST_SCHEMA_VERSION: u32 = 1;
+
+/// Built-in manifests, compiled into the binary so `vdg` works from any folder.
+/// `(name, toml text)`.
+pub const BUILTIN_MANIFESTS: &[(&str, &str)] =
+    &[("ucf_hmdb", include_str!("../../../manifests/ucf_hmdb.toml"))];
+
+/// How per-stratum train counts are rounded from `n * train_fraction`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rounding {
+    /// Nearest integer, keeping at least one clip on each side when the stratum has two or more.
+    Nearest,
+    /// `max(floor(n * fraction), 1)`, the rule of the released VideoDG/TA3N lists.
+    Floor,
+}
+
+/// A rule that divides a source domain's videos into train and validation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SplitRule {
+    /// Human-readable provenance of the rule.
+    #[serde(default)]
+    pub description: String,
+    /// Fraction of each stratum's clips that go to train, in `(0, 1)`.
+    pub train_fraction: f64,
+    /// Keep clips that share a group (UCF101 `gNN`, HMDB51 source film) on one side.
+    pub group_aware: bool,
+    /// How the train count is rounded.
+    pub rounding: Rounding,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawManifest {
+    schema_version: u32,
+    name: String,
+    title: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    reference: String,
+    segments: u32,
+    domains: Vec<RawDomain>,
+    directions: Vec<RawDirection>,
+    split: RawSplit,
+    classes: Vec<RawClass>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDomain {
+    name: String,
+    dataset: String,
+    #[serde(default)]
+    description: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDirection {
+    source: String,
+    targets: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSplit {
+    default: String,
+    rules: BTreeMap<String, SplitRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClass {
+    label: u32,
+    name: String,
+    native: BTreeMap<String, Vec<String>>,
+}
+
+/// A domain: a named population of videos drawn from one dataset.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Domain {
+    /// Short name used in directions and in the `domain` column (`ucf`, `hmdb`, ...).
+    pub name: String,
+    /// The raw dataset its videos come from (`ucf101`, `hmdb51`, ...).
+    pub dataset: String,
+    /// Free text.
+    pub description: String,
+}
+
+/// A train-on-source, test-on-targets direction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Direction {
+    /// The training domain.
+    pub source: String,
+    /// The unseen test domains (one or more).
+    pub targets: Vec<String>,
+}
+
+impl std::fmt::Display for Direction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}->{}", self.source, self.targets.join(","))
+    }
+}
+
+/// A benchmark class and the native dataset classes that map to it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Class {
+    /// 0-based label.
+    pub label: u32,
+    /// Benchmark class name.
+    pub name: String,
+    /// Domain name -> native class names (folder names, templates, action ids...).
+    pub native: BTreeMap<String, Vec<String>>,
+}
+
+/// A checked benchmark manifest.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Manifest {
+    /// Where it was loaded from (a path or `builtin:<name>`).
+    #[serde(skip)]
+    pub origin: PathBuf,
+    /// The exact TOML text, kept so prep can record it.
+    #[serde(skip)]
+    pub text: String,
+    /// Benchmark name (`ucf_hmdb`).
+    pub name: String,
+    /// Display title.
+    pub title: String,
+    /// Free text.
+    pub description: String,
+    /// Provenance of the class lists and settings.
+    pub reference: String,
+    /// Number of temporal segments M the paper uses on this benchmark.
+    pub segments: u32,
+    /// Domains in manifest order.
+    pub domains: Vec<Domain>,
+    /// Directions in manifest order.
+    pub directions: Vec<Direction>,
+    /// Name of the default split rule.
+    pub default_split_rule: String,
+    /// Split rules by name.
+    pub split_rules: BTreeMap<String, SplitRule>,
+    /// Classes ordered by label.
+    pub classes: Vec<Class>,
+}
+
+impl Manifest {
+    /// Loads one of [`BUILTIN_MANIFESTS`] by name.
+    pub fn builtin(name: &str) -> Result<Self> {
+        let Some((_, text)) = BUILTIN_MANIFESTS.iter().find(|(n, _)| *n == name) else {
+            return Err(Error::UnknownBenchmark {
+                name: name.to_owned(),
+                known: BUILTIN_MANIFESTS
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        };
+        Self::from_toml(text, Path::new(&format!("builtin:{name}")))
+    }
+
+    /// Loads and checks a manifest file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Parses and checks manifest text; `origin` is used in error messages.
+    pub fn from_toml(text: &str, origin: &Path) -> Result<Self> {
+        let raw: RawManifest = toml::from_str(text).map_err(|e| Error::ManifestParse {
+            path: origin.to_owned(),
+            message: e.to_string().trim_end().replace('\n', "\n  "),
+        })?;
+        let invalid = |key: String, message: String| Error::ManifestInvalid {
+            path: origin.to_owned(),
+            key,
+            message,
+        };
+        if raw.schema_version != MANIFEST_SCHEMA_VERSION {
+            return Err(invalid(
+                "schema_version".into(),
+                format!(
+                    "version {} is not supported (this build reads {MANIFEST_SCHEMA_VERSION})",
+                    raw.schema_version
+                ),
+            ));
+        }
+        if raw.name.is_empty() {
+            return Err(invalid("name".into(), "must not be empty".into()));
+        }
+        if raw.segments == 0 {
+            return Err(invalid("segments".into(), "must be at least 1".into()));
+        }
+        if raw.domains.is_empty() {
+            return Err(invalid("domains".into(), "at least one domain is needed".into()));
+        }
+        let mut domain_names = BTreeSet::new();
+        for (i, d) in raw.domains.iter().enumerate() {
+            if d.name.is_empty() || d.dataset.is_empty() {
+                return Err(invalid(
+                    format!("domains[{i}]"),
+                    "name and dataset must not be empty".into(),
+                ));
+            }
+            if !domain_names.insert(d.name.as_str()) {
+                return Err(invalid(
+                    format!("domains[{i}].name"),
+                    format!("duplicate domain {:?}", d.name),
+                ));
+            }
+        }
+        for (i, dir) in raw.directions.iter().enumerate() {
+            if !domain_names.contains(dir.source.as_str()) {
+                return Err(invalid(
+                    format!("directions[{i}].source"),
+                    format!("unknown domain {:?}", dir.source),
+                ));
+            }
+            if dir.targets.is_empty() {
+                return Err(invalid(
+                    format!("directions[{i}].targets"),
+                    "at least one target domain is needed".into(),
+                ));
+            }
+            for (j, t) in dir.targets.iter().enumerate() {
+                if !domain_names.contains(t.as_str()) {
+                    return Err(invalid(
+                        format!("directions[{i}].targets[{j}]"),
+                        format!("unknown domain {t:?}"),
+                    ));
+                }
+                if *t == dir.source {
+                    return Err(invalid(
+                        format!("directions[{i}].targets[{j}]"),
+                        format!("{t:?} is also the source domain"),
+                    ));
+                }
+            }
+        }
+        if !raw.split.rules.contains_key(&raw.split.default) {
+            return Err(invalid(
+                "split.default".into(),
+                format!(
+                    "no rule named {:?} under [split.rules]",
+                    raw.split.default
+                ),
+            ));
+        }
+        for (name, rule) in &raw.split.rules {
+            if !(rule.train_fraction > 0.0 && rule.train_fraction < 1.0) {
+                return Err(invalid(
+                    format!("split.rules.{name}.train_fraction"),
+                    format!("{} is not in (0, 1)", rule.train_fraction),
+                ));
+            }
+        }
+        let mut classes = raw.classes;
+        classes.sort_by_key(|c| c.label);
+        let mut names = BTreeMap::new();
+        // (domain, native) -> class name, to reject a native class mapped twice.
+        let mut natives: BTreeMap<(&str, &str), &str> = BTreeMap::new();
+        for (i, c) in classes.iter().enumerate() {
+            if c.label as usize != i {
+                return Err(invalid(
+                    format!("classes (label {})", c.label),
+                    format!(
+                        "labels must be 0..{} without gaps or duplicates; expected label {i}",
+                        classes.len()
+                    ),
+                ));
+            }
+            if let Some(prev) = names.insert(c.name.as_str(), c.label) {
+                return Err(invalid(
+                    format!("classes (label {}).name", c.label),
+                    format!("duplicate class {:?} (also label {prev})", c.name),
+                ));
+            }
+            if c.native.is_empty() {
+                return Err(invalid(
+                    format!("classes (label {}).native", c.label),
+                    "maps no native class".into(),
+                ));
+            }
+            for (domain, list) in &c.native {
+                if !domain_names.contains(domain.as_str()) {
+                    return Err(invalid(
+                        format!("classes (label {}).native.{domain}", c.label),
+                        format!("unknown domain {domain:?}"),
+                    ));
+                }
+                for n in list {
+                    if let Some(other) = natives.insert((domain, n), &c.name) {
+                        return Err(invalid(
+                            format!("classes (label {}).native.{domain}", c.label),
+                            format!("native class {n:?} is already mapped to class {other:?}"),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(Manifest {
+            origin: origin.to_owned(),
+            text: text.to_owned(),
+            name: raw.name,
+            title: raw.title,
+            description: raw.description,
+            reference: raw.reference,
+            segments: raw.segments,
+            domains: raw
+                .domains
+                .into_iter()
+                .map(|d| Domain {
+                    name: d.name,
+                    dataset: d.dataset,
+                    description: d.description,
+                })
+                .collect(),
+            directions: raw
+                .directions
+                .into_iter()
+                .map(|d| Direction {
+                    source: d.source,
+                    targets: d.targets,
+                })
+                .collect(),
+            default_split_rule: raw.split.default,
+            split_rules: raw.split.rules,
+            classes: classes
+                .into_iter()
+                .map(|c| Class {
+                    label: c.label,
+                    name: c.name,
+                    native: c.native,
+                })
+                .collect(),
+        })
+    }
+
+    /// The domain with this name.
+    pub fn domain(&self, name: &str) -> Option<&Domain> {
+        self.domains.iter().find(|d| d.name == name)
+    }
+
+    /// Domains drawn from `dataset`.
+    pub fn domains_of_dataset<'a>(&'a self, dataset: &'a str) -> impl Iterator<Item = &'a Domain> {
+        self.domains.iter().filter(move |d| d.dataset == dataset)
+    }
+
+    /// Native class name -> class, for one domain.
+    pub fn native_map(&self, domain: &str) -> BTreeMap<&str, &Class> {
+        let mut map = BTreeMap::new();
+        for c in &self.classes {
+            if let Some(list) = c.native.get(domain) {
+                for n in list {
+                    map.insert(n.as_str(), c);
+                }
+            }
+        }
+        map
+    }
+
+    /// The split rule with this name, or an error listing the known ones.
+    pub fn split_rule(&self, name: &str) -> Result<&SplitRule> {
+        self.split_rules
+            .get(name)
+            .ok_or_else(|| Error::ManifestInvalid {
+                path: self.origin.clone(),
+                key: "split.rules".into(),
+                message: format!(
+                    "no split rule named {name:?}; known: {}",
+                    self.split_rules.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            })
+    }
+
+    /// Warns about native classes of `domain` that `available` does not contain (a class
+    /// folder missing from the raw dataset). Returns the missing `(class, native)` pairs.
+    pub fn missing_natives(&self, domain: &str, available: &BTreeSet<String>) -> Vec<(String, String)> {
+        let mut missing = Vec::new();
+        for c in &self.classes {
+            for n in c.native.get(domain).into_iter().flatten() {
+                if !available.contains(n) {
+                    missing.push((c.name.clone(), n.clone()));
+                }
+            }
+        }
+        missing
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Manifest> {
+        Manifest::from_toml(text, Path::new("test.toml"))
+    }
+
+    const MINI: &str = r#"
+schema_version = 1
+name = "mini"
+title = "Mini"
+segments = 3
+[[domains]]
+name = "a"
+dataset = "ucf101"
+[[domains]]
+name = "b"
+dataset = "hmdb51"
+[[directions]]
+source = "a"
+targets = ["b"]
+[split]
+default = "paper"
+[split.rules.paper]
+train_fraction = 0.7
+group_aware = true
+rounding = "nearest"
+[[classes]]
+label = 1
+name = "y"
+native = { a = ["Y1", "Y2"], b = ["y"] }
+[[classes]]
+label = 0
+name = "x"
+native = { a = ["X"], b = ["x"] }
+"#;
+
+    #[test]
+    fn builtin_ucf_hmdb_matches_dataset_facts() {
+        let m = Manifest::builtin("ucf_hmdb").unwrap();
+        assert_eq!(m.classes.len(), 12);
+        assert_eq!(m.segments, 5);
+        let ucf: usize = m.classes.iter().map(|c| c.native["ucf"].len()).sum();
+        let hmdb: usize = m.classes.iter().map(|c| c.native["hmdb"].len()).sum();
+        assert_eq!((ucf, hmdb), (15, 12));
+        assert_eq!(m.native_map("ucf")["BoxingSpeedBag"].name, "punch");
+        assert_eq!(m.native_map("hmdb")["walk"].label, 11);
+        let dirs: Vec<String> = m.directions.iter().map(|d| d.to_string()).collect();
+        assert_eq!(dirs, ["ucf->hmdb", "hmdb->ucf"]);
+        assert_eq!(m.default_split_rule, "paper");
+        let paper = m.split_rule("paper").unwrap();
+        assert!((paper.train_fraction - 0.7).abs() < 1e-12 && paper.group_aware);
+        let released = m.split_rule("released-code").unwrap();
+        assert_eq!(released.rounding, Rounding::Floor);
+        assert!(!released.group_aware);
+    }
+
+    #[test]
+    fn sorts_classes_by_label() {
+        let m = load(MINI).unwrap();
+        assert_eq!(m.classes[0].name, "x");
+        assert_eq!(m.native_map("a")["Y2"].label, 1);
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_file_and_key() {
+        let text = MINI.replace("segments = 3", "segments = 3\nsegmnets = 4");
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.starts_with("test.toml:"), "{err}");
+        assert!(err.contains("segmnets"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_class_name_is_an_error() {
+        let text = MINI.replace("name = \"y\"", "name = \"x\"");
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.contains("duplicate class \"x\""), "{err}");
+    }
+
+    #[test]
+    fn native_mapped_twice_is_an_error() {
+        let text = MINI.replace("a = [\"X\"]", "a = [\"Y1\"]");
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.contains("native.a"), "{err}");
+        assert!(err.contains("\"Y1\" is already mapped"), "{err}");
+    }
+
+    #[test]
+    fn label_gap_unknown_domain_and_bad_fraction_are_errors() {
+        let gap = MINI.replace("label = 1", "label = 2");
+        assert!(load(&gap).unwrap_err().to_string().contains("without gaps"));
+        let dom = MINI.replace("targets = [\"b\"]", "targets = [\"c\"]");
+        let err = load(&dom).unwrap_err().to_string();
+        assert!(err.contains("directions[0].targets[0]") && err.contains("\"c\""), "{err}");
+        let frac = MINI.replace("train_fraction = 0.7", "train_fraction = 1.5");
+        let err = load(&frac).unwrap_err().to_string();
+        assert!(err.contains("split.rules.paper.train_fraction"), "{err}");
+        let def = MINI.replace("default = \"paper\"", "default = \"nope\"");
+        assert!(load(&def).unwrap_err().to_string().contains("split.default"));
+    }
+
+    #[test]
+    fn missing_natives_are_reported() {
+        let m = load(MINI).unwrap();
+        let have: BTreeSet<String> = ["X".to_string(), "Y1".to_string()].into();
+        assert_eq!(m.missing_natives("a", &have), vec![("y".to_string(), "Y2".to_string())]);
+    }
+}

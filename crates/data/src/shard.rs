@@ -1,0 +1,694 @@
+//! The on-disk layout that `vdg prep` writes and everything else reads.
+//!
+//! A prepared folder holds:
+//! - `frames-NNNNN.parquet`: columns `video_id`, `frame_index`, `source_frame`, `time_secs`,
+//!   `image` (JPEG bytes). Each video is one contiguous run of rows in plan order and starts
+//!   a new row group (long videos span several row groups of at most
+//!   [`DEFAULT_MAX_ROW_GROUP_BYTES`]). The image column is uncompressed, without dictionary
+//!   or statistics. The footer's key-value metadata `vdg.shard` holds a [`ShardMeta`] (the
+//!   video records the shard covers), so a shard describes itself and resume needs nothing
+//!   else.
+//! - `videos.parquet`: one [`VideoRow`] per planned video, failed ones included.
+//! - `prep.json`: tool version, manifest, options, counts, shard list and fingerprints.
+//!
+//! Both Parquet files carry `vdg.schema_version` in their Arrow schema metadata.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::builder::{
+    Float64Builder, Int64Builder, StringBuilder, UInt32Builder,
+};
+use arrow_array::{
+    Array, ArrayRef, BinaryArray, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray,
+    UInt32Array,
+};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ParquetRecordBatchReaderBuilder};
+use parquet::basic::Compression;
+use parquet::file::metadata::KeyValue;
+use parquet::file::properties::{EnabledStatistics, WriterProperties, WriterVersion};
+use parquet::schema::types::ColumnPath;
+use serde::{Deserialize, Serialize};
+
+use crate::atomic::{AtomicFile, Committed, HashingWriter};
+use crate::error::{Error, Result};
+
+/// Version of the shard and videos-table layout; bumped on any incompatible change.
+pub const SHARD_SCHEMA_VERSION: u32 = 1;
+/// Name of the videos table in a prepared folder.
+pub const VIDEOS_FILE: &str = "videos.parquet";
+/// Name of the summary written last by prep.
+pub const PREP_FILE: &str = "prep.json";
+/// Key of the [`ShardMeta`] JSON in a frame shard's footer.
+pub const SHARD_META_KEY: &str = "vdg.shard";
+/// Row groups of a long video are cut at this many buffered bytes.
+pub const DEFAULT_MAX_ROW_GROUP_BYTES: usize = 64 << 20;
+/// Frames per Arrow batch handed to the Parquet writer (also the data-page row limit).
+const FRAMES_PER_BATCH: usize = 16;
+
+/// File name of frame shard `index`.
+pub fn frames_file_name(index: u32) -> String {
+    format!("frames-{index:05}.parquet")
+}
+
+/// Parses `frames-NNNNN.parquet` back to its index.
+pub fn parse_frames_file_name(name: &str) -> Option<u32> {
+    let digits = name.strip_prefix("frames-")?.strip_suffix(".parquet")?;
+    if digits.len() == 5 && digits.bytes().all(|b| b.is_ascii_digit()) {
+        digits.parse().ok()
+    } else {
+        None
+    }
+}
+
+/// `ok` or `failed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VideoStatus {
+    /// Decoded and written.
+    Ok,
+    /// Could not be decoded; `error` says why and no frames were written.
+    Failed,
+}
+
+impl VideoStatus {
+    /// The stored string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VideoStatus::Ok => "ok",
+            VideoStatus::Failed => "failed",
+        }
+    }
+}
+
+/// One row of `videos.parquet`: a planned video, its labels and what decoding found.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VideoRow {
+    /// `<dataset>/<path relative to the dataset root>`; unique.
+    pub video_id: String,
+    /// Raw dataset (`ucf101`, `hmdb51`, ...).
+    pub dataset: String,
+    /// Path relative to the dataset root, `/`-separated.
+    pub rel_path: String,
+    /// Native class of the raw dataset (folder name).
+    pub class_name: String,
+    /// Benchmark label (0-based).
+    pub label: u32,
+    /// Benchmark class name.
+    pub label_name: String,
+    /// Benchmark domain.
+    pub domain: String,
+    /// Split group (clips of one group stay on one side), if the layout has one.
+    pub group: Option<String>,
+    /// `train` or `val` when this video's domain is the source.
+    pub source_split: String,
+    /// Size of the raw file in bytes.
+    pub file_bytes: u64,
+    /// `ok` or `failed`.
+    pub status: VideoStatus,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Something odd that did not fail it (decoder errors with all frames recovered, ...).
+    pub warning: Option<String>,
+    /// Frames written (after any `--max-fps` thinning).
+    pub num_frames: u32,
+    /// Frames decoded from the source.
+    pub decoded_frames: u32,
+    /// Frame count the container declares, when it declares one.
+    pub declared_frames: Option<u64>,
+    /// Frame rate of the stored frames.
+    pub fps: Option<f64>,
+    /// Frame rate of the source stream.
+    pub source_fps: Option<f64>,
+    /// Stored frame width in pixels.
+    pub width: Option<u32>,
+    /// Stored frame height in pixels.
+    pub height: Option<u32>,
+    /// Source width in pixels.
+    pub source_width: Option<u32>,
+    /// Source height in pixels.
+    pub source_height: Option<u32>,
+    /// Decoded duration: frames / source fps.
+    pub duration_secs: Option<f64>,
+    /// Frame shard holding the frames.
+    pub shard: Option<u32>,
+    /// Row of the first frame within that shard.
+    pub first_row: Option<u64>,
+}
+
+/// What a frame shard's footer says about itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardMeta {
+    /// [`SHARD_SCHEMA_VERSION`] it was written with.
+    pub schema_version: u32,
+    /// Fingerprint of the prep plan (inputs, manifest, options, tool version).
+    pub plan_fingerprint: String,
+    /// Shard index.
+    pub shard: u32,
+    /// Position in the plan of its first video.
+    pub first_position: u64,
+    /// Every planned video from `first_position` on that this shard covers, failed ones too.
+    pub videos: Vec<VideoRow>,
+}
+
+/// One stored frame.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncodedFrame {
+    /// Index of the frame among all decoded frames of the source.
+    pub source_frame: u32,
+    /// Presentation time in seconds, if the stream has timestamps.
+    pub time_secs: Option<f64>,
+    /// JPEG bytes.
+    pub jpeg: Vec<u8>,
+}
+
+fn schema_metadata(kind: &str) -> HashMap<String, String> {
+    HashMap::from([
+        ("vdg.schema_version".to_owned(), SHARD_SCHEMA_VERSION.to_string()),
+        ("vdg.kind".to_owned(), kind.to_owned()),
+    ])
+}
+
+/// Arrow schema of frame shards.
+pub fn frames_schema() -> SchemaRef {
+    Arc::new(Schema::new_with_metadata(
+        vec![
+            Field::new("video_id", DataType::Utf8, false),
+            Field::new("frame_index", DataType::Int32, false),
+            Field::new("source_frame", DataType::Int32, false),
+            Field::new("time_secs", DataType::Float64, true),
+            Field::new("image", DataType::Binary, false),
+        ],
+        schema_metadata("frames"),
+    ))
+}
+
+/// Arrow schema of `videos.parquet`.
+pub fn videos_schema() -> SchemaRef {
+    use DataType::*;
+    let f = |n: &str, t: DataType, null: bool| Field::new(n, t, null);
+    Arc::new(Schema::new_with_metadata(
+        vec![
+            f("video_id", Utf8, false),
+            f("dataset", Utf8, false),
+            f("rel_path", Utf8, false),
+            f("class_name", Utf8, false),
+            f("label", UInt32, false),
+            f("label_name", Utf8, false),
+            f("domain", Utf8, false),
+            f("group", Utf8, true),
+            f("source_split", Utf8, false),
+            f("file_bytes", Int64, false),
+            f("status", Utf8, false),
+            f("error", Utf8, true),
+            f("warning", Utf8, true),
+            f("num_frames", UInt32, false),
+            f("decoded_frames", UInt32, false),
+            f("declared_frames", Int64, true),
+            f("fps", Float64, true),
+            f("source_fps", Float64, true),
+            f("width", UInt32, true),
+            f("height", UInt32, true),
+            f("source_width", UInt32, true),
+            f("source_height", UInt32, true),
+            f("duration_secs", Float64, true),
+            f("shard", UInt32, true),
+            f("first_row", Int64, true),
+        ],
+        schema_metadata("videos"),
+    ))
+}
+
+fn writer_properties(blob_column: Option<&str>) -> WriterProperties {
+    let mut b = WriterProperties::builder()
+        .set_writer_version(WriterVersion::PARQUET_1_0)
+        .set_compression(Compression::UNCOMPRESSED)
+        .set_max_row_group_row_count(None)
+        .set_max_row_group_bytes(None)
+        .set_write_batch_size(FRAMES_PER_BATCH)
+        .set_data_page_row_count_limit(FRAMES_PER_BATCH);
+    if let Some(col) = blob_column {
+        let path = ColumnPath::from(col);
+        b = b
+            .set_column_dictionary_enabled(path.clone(), false)
+            .set_column_statistics_enabled(path, EnabledStatistics::None);
+    }
+    b.build()
+}
+
+/// Summary of a written frame shard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardInfo {
+    /// File name within the prepared folder.
+    pub file: String,
+    /// Videos covered (failed ones included).
+    pub videos: u64,
+    /// Frame rows.
+    pub frames: u64,
+    /// File size.
+    pub bytes: u64,
+    /// SHA-256 of the file.
+    pub sha256: String,
+}
+
+/// Writes one frame shard; the file appears under its final name only after [`Self::finish`].
+pub struct FrameShardWriter {
+    file: AtomicFile,
+    writer: ArrowWriter<HashingWriter>,
+    schema: SchemaRef,
+    rows: u64,
+    max_row_group_bytes: usize,
+    index: u32,
+}
+
+impl FrameShardWriter {
+    /// Starts `dir/frames-<index>.parquet`.
+    pub fn create(dir: &Path, index: u32, max_row_group_bytes: usize) -> Result<Self> {
+        let path = dir.join(frames_file_name(index));
+        let mut file = AtomicFile::create(&path)?;
+        let schema = frames_schema();
+        let writer = ArrowWriter::try_new(
+            file.take_writer(),
+            schema.clone(),
+            Some(writer_properties(Some("image"))),
+        )
+        .map_err(|e| Error::parquet(file.tmp(), e))?;
+        Ok(FrameShardWriter {
+            file,
+            writer,
+            schema,
+            rows: 0,
+            max_row_group_bytes,
+            index,
+        })
+    }
+
+    /// Shard index.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// Rows written so far.
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// Bytes written or buffered so far.
+    pub fn bytes(&self) -> u64 {
+        (self.writer.bytes_written() + self.writer.in_progress_size()) as u64
+    }
+
+    /// Appends one video's frames as a run of rows starting a new row group; returns the row
+    /// of its first frame.
+    pub fn write_video(&mut self, video_id: &str, frames: &[EncodedFrame]) -> Result<u64> {
+        let first = self.rows;
+        let tmp = self.file.tmp().to_owned();
+        for (chunk_no, chunk) in frames.chunks(FRAMES_PER_BATCH).enumerate() {
+            let n = chunk.len();
+            let base = (chunk_no * FRAMES_PER_BATCH) as i32;
+            let ids = StringArray::from(vec![video_id; n]);
+            let idx = Int32Array::from_iter_values((0..n as i32).map(|i| base + i));
+            let src = Int32Array::from_iter_values(chunk.iter().map(|f| f.source_frame as i32));
+            let t = Float64Array::from_iter(chunk.iter().map(|f| f.time_secs));
+            let img = BinaryArray::from_iter_values(chunk.iter().map(|f| f.jpeg.as_slice()));
+            let cols: Vec<ArrayRef> = vec![
+                Arc::new(ids),
+                Arc::new(idx),
+                Arc::new(src),
+                Arc::new(t),
+                Arc::new(img),
+            ];
+            let batch = RecordBatch::try_new(self.schema.clone(), cols)
+                .map_err(|e| Error::arrow(&tmp, e))?;
+            self.writer
+                .write(&batch)
+                .map_err(|e| Error::parquet(&tmp, e))?;
+            if self.writer.in_progress_size() >= self.max_row_group_bytes {
+                self.writer.flush().map_err(|e| Error::parquet(&tmp, e))?;
+            }
+        }
+        self.writer.flush().map_err(|e| Error::parquet(&tmp, e))?;
+        self.rows += frames.len() as u64;
+        Ok(first)
+    }
+
+    /// Writes the footer with `meta`, syncs and renames the shard into place.
+    pub fn finish(mut self, meta: &ShardMeta) -> Result<ShardInfo> {
+        let tmp = self.file.tmp().to_owned();
+        let json = serde_json::to_string(meta).map_err(|e| Error::Json {
+            path: tmp.clone(),
+            source: e,
+        })?;
+        self.writer
+            .append_key_value_metadata(KeyValue::new(SHARD_META_KEY.to_owned(), json));
+        let inner = self
+            .writer
+            .into_inner()
+            .map_err(|e| Error::parquet(&tmp, e))?;
+        let Committed {
+            path,
+            bytes,
+            sha256,
+        } = self.file.commit(inner)?;
+        Ok(ShardInfo {
+            file: file_name(&path),
+            videos: meta.videos.len() as u64,
+            frames: self.rows,
+            bytes,
+            sha256,
+        })
+    }
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Reads the [`ShardMeta`] from a frame shard's footer (cheap: footer only).
+pub fn read_shard_meta(path: &Path) -> Result<ShardMeta> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let meta = ArrowReaderMetadata::load(&file, Default::default())
+        .map_err(|e| Error::parquet(path, e))?;
+    let kv = meta
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .and_then(|kv| kv.iter().find(|k| k.key == SHARD_META_KEY))
+        .and_then(|k| k.value.clone())
+        .ok_or_else(|| Error::bad_shard(path, format!("no {SHARD_META_KEY} footer metadata")))?;
+    let m: ShardMeta = serde_json::from_str(&kv).map_err(|e| Error::Json {
+        path: path.to_owned(),
+        source: e,
+    })?;
+    if m.schema_version != SHARD_SCHEMA_VERSION {
+        return Err(Error::bad_shard(
+            path,
+            format!(
+                "schema version {} (this build reads {SHARD_SCHEMA_VERSION})",
+                m.schema_version
+            ),
+        ));
+    }
+    Ok(m)
+}
+
+/// Writes `videos.parquet` atomically.
+pub fn write_videos_table(path: &Path, rows: &[VideoRow]) -> Result<Committed> {
+    let schema = videos_schema();
+    let s = |f: &dyn Fn(&VideoRow) -> &str| {
+        let mut b = StringBuilder::new();
+        rows.iter().for_each(|r| b.append_value(f(r)));
+        Arc::new(b.finish()) as ArrayRef
+    };
+    let video_id = s(&|r| &r.video_id);
+    let dataset = s(&|r| &r.dataset);
+    let rel_path = s(&|r| &r.rel_path);
+    let class_name = s(&|r| &r.class_name);
+    let label_name = s(&|r| &r.label_name);
+    let domain = s(&|r| &r.domain);
+    let source_split = s(&|r| &r.source_split);
+    let status = s(&|r| r.status.as_str());
+    let opt_s = |f: &dyn Fn(&VideoRow) -> Option<&str>| {
+        let mut b = StringBuilder::new();
+        rows.iter().for_each(|r| b.append_option(f(r)));
+        Arc::new(b.finish()) as ArrayRef
+    };
+    let u32c = |f: &dyn Fn(&VideoRow) -> Option<u32>| {
+        let mut b = UInt32Builder::new();
+        rows.iter().for_each(|r| b.append_option(f(r)));
+        Arc::new(b.finish()) as ArrayRef
+    };
+    let i64c = |f: &dyn Fn(&VideoRow) -> Option<i64>| {
+        let mut b = Int64Builder::new();
+        rows.iter().for_each(|r| b.append_option(f(r)));
+        Arc::new(b.finish()) as ArrayRef
+    };
+    let f64c = |f: &dyn Fn(&VideoRow) -> Option<f64>| {
+        let mut b = Float64Builder::new();
+        rows.iter().for_each(|r| b.append_option(f(r)));
+        Arc::new(b.finish()) as ArrayRef
+    };
+    let cols: Vec<ArrayRef> = vec![
+        video_id,
+        dataset,
+        rel_path,
+        class_name,
+        u32c(&|r| Some(r.label)),
+        label_name,
+        domain,
+        opt_s(&|r| r.group.as_deref()),
+        source_split,
+        i64c(&|r| Some(r.file_bytes as i64)),
+        status,
+        opt_s(&|r| r.error.as_deref()),
+        opt_s(&|r| r.warning.as_deref()),
+        u32c(&|r| Some(r.num_frames)),
+        u32c(&|r| Some(r.decoded_frames)),
+        i64c(&|r| r.declared_frames.map(|v| v as i64)),
+        f64c(&|r| r.fps),
+        f64c(&|r| r.source_fps),
+        u32c(&|r| r.width),
+        u32c(&|r| r.height),
+        u32c(&|r| r.source_width),
+        u32c(&|r| r.source_height),
+        f64c(&|r| r.duration_secs),
+        u32c(&|r| r.shard),
+        i64c(&|r| r.first_row.map(|v| v as i64)),
+    ];
+    let mut file = AtomicFile::create(path)?;
+    let tmp = file.tmp().to_owned();
+    let batch = RecordBatch::try_new(schema.clone(), cols).map_err(|e| Error::arrow(&tmp, e))?;
+    let mut w = ArrowWriter::try_new(file.take_writer(), schema, Some(writer_properties(None)))
+        .map_err(|e| Error::parquet(&tmp, e))?;
+    w.write(&batch).map_err(|e| Error::parquet(&tmp, e))?;
+    let inner = w.into_inner().map_err(|e| Error::parquet(&tmp, e))?;
+    file.commit(inner)
+}
+
+fn column<'a, T: 'static>(path: &Path, batch: &'a RecordBatch, name: &str) -> Result<&'a T> {
+    batch
+        .column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<T>())
+        .ok_or_else(|| Error::bad_shard(path, format!("missing or mistyped column {name:?}")))
+}
+
+fn opt<A: Array, T>(a: &A, i: usize, get: impl Fn(&A, usize) -> T) -> Option<T> {
+    if a.is_null(i) { None } else { Some(get(a, i)) }
+}
+
+/// Reads `videos.parquet` back into rows, selecting columns by name.
+pub fn read_videos_table(path: &Path) -> Result<Vec<VideoRow>> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| Error::parquet(path, e))?
+        .build()
+        .map_err(|e| Error::parquet(path, e))?;
+    let mut rows = Vec::new();
+    for batch in reader {
+        let b = batch.map_err(|e| Error::arrow(path, e))?;
+        let s = |n: &str| column::<StringArray>(path, &b, n);
+        let u = |n: &str| column::<UInt32Array>(path, &b, n);
+        let l = |n: &str| column::<Int64Array>(path, &b, n);
+        let f = |n: &str| column::<Float64Array>(path, &b, n);
+        let (video_id, dataset, rel_path, class_name) =
+            (s("video_id")?, s("dataset")?, s("rel_path")?, s("class_name")?);
+        let (label_name, domain, group, source_split) =
+            (s("label_name")?, s("domain")?, s("group")?, s("source_split")?);
+        let (status, error, warning) = (s("status")?, s("error")?, s("warning")?);
+        let (label, num_frames, decoded_frames) = (u("label")?, u("num_frames")?, u("decoded_frames")?);
+        let (width, height, sw, sh, shard) =
+            (u("width")?, u("height")?, u("source_width")?, u("source_height")?, u("shard")?);
+        let (file_bytes, declared, first_row) = (l("file_bytes")?, l("declared_frames")?, l("first_row")?);
+        let (fps, sfps, dur) = (f("fps")?, f("source_fps")?, f("duration_secs")?);
+        for i in 0..b.num_rows() {
+            let os = |a: &StringArray| opt(a, i, |a, i| a.value(i).to_owned());
+            rows.push(VideoRow {
+                video_id: video_id.value(i).to_owned(),
+                dataset: dataset.value(i).to_owned(),
+                rel_path: rel_path.value(i).to_owned(),
+                class_name: class_name.value(i).to_owned(),
+                label: label.value(i),
+                label_name: label_name.value(i).to_owned(),
+                domain: domain.value(i).to_owned(),
+                group: os(group),
+                source_split: source_split.value(i).to_owned(),
+                file_bytes: file_bytes.value(i) as u64,
+                status: match status.value(i) {
+                    "ok" => VideoStatus::Ok,
+                    "failed" => VideoStatus::Failed,
+                    other => {
+                        return Err(Error::bad_shard(path, format!("unknown status {other:?}")));
+                    }
+                },
+                error: os(error),
+                warning: os(warning),
+                num_frames: num_frames.value(i),
+                decoded_frames: decoded_frames.value(i),
+                declared_frames: opt(declared, i, |a, i| a.value(i) as u64),
+                fps: opt(fps, i, |a, i| a.value(i)),
+                source_fps: opt(sfps, i, |a, i| a.value(i)),
+                width: opt(width, i, |a, i| a.value(i)),
+                height: opt(height, i, |a, i| a.value(i)),
+                source_width: opt(sw, i, |a, i| a.value(i)),
+                source_height: opt(sh, i, |a, i| a.value(i)),
+                duration_secs: opt(dur, i, |a, i| a.value(i)),
+                shard: opt(shard, i, |a, i| a.value(i)),
+                first_row: opt(first_row, i, |a, i| a.value(i) as u64),
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// Reads the frames of one video from a shard, using its row group boundaries.
+///
+/// `row` is the video's [`VideoRow::first_row`] and `count` its [`VideoRow::num_frames`].
+pub fn read_video_frames(path: &Path, row: u64, count: u32) -> Result<Vec<EncodedFrame>> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let builder =
+        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| Error::parquet(path, e))?;
+    // Select the row groups that overlap [row, row + count).
+    let mut groups = Vec::new();
+    let mut start = 0u64;
+    let mut skip = 0u64;
+    for (g, rg) in builder.metadata().row_groups().iter().enumerate() {
+        let n = rg.num_rows() as u64;
+        if start + n > row && start < row + count as u64 {
+            if groups.is_empty() {
+                skip = row - start;
+            }
+            groups.push(g);
+        }
+        start += n;
+    }
+    let reader = builder
+        .with_row_groups(groups)
+        .with_offset(skip as usize)
+        .with_limit(count as usize)
+        .build()
+        .map_err(|e| Error::parquet(path, e))?;
+    let mut out = Vec::with_capacity(count as usize);
+    for batch in reader {
+        let b = batch.map_err(|e| Error::arrow(path, e))?;
+        let src = column::<Int32Array>(path, &b, "source_frame")?;
+        let t = column::<Float64Array>(path, &b, "time_secs")?;
+        let img = column::<BinaryArray>(path, &b, "image")?;
+        for i in 0..b.num_rows() {
+            out.push(EncodedFrame {
+                source_frame: src.value(i) as u32,
+                time_secs: opt(t, i, |a, i| a.value(i)),
+                jpeg: img.value(i).to_vec(),
+            });
+        }
+    }
+    if out.len() != count as usize {
+        return Err(Error::bad_shard(
+            path,
+            format!("expected {count} frames from row {row}, read {}", out.len()),
+        ));
+    }
+    Ok(out)
+}
+
+/// Path of frame shard `index` in `dir`.
+pub fn frames_path(dir: &Path, index: u32) -> PathBuf {
+    dir.join(frames_file_name(index))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: &str, status: VideoStatus) -> VideoRow {
+        VideoRow {
+            video_id: id.into(),
+            dataset: "ucf101".into(),
+            rel_path: "A/a.avi".into(),
+            class_name: "A".into(),
+            label: 3,
+            label_name: "a".into(),
+            domain: "ucf".into(),
+            group: Some("A/g01".into()),
+            source_split: "train".into(),
+            file_bytes: 1234,
+            status,
+            error: (status == VideoStatus::Failed).then(|| "boom".into()),
+            warning: None,
+            num_frames: 3,
+            decoded_frames: 3,
+            declared_frames: Some(3),
+            fps: Some(25.0),
+            source_fps: Some(25.0),
+            width: Some(4),
+            height: Some(2),
+            source_width: None,
+            source_height: Some(240),
+            duration_secs: Some(0.12),
+            shard: Some(0),
+            first_row: Some(0),
+        }
+    }
+
+    #[test]
+    fn videos_table_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join(VIDEOS_FILE);
+        let rows = vec![row("ucf101/A/a.avi", VideoStatus::Ok), row("x", VideoStatus::Failed)];
+        write_videos_table(&p, &rows).unwrap();
+        assert_eq!(read_videos_table(&p).unwrap(), rows);
+    }
+
+    #[test]
+    fn shard_round_trips_videos_and_meta() {
+        let dir = tempfile::tempdir().unwrap();
+        let frames = |n: u32, tag: u8| -> Vec<EncodedFrame> {
+            (0..n)
+                .map(|i| EncodedFrame {
+                    source_frame: i * 2,
+                    time_secs: Some(i as f64 / 10.0),
+                    jpeg: vec![tag; 10 + i as usize],
+                })
+                .collect()
+        };
+        // Tiny row-group cap: long videos span several row groups.
+        let mut w = FrameShardWriter::create(dir.path(), 7, 100).unwrap();
+        let a = frames(40, 1);
+        let b = frames(5, 2);
+        assert_eq!(w.write_video("a", &a).unwrap(), 0);
+        assert_eq!(w.write_video("b", &b).unwrap(), 40);
+        let meta = ShardMeta {
+            schema_version: SHARD_SCHEMA_VERSION,
+            plan_fingerprint: "fp".into(),
+            shard: 7,
+            first_position: 12,
+            videos: vec![row("a", VideoStatus::Ok)],
+        };
+        let info = w.finish(&meta).unwrap();
+        assert_eq!(info.file, "frames-00007.parquet");
+        assert_eq!(info.frames, 45);
+        let p = frames_path(dir.path(), 7);
+        assert_eq!(read_shard_meta(&p).unwrap(), meta);
+        assert_eq!(read_video_frames(&p, 0, 40).unwrap(), a);
+        assert_eq!(read_video_frames(&p, 40, 5).unwrap(), b);
+        // Row groups never mix videos.
+        let file = File::open(&p).unwrap();
+        let md = ArrowReaderMetadata::load(&file, Default::default()).unwrap();
+        let sizes: Vec<i64> = md.metadata().row_groups().iter().map(|g| g.num_rows()).collect();
+        assert!(sizes.len() > 2, "{sizes:?}");
+        assert_eq!(*sizes.last().unwrap(), 5);
+        assert_eq!(sizes.iter().sum::<i64>(), 45);
+    }
+
+    #[test]
+    fn frames_file_names_round_trip() {
+        assert_eq!(parse_frames_file_name(&frames_file_name(42)), Some(42));
+        assert_eq!(parse_frames_file_name("frames-1.parquet"), None);
+        assert_eq!(parse_frames_file_name("frames-00001.parquet.tmp"), None);
+    }
+}

@@ -1,0 +1,96 @@
+//! Errors of `vdg-pipeline`.
+
+use std::path::PathBuf;
+
+/// Why one video could not be decoded. Recorded in `videos.parquet` as text; the run goes on.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The file could not be opened as a media file (corrupt, empty, not a video).
+    #[error("cannot open as a video: {0}")]
+    Open(String),
+    /// The container has no video stream.
+    #[error("no video stream")]
+    NoVideoStream,
+    /// No decoder for the stream, or it would not open.
+    #[error("cannot open the video decoder: {0}")]
+    Codec(String),
+    /// Decoding or scaling failed.
+    #[error("decoding failed: {0}")]
+    Decode(String),
+    /// Not a single frame could be decoded.
+    #[error("no frames could be decoded{0}")]
+    NoFrames(String),
+    /// Far fewer frames than the container declares: truncated or damaged.
+    #[error("truncated or damaged: {0}")]
+    Truncated(String),
+    /// Reading the file failed part-way.
+    #[error("read error {0}")]
+    Read(String),
+    /// The frame consumer (JPEG encoding) failed.
+    #[error("{0}")]
+    Sink(String),
+}
+
+/// Fatal errors of scanning and prep (a single bad video is a [`DecodeError`], not this).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Reading or writing shards, manifests, tables.
+    #[error(transparent)]
+    Data(#[from] vdg_data::Error),
+    /// An I/O error on a named path.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A raw dataset folder is not usable.
+    #[error("{path}: {message}")]
+    Layout {
+        /// The folder.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The output folder holds a prep of other inputs or options.
+    #[error("{path}: {message}")]
+    OutputMismatch {
+        /// The output folder or file.
+        path: PathBuf,
+        /// What differs, and what to do.
+        message: String,
+    },
+    /// Another prep is writing to the same output folder.
+    #[error("{path}: another vdg prep is writing to this folder (lock held)")]
+    Locked {
+        /// The lock file.
+        path: PathBuf,
+    },
+    /// Encoding a video (tests, samples, synthetic data) failed.
+    #[error("{path}: {message}")]
+    Encode {
+        /// The video being written.
+        path: PathBuf,
+        /// What failed.
+        message: String,
+    },
+    /// A worker thread could not be started.
+    #[error("thread pool: {0}")]
+    ThreadPool(#[from] rayon::ThreadPoolBuildError),
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

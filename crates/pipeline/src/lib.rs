@@ -1,0 +1,23 @@
+//! `vdg-pipeline`: from raw dataset folders to Parquet frame shards.
+//!
+//! - [`scan`]: one scanner per raw layout ([`scan::scan_ucf101`], [`scan::scan_hmdb51`]),
+//!   yielding [`scan::RawVideo`]s.
+//! - [`plan`]: [`plan::build_plan`] maps them through a benchmark manifest to labels,
+//!   domains and source splits, and fingerprints the result.
+//! - [`decode`]: in-process FFmpeg decoding (ffmpeg-next) with frame counting, resize and
+//!   truncation checks; [`jpeg`]: JPEG encoding.
+//! - [`prep`]: [`prep::run_prep`], the resumable, deterministic job runner.
+//! - [`encode`]: writing videos (tests, samples, synthetic data).
+//!
+//! This is the only videodg crate that links FFmpeg.
+
+pub mod decode;
+pub mod encode;
+pub mod error;
+pub mod jpeg;
+pub mod plan;
+pub mod prep;
+pub mod sample;
+pub mod scan;
+
+pub use error::{DecodeError, Error, Result};

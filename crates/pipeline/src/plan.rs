@@ -1,0 +1,200 @@
+//! Planning: from scanned raw videos and a manifest to the ordered list of videos prep
+//! writes, with labels, domains, groups and source splits.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use vdg_data::split::{SplitItem, assign_splits};
+use vdg_data::{Manifest, VideoRow, VideoStatus};
+
+use crate::error::{Error, Result};
+use crate::scan::{Ignored, Scan};
+
+/// Options that change what prep writes (all of them go into the plan fingerprint).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ContentOptions {
+    /// Shorter side of stored frames (never upscaled).
+    pub short_side: u32,
+    /// Frame-rate cap; `None` keeps every frame.
+    pub max_fps: Option<f64>,
+    /// JPEG quality 1-100.
+    pub jpeg_quality: u8,
+    /// Seed of the split assignment.
+    pub seed: u64,
+    /// Name of the manifest split rule.
+    pub split_rule: String,
+    /// A frame shard is closed once it holds at least this many bytes.
+    pub shard_target_bytes: u64,
+    /// Fail on any shortfall against the container's declared frame count.
+    pub strict_frame_count: bool,
+}
+
+/// Default JPEG quality.
+pub const DEFAULT_JPEG_QUALITY: u8 = 90;
+/// Default shard size target: 512 MiB (the unit of resume after a crash).
+pub const DEFAULT_SHARD_TARGET_BYTES: u64 = 512 << 20;
+
+impl Default for ContentOptions {
+    fn default() -> Self {
+        ContentOptions {
+            short_side: crate::decode::DEFAULT_SHORT_SIDE,
+            max_fps: None,
+            jpeg_quality: DEFAULT_JPEG_QUALITY,
+            seed: 0,
+            split_rule: "paper".into(),
+            shard_target_bytes: DEFAULT_SHARD_TARGET_BYTES,
+            strict_frame_count: false,
+        }
+    }
+}
+
+/// One planned video: its future `videos.parquet` row and where to read it.
+#[derive(Debug, Clone)]
+pub struct PlanItem {
+    /// The row, with decode fields still empty.
+    pub row: VideoRow,
+    /// Absolute path of the raw file.
+    pub abs_path: std::path::PathBuf,
+}
+
+/// Everything prep will write, decided before any decoding.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The checked manifest.
+    pub manifest: Manifest,
+    /// Content options.
+    pub options: ContentOptions,
+    /// Videos in write order (sorted by video id).
+    pub items: Vec<PlanItem>,
+    /// Videos of classes outside the benchmark, per dataset.
+    pub skipped_out_of_benchmark: BTreeMap<String, u64>,
+    /// Paths the scanners passed over.
+    pub ignored: Vec<Ignored>,
+    /// `(domain, class, native)` of manifest classes with no folder in the raw data.
+    pub missing_natives: Vec<(String, String, String)>,
+    /// SHA-256 over tool version, manifest, options and every planned row.
+    pub fingerprint: String,
+}
+
+/// Builds the plan from one scan per domain.
+pub fn build_plan(manifest: &Manifest, scans: &[(&str, &Scan)], options: &ContentOptions) -> Result<Plan> {
+    let rule = manifest.split_rule(&options.split_rule)?.clone();
+    let mut items = Vec::new();
+    let mut skipped: BTreeMap<String, u64> = BTreeMap::new();
+    let mut ignored = Vec::new();
+    let mut missing_natives = Vec::new();
+    for (domain, scan) in scans {
+        let natives = manifest.native_map(domain);
+        for (class, native) in manifest.missing_natives(domain, &scan.classes) {
+            missing_natives.push(((*domain).to_owned(), class, native));
+        }
+        ignored.extend(scan.ignored.iter().cloned());
+        for v in &scan.videos {
+            let Some(class) = natives.get(v.native_class.as_str()) else {
+                *skipped.entry(v.dataset.clone()).or_default() += 1;
+                continue;
+            };
+            items.push(PlanItem {
+                abs_path: v.abs_path.clone(),
+                row: VideoRow {
+                    video_id: format!("{}/{}", v.dataset, v.rel_path),
+                    dataset: v.dataset.clone(),
+                    rel_path: v.rel_path.clone(),
+                    class_name: v.native_class.clone(),
+                    label: class.label,
+                    label_name: class.name.clone(),
+                    domain: (*domain).to_owned(),
+                    group: v.group.clone(),
+                    source_split: String::new(),
+                    file_bytes: v.file_bytes,
+                    status: VideoStatus::Failed,
+                    error: None,
+                    warning: None,
+                    num_frames: 0,
+                    decoded_frames: 0,
+                    declared_frames: None,
+                    fps: None,
+                    source_fps: None,
+                    width: None,
+                    height: None,
+                    source_width: None,
+                    source_height: None,
+                    duration_secs: None,
+                    shard: None,
+                    first_row: None,
+                },
+            });
+        }
+    }
+    items.sort_by(|a, b| a.row.video_id.cmp(&b.row.video_id));
+    if let Some(w) = items.windows(2).find(|w| w[0].row.video_id == w[1].row.video_id) {
+        return Err(Error::Layout {
+            path: w[0].abs_path.clone(),
+            message: format!("two videos share the id {:?}", w[0].row.video_id),
+        });
+    }
+    let strata: Vec<String> = items
+        .iter()
+        .map(|it| format!("{}/{}", it.row.domain, it.row.class_name))
+        .collect();
+    let group_keys: Vec<Option<String>> = items
+        .iter()
+        .map(|it| {
+            it.row
+                .group
+                .as_ref()
+                .map(|g| format!("{}/{}/{g}", it.row.domain, it.row.class_name))
+        })
+        .collect();
+    let split_items: Vec<SplitItem<'_>> = items
+        .iter()
+        .enumerate()
+        .map(|(i, it)| SplitItem {
+            key: &it.row.video_id,
+            stratum: &strata[i],
+            group: group_keys[i].as_deref(),
+        })
+        .collect();
+    let splits = assign_splits(&split_items, &rule, options.seed);
+    for (it, s) in items.iter_mut().zip(splits) {
+        it.row.source_split = s.as_str().to_owned();
+    }
+    let fingerprint = plan_fingerprint(manifest, options, &items);
+    Ok(Plan {
+        manifest: manifest.clone(),
+        options: options.clone(),
+        items,
+        skipped_out_of_benchmark: skipped,
+        ignored,
+        missing_natives,
+        fingerprint,
+    })
+}
+
+fn plan_fingerprint(manifest: &Manifest, options: &ContentOptions, items: &[PlanItem]) -> String {
+    let mut h = Sha256::new();
+    h.update(b"videodg-plan\0");
+    h.update(env!("CARGO_PKG_VERSION").as_bytes());
+    h.update(b"\0");
+    h.update(vdg_data::shard::SHARD_SCHEMA_VERSION.to_le_bytes());
+    h.update(manifest.text.as_bytes());
+    h.update(b"\0");
+    h.update(serde_json::to_string(options).unwrap_or_default().as_bytes());
+    for it in items {
+        let r = &it.row;
+        for field in [
+            r.video_id.as_str(),
+            r.class_name.as_str(),
+            r.domain.as_str(),
+            r.group.as_deref().unwrap_or(""),
+            r.source_split.as_str(),
+        ] {
+            h.update(field.as_bytes());
+            h.update(b"\0");
+        }
+        h.update(r.label.to_le_bytes());
+        h.update(r.file_bytes.to_le_bytes());
+    }
+    vdg_data::atomic::hex(&h.finalize())
+}

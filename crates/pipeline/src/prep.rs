@@ -1,0 +1,587 @@
+//! The resumable, deterministic prep job runner.
+//!
+//! Workers (a rayon pool of `jobs` threads, one FFmpeg decoder each) decode and JPEG-encode
+//! videos; a single writer appends them to frame shards **in plan order**, holding at most
+//! a small window of finished videos, so memory is bounded by about `2 x jobs` videos and
+//! the bytes written do not depend on `jobs` or on timing. A shard is closed (footer written,
+//! renamed from `.tmp`) once it reaches the size target; its footer lists the videos it
+//! covers, so after a crash a rerun keeps every complete shard, deletes `.tmp` leftovers and
+//! continues from the first video not in a complete shard, producing the same bytes as an
+//! uninterrupted run. `videos.parquet` and then `prep.json` are written last.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex, mpsc};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use vdg_data::atomic::{AtomicFile, TMP_SUFFIX, sha256_file};
+use vdg_data::shard::{
+    self, DEFAULT_MAX_ROW_GROUP_BYTES, FrameShardWriter, PREP_FILE, SHARD_SCHEMA_VERSION,
+    ShardInfo, VIDEOS_FILE,
+};
+use vdg_data::{EncodedFrame, ShardMeta, VideoRow, VideoStatus};
+
+use crate::decode::{DecodeOptions, decode_video};
+use crate::error::{Error, Result};
+use crate::plan::{ContentOptions, Plan, PlanItem};
+
+/// Name of the lock file held while prep writes a folder.
+pub const LOCK_FILE: &str = ".vdg-prep.lock";
+
+/// Options that do not change what is written.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Worker threads (0 = one per core).
+    pub jobs: usize,
+    /// Discard an existing prep of other inputs or options instead of refusing.
+    pub force: bool,
+}
+
+/// Progress reported by [`run_prep`]; the CLI turns these into bars or log lines.
+#[derive(Debug)]
+pub enum PrepEvent<'a> {
+    /// Work is about to start.
+    Started {
+        /// Videos in the plan.
+        total_videos: u64,
+        /// Of which already done in complete shards (resumed).
+        resumed_videos: u64,
+    },
+    /// One video finished (written or failed).
+    VideoDone {
+        /// Its row.
+        row: &'a VideoRow,
+    },
+    /// A shard was completed.
+    ShardWritten {
+        /// What it holds.
+        info: &'a ShardInfo,
+    },
+}
+
+/// Receives [`PrepEvent`]s from the writer thread.
+pub trait Progress: Sync {
+    /// Called for each event.
+    fn event(&self, event: &PrepEvent<'_>);
+}
+
+impl<F: Fn(&PrepEvent<'_>) + Sync> Progress for F {
+    fn event(&self, event: &PrepEvent<'_>) {
+        self(event)
+    }
+}
+
+/// `prep.json`: what was prepared, how, and how to check it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrepRecord {
+    /// Always `videodg`.
+    pub tool: String,
+    /// Version of the tool that wrote it.
+    pub tool_version: String,
+    /// Shard layout version.
+    pub schema_version: u32,
+    /// Benchmark name.
+    pub benchmark: String,
+    /// Where the manifest came from.
+    pub manifest_origin: String,
+    /// SHA-256 of the manifest text.
+    pub manifest_sha256: String,
+    /// The manifest text itself.
+    pub manifest_toml: String,
+    /// Content options.
+    pub options: serde_json::Value,
+    /// Fingerprint of the plan (inputs, manifest, options, tool version).
+    pub plan_fingerprint: String,
+    /// Counts.
+    pub counts: PrepCounts,
+    /// Videos that failed, with the reason.
+    pub failed: Vec<FailedVideo>,
+    /// Frame shards in order.
+    pub shards: Vec<ShardInfo>,
+    /// The videos table.
+    pub videos_table: ShardInfo,
+    /// SHA-256 over the hashes of every shard and the videos table: equal fingerprints mean
+    /// byte-identical outputs.
+    pub fingerprint: String,
+}
+
+/// Counts recorded in `prep.json`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct PrepCounts {
+    /// Videos planned.
+    pub planned: u64,
+    /// Videos written.
+    pub ok: u64,
+    /// Videos that failed.
+    pub failed: u64,
+    /// Frames written.
+    pub frames: u64,
+    /// Videos of classes outside the benchmark, per dataset.
+    pub skipped_out_of_benchmark: BTreeMap<String, u64>,
+    /// Planned videos per domain and source split (`"ucf/train"`).
+    pub per_domain_split: BTreeMap<String, u64>,
+}
+
+/// A failed video.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FailedVideo {
+    /// Its id.
+    pub video_id: String,
+    /// Why.
+    pub error: String,
+}
+
+/// What a run did.
+#[derive(Debug, Clone)]
+pub struct PrepSummary {
+    /// The output was already complete for this plan; nothing was done.
+    pub up_to_date: bool,
+    /// Videos taken from complete shards of an interrupted run.
+    pub resumed_videos: u64,
+    /// The record written (or found) in `prep.json`.
+    pub record: PrepRecord,
+}
+
+struct Lock {
+    _file: File,
+}
+
+fn lock(dir: &Path) -> Result<Lock> {
+    let path = dir.join(LOCK_FILE);
+    let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Lock { _file: file }),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked { path }),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&path, e)),
+    }
+}
+
+/// Our files in `dir`: frame shards by index, and leftover temporary files.
+fn list_outputs(dir: &Path) -> Result<(BTreeMap<u32, PathBuf>, Vec<PathBuf>)> {
+    let mut shards = BTreeMap::new();
+    let mut tmps = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(i) = shard::parse_frames_file_name(name) {
+            shards.insert(i, entry.path());
+        } else if let Some(base) = name.strip_suffix(TMP_SUFFIX)
+            && (shard::parse_frames_file_name(base).is_some()
+                || base == VIDEOS_FILE
+                || base == PREP_FILE)
+        {
+            tmps.push(entry.path());
+        }
+    }
+    Ok((shards, tmps))
+}
+
+fn remove(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+fn read_record(path: &Path) -> Option<PrepRecord> {
+    let text = std::fs::read_to_string(path).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn is_complete(dir: &Path, rec: &PrepRecord) -> bool {
+    let size_ok = |info: &ShardInfo| {
+        std::fs::metadata(dir.join(&info.file)).is_ok_and(|m| m.len() == info.bytes)
+    };
+    rec.shards.iter().all(size_ok) && size_ok(&rec.videos_table)
+}
+
+/// Runs (or resumes, or confirms) the prep of `plan` into `out`.
+pub fn run_prep(plan: &Plan, out: &Path, run: &RunOptions, progress: &dyn Progress) -> Result<PrepSummary> {
+    if plan.items.is_empty() {
+        return Err(Error::Layout {
+            path: out.to_owned(),
+            message: format!(
+                "no videos of benchmark {:?} were found in the input folders",
+                plan.manifest.name
+            ),
+        });
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let _lock = lock(out)?;
+    let prep_path = out.join(PREP_FILE);
+    let (existing, tmps) = list_outputs(out)?;
+    for t in &tmps {
+        tracing::debug!(path = %t.display(), "removing leftover temporary file");
+        remove(t)?;
+    }
+    let mismatch = |what: &str| Error::OutputMismatch {
+        path: out.to_owned(),
+        message: format!(
+            "{what} was prepared from other inputs, manifest, options or tool version; \
+             rerun with --force to replace it, or choose another --out"
+        ),
+    };
+    let mut wipe = run.force;
+    if let Some(rec) = read_record(&prep_path) {
+        if rec.plan_fingerprint == plan.fingerprint && is_complete(out, &rec) && !run.force {
+            return Ok(PrepSummary {
+                up_to_date: true,
+                resumed_videos: rec.counts.planned,
+                record: rec,
+            });
+        }
+        if rec.plan_fingerprint != plan.fingerprint && !run.force {
+            return Err(mismatch("this folder"));
+        }
+        // Same plan but files missing or changed: rebuild from whatever shards still verify.
+        remove(&prep_path)?;
+        remove(&out.join(VIDEOS_FILE))?;
+    } else if prep_path.exists() && !run.force {
+        return Err(Error::OutputMismatch {
+            path: prep_path,
+            message: "is not a prep.json this version can read; rerun with --force to replace it".into(),
+        });
+    }
+
+    // Resume from complete shards.
+    let mut rows: Vec<VideoRow> = Vec::with_capacity(plan.items.len());
+    let mut shards: Vec<ShardInfo> = Vec::new();
+    if !wipe {
+        for (expected, (&index, path)) in existing.iter().enumerate() {
+            if index as usize != expected {
+                return Err(Error::OutputMismatch {
+                    path: path.clone(),
+                    message: format!("shard {expected} is missing before it; rerun with --force"),
+                });
+            }
+            let meta = shard::read_shard_meta(path)?;
+            let pos = rows.len();
+            let fits = meta.plan_fingerprint == plan.fingerprint
+                && meta.first_position as usize == pos
+                && meta.videos.len() <= plan.items.len() - pos
+                && meta
+                    .videos
+                    .iter()
+                    .zip(&plan.items[pos..])
+                    .all(|(r, it)| r.video_id == it.row.video_id);
+            if !fits {
+                return Err(mismatch(&format!("{}", path.display())));
+            }
+            let bytes = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
+            shards.push(ShardInfo {
+                file: shard::frames_file_name(index),
+                videos: meta.videos.len() as u64,
+                frames: meta.videos.iter().map(|r| u64::from(r.num_frames)).sum(),
+                bytes,
+                sha256: sha256_file(path)?,
+            });
+            rows.extend(meta.videos);
+        }
+    } else {
+        for path in existing.values() {
+            remove(path)?;
+        }
+        remove(&prep_path)?;
+        remove(&out.join(VIDEOS_FILE))?;
+        wipe = false;
+    }
+    debug_assert!(!wipe);
+    let resumed = rows.len() as u64;
+    progress.event(&PrepEvent::Started {
+        total_videos: plan.items.len() as u64,
+        resumed_videos: resumed,
+    });
+    for r in &rows {
+        progress.event(&PrepEvent::VideoDone { row: r });
+    }
+    if rows.len() < plan.items.len() {
+        let start = rows.len();
+        write_remaining(plan, out, run, start, &mut rows, &mut shards, progress)?;
+    }
+
+    // The videos table, then prep.json, last.
+    let videos_path = out.join(VIDEOS_FILE);
+    let committed = shard::write_videos_table(&videos_path, &rows)?;
+    let videos_table = ShardInfo {
+        file: VIDEOS_FILE.to_owned(),
+        videos: rows.len() as u64,
+        frames: rows.iter().map(|r| u64::from(r.num_frames)).sum(),
+        bytes: committed.bytes,
+        sha256: committed.sha256,
+    };
+    let record = make_record(plan, &rows, shards, videos_table);
+    let json = serde_json::to_vec_pretty(&record).map_err(|e| Error::Io {
+        path: prep_path.clone(),
+        source: std::io::Error::other(e),
+    })?;
+    AtomicFile::write_all(&prep_path, &json)?;
+    Ok(PrepSummary {
+        up_to_date: false,
+        resumed_videos: resumed,
+        record,
+    })
+}
+
+fn make_record(plan: &Plan, rows: &[VideoRow], shards: Vec<ShardInfo>, videos_table: ShardInfo) -> PrepRecord {
+    let mut counts = PrepCounts {
+        planned: rows.len() as u64,
+        skipped_out_of_benchmark: plan.skipped_out_of_benchmark.clone(),
+        ..PrepCounts::default()
+    };
+    let mut failed = Vec::new();
+    for r in rows {
+        match r.status {
+            VideoStatus::Ok => counts.ok += 1,
+            VideoStatus::Failed => {
+                counts.failed += 1;
+                failed.push(FailedVideo {
+                    video_id: r.video_id.clone(),
+                    error: r.error.clone().unwrap_or_default(),
+                });
+            }
+        }
+        counts.frames += u64::from(r.num_frames);
+        *counts
+            .per_domain_split
+            .entry(format!("{}/{}", r.domain, r.source_split))
+            .or_default() += 1;
+    }
+    let mut h = Sha256::new();
+    for s in shards.iter().chain(std::iter::once(&videos_table)) {
+        h.update(s.file.as_bytes());
+        h.update(b"\0");
+        h.update(s.sha256.as_bytes());
+        h.update(b"\n");
+    }
+    let m = &plan.manifest;
+    PrepRecord {
+        tool: "videodg".into(),
+        tool_version: env!("CARGO_PKG_VERSION").into(),
+        schema_version: SHARD_SCHEMA_VERSION,
+        benchmark: m.name.clone(),
+        manifest_origin: m.origin.display().to_string(),
+        manifest_sha256: vdg_data::atomic::hex(&Sha256::digest(m.text.as_bytes())),
+        manifest_toml: m.text.clone(),
+        options: serde_json::to_value(&plan.options).unwrap_or_default(),
+        plan_fingerprint: plan.fingerprint.clone(),
+        counts,
+        failed,
+        shards,
+        videos_table,
+        fingerprint: vdg_data::atomic::hex(&h.finalize()),
+    }
+}
+
+/// A decoded, encoded video on its way to the writer.
+struct Done {
+    row: VideoRow,
+    frames: Vec<EncodedFrame>,
+}
+
+/// Decodes and JPEG-encodes one planned video. Never fails: a bad video becomes a failed row.
+pub fn process_video(item: &PlanItem, opts: &ContentOptions) -> (VideoRow, Vec<EncodedFrame>) {
+    let mut row = item.row.clone();
+    let dopts = DecodeOptions {
+        short_side: opts.short_side,
+        max_fps: opts.max_fps,
+        strict_frame_count: opts.strict_frame_count,
+    };
+    let mut frames = Vec::new();
+    let result = decode_video(&item.abs_path, &dopts, |f| {
+        let jpeg = crate::jpeg::encode_rgb(f.rgb, f.width, f.height, opts.jpeg_quality)?;
+        frames.push(EncodedFrame {
+            source_frame: f.source_frame,
+            time_secs: f.time_secs,
+            jpeg,
+        });
+        Ok(())
+    });
+    match result {
+        Ok(s) => {
+            row.status = VideoStatus::Ok;
+            row.num_frames = s.kept_frames;
+            row.decoded_frames = s.decoded_frames;
+            row.declared_frames = s.declared_frames;
+            row.fps = Some(s.fps);
+            row.source_fps = Some(s.source_fps);
+            row.width = Some(s.width);
+            row.height = Some(s.height);
+            row.source_width = Some(s.source_width);
+            row.source_height = Some(s.source_height);
+            row.duration_secs = (s.source_fps > 0.0).then(|| f64::from(s.decoded_frames) / s.source_fps);
+            row.warning = s.warning;
+        }
+        Err(e) => {
+            row.status = VideoStatus::Failed;
+            row.error = Some(e.to_string());
+            frames = Vec::new();
+        }
+    }
+    (row, frames)
+}
+
+struct Gate {
+    state: Mutex<(usize, bool)>, // (next position to write, aborted)
+    cv: Condvar,
+}
+
+fn write_remaining(
+    plan: &Plan,
+    out: &Path,
+    run: &RunOptions,
+    start: usize,
+    rows: &mut Vec<VideoRow>,
+    shards: &mut Vec<ShardInfo>,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let jobs = if run.jobs == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        run.jobs
+    };
+    let window = 2 * jobs;
+    let total = plan.items.len();
+    let next = AtomicUsize::new(start);
+    let gate = Gate {
+        state: Mutex::new((start, false)),
+        cv: Condvar::new(),
+    };
+    let stop = AtomicBool::new(false);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(jobs)
+        .thread_name(|i| format!("vdg-decode-{i}"))
+        .build()?;
+    let (tx, rx) = mpsc::channel::<(usize, Done)>();
+
+    std::thread::scope(|ts| {
+        let writer = ts.spawn(|| {
+            let r = write_in_order(plan, out, start, rx, rows, shards, &gate, progress);
+            if r.is_err() {
+                stop.store(true, Ordering::SeqCst);
+                if let Ok(mut st) = gate.state.lock() {
+                    st.1 = true;
+                }
+                gate.cv.notify_all();
+            }
+            r
+        });
+        pool.scope(|s| {
+            for _ in 0..jobs {
+                let tx = tx.clone();
+                let (next, gate, stop) = (&next, &gate, &stop);
+                s.spawn(move |_| {
+                    loop {
+                        if stop.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        let i = next.fetch_add(1, Ordering::SeqCst);
+                        if i >= total {
+                            return;
+                        }
+                        // Backpressure: stay within `window` videos of the writer.
+                        {
+                            let Ok(mut st) = gate.state.lock() else { return };
+                            while i >= st.0 + window && !st.1 {
+                                st = match gate.cv.wait(st) {
+                                    Ok(s) => s,
+                                    Err(_) => return,
+                                };
+                            }
+                            if st.1 {
+                                return;
+                            }
+                        }
+                        let (row, frames) = process_video(&plan.items[i], &plan.options);
+                        if tx.send((i, Done { row, frames })).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        drop(tx);
+        match writer.join() {
+            Ok(r) => r,
+            Err(p) => std::panic::resume_unwind(p),
+        }
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_in_order(
+    plan: &Plan,
+    out: &Path,
+    start: usize,
+    rx: mpsc::Receiver<(usize, Done)>,
+    rows: &mut Vec<VideoRow>,
+    shards: &mut Vec<ShardInfo>,
+    gate: &Gate,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let total = plan.items.len();
+    let mut pending: BTreeMap<usize, Done> = BTreeMap::new();
+    let mut pos = start;
+    let mut current: Option<(FrameShardWriter, usize, Vec<VideoRow>)> = None;
+    while pos < total {
+        let Ok((i, done)) = rx.recv() else {
+            return Err(Error::Io {
+                path: out.to_owned(),
+                source: std::io::Error::other("decode workers stopped early"),
+            });
+        };
+        pending.insert(i, done);
+        while let Some(Done { mut row, frames }) = pending.remove(&pos) {
+            if current.is_none() {
+                let index = shards.len() as u32;
+                current = Some((
+                    FrameShardWriter::create(out, index, DEFAULT_MAX_ROW_GROUP_BYTES)?,
+                    pos,
+                    Vec::new(),
+                ));
+            }
+            let Some((writer, _, shard_rows)) = current.as_mut() else {
+                unreachable!("shard writer was just created")
+            };
+            if row.status == VideoStatus::Ok {
+                let first = writer.write_video(&row.video_id, &frames)?;
+                row.shard = Some(writer.index());
+                row.first_row = Some(first);
+            }
+            drop(frames);
+            progress.event(&PrepEvent::VideoDone { row: &row });
+            shard_rows.push(row.clone());
+            rows.push(row);
+            pos += 1;
+            if let Ok(mut st) = gate.state.lock() {
+                st.0 = pos;
+            }
+            gate.cv.notify_all();
+            if writer.bytes() >= plan.options.shard_target_bytes || pos == total {
+                if let Some((w, first, videos)) = current.take() {
+                    let info = finish_shard(plan, w, first, videos)?;
+                    progress.event(&PrepEvent::ShardWritten { info: &info });
+                    shards.push(info);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn finish_shard(plan: &Plan, w: FrameShardWriter, first: usize, videos: Vec<VideoRow>) -> Result<ShardInfo> {
+    let meta = ShardMeta {
+        schema_version: SHARD_SCHEMA_VERSION,
+        plan_fingerprint: plan.fingerprint.clone(),
+        shard: w.index(),
+        first_position: first as u64,
+        videos,
+    };
+    let info = w.finish(&meta)?;
+    tracing::info!(shard = %info.file, videos = info.videos, frames = info.frames, bytes = info.bytes, "shard written");
+    Ok(info)
+}

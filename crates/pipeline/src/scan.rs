@@ -1,0 +1,269 @@
+//! Layout scanners: walk a raw dataset folder exactly as its archive unpacks and list its
+//! videos with their native class and split group.
+//!
+//! Listings are sorted (walkdir `sort_by_file_name`), so the same folder always scans the
+//! same way. Files that are not where the layout puts videos are reported, not guessed at.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use walkdir::WalkDir;
+
+use crate::error::{Error, Result};
+
+/// File extensions treated as videos.
+pub const VIDEO_EXTENSIONS: &[&str] = &["avi", "mp4", "mkv", "webm", "mov", "mpg", "mpeg", "m4v"];
+
+/// A video found in a raw layout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawVideo {
+    /// Dataset name (`ucf101`, `hmdb51`).
+    pub dataset: String,
+    /// Native class (the class folder).
+    pub native_class: String,
+    /// Path relative to the dataset root, `/`-separated.
+    pub rel_path: String,
+    /// Absolute path.
+    pub abs_path: PathBuf,
+    /// Split group, when the layout defines one.
+    pub group: Option<String>,
+    /// File size in bytes.
+    pub file_bytes: u64,
+}
+
+/// A path a scanner passed over, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ignored {
+    /// The path.
+    pub path: PathBuf,
+    /// Why.
+    pub reason: String,
+    /// Whether this is a problem the user must hear about (unreadable, undecodable name),
+    /// rather than an expected extra file.
+    pub is_problem: bool,
+}
+
+/// What scanning one dataset folder found.
+#[derive(Debug, Clone, Default)]
+pub struct Scan {
+    /// The dataset root actually scanned.
+    pub root: PathBuf,
+    /// Videos, sorted by relative path.
+    pub videos: Vec<RawVideo>,
+    /// Class folders present.
+    pub classes: BTreeSet<String>,
+    /// Paths passed over.
+    pub ignored: Vec<Ignored>,
+}
+
+/// `root/<name>` when the user pointed at the folder above the dataset's own folder.
+fn resolve_root(root: &Path, inner: &str) -> Result<PathBuf> {
+    let meta = std::fs::metadata(root).map_err(|e| Error::io(root, e))?;
+    if !meta.is_dir() {
+        return Err(Error::Layout {
+            path: root.to_owned(),
+            message: "not a folder".into(),
+        });
+    }
+    let nested = root.join(inner);
+    let root = if nested.is_dir() { nested } else { root.to_owned() };
+    std::path::absolute(&root).map_err(|e| Error::io(&root, e))
+}
+
+/// Scans `<root>/<Class>/<clip>.<ext>`; `group` derives a clip's group from its class and
+/// file stem.
+pub fn scan_class_folders(
+    root: &Path,
+    inner: &str,
+    dataset: &str,
+    group: impl Fn(&str, &str) -> Option<String>,
+) -> Result<Scan> {
+    let root = resolve_root(root, inner)?;
+    let mut scan = Scan {
+        root: root.clone(),
+        ..Scan::default()
+    };
+    for entry in WalkDir::new(&root)
+        .min_depth(1)
+        .max_depth(2)
+        .sort_by_file_name()
+    {
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                let path = e.path().map(Path::to_owned).unwrap_or_else(|| root.clone());
+                scan.ignored.push(Ignored {
+                    path,
+                    reason: format!("unreadable: {e}"),
+                    is_problem: true,
+                });
+                continue;
+            }
+        };
+        let path = entry.path();
+        let Ok(rel) = path.strip_prefix(&root) else {
+            continue;
+        };
+        let Some(rel_str) = rel.to_str() else {
+            scan.ignored.push(Ignored {
+                path: path.to_owned(),
+                reason: "file name is not valid UTF-8".into(),
+                is_problem: true,
+            });
+            continue;
+        };
+        let ft = entry.file_type();
+        match entry.depth() {
+            1 if ft.is_dir() => {
+                scan.classes.insert(rel_str.to_owned());
+            }
+            1 => scan.ignored.push(Ignored {
+                path: path.to_owned(),
+                reason: "not inside a class folder".into(),
+                is_problem: false,
+            }),
+            _ if ft.is_dir() => scan.ignored.push(Ignored {
+                path: path.to_owned(),
+                reason: "nested folder (the layout has none)".into(),
+                is_problem: false,
+            }),
+            _ => {
+                let ext = path
+                    .extension()
+                    .and_then(|e| e.to_str())
+                    .map(str::to_ascii_lowercase)
+                    .unwrap_or_default();
+                if !VIDEO_EXTENSIONS.contains(&ext.as_str()) {
+                    scan.ignored.push(Ignored {
+                        path: path.to_owned(),
+                        reason: "not a video file extension".into(),
+                        is_problem: false,
+                    });
+                    continue;
+                }
+                let class = rel_str.split('/').next().unwrap_or_default().to_owned();
+                let stem = path
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or_default()
+                    .to_owned();
+                let file_bytes = match entry.metadata() {
+                    Ok(m) => m.len(),
+                    Err(e) => {
+                        scan.ignored.push(Ignored {
+                            path: path.to_owned(),
+                            reason: format!("unreadable: {e}"),
+                            is_problem: true,
+                        });
+                        continue;
+                    }
+                };
+                scan.videos.push(RawVideo {
+                    dataset: dataset.to_owned(),
+                    group: group(&class, &stem),
+                    native_class: class,
+                    rel_path: rel_str.replace(std::path::MAIN_SEPARATOR, "/"),
+                    abs_path: path.to_owned(),
+                    file_bytes,
+                });
+            }
+        }
+    }
+    Ok(scan)
+}
+
+/// UCF101's group of `v_<Class>_gGG_cCC`: `gGG`.
+pub fn ucf101_group(_class: &str, stem: &str) -> Option<String> {
+    let mut parts = stem.rsplitn(3, '_');
+    let c = parts.next()?;
+    let g = parts.next()?;
+    let ok = |s: &str, p: char| {
+        s.len() >= 2 && s.starts_with(p) && s[1..].bytes().all(|b| b.is_ascii_digit())
+    };
+    (ok(c, 'c') && ok(g, 'g') && parts.next()?.starts_with("v_")).then(|| g.to_owned())
+}
+
+/// HMDB51's group of `<film title>_<class>_<body>_<cam>_<people>_<view>_<quality>_<n>`:
+/// the film title, which several clips of a class share.
+pub fn hmdb51_group(class: &str, stem: &str) -> Option<String> {
+    let tokens: Vec<&str> = stem.split('_').collect();
+    let class_tokens: Vec<&str> = class.split('_').collect();
+    if tokens.len() < 6 + class_tokens.len() + 1 {
+        return None;
+    }
+    let head = &tokens[..tokens.len() - 6];
+    let title_len = head.len().checked_sub(class_tokens.len())?;
+    (head[title_len..] == class_tokens[..] && title_len > 0).then(|| head[..title_len].join("_"))
+}
+
+/// Scans an unpacked UCF101 (`UCF-101/<Class>/v_<Class>_gGG_cCC.avi`); `root` may be the
+/// `UCF-101` folder or the folder holding it.
+pub fn scan_ucf101(root: &Path) -> Result<Scan> {
+    scan_class_folders(root, "UCF-101", "ucf101", ucf101_group)
+}
+
+/// Scans an unpacked HMDB51 (`hmdb51/<class>/<clip>.avi`); `root` may be the `hmdb51`
+/// folder or the folder holding it.
+pub fn scan_hmdb51(root: &Path) -> Result<Scan> {
+    scan_class_folders(root, "hmdb51", "hmdb51", hmdb51_group)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ucf_groups() {
+        assert_eq!(ucf101_group("Biking", "v_Biking_g01_c03").as_deref(), Some("g01"));
+        assert_eq!(
+            ucf101_group("PushUps", "v_PushUps_g25_c04").as_deref(),
+            Some("g25")
+        );
+        assert_eq!(ucf101_group("X", "clip"), None);
+        assert_eq!(ucf101_group("X", "v_X_gA1_c01"), None);
+    }
+
+    #[test]
+    fn hmdb_groups() {
+        assert_eq!(
+            hmdb51_group("brush_hair", "April_09_brush_hair_u_nm_np1_ba_goo_0").as_deref(),
+            Some("April_09")
+        );
+        assert_eq!(
+            hmdb51_group("climb", "Rock_Climbing_Overhang_climb_f_cm_np1_ba_med_3").as_deref(),
+            Some("Rock_Climbing_Overhang")
+        );
+        assert_eq!(hmdb51_group("climb", "climb_f_cm_np1_ba_med_3"), None);
+        assert_eq!(hmdb51_group("climb", "weird"), None);
+    }
+
+    #[test]
+    fn scans_sorted_and_reports_strays() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("UCF-101");
+        std::fs::create_dir_all(root.join("Biking")).unwrap();
+        std::fs::create_dir_all(root.join("Archery/nested")).unwrap();
+        std::fs::write(root.join("Biking/v_Biking_g02_c01.avi"), b"x").unwrap();
+        std::fs::write(root.join("Biking/v_Biking_g01_c01.avi"), b"xy").unwrap();
+        std::fs::write(root.join("Biking/notes.txt"), b"").unwrap();
+        std::fs::write(root.join("stray.avi"), b"").unwrap();
+        // The parent folder works too.
+        let s = scan_ucf101(d.path()).unwrap();
+        let rel: Vec<&str> = s.videos.iter().map(|v| v.rel_path.as_str()).collect();
+        assert_eq!(rel, ["Biking/v_Biking_g01_c01.avi", "Biking/v_Biking_g02_c01.avi"]);
+        assert_eq!(s.videos[0].file_bytes, 2);
+        assert_eq!(s.videos[0].group.as_deref(), Some("g01"));
+        assert_eq!(
+            s.classes.iter().cloned().collect::<Vec<_>>(),
+            ["Archery", "Biking"]
+        );
+        assert_eq!(s.ignored.len(), 3, "{:?}", s.ignored);
+        assert!(s.ignored.iter().all(|i| !i.is_problem));
+    }
+
+    #[test]
+    fn missing_root_is_an_error_naming_it() {
+        let err = scan_hmdb51(Path::new("/no/such/hmdb")).unwrap_err().to_string();
+        assert!(err.contains("/no/such/hmdb"), "{err}");
+    }
+}
