@@ -1,1 +1,51 @@
-fn main() {}
+//! `vdg`: the videodg command line.
+//!
+//! Exit codes: 0 = done; 1 = finished, but some videos failed or some files could not be
+//! read; 2 = fatal error (nothing half-written is left under a final name).
+
+mod logging;
+mod prep;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// videodg: reproducible video domain generalization benchmarks.
+#[derive(Debug, Parser)]
+#[command(name = "vdg", version, about, long_about = None)]
+struct Cli {
+    /// Print only warnings and errors.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    /// More detail (-v debug, -vv trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Decode a raw dataset into Parquet frame shards with the benchmark's domain splits.
+    #[command(subcommand)]
+    Prep(prep::PrepCommand),
+    /// Write a tiny raw dataset sample (generated clips in the real layout), for trying prep.
+    #[command(subcommand)]
+    Sample(prep::SampleCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.quiet, cli.verbose);
+    let result = match cli.command {
+        Command::Prep(cmd) => prep::run(cmd, cli.quiet),
+        Command::Sample(cmd) => prep::sample(cmd),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            logging::suspend(|| eprintln!("error: {e:#}"));
+            ExitCode::from(2)
+        }
+    }
+}

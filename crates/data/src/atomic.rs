@@ -141,7 +141,11 @@ impl Drop for AtomicFile {
 fn sync_dir(path: &Path) {
     // Best effort: make the rename durable. Not every platform can open a folder.
     if let Some(dir) = path.parent()
-        && let Ok(d) = File::open(if dir.as_os_str().is_empty() { Path::new(".") } else { dir })
+        && let Ok(d) = File::open(if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        })
     {
         let _ = d.sync_all();
     }

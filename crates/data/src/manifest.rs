@@ -211,7 +211,10 @@ impl Manifest {
             return Err(invalid("segments".into(), "must be at least 1".into()));
         }
         if raw.domains.is_empty() {
-            return Err(invalid("domains".into(), "at least one domain is needed".into()));
+            return Err(invalid(
+                "domains".into(),
+                "at least one domain is needed".into(),
+            ));
         }
         let mut domain_names = BTreeSet::new();
         for (i, d) in raw.domains.iter().enumerate() {
@@ -259,10 +262,7 @@ impl Manifest {
         if !raw.split.rules.contains_key(&raw.split.default) {
             return Err(invalid(
                 "split.default".into(),
-                format!(
-                    "no rule named {:?} under [split.rules]",
-                    raw.split.default
-                ),
+                format!("no rule named {:?} under [split.rules]", raw.split.default),
             ));
         }
         for (name, rule) in &raw.split.rules {
@@ -387,14 +387,22 @@ impl Manifest {
                 key: "split.rules".into(),
                 message: format!(
                     "no split rule named {name:?}; known: {}",
-                    self.split_rules.keys().cloned().collect::<Vec<_>>().join(", ")
+                    self.split_rules
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             })
     }
 
     /// Warns about native classes of `domain` that `available` does not contain (a class
     /// folder missing from the raw dataset). Returns the missing `(class, native)` pairs.
-    pub fn missing_natives(&self, domain: &str, available: &BTreeSet<String>) -> Vec<(String, String)> {
+    pub fn missing_natives(
+        &self,
+        domain: &str,
+        available: &BTreeSet<String>,
+    ) -> Vec<(String, String)> {
         let mut missing = Vec::new();
         for c in &self.classes {
             for n in c.native.get(domain).into_iter().flatten() {
@@ -501,18 +509,29 @@ native = { a = ["X"], b = ["x"] }
         assert!(load(&gap).unwrap_err().to_string().contains("without gaps"));
         let dom = MINI.replace("targets = [\"b\"]", "targets = [\"c\"]");
         let err = load(&dom).unwrap_err().to_string();
-        assert!(err.contains("directions[0].targets[0]") && err.contains("\"c\""), "{err}");
+        assert!(
+            err.contains("directions[0].targets[0]") && err.contains("\"c\""),
+            "{err}"
+        );
         let frac = MINI.replace("train_fraction = 0.7", "train_fraction = 1.5");
         let err = load(&frac).unwrap_err().to_string();
         assert!(err.contains("split.rules.paper.train_fraction"), "{err}");
         let def = MINI.replace("default = \"paper\"", "default = \"nope\"");
-        assert!(load(&def).unwrap_err().to_string().contains("split.default"));
+        assert!(
+            load(&def)
+                .unwrap_err()
+                .to_string()
+                .contains("split.default")
+        );
     }
 
     #[test]
     fn missing_natives_are_reported() {
         let m = load(MINI).unwrap();
         let have: BTreeSet<String> = ["X".to_string(), "Y1".to_string()].into();
-        assert_eq!(m.missing_natives("a", &have), vec![("y".to_string(), "Y2".to_string())]);
+        assert_eq!(
+            m.missing_natives("a", &have),
+            vec![("y".to_string(), "Y2".to_string())]
+        );
     }
 }

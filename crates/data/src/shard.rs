@@ -18,9 +18,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow_array::builder::{
-    Float64Builder, Int64Builder, StringBuilder, UInt32Builder,
-};
+use arrow_array::builder::{Float64Builder, Int64Builder, StringBuilder, UInt32Builder};
 use arrow_array::{
     Array, ArrayRef, BinaryArray, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray,
     UInt32Array,
@@ -168,7 +166,10 @@ pub struct EncodedFrame {
 
 fn schema_metadata(kind: &str) -> HashMap<String, String> {
     HashMap::from([
-        ("vdg.schema_version".to_owned(), SHARD_SCHEMA_VERSION.to_string()),
+        (
+            "vdg.schema_version".to_owned(),
+            SHARD_SCHEMA_VERSION.to_string(),
+        ),
         ("vdg.kind".to_owned(), kind.to_owned()),
     ])
 }
@@ -496,15 +497,30 @@ pub fn read_videos_table(path: &Path) -> Result<Vec<VideoRow>> {
         let u = |n: &str| column::<UInt32Array>(path, &b, n);
         let l = |n: &str| column::<Int64Array>(path, &b, n);
         let f = |n: &str| column::<Float64Array>(path, &b, n);
-        let (video_id, dataset, rel_path, class_name) =
-            (s("video_id")?, s("dataset")?, s("rel_path")?, s("class_name")?);
-        let (label_name, domain, group, source_split) =
-            (s("label_name")?, s("domain")?, s("group")?, s("source_split")?);
+        let (video_id, dataset, rel_path, class_name) = (
+            s("video_id")?,
+            s("dataset")?,
+            s("rel_path")?,
+            s("class_name")?,
+        );
+        let (label_name, domain, group, source_split) = (
+            s("label_name")?,
+            s("domain")?,
+            s("group")?,
+            s("source_split")?,
+        );
         let (status, error, warning) = (s("status")?, s("error")?, s("warning")?);
-        let (label, num_frames, decoded_frames) = (u("label")?, u("num_frames")?, u("decoded_frames")?);
-        let (width, height, sw, sh, shard) =
-            (u("width")?, u("height")?, u("source_width")?, u("source_height")?, u("shard")?);
-        let (file_bytes, declared, first_row) = (l("file_bytes")?, l("declared_frames")?, l("first_row")?);
+        let (label, num_frames, decoded_frames) =
+            (u("label")?, u("num_frames")?, u("decoded_frames")?);
+        let (width, height, sw, sh, shard) = (
+            u("width")?,
+            u("height")?,
+            u("source_width")?,
+            u("source_height")?,
+            u("shard")?,
+        );
+        let (file_bytes, declared, first_row) =
+            (l("file_bytes")?, l("declared_frames")?, l("first_row")?);
         let (fps, sfps, dur) = (f("fps")?, f("source_fps")?, f("duration_secs")?);
         for i in 0..b.num_rows() {
             let os = |a: &StringArray| opt(a, i, |a, i| a.value(i).to_owned());
@@ -639,7 +655,10 @@ mod tests {
     fn videos_table_round_trips() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join(VIDEOS_FILE);
-        let rows = vec![row("ucf101/A/a.avi", VideoStatus::Ok), row("x", VideoStatus::Failed)];
+        let rows = vec![
+            row("ucf101/A/a.avi", VideoStatus::Ok),
+            row("x", VideoStatus::Failed),
+        ];
         write_videos_table(&p, &rows).unwrap();
         assert_eq!(read_videos_table(&p).unwrap(), rows);
     }
@@ -679,7 +698,12 @@ mod tests {
         // Row groups never mix videos.
         let file = File::open(&p).unwrap();
         let md = ArrowReaderMetadata::load(&file, Default::default()).unwrap();
-        let sizes: Vec<i64> = md.metadata().row_groups().iter().map(|g| g.num_rows()).collect();
+        let sizes: Vec<i64> = md
+            .metadata()
+            .row_groups()
+            .iter()
+            .map(|g| g.num_rows())
+            .collect();
         assert!(sizes.len() > 2, "{sizes:?}");
         assert_eq!(*sizes.last().unwrap(), 5);
         assert_eq!(sizes.iter().sum::<i64>(), 45);

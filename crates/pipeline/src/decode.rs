@@ -7,10 +7,10 @@
 
 use std::path::Path;
 
-use ffmpeg_next as ffmpeg;
 use ffmpeg::format::Pixel;
 use ffmpeg::software::scaling::{Context as Scaler, Flags};
 use ffmpeg::util::frame::video::Video as VideoFrame;
+use ffmpeg_next as ffmpeg;
 
 use crate::error::DecodeError;
 
@@ -137,7 +137,11 @@ struct Converter {
 /// Decodes every frame of `path`, calling `on_frame` for each kept one in order.
 ///
 /// An error from `on_frame` stops decoding and is returned as [`DecodeError::Sink`].
-pub fn decode_video<F>(path: &Path, opts: &DecodeOptions, mut on_frame: F) -> Result<DecodeStats, DecodeError>
+pub fn decode_video<F>(
+    path: &Path,
+    opts: &DecodeOptions,
+    mut on_frame: F,
+) -> Result<DecodeStats, DecodeError>
 where
     F: FnMut(&RgbFrame<'_>) -> Result<(), String>,
 {
@@ -156,7 +160,11 @@ where
             f64::from(avg)
         } else {
             let r = stream.rate();
-            if r.numerator() > 0 && r.denominator() > 0 { f64::from(r) } else { 0.0 }
+            if r.numerator() > 0 && r.denominator() > 0 {
+                f64::from(r)
+            } else {
+                0.0
+            }
         }
     };
     let mut cctx = ffmpeg::codec::context::Context::from_parameters(stream.parameters())
@@ -267,10 +275,24 @@ where
                 first_packet_error.get_or_insert_with(|| e.to_string());
             }
         }
-        drain(&mut decoder, &mut conv, &mut decoded, &mut kept, &mut out_size, &mut src_size)?;
+        drain(
+            &mut decoder,
+            &mut conv,
+            &mut decoded,
+            &mut kept,
+            &mut out_size,
+            &mut src_size,
+        )?;
     }
     let _ = decoder.send_eof();
-    drain(&mut decoder, &mut conv, &mut decoded, &mut kept, &mut out_size, &mut src_size)?;
+    drain(
+        &mut decoder,
+        &mut conv,
+        &mut decoded,
+        &mut kept,
+        &mut out_size,
+        &mut src_size,
+    )?;
 
     if decoded == 0 {
         let why = read_error
@@ -335,9 +357,13 @@ mod tests {
 
     #[test]
     fn keep_frame_thins_to_max_fps() {
-        let kept = (0..300).filter(|&i| keep_frame(i, 30.0, Some(10.0))).count();
+        let kept = (0..300)
+            .filter(|&i| keep_frame(i, 30.0, Some(10.0)))
+            .count();
         assert_eq!(kept, 100);
-        let kept = (0..250).filter(|&i| keep_frame(i, 25.0, Some(12.0))).count();
+        let kept = (0..250)
+            .filter(|&i| keep_frame(i, 25.0, Some(12.0)))
+            .count();
         assert_eq!(kept, 120);
         assert!((0..50).all(|i| keep_frame(i, 25.0, None)));
         assert!((0..50).all(|i| keep_frame(i, 25.0, Some(30.0))));

@@ -78,7 +78,11 @@ pub struct Plan {
 }
 
 /// Builds the plan from one scan per domain.
-pub fn build_plan(manifest: &Manifest, scans: &[(&str, &Scan)], options: &ContentOptions) -> Result<Plan> {
+pub fn build_plan(
+    manifest: &Manifest,
+    scans: &[(&str, &Scan)],
+    options: &ContentOptions,
+) -> Result<Plan> {
     let rule = manifest.split_rule(&options.split_rule)?.clone();
     let mut items = Vec::new();
     let mut skipped: BTreeMap<String, u64> = BTreeMap::new();
@@ -128,7 +132,10 @@ pub fn build_plan(manifest: &Manifest, scans: &[(&str, &Scan)], options: &Conten
         }
     }
     items.sort_by(|a, b| a.row.video_id.cmp(&b.row.video_id));
-    if let Some(w) = items.windows(2).find(|w| w[0].row.video_id == w[1].row.video_id) {
+    if let Some(w) = items
+        .windows(2)
+        .find(|w| w[0].row.video_id == w[1].row.video_id)
+    {
         return Err(Error::Layout {
             path: w[0].abs_path.clone(),
             message: format!("two videos share the id {:?}", w[0].row.video_id),
@@ -180,7 +187,11 @@ fn plan_fingerprint(manifest: &Manifest, options: &ContentOptions, items: &[Plan
     h.update(vdg_data::shard::SHARD_SCHEMA_VERSION.to_le_bytes());
     h.update(manifest.text.as_bytes());
     h.update(b"\0");
-    h.update(serde_json::to_string(options).unwrap_or_default().as_bytes());
+    h.update(
+        serde_json::to_string(options)
+            .unwrap_or_default()
+            .as_bytes(),
+    );
     for it in items {
         let r = &it.row;
         for field in [

@@ -201,7 +201,12 @@ fn is_complete(dir: &Path, rec: &PrepRecord) -> bool {
 }
 
 /// Runs (or resumes, or confirms) the prep of `plan` into `out`.
-pub fn run_prep(plan: &Plan, out: &Path, run: &RunOptions, progress: &dyn Progress) -> Result<PrepSummary> {
+pub fn run_prep(
+    plan: &Plan,
+    out: &Path,
+    run: &RunOptions,
+    progress: &dyn Progress,
+) -> Result<PrepSummary> {
     if plan.items.is_empty() {
         return Err(Error::Layout {
             path: out.to_owned(),
@@ -244,7 +249,8 @@ pub fn run_prep(plan: &Plan, out: &Path, run: &RunOptions, progress: &dyn Progre
     } else if prep_path.exists() && !run.force {
         return Err(Error::OutputMismatch {
             path: prep_path,
-            message: "is not a prep.json this version can read; rerun with --force to replace it".into(),
+            message: "is not a prep.json this version can read; rerun with --force to replace it"
+                .into(),
         });
     }
 
@@ -272,7 +278,9 @@ pub fn run_prep(plan: &Plan, out: &Path, run: &RunOptions, progress: &dyn Progre
             if !fits {
                 return Err(mismatch(&format!("{}", path.display())));
             }
-            let bytes = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
+            let bytes = std::fs::metadata(path)
+                .map_err(|e| Error::io(path, e))?
+                .len();
             shards.push(ShardInfo {
                 file: shard::frames_file_name(index),
                 videos: meta.videos.len() as u64,
@@ -327,7 +335,12 @@ pub fn run_prep(plan: &Plan, out: &Path, run: &RunOptions, progress: &dyn Progre
     })
 }
 
-fn make_record(plan: &Plan, rows: &[VideoRow], shards: Vec<ShardInfo>, videos_table: ShardInfo) -> PrepRecord {
+fn make_record(
+    plan: &Plan,
+    rows: &[VideoRow],
+    shards: Vec<ShardInfo>,
+    videos_table: ShardInfo,
+) -> PrepRecord {
     let mut counts = PrepCounts {
         planned: rows.len() as u64,
         skipped_out_of_benchmark: plan.skipped_out_of_benchmark.clone(),
@@ -413,7 +426,8 @@ pub fn process_video(item: &PlanItem, opts: &ContentOptions) -> (VideoRow, Vec<E
             row.height = Some(s.height);
             row.source_width = Some(s.source_width);
             row.source_height = Some(s.source_height);
-            row.duration_secs = (s.source_fps > 0.0).then(|| f64::from(s.decoded_frames) / s.source_fps);
+            row.duration_secs =
+                (s.source_fps > 0.0).then(|| f64::from(s.decoded_frames) / s.source_fps);
             row.warning = s.warning;
         }
         Err(e) => {
@@ -485,7 +499,9 @@ fn write_remaining(
                         }
                         // Backpressure: stay within `window` videos of the writer.
                         {
-                            let Ok(mut st) = gate.state.lock() else { return };
+                            let Ok(mut st) = gate.state.lock() else {
+                                return;
+                            };
                             while i >= st.0 + window && !st.1 {
                                 st = match gate.cv.wait(st) {
                                     Ok(s) => s,
@@ -573,7 +589,12 @@ fn write_in_order(
     Ok(())
 }
 
-fn finish_shard(plan: &Plan, w: FrameShardWriter, first: usize, videos: Vec<VideoRow>) -> Result<ShardInfo> {
+fn finish_shard(
+    plan: &Plan,
+    w: FrameShardWriter,
+    first: usize,
+    videos: Vec<VideoRow>,
+) -> Result<ShardInfo> {
     let meta = ShardMeta {
         schema_version: SHARD_SCHEMA_VERSION,
         plan_fingerprint: plan.fingerprint.clone(),

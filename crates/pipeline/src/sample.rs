@@ -30,13 +30,25 @@ pub const SAMPLE_FPS: u32 = 25;
 /// Writes `out/UCF-101/<Class>/v_<Class>_gGG_cCC.avi` (groups of two clips) and
 /// `out/hmdb51/<class>/<film>_<class>_<tags>_<n>.avi` for every native class of the
 /// `ucf_hmdb` manifest, plus one class of each dataset outside the benchmark.
-pub fn write_ucf_hmdb_sample(out: &Path, clips_per_class: u32, frames: u32) -> Result<SampleSummary> {
+pub fn write_ucf_hmdb_sample(
+    out: &Path,
+    clips_per_class: u32,
+    frames: u32,
+) -> Result<SampleSummary> {
     let m = Manifest::builtin("ucf_hmdb")?;
     let mut summary = SampleSummary::default();
     let mut seed = 0u32;
-    let mut ucf: Vec<String> = m.classes.iter().flat_map(|c| c.native["ucf"].clone()).collect();
+    let mut ucf: Vec<String> = m
+        .classes
+        .iter()
+        .flat_map(|c| c.native["ucf"].clone())
+        .collect();
     ucf.push("ApplyEyeMakeup".into());
-    let mut hmdb: Vec<String> = m.classes.iter().flat_map(|c| c.native["hmdb"].clone()).collect();
+    let mut hmdb: Vec<String> = m
+        .classes
+        .iter()
+        .flat_map(|c| c.native["hmdb"].clone())
+        .collect();
     hmdb.push("brush_hair".into());
     for class in &ucf {
         let dir = out.join("UCF-101").join(class);
@@ -45,7 +57,15 @@ pub fn write_ucf_hmdb_sample(out: &Path, clips_per_class: u32, frames: u32) -> R
             let (g, c) = (k / 2 + 1, k % 2 + 1);
             let p = dir.join(format!("v_{class}_g{g:02}_c{c:02}.avi"));
             seed += 1;
-            write_pattern_video(&p, "mpeg4", SAMPLE_WIDTH, SAMPLE_HEIGHT, SAMPLE_FPS, frames, seed)?;
+            write_pattern_video(
+                &p,
+                "mpeg4",
+                SAMPLE_WIDTH,
+                SAMPLE_HEIGHT,
+                SAMPLE_FPS,
+                frames,
+                seed,
+            )?;
             summary.ucf_clips += 1;
         }
     }

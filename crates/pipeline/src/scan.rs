@@ -66,7 +66,11 @@ fn resolve_root(root: &Path, inner: &str) -> Result<PathBuf> {
         });
     }
     let nested = root.join(inner);
-    let root = if nested.is_dir() { nested } else { root.to_owned() };
+    let root = if nested.is_dir() {
+        nested
+    } else {
+        root.to_owned()
+    };
     std::path::absolute(&root).map_err(|e| Error::io(&root, e))
 }
 
@@ -214,7 +218,10 @@ mod tests {
 
     #[test]
     fn ucf_groups() {
-        assert_eq!(ucf101_group("Biking", "v_Biking_g01_c03").as_deref(), Some("g01"));
+        assert_eq!(
+            ucf101_group("Biking", "v_Biking_g01_c03").as_deref(),
+            Some("g01")
+        );
         assert_eq!(
             ucf101_group("PushUps", "v_PushUps_g25_c04").as_deref(),
             Some("g25")
@@ -250,7 +257,10 @@ mod tests {
         // The parent folder works too.
         let s = scan_ucf101(d.path()).unwrap();
         let rel: Vec<&str> = s.videos.iter().map(|v| v.rel_path.as_str()).collect();
-        assert_eq!(rel, ["Biking/v_Biking_g01_c01.avi", "Biking/v_Biking_g02_c01.avi"]);
+        assert_eq!(
+            rel,
+            ["Biking/v_Biking_g01_c01.avi", "Biking/v_Biking_g02_c01.avi"]
+        );
         assert_eq!(s.videos[0].file_bytes, 2);
         assert_eq!(s.videos[0].group.as_deref(), Some("g01"));
         assert_eq!(
@@ -263,7 +273,9 @@ mod tests {
 
     #[test]
     fn missing_root_is_an_error_naming_it() {
-        let err = scan_hmdb51(Path::new("/no/such/hmdb")).unwrap_err().to_string();
+        let err = scan_hmdb51(Path::new("/no/such/hmdb"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("/no/such/hmdb"), "{err}");
     }
 }

@@ -1,0 +1,74 @@
+//! The tracing subscriber, and an indicatif bar that log lines do not tear.
+
+use std::io::Write;
+use std::sync::Mutex;
+
+use indicatif::ProgressBar;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
+
+static BAR: Mutex<Option<ProgressBar>> = Mutex::new(None);
+
+/// Sets the bar that log output must print around (or clears it).
+pub fn set_bar(bar: Option<ProgressBar>) {
+    if let Ok(mut b) = BAR.lock() {
+        *b = bar;
+    }
+}
+
+/// Runs `f` with the bar (if any) hidden.
+pub fn suspend<R>(f: impl FnOnce() -> R) -> R {
+    let bar = BAR.lock().ok().and_then(|b| b.clone());
+    match bar {
+        Some(bar) => bar.suspend(f),
+        None => f(),
+    }
+}
+
+struct BarWriter(Vec<u8>);
+
+impl Write for BarWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for BarWriter {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.0);
+        suspend(|| {
+            let _ = std::io::stderr().write_all(&buf);
+        });
+    }
+}
+
+struct MakeBarWriter;
+
+impl<'a> MakeWriter<'a> for MakeBarWriter {
+    type Writer = BarWriter;
+    fn make_writer(&'a self) -> Self::Writer {
+        BarWriter(Vec::new())
+    }
+}
+
+/// Installs the subscriber: warn with `-q`, info by default, debug with `-v`, trace with
+/// `-vv`; `RUST_LOG` overrides.
+pub fn init(quiet: bool, verbose: u8) {
+    let level = match (quiet, verbose) {
+        (true, _) => "warn",
+        (false, 0) => "info",
+        (false, 1) => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(MakeBarWriter)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}

@@ -1,0 +1,417 @@
+//! `vdg prep ...` and `vdg sample ...`.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use vdg_data::{Manifest, VideoStatus};
+use vdg_pipeline::plan::{ContentOptions, DEFAULT_JPEG_QUALITY, build_plan};
+use vdg_pipeline::prep::{PrepEvent, PrepSummary, Progress, RunOptions, run_prep};
+use vdg_pipeline::scan::{Scan, scan_hmdb51, scan_ucf101};
+
+use crate::logging;
+
+#[derive(Debug, Subcommand)]
+pub enum PrepCommand {
+    /// UCF-HMDB: the 12 classes shared by UCF101 and HMDB51 (manifests/ucf_hmdb.toml).
+    #[command(name = "ucf-hmdb")]
+    UcfHmdb {
+        /// Unpacked UCF101: the `UCF-101` folder (`<Class>/v_<Class>_gGG_cCC.avi`) or its parent.
+        #[arg(long, value_name = "DIR")]
+        ucf101: PathBuf,
+        /// Unpacked HMDB51: the `hmdb51` folder (`<class>/<clip>.avi`) or its parent.
+        #[arg(long, value_name = "DIR")]
+        hmdb51: PathBuf,
+        #[command(flatten)]
+        common: CommonPrep,
+    },
+}
+
+/// Options shared by every `vdg prep` benchmark.
+#[derive(Debug, Args)]
+pub struct CommonPrep {
+    /// Output folder (created if needed; a rerun resumes or confirms it is up to date).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Resize frames so the shorter side is this many pixels (aspect kept; never upscales).
+    #[arg(long, default_value_t = vdg_pipeline::decode::DEFAULT_SHORT_SIDE, value_name = "PX")]
+    short_side: u32,
+    /// Keep at most this many frames per second (default: every frame, native rate).
+    #[arg(long, value_name = "FPS")]
+    max_fps: Option<f64>,
+    /// JPEG quality, 1-100 (libjpeg scale; 4:2:0 chroma).
+    #[arg(long, default_value_t = DEFAULT_JPEG_QUALITY, value_parser = clap::value_parser!(u8).range(1..=100))]
+    jpeg_quality: u8,
+    /// Decoding threads, one video each (default: all cores). Does not change the output.
+    #[arg(long, short = 'j', value_name = "N")]
+    jobs: Option<usize>,
+    /// Seed of the train/val split of every source domain.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Split rule from the manifest (`paper`: 70/30 group-aware; `released-code`: 80/20 by clip).
+    #[arg(long, value_name = "NAME")]
+    split_rule: Option<String>,
+    /// Use this manifest file instead of the built-in one.
+    #[arg(long, value_name = "FILE")]
+    manifest: Option<PathBuf>,
+    /// Close a frame shard once it holds this much (the unit of resume after a crash);
+    /// bytes, or with a unit: 200KiB, 512MiB, 1GiB.
+    #[arg(long, default_value = "512MiB", value_parser = parse_size, value_name = "SIZE")]
+    shard_size: u64,
+    /// Fail a video on any shortfall against the frame count its container declares
+    /// (default tolerance: max(2 frames, 2 %)).
+    #[arg(long)]
+    strict_frame_count: bool,
+    /// Replace an existing prep of other inputs or options in --out.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SampleCommand {
+    /// A tiny UCF101 + HMDB51 sample: `<out>/UCF-101/...` and `<out>/hmdb51/...`.
+    #[command(name = "ucf-hmdb")]
+    UcfHmdb {
+        /// Output folder.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Clips per native class.
+        #[arg(long, default_value_t = 4)]
+        clips_per_class: u32,
+        /// Frames per clip.
+        #[arg(long, default_value_t = 40)]
+        frames: u32,
+    },
+}
+
+pub fn sample(cmd: SampleCommand) -> Result<ExitCode> {
+    match cmd {
+        SampleCommand::UcfHmdb {
+            out,
+            clips_per_class,
+            frames,
+        } => {
+            let s = vdg_pipeline::sample::write_ucf_hmdb_sample(&out, clips_per_class, frames)
+                .with_context(|| format!("writing the sample into {}", out.display()))?;
+            println!(
+                "wrote {} UCF101 and {} HMDB51 clips under {}",
+                s.ucf_clips,
+                s.hmdb_clips,
+                out.display()
+            );
+            println!(
+                "next: vdg prep ucf-hmdb --ucf101 {0} --hmdb51 {0} --out <dir>",
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn load_manifest(builtin: &str, file: &Option<PathBuf>) -> Result<Manifest> {
+    Ok(match file {
+        Some(p) => Manifest::load(p)?,
+        None => Manifest::builtin(builtin)?,
+    })
+}
+
+pub fn run(cmd: PrepCommand, quiet: bool) -> Result<ExitCode> {
+    match cmd {
+        PrepCommand::UcfHmdb {
+            ucf101,
+            hmdb51,
+            common,
+        } => {
+            let manifest = load_manifest("ucf_hmdb", &common.manifest)?;
+            let ucf = scan_ucf101(&ucf101).context("scanning UCF101")?;
+            let hmdb = scan_hmdb51(&hmdb51).context("scanning HMDB51")?;
+            prep_with(&manifest, &[("ucf", &ucf), ("hmdb", &hmdb)], &common, quiet)
+        }
+    }
+}
+
+fn prep_with(
+    manifest: &Manifest,
+    scans: &[(&str, &Scan)],
+    c: &CommonPrep,
+    quiet: bool,
+) -> Result<ExitCode> {
+    if c.short_side == 0 {
+        bail!("--short-side must be at least 1");
+    }
+    if let Some(f) = c.max_fps
+        && !(f > 0.0 && f.is_finite())
+    {
+        bail!("--max-fps must be a positive number, got {f}");
+    }
+    let options = ContentOptions {
+        short_side: c.short_side,
+        max_fps: c.max_fps,
+        jpeg_quality: c.jpeg_quality,
+        seed: c.seed,
+        split_rule: c
+            .split_rule
+            .clone()
+            .unwrap_or_else(|| manifest.default_split_rule.clone()),
+        shard_target_bytes: c.shard_size,
+        strict_frame_count: c.strict_frame_count,
+    };
+    let plan = build_plan(manifest, scans, &options)?;
+    for (domain, class, native) in &plan.missing_natives {
+        tracing::warn!(
+            "{}: classes.{class}.native.{domain}: class folder {native:?} is not in the raw data",
+            manifest.origin.display()
+        );
+    }
+    let problems: Vec<_> = plan.ignored.iter().filter(|i| i.is_problem).collect();
+    for i in &problems {
+        tracing::warn!("{}: {}", i.path.display(), i.reason);
+    }
+    for i in plan.ignored.iter().filter(|i| !i.is_problem) {
+        tracing::debug!("ignored {}: {}", i.path.display(), i.reason);
+    }
+    tracing::info!(
+        "{}: {} videos planned ({}), {} out of the benchmark skipped",
+        manifest.name,
+        plan.items.len(),
+        scans
+            .iter()
+            .map(|(d, _)| format!(
+                "{d}: {}",
+                plan.items.iter().filter(|i| i.row.domain == *d).count()
+            ))
+            .collect::<Vec<_>>()
+            .join(", "),
+        plan.skipped_out_of_benchmark.values().sum::<u64>()
+    );
+    let reporter = Reporter::new(quiet);
+    let run = RunOptions {
+        jobs: c.jobs.unwrap_or(0),
+        force: c.force,
+    };
+    let result = run_prep(&plan, &c.out, &run, &reporter);
+    reporter.finish();
+    let summary = result.with_context(|| format!("preparing {}", c.out.display()))?;
+    print_summary(&summary, &c.out, problems.len(), quiet);
+    let failed = summary.record.counts.failed > 0 || !problems.is_empty();
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn print_summary(s: &PrepSummary, out: &Path, unreadable: usize, quiet: bool) {
+    let r = &s.record;
+    let c = &r.counts;
+    if s.up_to_date {
+        println!(
+            "{} is up to date: {} videos, {} frames in {} shards (fingerprint {}); nothing to do",
+            out.display(),
+            c.planned,
+            c.frames,
+            r.shards.len(),
+            &r.fingerprint[..16]
+        );
+    } else if !quiet {
+        let resumed = if s.resumed_videos > 0 {
+            format!(" ({} resumed from an earlier run)", s.resumed_videos)
+        } else {
+            String::new()
+        };
+        println!(
+            "prepared {}: {} videos{resumed}, {} ok, {} failed, {} frames in {} shards -> {}",
+            r.benchmark,
+            c.planned,
+            c.ok,
+            c.failed,
+            c.frames,
+            r.shards.len(),
+            out.display()
+        );
+        let splits: Vec<String> = c
+            .per_domain_split
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        println!("  splits: {}", splits.join(", "));
+        if !c.skipped_out_of_benchmark.is_empty() {
+            let sk: Vec<String> = c
+                .skipped_out_of_benchmark
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            println!(
+                "  skipped (classes outside the benchmark): {}",
+                sk.join(", ")
+            );
+        }
+        println!("  fingerprint {}", r.fingerprint);
+    }
+    if !r.failed.is_empty() {
+        eprintln!(
+            "{} video(s) failed and were recorded as failed in videos.parquet:",
+            r.failed.len()
+        );
+        for f in &r.failed {
+            eprintln!("  {}: {}", f.video_id, f.error);
+        }
+    }
+    if unreadable > 0 {
+        eprintln!("{unreadable} path(s) could not be read (see the warnings above)");
+    }
+}
+
+/// Turns prep events into an indicatif bar on a terminal, plain log lines otherwise.
+struct Reporter {
+    bar: Option<ProgressBar>,
+    state: Mutex<ReportState>,
+    quiet: bool,
+}
+
+struct ReportState {
+    start: Instant,
+    last_line: Instant,
+    done: u64,
+    total: u64,
+    frames: u64,
+    failed: u64,
+}
+
+impl Reporter {
+    fn new(quiet: bool) -> Self {
+        let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
+            let b = ProgressBar::new(0);
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {bar:32.cyan/blue} {pos}/{len} videos {msg} ETA {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            b.enable_steady_tick(Duration::from_millis(200));
+            b
+        });
+        logging::set_bar(bar.clone());
+        Reporter {
+            bar,
+            state: Mutex::new(ReportState {
+                start: Instant::now(),
+                last_line: Instant::now(),
+                done: 0,
+                total: 0,
+                frames: 0,
+                failed: 0,
+            }),
+            quiet,
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+        logging::set_bar(None);
+    }
+}
+
+impl Progress for Reporter {
+    fn event(&self, event: &PrepEvent<'_>) {
+        let Ok(mut st) = self.state.lock() else {
+            return;
+        };
+        match event {
+            PrepEvent::Started {
+                total_videos,
+                resumed_videos,
+            } => {
+                st.total = *total_videos;
+                st.start = Instant::now();
+                if let Some(b) = &self.bar {
+                    b.set_length(*total_videos);
+                }
+                if *resumed_videos > 0 {
+                    tracing::info!(
+                        "resuming: {resumed_videos} of {total_videos} videos are in complete shards"
+                    );
+                }
+            }
+            PrepEvent::VideoDone { row } => {
+                st.done += 1;
+                st.frames += u64::from(row.num_frames);
+                if row.status == VideoStatus::Failed {
+                    st.failed += 1;
+                    tracing::warn!(
+                        "{}: {}",
+                        row.video_id,
+                        row.error.as_deref().unwrap_or("failed")
+                    );
+                } else if let Some(w) = &row.warning {
+                    tracing::warn!("{}: {w}", row.video_id);
+                }
+                let secs = st.start.elapsed().as_secs_f64().max(1e-3);
+                let fps = st.frames as f64 / secs;
+                if let Some(b) = &self.bar {
+                    b.set_position(st.done);
+                    b.set_message(format!("{:.0} frames/s, {} failed", fps, st.failed));
+                } else if !self.quiet
+                    && (st.last_line.elapsed() >= Duration::from_secs(10) || st.done == st.total)
+                {
+                    st.last_line = Instant::now();
+                    tracing::info!(
+                        "{}/{} videos, {} frames, {:.0} frames/s, {} failed",
+                        st.done,
+                        st.total,
+                        st.frames,
+                        fps,
+                        st.failed
+                    );
+                }
+            }
+            PrepEvent::ShardWritten { .. } => {}
+        }
+    }
+}
+
+/// Parses `123`, `200KiB`, `512MiB`, `1GiB` (also `K`, `M`, `G`, `KB`, `MB`, `GB` as binary units).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 512MiB"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?} (use KiB, MiB or GiB)")),
+    };
+    let v = n
+        .checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))?;
+    if v == 0 {
+        return Err("the shard size must be positive".into());
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("200KiB"), Ok(200 << 10));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("12 parsecs").is_err());
+    }
+}
