@@ -1,1 +1,174 @@
-fn main() {}
+//! Speed of `vdg prep` against its peers, on the same generated clips in one run.
+//!
+//! Clips: 320x240, 25 fps, MPEG-4 in AVI (UCF101's format), in the UCF101 layout.
+//! Measured, all single-core so they compare per core, throughput in frames:
+//! - `vdg_prep_jobs1`: the whole `vdg prep` (scan, plan, decode, JPEG q90, Parquet, tables).
+//! - `vdg_prep_all_cores`: the same with one worker per core.
+//! - `decode_only`: the ceiling: ffmpeg-next decoding every frame, nothing else.
+//! - `decode_rgb`: decoding plus conversion to packed RGB (what prep feeds the JPEG encoder).
+//! - `jpeg_encode`: JPEG-encoding the same number of 320x240 RGB frames.
+//! - `ffmpeg_cli_jpeg`: what users do today, one `ffmpeg` process per clip:
+//!   `ffmpeg -threads 1 -i clip.avi -vf scale=-2:240 -q:v 2 dir/%06d.jpg` (skipped when no
+//!   `ffmpeg` program is installed).
+//!
+//! Run: `cargo bench --bench prep` (see BENCHMARKS.md).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use ffmpeg_next as ffmpeg;
+use vdg_data::Manifest;
+use vdg_pipeline::decode::{DecodeOptions, decode_video};
+use vdg_pipeline::encode::{pattern_frame, write_pattern_video};
+use vdg_pipeline::plan::{ContentOptions, build_plan};
+use vdg_pipeline::prep::{PrepEvent, RunOptions, run_prep};
+use vdg_pipeline::scan::{Scan, scan_ucf101};
+
+const CLIPS: u32 = 12;
+const FRAMES: u32 = 150;
+const WIDTH: u32 = 320;
+const HEIGHT: u32 = 240;
+
+fn make_clips(root: &Path) -> Vec<PathBuf> {
+    let classes = ["Biking", "PullUps", "Archery"];
+    let mut out = Vec::new();
+    for i in 0..CLIPS {
+        let class = classes[(i % 3) as usize];
+        let dir = root.join("UCF-101").join(class);
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(format!("v_{class}_g{:02}_c01.avi", i + 1));
+        write_pattern_video(&p, "mpeg4", WIDTH, HEIGHT, 25, FRAMES, i + 1).unwrap();
+        out.push(p);
+    }
+    out
+}
+
+fn prep_once(manifest: &Manifest, scan: &Scan, out: &Path, jobs: usize) {
+    let _ = std::fs::remove_dir_all(out);
+    let plan = build_plan(manifest, &[("ucf", scan)], &ContentOptions::default()).unwrap();
+    let quiet = |_: &PrepEvent<'_>| {};
+    let s = run_prep(&plan, out, &RunOptions { jobs, force: false }, &quiet).unwrap();
+    assert_eq!(s.record.counts.frames, u64::from(CLIPS * FRAMES));
+}
+
+fn decode_only(path: &Path) -> u64 {
+    let mut ictx = ffmpeg::format::input(path).unwrap();
+    let stream = ictx.streams().best(ffmpeg::media::Type::Video).unwrap();
+    let index = stream.index();
+    let mut ctx = ffmpeg::codec::context::Context::from_parameters(stream.parameters()).unwrap();
+    ctx.set_threading(ffmpeg::codec::threading::Config::count(1));
+    let mut dec = ctx.decoder().video().unwrap();
+    let mut frame = ffmpeg::util::frame::video::Video::empty();
+    let mut n = 0;
+    for (s, packet) in ictx.packets() {
+        if s.index() == index {
+            dec.send_packet(&packet).unwrap();
+            while dec.receive_frame(&mut frame).is_ok() {
+                n += 1;
+            }
+        }
+    }
+    dec.send_eof().unwrap();
+    while dec.receive_frame(&mut frame).is_ok() {
+        n += 1;
+    }
+    n
+}
+
+fn has_ffmpeg() -> bool {
+    Command::new("ffmpeg")
+        .arg("-version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn bench(c: &mut Criterion) {
+    vdg_pipeline::decode::init();
+    let tmp = tempfile::tempdir().unwrap();
+    let clips = make_clips(tmp.path());
+    let manifest = Manifest::builtin("ucf_hmdb").unwrap();
+    let scan = scan_ucf101(tmp.path()).unwrap();
+    let total = u64::from(CLIPS * FRAMES);
+    let mut g = c.benchmark_group("prep_320x240_mpeg4");
+    g.throughput(Throughput::Elements(total));
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(15));
+    g.warm_up_time(Duration::from_secs(2));
+
+    let out = tmp.path().join("out");
+    g.bench_function("vdg_prep_jobs1", |b| {
+        b.iter(|| prep_once(&manifest, &scan, &out, 1))
+    });
+    g.bench_function("vdg_prep_all_cores", |b| {
+        b.iter(|| prep_once(&manifest, &scan, &out, 0))
+    });
+    g.bench_function("decode_only", |b| {
+        b.iter(|| {
+            let n: u64 = clips.iter().map(|p| decode_only(p)).sum();
+            assert_eq!(n, total);
+        })
+    });
+    g.bench_function("decode_rgb", |b| {
+        b.iter(|| {
+            let mut n = 0u64;
+            for p in &clips {
+                decode_video(p, &DecodeOptions::default(), |_| {
+                    n += 1;
+                    Ok(())
+                })
+                .unwrap();
+            }
+            assert_eq!(n, total);
+        })
+    });
+    let frames: Vec<Vec<u8>> = (0..FRAMES)
+        .map(|t| pattern_frame(WIDTH, HEIGHT, t, 1))
+        .collect();
+    g.bench_function("jpeg_encode", |b| {
+        b.iter(|| {
+            for _ in 0..CLIPS {
+                for f in &frames {
+                    std::hint::black_box(
+                        vdg_pipeline::jpeg::encode_rgb(f, WIDTH, HEIGHT, 90).unwrap(),
+                    );
+                }
+            }
+        })
+    });
+    if has_ffmpeg() {
+        let jpg = tmp.path().join("jpg");
+        g.bench_function("ffmpeg_cli_jpeg", |b| {
+            b.iter_custom(|iters| {
+                let mut spent = Duration::ZERO;
+                for _ in 0..iters {
+                    let _ = std::fs::remove_dir_all(&jpg);
+                    let start = Instant::now();
+                    for (i, p) in clips.iter().enumerate() {
+                        let dir = jpg.join(i.to_string());
+                        std::fs::create_dir_all(&dir).unwrap();
+                        let st = Command::new("ffmpeg")
+                            .args(["-nostdin", "-loglevel", "error", "-threads", "1", "-i"])
+                            .arg(p)
+                            .args(["-filter_threads", "1", "-vf", "scale=-2:240", "-q:v", "2"])
+                            .arg(dir.join("%06d.jpg"))
+                            .status()
+                            .unwrap();
+                        assert!(st.success());
+                    }
+                    spent += start.elapsed();
+                }
+                spent
+            })
+        });
+    } else {
+        eprintln!("ffmpeg_cli_jpeg skipped: no `ffmpeg` program on PATH (apt-get install ffmpeg)");
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -2,6 +2,8 @@
 //! through the built `vdg` binary, and read back with independent readers (the `parquet`
 //! crate's generic record-batch reader and the `zune-jpeg` decoder).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 // Helpers: temp folders, running the CLI, writing raw layouts, reading shards back.
 mod util;
 

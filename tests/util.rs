@@ -19,8 +19,7 @@ pub fn vdg() -> Command {
 
 /// Runs the CLI and returns its output; panics with the output if it could not start.
 pub fn run(args: &[&str]) -> Output {
-    let out = vdg().args(args).output().expect("vdg runs");
-    out
+    vdg().args(args).output().expect("vdg runs")
 }
 
 pub fn text(o: &Output) -> String {

@@ -577,12 +577,12 @@ fn write_in_order(
                 st.0 = pos;
             }
             gate.cv.notify_all();
-            if writer.bytes() >= plan.options.shard_target_bytes || pos == total {
-                if let Some((w, first, videos)) = current.take() {
-                    let info = finish_shard(plan, w, first, videos)?;
-                    progress.event(&PrepEvent::ShardWritten { info: &info });
-                    shards.push(info);
-                }
+            if (writer.bytes() >= plan.options.shard_target_bytes || pos == total)
+                && let Some((w, first, videos)) = current.take()
+            {
+                let info = finish_shard(plan, w, first, videos)?;
+                progress.event(&PrepEvent::ShardWritten { info: &info });
+                shards.push(info);
             }
         }
     }
