@@ -6,7 +6,8 @@
 //! - `vdg_prep_all_cores`: the same with one worker per core.
 //! - `decode_only`: the ceiling: ffmpeg-next decoding every frame, nothing else.
 //! - `decode_rgb`: decoding plus conversion to packed RGB (what prep feeds the JPEG encoder).
-//! - `jpeg_encode`: JPEG-encoding the same number of 320x240 RGB frames.
+//! - `jpeg_encode_turbojpeg`: JPEG-encoding as many 320x240 RGB frames (libjpeg-turbo, q90).
+//! - `jpeg_encode_jpeg_encoder_crate`: the same with the pure-Rust `jpeg-encoder` crate.
 //! - `ffmpeg_cli_jpeg`: what users do today, one `ffmpeg` process per clip:
 //!   `ffmpeg -threads 1 -i clip.avi -vf scale=-2:240 -q:v 2 dir/%06d.jpg` (skipped when no
 //!   `ffmpeg` program is installed).

@@ -57,7 +57,7 @@ impl Default for DecodeOptions {
     }
 }
 
-/// A frame handed to the caller: packed RGB24, `width * height * 3` bytes.
+/// A frame handed to the caller: RGB24 rows of `stride` bytes (at least `3 * width`).
 #[derive(Debug)]
 pub struct RgbFrame<'a> {
     /// Index among all decoded frames of the source.
@@ -68,7 +68,9 @@ pub struct RgbFrame<'a> {
     pub width: u32,
     /// Height in pixels.
     pub height: u32,
-    /// Packed RGB bytes.
+    /// Bytes per row in `rgb`.
+    pub stride: usize,
+    /// RGB bytes, `stride` per row.
     pub rgb: &'a [u8],
 }
 
@@ -131,7 +133,6 @@ struct Converter {
     scaler: Scaler,
     src: (Pixel, u32, u32),
     out: VideoFrame,
-    packed: Vec<u8>,
 }
 
 /// Decodes every frame of `path`, calling `on_frame` for each kept one in order.
@@ -217,7 +218,6 @@ where
                     scaler,
                     src: (fmt, fw, fh),
                     out: VideoFrame::empty(),
-                    packed: Vec::new(),
                 });
                 if src_size.0 == 0 {
                     *src_size = (fw, fh);
@@ -230,21 +230,14 @@ where
             c.scaler
                 .run(&frame, &mut c.out)
                 .map_err(|e| DecodeError::Decode(format!("scaling frame {i}: {e}")))?;
-            let (w, h) = (c.out.width() as usize, c.out.height() as usize);
-            let stride = c.out.stride(0);
-            let data = c.out.data(0);
-            c.packed.clear();
-            for row in 0..h {
-                c.packed
-                    .extend_from_slice(&data[row * stride..row * stride + 3 * w]);
-            }
             let time_secs = frame.timestamp().map(|t| t as f64 * time_base);
             on_frame(&RgbFrame {
                 source_frame: i as u32,
                 time_secs,
-                width: w as u32,
-                height: h as u32,
-                rgb: &c.packed,
+                width: c.out.width(),
+                height: c.out.height(),
+                stride: c.out.stride(0),
+                rgb: c.out.data(0),
             })
             .map_err(DecodeError::Sink)?;
             *kept += 1;

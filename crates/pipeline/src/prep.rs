@@ -405,8 +405,13 @@ pub fn process_video(item: &PlanItem, opts: &ContentOptions) -> (VideoRow, Vec<E
         strict_frame_count: opts.strict_frame_count,
     };
     let mut frames = Vec::new();
+    let mut encoder = None;
     let result = decode_video(&item.abs_path, &dopts, |f| {
-        let jpeg = crate::jpeg::encode_rgb(f.rgb, f.width, f.height, opts.jpeg_quality)?;
+        let enc = match &mut encoder {
+            Some(e) => e,
+            None => encoder.insert(crate::jpeg::JpegEncoder::new(opts.jpeg_quality)?),
+        };
+        let jpeg = enc.encode_rgb(f.rgb, f.width, f.height, f.stride)?;
         frames.push(EncodedFrame {
             source_frame: f.source_frame,
             time_secs: f.time_secs,
