@@ -98,10 +98,12 @@ pub fn assign_splits(items: &[SplitItem<'_>], rule: &SplitRule, seed: u64) -> Ve
             }
             let mut groups: Vec<Vec<usize>> = groups.into_values().collect();
             groups.shuffle(&mut rng);
-            // Greedy: a group goes to val when that brings val closer to its target.
+            // Greedy: a group goes to val when that brings val closer to its target; on a
+            // tie, the first group still goes, so a stratum with a val target gets a val side.
             let mut val = 0usize;
             for g in groups {
-                let closer = val.abs_diff(n_val) > (val + g.len()).abs_diff(n_val);
+                let (now, then) = (val.abs_diff(n_val), (val + g.len()).abs_diff(n_val));
+                let closer = then < now || (val == 0 && n_val > 0 && then == now);
                 // Never leave train empty.
                 if closer && val + g.len() < n {
                     val += g.len();
@@ -233,6 +235,26 @@ mod tests {
             sides.entry(x.group.unwrap()).or_default().insert(s[i]);
         }
         assert!(sides.values().any(|v| v.len() == 2));
+    }
+
+    #[test]
+    fn small_strata_of_pairs_still_get_a_val_side() {
+        // 4 clips in 2 groups of 2: the 30 % target (1 clip) ties between 0 and 2.
+        let keys: Vec<String> = (0..4).map(|i| format!("k{i}")).collect();
+        let groups = ["g1", "g1", "g2", "g2"];
+        let it: Vec<SplitItem<'_>> = keys
+            .iter()
+            .zip(groups)
+            .map(|(k, g)| SplitItem {
+                key: k,
+                stratum: "s",
+                group: Some(g),
+            })
+            .collect();
+        let s = assign_splits(&it, &rule(0.7, true, Rounding::Nearest), 0);
+        assert_eq!(s.iter().filter(|x| **x == SourceSplit::Val).count(), 2);
+        assert_eq!(s[0], s[1]);
+        assert_eq!(s[2], s[3]);
     }
 
     #[test]
