@@ -50,7 +50,7 @@ fn make_clips(root: &Path) -> Vec<PathBuf> {
 
 fn prep_once(manifest: &Manifest, scan: &Scan, out: &Path, jobs: usize) {
     let _ = std::fs::remove_dir_all(out);
-    let plan = build_plan(manifest, &[("ucf", scan)], &ContentOptions::default()).unwrap();
+    let plan = build_plan(manifest, &[scan], &ContentOptions::default()).unwrap();
     let quiet = |_: &PrepEvent<'_>| {};
     let s = run_prep(&plan, out, &RunOptions { jobs, force: false }, &quiet).unwrap();
     assert_eq!(s.record.counts.frames, u64::from(CLIPS * FRAMES));
@@ -117,10 +117,15 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let mut n = 0u64;
             for p in &clips {
-                decode_video(p, &DecodeOptions::default(), |_| {
-                    n += 1;
-                    Ok(())
-                })
+                decode_video(
+                    p,
+                    &DecodeOptions::default(),
+                    |_, _| true,
+                    |_| {
+                        n += 1;
+                        Ok(())
+                    },
+                )
                 .unwrap();
             }
             assert_eq!(n, total);

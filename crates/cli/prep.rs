@@ -12,7 +12,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use vdg_data::{Manifest, VideoStatus};
 use vdg_pipeline::plan::{ContentOptions, DEFAULT_JPEG_QUALITY, build_plan};
 use vdg_pipeline::prep::{PrepEvent, PrepSummary, Progress, RunOptions, run_prep};
-use vdg_pipeline::scan::{Scan, scan_hmdb51, scan_ucf101};
+use vdg_pipeline::scan::{
+    Scan, Severity, scan_hmdb51, scan_ntu, scan_pku_mmd, scan_ssv2, scan_ucf101,
+};
 
 use crate::logging;
 
@@ -27,6 +29,44 @@ pub enum PrepCommand {
         /// Unpacked HMDB51: the `hmdb51` folder (`<class>/<clip>.avi`) or its parent.
         #[arg(long, value_name = "DIR")]
         hmdb51: PathBuf,
+        #[command(flatten)]
+        common: CommonPrep,
+    },
+    /// Something-Something: 20 basic categories, source = the action, target = pretending it
+    /// (manifests/something_something.toml).
+    Ssv2 {
+        /// The folder of `<id>.webm` videos (20bn-something-something-v2/).
+        #[arg(long, value_name = "DIR")]
+        videos: PathBuf,
+        /// The folder with labels.json, train.json and validation.json (or the older
+        /// something-something-v2-*.json names).
+        #[arg(long, value_name = "DIR")]
+        labels: PathBuf,
+        #[command(flatten)]
+        common: CommonPrep,
+    },
+    /// PKU-MMD phase 1: every label row of every recording becomes one clip; domains are the
+    /// camera views L, C (the files' M) and R (manifests/pku_mmd.toml).
+    #[command(name = "pku-mmd")]
+    PkuMmd {
+        /// The folder holding RGB_VIDEO/ (NNNN-{L,M,R}.avi) and Label/ (NNNN-V.txt or .label).
+        #[arg(long, value_name = "DIR")]
+        root: PathBuf,
+        /// The label folder, when it is not <root>/Label or <root>/Train_Label_PKU_final.
+        #[arg(long, value_name = "DIR")]
+        labels: Option<PathBuf>,
+        /// Index of the first frame in the label rows' start and end (0 or 1).
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1))]
+        frame_base: u64,
+        #[command(flatten)]
+        common: CommonPrep,
+    },
+    /// NTU RGB+D 60: domains are the cameras C002 = L, C001 = C, C003 = R
+    /// (manifests/ntu.toml); splits keep each performer on one side.
+    Ntu {
+        /// The nturgb+d_rgb folder (SsssCcccPpppRrrrAaaa_rgb.avi), or a folder above it.
+        #[arg(long, value_name = "DIR")]
+        videos: PathBuf,
         #[command(flatten)]
         common: CommonPrep,
     },
@@ -130,14 +170,45 @@ pub fn run(cmd: PrepCommand, quiet: bool) -> Result<ExitCode> {
             let manifest = load_manifest("ucf_hmdb", &common.manifest)?;
             let ucf = scan_ucf101(&ucf101).context("scanning UCF101")?;
             let hmdb = scan_hmdb51(&hmdb51).context("scanning HMDB51")?;
-            prep_with(&manifest, &[("ucf", &ucf), ("hmdb", &hmdb)], &common, quiet)
+            prep_with(&manifest, &[&ucf, &hmdb], &common, quiet)
+        }
+        PrepCommand::Ssv2 {
+            videos,
+            labels,
+            common,
+        } => {
+            let manifest = load_manifest("something_something", &common.manifest)?;
+            let wanted: std::collections::BTreeSet<String> = manifest
+                .natives_of_dataset("ssv2")
+                .into_iter()
+                .map(|(_, n)| n)
+                .collect();
+            let scan = scan_ssv2(&videos, &labels, |c| wanted.contains(c))
+                .context("scanning Something-Something v2")?;
+            prep_with(&manifest, &[&scan], &common, quiet)
+        }
+        PrepCommand::PkuMmd {
+            root,
+            labels,
+            frame_base,
+            common,
+        } => {
+            let manifest = load_manifest("pku_mmd", &common.manifest)?;
+            let scan =
+                scan_pku_mmd(&root, labels.as_deref(), frame_base).context("scanning PKU-MMD")?;
+            prep_with(&manifest, &[&scan], &common, quiet)
+        }
+        PrepCommand::Ntu { videos, common } => {
+            let manifest = load_manifest("ntu", &common.manifest)?;
+            let scan = scan_ntu(&videos).context("scanning NTU RGB+D")?;
+            prep_with(&manifest, &[&scan], &common, quiet)
         }
     }
 }
 
 fn prep_with(
     manifest: &Manifest,
-    scans: &[(&str, &Scan)],
+    scans: &[&Scan],
     c: &CommonPrep,
     quiet: bool,
 ) -> Result<ExitCode> {
@@ -168,22 +239,26 @@ fn prep_with(
             manifest.origin.display()
         );
     }
-    let problems: Vec<_> = plan.ignored.iter().filter(|i| i.is_problem).collect();
-    for i in &problems {
-        tracing::warn!("{}: {}", i.path.display(), i.reason);
-    }
-    for i in plan.ignored.iter().filter(|i| !i.is_problem) {
-        tracing::debug!("ignored {}: {}", i.path.display(), i.reason);
+    let problems: Vec<_> = plan.ignored_at_least(Severity::Error).collect();
+    for i in &plan.ignored {
+        match i.severity {
+            Severity::Note => tracing::debug!("ignored {}: {}", i.path.display(), i.reason),
+            Severity::Warning | Severity::Error => {
+                tracing::warn!("{}: {}", i.path.display(), i.reason)
+            }
+        }
     }
     tracing::info!(
         "{}: {} videos planned ({}), {} out of the benchmark skipped",
         manifest.name,
         plan.items.len(),
-        scans
+        manifest
+            .domains
             .iter()
-            .map(|(d, _)| format!(
-                "{d}: {}",
-                plan.items.iter().filter(|i| i.row.domain == *d).count()
+            .map(|d| format!(
+                "{}: {}",
+                d.name,
+                plan.items.iter().filter(|i| i.row.domain == d.name).count()
             ))
             .collect::<Vec<_>>()
             .join(", "),

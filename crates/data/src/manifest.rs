@@ -18,8 +18,18 @@ pub const MANIFEST_SCHEMA_VERSION: u32 = 1;
 
 /// Built-in manifests, compiled into the binary so `vdg` works from any folder.
 /// `(name, toml text)`.
-pub const BUILTIN_MANIFESTS: &[(&str, &str)] =
-    &[("ucf_hmdb", include_str!("../../../manifests/ucf_hmdb.toml"))];
+pub const BUILTIN_MANIFESTS: &[(&str, &str)] = &[
+    ("ucf_hmdb", include_str!("../../../manifests/ucf_hmdb.toml")),
+    (
+        "something_something",
+        include_str!("../../../manifests/something_something.toml"),
+    ),
+    ("pku_mmd", include_str!("../../../manifests/pku_mmd.toml")),
+    ("ntu", include_str!("../../../manifests/ntu.toml")),
+];
+
+/// Key of a class's `native` table that applies to every domain.
+pub const ALL_DOMAINS_KEY: &str = "all";
 
 /// How per-stratum train counts are rounded from `n * train_fraction`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +79,8 @@ struct RawDomain {
     name: String,
     dataset: String,
     #[serde(default)]
+    view: Option<String>,
+    #[serde(default)]
     description: String,
 }
 
@@ -101,6 +113,9 @@ pub struct Domain {
     pub name: String,
     /// The raw dataset its videos come from (`ucf101`, `hmdb51`, ...).
     pub dataset: String,
+    /// The camera view its videos were filmed from, as the layout names it (`L`, `C001`),
+    /// for datasets whose domains are views; `None` = any.
+    pub view: Option<String>,
     /// Free text.
     pub description: String,
 }
@@ -127,7 +142,8 @@ pub struct Class {
     pub label: u32,
     /// Benchmark class name.
     pub name: String,
-    /// Domain name -> native class names (folder names, templates, action ids...).
+    /// Domain name -> native class names (folder names, templates, action ids...); a
+    /// manifest's `all` key is expanded to every domain.
     pub native: BTreeMap<String, Vec<String>>,
 }
 
@@ -275,6 +291,46 @@ impl Manifest {
         }
         let mut classes = raw.classes;
         classes.sort_by_key(|c| c.label);
+        for c in &mut classes {
+            if let Some(list) = c.native.remove(ALL_DOMAINS_KEY) {
+                if let Some(other) = c.native.keys().next() {
+                    return Err(invalid(
+                        format!("classes (label {}).native.{other}", c.label),
+                        format!("cannot be combined with `{ALL_DOMAINS_KEY}`"),
+                    ));
+                }
+                for d in &raw.domains {
+                    c.native.insert(d.name.clone(), list.clone());
+                }
+            }
+        }
+        // Domains of one dataset and view are told apart by their native classes alone:
+        // those must not overlap.
+        for (i, a) in raw.domains.iter().enumerate() {
+            for b in &raw.domains[i + 1..] {
+                if a.dataset != b.dataset
+                    || (a.view.is_some() && b.view.is_some() && a.view != b.view)
+                {
+                    continue;
+                }
+                for c in &classes {
+                    let (Some(na), Some(nb)) = (c.native.get(&a.name), c.native.get(&b.name))
+                    else {
+                        continue;
+                    };
+                    if let Some(n) = na.iter().find(|n| nb.contains(n)) {
+                        return Err(invalid(
+                            format!("classes (label {}).native", c.label),
+                            format!(
+                                "native class {n:?} is in domains {:?} and {:?} of the same dataset and view, \
+                                 so its videos could belong to either",
+                                a.name, b.name
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
         let mut names = BTreeMap::new();
         // (domain, native) -> class name, to reject a native class mapped twice.
         let mut natives: BTreeMap<(&str, &str), &str> = BTreeMap::new();
@@ -331,6 +387,7 @@ impl Manifest {
                 .map(|d| Domain {
                     name: d.name,
                     dataset: d.dataset,
+                    view: d.view,
                     description: d.description,
                 })
                 .collect(),
@@ -363,6 +420,46 @@ impl Manifest {
     /// Domains drawn from `dataset`.
     pub fn domains_of_dataset<'a>(&'a self, dataset: &'a str) -> impl Iterator<Item = &'a Domain> {
         self.domains.iter().filter(move |d| d.dataset == dataset)
+    }
+
+    /// The domain and class of a video of `dataset`, filmed from `view`, of native class
+    /// `native`; `None` when the benchmark does not use it.
+    pub fn classify(
+        &self,
+        dataset: &str,
+        view: Option<&str>,
+        native: &str,
+    ) -> Option<(&Domain, &Class)> {
+        self.domains
+            .iter()
+            .filter(|d| d.dataset == dataset)
+            .filter(|d| d.view.is_none() || d.view.as_deref() == view)
+            .find_map(|d| {
+                self.classes
+                    .iter()
+                    .find(|c| {
+                        c.native
+                            .get(&d.name)
+                            .is_some_and(|l| l.iter().any(|n| n == native))
+                    })
+                    .map(|c| (d, c))
+            })
+    }
+
+    /// Every native class of `dataset`'s domains, with the key naming it in the manifest.
+    pub fn natives_of_dataset(&self, dataset: &str) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for c in &self.classes {
+            for d in self.domains.iter().filter(|d| d.dataset == dataset) {
+                for n in c.native.get(&d.name).into_iter().flatten() {
+                    out.push((
+                        format!("classes (label {}).native.{}", c.label, d.name),
+                        n.clone(),
+                    ));
+                }
+            }
+        }
+        out
     }
 
     /// Native class name -> class, for one domain.
@@ -474,6 +571,48 @@ native = { a = ["X"], b = ["x"] }
     }
 
     #[test]
+    fn builtin_manifests_of_the_other_benchmarks() {
+        let ss = Manifest::builtin("something_something").unwrap();
+        assert_eq!((ss.classes.len(), ss.segments), (20, 5));
+        // Every native name is a Something-Something v2 class (labels.json keys, facts 3.4).
+        let ssv2: BTreeSet<&str> = include_str!("testdata/ssv2_classes.txt").lines().collect();
+        assert_eq!(ssv2.len(), 174);
+        for (key, n) in ss.natives_of_dataset("ssv2") {
+            assert!(
+                ssv2.contains(n.as_str()),
+                "{key}: {n:?} is not an SSv2 class"
+            );
+        }
+        assert_eq!(
+            ss.classify(
+                "ssv2",
+                None,
+                "Pretending to be tearing something that is not tearable"
+            )
+            .map(|(d, c)| (d.name.as_str(), c.name.as_str())),
+            Some(("target", "tearing"))
+        );
+        let pku = Manifest::builtin("pku_mmd").unwrap();
+        assert_eq!((pku.classes.len(), pku.segments), (43, 3));
+        assert_eq!(pku.classify("pku_mmd", Some("M"), "8").unwrap().0.name, "C");
+        assert!(
+            pku.classify("pku_mmd", Some("L"), "12").is_none(),
+            "interaction excluded"
+        );
+        let ntu = Manifest::builtin("ntu").unwrap();
+        assert_eq!((ntu.classes.len(), ntu.segments), (60, 3));
+        let (d, c) = ntu.classify("ntu", Some("C001"), "A013").unwrap();
+        assert_eq!(
+            (d.name.as_str(), c.name.as_str(), c.label),
+            ("C", "tear up paper", 12)
+        );
+        for m in [&pku, &ntu] {
+            let dirs: Vec<String> = m.directions.iter().map(|d| d.to_string()).collect();
+            assert_eq!(dirs, ["L->C,R", "C->L,R", "R->L,C"]);
+        }
+    }
+
+    #[test]
     fn sorts_classes_by_label() {
         let m = load(MINI).unwrap();
         assert_eq!(m.classes[0].name, "x");
@@ -522,6 +661,45 @@ native = { a = ["X"], b = ["x"] }
                 .unwrap_err()
                 .to_string()
                 .contains("split.default")
+        );
+    }
+
+    #[test]
+    fn all_key_expands_and_same_view_domains_must_not_share_natives() {
+        let text = MINI.replace(
+            "native = { a = [\"X\"], b = [\"x\"] }",
+            "native = { all = [\"X\"] }",
+        );
+        let m = load(&text).unwrap();
+        assert_eq!(m.classes[0].native["a"], ["X"]);
+        assert_eq!(m.classes[0].native["b"], ["X"]);
+        assert_eq!(m.classify("hmdb51", None, "X").unwrap().0.name, "b");
+        // Same dataset, no views: the shared native class is ambiguous.
+        let same = text.replace("dataset = \"hmdb51\"", "dataset = \"ucf101\"");
+        let err = load(&same).unwrap_err().to_string();
+        assert!(err.contains("same dataset and view"), "{err}");
+        // Views tell them apart.
+        let views = same
+            .replace(
+                "name = \"a\"\ndataset = \"ucf101\"",
+                "name = \"a\"\ndataset = \"ucf101\"\nview = \"L\"",
+            )
+            .replace(
+                "name = \"b\"\ndataset = \"ucf101\"",
+                "name = \"b\"\ndataset = \"ucf101\"\nview = \"R\"",
+            );
+        let m = load(&views).unwrap();
+        assert_eq!(m.classify("ucf101", Some("R"), "X").unwrap().0.name, "b");
+        assert!(m.classify("ucf101", Some("M"), "X").is_none());
+        let mixed = MINI.replace(
+            "native = { a = [\"X\"], b = [\"x\"] }",
+            "native = { all = [\"X\"], b = [\"x\"] }",
+        );
+        assert!(
+            load(&mixed)
+                .unwrap_err()
+                .to_string()
+                .contains("cannot be combined")
         );
     }
 

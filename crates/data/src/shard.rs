@@ -106,6 +106,11 @@ pub struct VideoRow {
     pub source_split: String,
     /// Size of the raw file in bytes.
     pub file_bytes: u64,
+    /// First source frame of the clip, when the video is an annotated interval of a longer
+    /// recording (PKU-MMD); `None` = the whole file.
+    pub clip_start: Option<u64>,
+    /// Last source frame of the clip (inclusive).
+    pub clip_end: Option<u64>,
     /// `ok` or `failed`.
     pub status: VideoStatus,
     /// Why it failed.
@@ -204,6 +209,8 @@ pub fn videos_schema() -> SchemaRef {
             f("group", Utf8, true),
             f("source_split", Utf8, false),
             f("file_bytes", Int64, false),
+            f("clip_start", Int64, true),
+            f("clip_end", Int64, true),
             f("status", Utf8, false),
             f("error", Utf8, true),
             f("warning", Utf8, true),
@@ -446,6 +453,8 @@ pub fn write_videos_table(path: &Path, rows: &[VideoRow]) -> Result<Committed> {
         opt_s(&|r| r.group.as_deref()),
         source_split,
         i64c(&|r| Some(r.file_bytes as i64)),
+        i64c(&|r| r.clip_start.map(|v| v as i64)),
+        i64c(&|r| r.clip_end.map(|v| v as i64)),
         status,
         opt_s(&|r| r.error.as_deref()),
         opt_s(&|r| r.warning.as_deref()),
@@ -522,6 +531,7 @@ pub fn read_videos_table(path: &Path) -> Result<Vec<VideoRow>> {
         let (file_bytes, declared, first_row) =
             (l("file_bytes")?, l("declared_frames")?, l("first_row")?);
         let (fps, sfps, dur) = (f("fps")?, f("source_fps")?, f("duration_secs")?);
+        let (clip_start, clip_end) = (l("clip_start")?, l("clip_end")?);
         for i in 0..b.num_rows() {
             let os = |a: &StringArray| opt(a, i, |a, i| a.value(i).to_owned());
             rows.push(VideoRow {
@@ -535,6 +545,8 @@ pub fn read_videos_table(path: &Path) -> Result<Vec<VideoRow>> {
                 group: os(group),
                 source_split: source_split.value(i).to_owned(),
                 file_bytes: file_bytes.value(i) as u64,
+                clip_start: opt(clip_start, i, |a, i| a.value(i) as u64),
+                clip_end: opt(clip_end, i, |a, i| a.value(i) as u64),
                 status: match status.value(i) {
                     "ok" => VideoStatus::Ok,
                     "failed" => VideoStatus::Failed,
@@ -633,6 +645,8 @@ mod tests {
             group: Some("A/g01".into()),
             source_split: "train".into(),
             file_bytes: 1234,
+            clip_start: Some(5),
+            clip_end: None,
             status,
             error: (status == VideoStatus::Failed).then(|| "boom".into()),
             warning: None,

@@ -35,26 +35,33 @@ pub fn init() {
     });
 }
 
-/// How frames are selected and resized.
+/// How frames are resized and how much of the file is read.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DecodeOptions {
     /// Resize so the shorter side is at most this (aspect kept, never upscaled).
     pub short_side: u32,
-    /// Keep at most this many frames per second (`None` = every frame).
-    pub max_fps: Option<f64>,
     /// Fail when decoding yields fewer frames than declared beyond the default tolerance;
     /// with `strict_frame_count`, any shortfall fails.
     pub strict_frame_count: bool,
+    /// Stop once this many frames are decoded (the rest of the file is not needed). The
+    /// truncation check then only applies if the file ends before that.
+    pub stop_after_frames: Option<u64>,
 }
 
 impl Default for DecodeOptions {
     fn default() -> Self {
         DecodeOptions {
             short_side: DEFAULT_SHORT_SIDE,
-            max_fps: None,
             strict_frame_count: false,
+            stop_after_frames: None,
         }
     }
+}
+
+/// A frame selector for [`decode_video`] that keeps every frame, or thins them to at most
+/// `max_fps` per second.
+pub fn select_max_fps(max_fps: Option<f64>) -> impl FnMut(u64, f64) -> bool {
+    move |i, source_fps| keep_frame(i, source_fps, max_fps)
 }
 
 /// A frame handed to the caller: RGB24 rows of `stride` bytes (at least `3 * width`).
@@ -79,14 +86,14 @@ pub struct RgbFrame<'a> {
 pub struct DecodeStats {
     /// Frames decoded from the source.
     pub decoded_frames: u32,
-    /// Frames handed to the caller (after `max_fps`).
+    /// Frames handed to the caller.
     pub kept_frames: u32,
+    /// Whether the whole file was read (false when `stop_after_frames` ended it early).
+    pub reached_end: bool,
     /// Frame count declared by the container, when it declares one.
     pub declared_frames: Option<u64>,
     /// Source frame rate.
     pub source_fps: f64,
-    /// Frame rate of the kept frames.
-    pub fps: f64,
     /// Source size.
     pub source_width: u32,
     /// Source size.
@@ -135,15 +142,19 @@ struct Converter {
     out: VideoFrame,
 }
 
-/// Decodes every frame of `path`, calling `on_frame` for each kept one in order.
+/// Decodes every frame of `path` in order; frames for which `select(index, source_fps)`
+/// is true are resized, converted to RGB and handed to `on_frame` (the others cost only
+/// their decoding).
 ///
 /// An error from `on_frame` stops decoding and is returned as [`DecodeError::Sink`].
-pub fn decode_video<F>(
+pub fn decode_video<S, F>(
     path: &Path,
     opts: &DecodeOptions,
+    mut select: S,
     mut on_frame: F,
 ) -> Result<DecodeStats, DecodeError>
 where
+    S: FnMut(u64, f64) -> bool,
     F: FnMut(&RgbFrame<'_>) -> Result<(), String>,
 {
     init();
@@ -203,7 +214,7 @@ where
             }
             let i = *decoded;
             *decoded += 1;
-            if !keep_frame(i, rate, opts.max_fps) {
+            if !select(i, rate) {
                 continue;
             }
             let (fw, fh, fmt) = (frame.width(), frame.height(), frame.format());
@@ -245,7 +256,12 @@ where
     };
 
     let mut packet = ffmpeg::Packet::empty();
+    let mut stopped_early = false;
     loop {
+        if opts.stop_after_frames.is_some_and(|n| decoded >= n) {
+            stopped_early = true;
+            break;
+        }
         match packet.read(&mut ictx) {
             Ok(()) => {}
             Err(ffmpeg::Error::Eof) => break,
@@ -294,7 +310,7 @@ where
             .unwrap_or_default();
         return Err(DecodeError::NoFrames(why));
     }
-    if let Some(d) = declared {
+    if let Some(d) = declared.filter(|_| !stopped_early) {
         let tolerance = if opts.strict_frame_count {
             0
         } else {
@@ -317,16 +333,12 @@ where
             first_packet_error.unwrap_or_default()
         )
     });
-    let fps = match opts.max_fps {
-        Some(m) if rate > m => m,
-        _ => rate,
-    };
     Ok(DecodeStats {
         decoded_frames: decoded as u32,
         kept_frames: kept,
+        reached_end: !stopped_early,
         declared_frames: declared,
         source_fps: rate,
-        fps,
         source_width: src_size.0,
         source_height: src_size.1,
         width: out_size.0,

@@ -9,7 +9,7 @@ use vdg_data::split::{SplitItem, assign_splits};
 use vdg_data::{Manifest, VideoRow, VideoStatus};
 
 use crate::error::{Error, Result};
-use crate::scan::{Ignored, Scan};
+use crate::scan::{Clip, Ignored, Scan, Severity};
 
 /// Options that change what prep writes (all of them go into the plan fingerprint).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -56,6 +56,10 @@ pub struct PlanItem {
     pub row: VideoRow,
     /// Absolute path of the raw file.
     pub abs_path: std::path::PathBuf,
+    /// The annotated interval, when the video is a clip of a longer recording.
+    pub clip: Option<Clip>,
+    /// Why it will fail without decoding (missing file...).
+    pub pre_error: Option<String>,
 }
 
 /// Everything prep will write, decided before any decoding.
@@ -67,6 +71,9 @@ pub struct Plan {
     pub options: ContentOptions,
     /// Videos in write order (sorted by video id).
     pub items: Vec<PlanItem>,
+    /// Units of decoding work: consecutive items that are clips of one recording (decoded
+    /// once for all of them), or single videos.
+    pub units: Vec<std::ops::Range<usize>>,
     /// Videos of classes outside the benchmark, per dataset.
     pub skipped_out_of_benchmark: BTreeMap<String, u64>,
     /// Paths the scanners passed over.
@@ -77,41 +84,97 @@ pub struct Plan {
     pub fingerprint: String,
 }
 
-/// Builds the plan from one scan per domain.
-pub fn build_plan(
+/// The closest of `candidates` to `name` (edit distance), for "did you mean" messages.
+pub fn closest<'a>(
+    name: &str,
+    candidates: impl IntoIterator<Item = &'a String>,
+) -> Option<&'a String> {
+    candidates
+        .into_iter()
+        .min_by_key(|c| strsim::levenshtein(&name.to_lowercase(), &c.to_lowercase()))
+}
+
+/// Checks the manifest's native classes against what the scans found: an unknown class is an
+/// error (naming the closest known one) when a scan knows its dataset's complete class list,
+/// and a warning (returned) when it only saw a possibly partial copy.
+pub fn check_natives(
     manifest: &Manifest,
-    scans: &[(&str, &Scan)],
-    options: &ContentOptions,
-) -> Result<Plan> {
+    scans: &[&Scan],
+) -> Result<Vec<(String, String, String)>> {
+    let mut missing = Vec::new();
+    let mut datasets: BTreeMap<&str, Vec<&Scan>> = BTreeMap::new();
+    for s in scans {
+        datasets.entry(s.dataset.as_str()).or_default().push(s);
+    }
+    for d in &manifest.domains {
+        let Some(found) = datasets.get(d.dataset.as_str()) else {
+            continue;
+        };
+        for c in &manifest.classes {
+            for n in c.native.get(&d.name).into_iter().flatten() {
+                if found.iter().any(|s| s.classes.contains(n)) {
+                    continue;
+                }
+                if let Some(s) = found.iter().find(|s| s.classes_complete) {
+                    let hint = closest(n, &s.classes)
+                        .map(|c| format!("; did you mean {c:?}?"))
+                        .unwrap_or_default();
+                    return Err(Error::Data(vdg_data::Error::ManifestInvalid {
+                        path: manifest.origin.clone(),
+                        key: format!("classes (label {}).native.{}", c.label, d.name),
+                        message: format!("{n:?} is not a class of {}{hint}", d.dataset),
+                    }));
+                }
+                missing.push((d.name.clone(), c.name.clone(), n.clone()));
+            }
+        }
+    }
+    Ok(missing)
+}
+
+/// Builds the plan from the scans of a benchmark's datasets.
+pub fn build_plan(manifest: &Manifest, scans: &[&Scan], options: &ContentOptions) -> Result<Plan> {
     let rule = manifest.split_rule(&options.split_rule)?.clone();
+    let missing_natives = check_natives(manifest, scans)?;
     let mut items = Vec::new();
     let mut skipped: BTreeMap<String, u64> = BTreeMap::new();
     let mut ignored = Vec::new();
-    let mut missing_natives = Vec::new();
-    for (domain, scan) in scans {
-        let natives = manifest.native_map(domain);
-        for (class, native) in manifest.missing_natives(domain, &scan.classes) {
-            missing_natives.push(((*domain).to_owned(), class, native));
-        }
+    for scan in scans {
         ignored.extend(scan.ignored.iter().cloned());
+        for (k, n) in &scan.skipped {
+            *skipped.entry(k.clone()).or_default() += n;
+        }
         for v in &scan.videos {
-            let Some(class) = natives.get(v.native_class.as_str()) else {
+            let Some((domain, class)) =
+                manifest.classify(&v.dataset, v.view.as_deref(), &v.native_class)
+            else {
                 *skipped.entry(v.dataset.clone()).or_default() += 1;
                 continue;
             };
+            let video_id = match &v.clip {
+                None => format!("{}/{}", v.dataset, v.rel_path),
+                Some(c) => format!(
+                    "{}/{}/{:06}-{:06}-a{:0>2}",
+                    v.dataset, v.rel_path, c.start, c.end, v.native_class
+                ),
+            };
             items.push(PlanItem {
                 abs_path: v.abs_path.clone(),
+                clip: v.clip.clone(),
+                pre_error: v.pre_error.clone(),
                 row: VideoRow {
-                    video_id: format!("{}/{}", v.dataset, v.rel_path),
+                    video_id,
                     dataset: v.dataset.clone(),
                     rel_path: v.rel_path.clone(),
                     class_name: v.native_class.clone(),
                     label: class.label,
                     label_name: class.name.clone(),
-                    domain: (*domain).to_owned(),
+                    domain: domain.name.clone(),
                     group: v.group.clone(),
                     source_split: String::new(),
                     file_bytes: v.file_bytes,
+                    clip_start: v.clip.as_ref().map(|c| c.start),
+                    clip_end: v.clip.as_ref().map(|c| c.end),
                     status: VideoStatus::Failed,
                     error: None,
                     warning: None,
@@ -168,15 +231,42 @@ pub fn build_plan(
         it.row.source_split = s.as_str().to_owned();
     }
     let fingerprint = plan_fingerprint(manifest, options, &items);
+    let units = units_of(&items);
     Ok(Plan {
         manifest: manifest.clone(),
         options: options.clone(),
         items,
+        units,
         skipped_out_of_benchmark: skipped,
         ignored,
         missing_natives,
         fingerprint,
     })
+}
+
+/// Groups consecutive clips of one recording into one unit; every other item is its own.
+pub fn units_of(items: &[PlanItem]) -> Vec<std::ops::Range<usize>> {
+    let mut units: Vec<std::ops::Range<usize>> = Vec::new();
+    for (i, it) in items.iter().enumerate() {
+        match units.last_mut() {
+            Some(u)
+                if it.clip.is_some()
+                    && items[u.start].clip.is_some()
+                    && items[u.start].abs_path == it.abs_path =>
+            {
+                u.end = i + 1
+            }
+            _ => units.push(i..i + 1),
+        }
+    }
+    units
+}
+
+impl Plan {
+    /// Paths passed over at or above `severity`.
+    pub fn ignored_at_least(&self, severity: Severity) -> impl Iterator<Item = &Ignored> {
+        self.ignored.iter().filter(move |i| i.severity >= severity)
+    }
 }
 
 fn plan_fingerprint(manifest: &Manifest, options: &ContentOptions, items: &[PlanItem]) -> String {
@@ -206,6 +296,8 @@ fn plan_fingerprint(manifest: &Manifest, options: &ContentOptions, items: &[Plan
         }
         h.update(r.label.to_le_bytes());
         h.update(r.file_bytes.to_le_bytes());
+        h.update(it.pre_error.as_deref().unwrap_or("").as_bytes());
+        h.update(b"\0");
     }
     vdg_data::atomic::hex(&h.finalize())
 }

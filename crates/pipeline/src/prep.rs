@@ -24,7 +24,7 @@ use vdg_data::shard::{
 };
 use vdg_data::{EncodedFrame, ShardMeta, VideoRow, VideoStatus};
 
-use crate::decode::{DecodeOptions, decode_video};
+use crate::decode::{DecodeOptions, DecodeStats, decode_video, keep_frame};
 use crate::error::{Error, Result};
 use crate::plan::{ContentOptions, Plan, PlanItem};
 
@@ -396,52 +396,138 @@ struct Done {
     frames: Vec<EncodedFrame>,
 }
 
-/// Decodes and JPEG-encodes one planned video. Never fails: a bad video becomes a failed row.
-pub fn process_video(item: &PlanItem, opts: &ContentOptions) -> (VideoRow, Vec<EncodedFrame>) {
-    let mut row = item.row.clone();
-    let dopts = DecodeOptions {
-        short_side: opts.short_side,
-        max_fps: opts.max_fps,
-        strict_frame_count: opts.strict_frame_count,
-    };
-    let mut frames = Vec::new();
-    let mut encoder = None;
-    let result = decode_video(&item.abs_path, &dopts, |f| {
-        let enc = match &mut encoder {
-            Some(e) => e,
-            None => encoder.insert(crate::jpeg::JpegEncoder::new(opts.jpeg_quality)?),
-        };
-        let jpeg = enc.encode_rgb(f.rgb, f.width, f.height, f.stride)?;
-        frames.push(EncodedFrame {
-            source_frame: f.source_frame,
-            time_secs: f.time_secs,
-            jpeg,
-        });
-        Ok(())
-    });
-    match result {
-        Ok(s) => {
-            row.status = VideoStatus::Ok;
-            row.num_frames = s.kept_frames;
-            row.decoded_frames = s.decoded_frames;
-            row.declared_frames = s.declared_frames;
-            row.fps = Some(s.fps);
-            row.source_fps = Some(s.source_fps);
-            row.width = Some(s.width);
-            row.height = Some(s.height);
-            row.source_width = Some(s.source_width);
-            row.source_height = Some(s.source_height);
-            row.duration_secs =
-                (s.source_fps > 0.0).then(|| f64::from(s.decoded_frames) / s.source_fps);
-            row.warning = s.warning;
-        }
-        Err(e) => {
-            row.status = VideoStatus::Failed;
-            row.error = Some(e.to_string());
-            frames = Vec::new();
+fn fill_ok(row: &mut VideoRow, s: &DecodeStats, fps: f64, kept: u32, decoded_in_clip: u64) {
+    row.status = VideoStatus::Ok;
+    row.num_frames = kept;
+    row.decoded_frames = decoded_in_clip as u32;
+    row.declared_frames = s.declared_frames;
+    row.fps = Some(fps);
+    row.source_fps = Some(s.source_fps);
+    row.width = Some(s.width);
+    row.height = Some(s.height);
+    row.source_width = Some(s.source_width);
+    row.source_height = Some(s.source_height);
+    row.duration_secs = (s.source_fps > 0.0).then(|| decoded_in_clip as f64 / s.source_fps);
+    row.warning = s.warning.clone();
+}
+
+fn fail(row: &mut VideoRow, error: String) {
+    row.status = VideoStatus::Failed;
+    row.error = Some(error);
+}
+
+fn kept_fps(source_fps: f64, max_fps: Option<f64>) -> f64 {
+    match max_fps {
+        Some(m) if source_fps > m => m,
+        _ => source_fps,
+    }
+}
+
+/// Decodes and JPEG-encodes one unit of the plan: a single video, or every clip of one
+/// recording in a single decoding pass. Never fails: a bad video becomes a failed row.
+pub fn process_unit(
+    items: &[PlanItem],
+    opts: &ContentOptions,
+) -> Vec<(VideoRow, Vec<EncodedFrame>)> {
+    let mut out: Vec<(VideoRow, Vec<EncodedFrame>)> = items
+        .iter()
+        .map(|it| (it.row.clone(), Vec::new()))
+        .collect();
+    for (o, it) in out.iter_mut().zip(items) {
+        if let Some(e) = &it.pre_error {
+            fail(&mut o.0, e.clone());
         }
     }
-    (row, frames)
+    // (index into items, first frame, last frame) of the clips still to decode.
+    let wanted: Vec<(usize, u64, u64)> = items
+        .iter()
+        .enumerate()
+        .filter(|(_, it)| it.pre_error.is_none())
+        .map(|(i, it)| match &it.clip {
+            Some(c) => (i, c.start, c.end),
+            None => (i, 0, u64::MAX),
+        })
+        .collect();
+    let Some(last) = wanted.iter().map(|w| w.2).max() else {
+        return out;
+    };
+    let dopts = DecodeOptions {
+        short_side: opts.short_side,
+        strict_frame_count: opts.strict_frame_count,
+        stop_after_frames: last.checked_add(1),
+    };
+    let max_fps = opts.max_fps;
+    let wants = |i: u64, fps: f64, &(_, start, end): &(usize, u64, u64)| {
+        i >= start && i <= end && keep_frame(i - start, fps, max_fps)
+    };
+    let mut encoder = None;
+    let result = decode_video(
+        &items[wanted[0].0].abs_path,
+        &dopts,
+        |i, fps| wanted.iter().any(|w| wants(i, fps, w)),
+        |f| {
+            let enc = match &mut encoder {
+                Some(e) => e,
+                None => encoder.insert(crate::jpeg::JpegEncoder::new(opts.jpeg_quality)?),
+            };
+            let jpeg = enc.encode_rgb(f.rgb, f.width, f.height, f.stride)?;
+            let i = u64::from(f.source_frame);
+            // `f` is only handed over when some clip wants it; fps is known by then.
+            let targets: Vec<usize> = wanted
+                .iter()
+                .filter(|w| i >= w.1 && i <= w.2)
+                .map(|w| w.0)
+                .collect();
+            for t in targets {
+                out[t].1.push(EncodedFrame {
+                    source_frame: f.source_frame,
+                    time_secs: f.time_secs,
+                    jpeg: jpeg.clone(),
+                });
+            }
+            Ok(())
+        },
+    );
+    match result {
+        Ok(s) => {
+            let fps = kept_fps(s.source_fps, max_fps);
+            let decoded = u64::from(s.decoded_frames);
+            for &(i, start, end) in &wanted {
+                let (row, frames) = &mut out[i];
+                // Frames were pushed for any frame in the clip; keep those its own thinning keeps.
+                frames.retain(|f| {
+                    keep_frame(u64::from(f.source_frame) - start, s.source_fps, max_fps)
+                });
+                match &items[i].clip {
+                    None => {
+                        let kept = frames.len() as u32;
+                        fill_ok(row, &s, fps, kept, decoded);
+                    }
+                    Some(c) if end >= decoded => {
+                        frames.clear();
+                        fail(
+                            row,
+                            format!(
+                                "interval {start}-{end} ({}) runs past the end of the video ({decoded} frames)",
+                                c.source
+                            ),
+                        );
+                    }
+                    Some(_) => {
+                        let kept = frames.len() as u32;
+                        fill_ok(row, &s, fps, kept, end - start + 1);
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            for &(i, _, _) in &wanted {
+                out[i].1.clear();
+                fail(&mut out[i].0, e.to_string());
+            }
+        }
+    }
+    out
 }
 
 struct Gate {
@@ -464,8 +550,14 @@ fn write_remaining(
         run.jobs
     };
     let window = 2 * jobs;
-    let total = plan.items.len();
-    let next = AtomicUsize::new(start);
+    // Units from the resume position on (a resumed unit may start mid-recording).
+    let units: Vec<std::ops::Range<usize>> = plan
+        .units
+        .iter()
+        .filter(|u| u.end > start)
+        .map(|u| u.start.max(start)..u.end)
+        .collect();
+    let next = AtomicUsize::new(0);
     let gate = Gate {
         state: Mutex::new((start, false)),
         cv: Condvar::new(),
@@ -492,22 +584,20 @@ fn write_remaining(
         pool.scope(|s| {
             for _ in 0..jobs {
                 let tx = tx.clone();
-                let (next, gate, stop) = (&next, &gate, &stop);
+                let (next, gate, stop, units) = (&next, &gate, &stop, &units);
                 s.spawn(move |_| {
                     loop {
                         if stop.load(Ordering::SeqCst) {
                             return;
                         }
-                        let i = next.fetch_add(1, Ordering::SeqCst);
-                        if i >= total {
-                            return;
-                        }
+                        let u = next.fetch_add(1, Ordering::SeqCst);
+                        let Some(range) = units.get(u) else { return };
                         // Backpressure: stay within `window` videos of the writer.
                         {
                             let Ok(mut st) = gate.state.lock() else {
                                 return;
                             };
-                            while i >= st.0 + window && !st.1 {
+                            while range.start >= st.0 + window && !st.1 {
                                 st = match gate.cv.wait(st) {
                                     Ok(s) => s,
                                     Err(_) => return,
@@ -517,9 +607,11 @@ fn write_remaining(
                                 return;
                             }
                         }
-                        let (row, frames) = process_video(&plan.items[i], &plan.options);
-                        if tx.send((i, Done { row, frames })).is_err() {
-                            return;
+                        let done = process_unit(&plan.items[range.clone()], &plan.options);
+                        for (k, (row, frames)) in done.into_iter().enumerate() {
+                            if tx.send((range.start + k, Done { row, frames })).is_err() {
+                                return;
+                            }
                         }
                     }
                 });

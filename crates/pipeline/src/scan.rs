@@ -4,12 +4,20 @@
 //! Listings are sorted (walkdir `sort_by_file_name`), so the same folder always scans the
 //! same way. Files that are not where the layout puts videos are reported, not guessed at.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use walkdir::WalkDir;
 
 use crate::error::{Error, Result};
+
+mod ntu;
+mod pku_mmd;
+mod ssv2;
+
+pub use ntu::{parse_ntu_name, scan_ntu};
+pub use pku_mmd::{PKU_ACTIONS, scan_pku_mmd};
+pub use ssv2::scan_ssv2;
 
 /// File extensions treated as videos.
 pub const VIDEO_EXTENSIONS: &[&str] = &["avi", "mp4", "mkv", "webm", "mov", "mpg", "mpeg", "m4v"];
@@ -29,6 +37,34 @@ pub struct RawVideo {
     pub group: Option<String>,
     /// File size in bytes.
     pub file_bytes: u64,
+    /// Camera view, for layouts whose domains are views (`L`/`M`/`R`, `C001`...).
+    pub view: Option<String>,
+    /// The annotated interval, when this entry is one clip of a longer recording.
+    pub clip: Option<Clip>,
+    /// Known before decoding that this entry cannot be prepared (its file is missing...).
+    pub pre_error: Option<String>,
+}
+
+/// An annotated interval of a recording: source frames `start..=end`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Clip {
+    /// First frame (0-based index among decoded frames).
+    pub start: u64,
+    /// Last frame, inclusive.
+    pub end: u64,
+    /// Where the interval was annotated (`Label/0002-L.txt line 7`).
+    pub source: String,
+}
+
+/// How much a passed-over path matters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Severity {
+    /// An expected extra file (notes, other modalities): logged at debug level.
+    Note,
+    /// Bad or unusable annotation, a name that does not parse: a warning, skipped.
+    Warning,
+    /// Unreadable path: a warning, and prep exits with status 1.
+    Error,
 }
 
 /// A path a scanner passed over, and why.
@@ -38,26 +74,46 @@ pub struct Ignored {
     pub path: PathBuf,
     /// Why.
     pub reason: String,
-    /// Whether this is a problem the user must hear about (unreadable, undecodable name),
-    /// rather than an expected extra file.
-    pub is_problem: bool,
+    /// How much it matters.
+    pub severity: Severity,
+}
+
+impl Ignored {
+    pub(crate) fn new(
+        path: impl Into<PathBuf>,
+        reason: impl Into<String>,
+        severity: Severity,
+    ) -> Self {
+        Ignored {
+            path: path.into(),
+            reason: reason.into(),
+            severity,
+        }
+    }
 }
 
 /// What scanning one dataset folder found.
 #[derive(Debug, Clone, Default)]
 pub struct Scan {
+    /// The dataset (`ucf101`, `ssv2`, ...).
+    pub dataset: String,
     /// The dataset root actually scanned.
     pub root: PathBuf,
     /// Videos, sorted by relative path.
     pub videos: Vec<RawVideo>,
-    /// Class folders present.
+    /// Native classes present (class folders), or all the layout defines.
     pub classes: BTreeSet<String>,
+    /// `classes` is the complete list the dataset defines (from its annotation), so a
+    /// manifest naming another class is wrong, not merely absent from a partial copy.
+    pub classes_complete: bool,
+    /// Annotated videos of classes the scanner was told to leave out.
+    pub skipped: BTreeMap<String, u64>,
     /// Paths passed over.
     pub ignored: Vec<Ignored>,
 }
 
 /// `root/<name>` when the user pointed at the folder above the dataset's own folder.
-fn resolve_root(root: &Path, inner: &str) -> Result<PathBuf> {
+pub(crate) fn resolve_root(root: &Path, inner: &str) -> Result<PathBuf> {
     let meta = std::fs::metadata(root).map_err(|e| Error::io(root, e))?;
     if !meta.is_dir() {
         return Err(Error::Layout {
@@ -84,6 +140,7 @@ pub fn scan_class_folders(
 ) -> Result<Scan> {
     let root = resolve_root(root, inner)?;
     let mut scan = Scan {
+        dataset: dataset.to_owned(),
         root: root.clone(),
         ..Scan::default()
     };
@@ -96,11 +153,11 @@ pub fn scan_class_folders(
             Ok(e) => e,
             Err(e) => {
                 let path = e.path().map(Path::to_owned).unwrap_or_else(|| root.clone());
-                scan.ignored.push(Ignored {
+                scan.ignored.push(Ignored::new(
                     path,
-                    reason: format!("unreadable: {e}"),
-                    is_problem: true,
-                });
+                    format!("unreadable: {e}"),
+                    Severity::Error,
+                ));
                 continue;
             }
         };
@@ -109,11 +166,11 @@ pub fn scan_class_folders(
             continue;
         };
         let Some(rel_str) = rel.to_str() else {
-            scan.ignored.push(Ignored {
-                path: path.to_owned(),
-                reason: "file name is not valid UTF-8".into(),
-                is_problem: true,
-            });
+            scan.ignored.push(Ignored::new(
+                path,
+                "file name is not valid UTF-8",
+                Severity::Error,
+            ));
             continue;
         };
         let ft = entry.file_type();
@@ -121,16 +178,16 @@ pub fn scan_class_folders(
             1 if ft.is_dir() => {
                 scan.classes.insert(rel_str.to_owned());
             }
-            1 => scan.ignored.push(Ignored {
-                path: path.to_owned(),
-                reason: "not inside a class folder".into(),
-                is_problem: false,
-            }),
-            _ if ft.is_dir() => scan.ignored.push(Ignored {
-                path: path.to_owned(),
-                reason: "nested folder (the layout has none)".into(),
-                is_problem: false,
-            }),
+            1 => scan.ignored.push(Ignored::new(
+                path,
+                "not inside a class folder",
+                Severity::Note,
+            )),
+            _ if ft.is_dir() => scan.ignored.push(Ignored::new(
+                path,
+                "nested folder (the layout has none)",
+                Severity::Note,
+            )),
             _ => {
                 let ext = path
                     .extension()
@@ -138,11 +195,11 @@ pub fn scan_class_folders(
                     .map(str::to_ascii_lowercase)
                     .unwrap_or_default();
                 if !VIDEO_EXTENSIONS.contains(&ext.as_str()) {
-                    scan.ignored.push(Ignored {
-                        path: path.to_owned(),
-                        reason: "not a video file extension".into(),
-                        is_problem: false,
-                    });
+                    scan.ignored.push(Ignored::new(
+                        path,
+                        "not a video file extension",
+                        Severity::Note,
+                    ));
                     continue;
                 }
                 let class = rel_str.split('/').next().unwrap_or_default().to_owned();
@@ -154,11 +211,11 @@ pub fn scan_class_folders(
                 let file_bytes = match entry.metadata() {
                     Ok(m) => m.len(),
                     Err(e) => {
-                        scan.ignored.push(Ignored {
-                            path: path.to_owned(),
-                            reason: format!("unreadable: {e}"),
-                            is_problem: true,
-                        });
+                        scan.ignored.push(Ignored::new(
+                            path,
+                            format!("unreadable: {e}"),
+                            Severity::Error,
+                        ));
                         continue;
                     }
                 };
@@ -169,6 +226,9 @@ pub fn scan_class_folders(
                     rel_path: rel_str.replace(std::path::MAIN_SEPARATOR, "/"),
                     abs_path: path.to_owned(),
                     file_bytes,
+                    view: None,
+                    clip: None,
+                    pre_error: None,
                 });
             }
         }
@@ -268,7 +328,7 @@ mod tests {
             ["Archery", "Biking"]
         );
         assert_eq!(s.ignored.len(), 3, "{:?}", s.ignored);
-        assert!(s.ignored.iter().all(|i| !i.is_problem));
+        assert!(s.ignored.iter().all(|i| i.severity == Severity::Note));
     }
 
     #[test]

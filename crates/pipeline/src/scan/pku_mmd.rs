@@ -1,0 +1,311 @@
+//! PKU-MMD phase 1: long recordings `RGB_VIDEO/NNNN-V.avi` (V = L, M, R) and label files
+//! `Label/NNNN-V.txt` (or `.label`) with rows `action,start,end,confidence`. Each label row
+//! becomes one clip; bad rows are reported with file and line and skipped.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use super::{Clip, Ignored, RawVideo, Scan, Severity};
+use crate::error::{Error, Result};
+
+/// Number of PKU-MMD phase 1 action ids (1-based).
+pub const PKU_ACTIONS: u32 = 51;
+
+/// Label folder names tried under the root, in order.
+const LABEL_DIRS: [&str; 3] = ["Label", "Train_Label_PKU_final", "label"];
+
+/// `NNNN-V` -> (sequence, view).
+fn parse_stem(stem: &str) -> Option<(&str, &str)> {
+    let (seq, view) = stem.split_once('-')?;
+    (seq.len() == 4 && seq.bytes().all(|b| b.is_ascii_digit()) && matches!(view, "L" | "M" | "R"))
+        .then_some((seq, view))
+}
+
+fn list_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .map(|e| e.map(|e| e.path()).map_err(|e| Error::io(dir, e)))
+        .collect::<Result<_>>()?;
+    v.sort();
+    Ok(v)
+}
+
+/// Scans PKU-MMD under `root` (holding `RGB_VIDEO/` and a label folder), with label files
+/// from `labels` when given. `frame_base` is the index of the first frame in the label
+/// rows (0 or 1); stored clip ranges are 0-based.
+pub fn scan_pku_mmd(root: &Path, labels: Option<&Path>, frame_base: u64) -> Result<Scan> {
+    let root = std::path::absolute(root).map_err(|e| Error::io(root, e))?;
+    let video_dir = root.join("RGB_VIDEO");
+    if !video_dir.is_dir() {
+        return Err(Error::Layout {
+            path: root,
+            message: "no RGB_VIDEO/ folder here (expected RGB_VIDEO/NNNN-{L,M,R}.avi)".into(),
+        });
+    }
+    let label_dir = match labels {
+        Some(l) => l.to_owned(),
+        None => LABEL_DIRS
+            .iter()
+            .map(|d| root.join(d))
+            .find(|p| p.is_dir())
+            .ok_or_else(|| Error::Layout {
+                path: root.clone(),
+                message: format!(
+                    "no label folder here (tried {}); pass --labels",
+                    LABEL_DIRS.join(", ")
+                ),
+            })?,
+    };
+    let mut scan = Scan {
+        dataset: "pku_mmd".into(),
+        root: root.clone(),
+        classes: (1..=PKU_ACTIONS).map(|a| a.to_string()).collect(),
+        classes_complete: true,
+        ..Scan::default()
+    };
+    let mut videos: BTreeMap<String, (PathBuf, u64)> = BTreeMap::new();
+    for path in list_files(&video_dir)? {
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        let is_avi = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("avi"));
+        if !is_avi {
+            scan.ignored
+                .push(Ignored::new(path, "not an .avi file", Severity::Note));
+        } else if parse_stem(&stem).is_none() {
+            scan.ignored.push(Ignored::new(
+                path,
+                "name does not parse as NNNN-{L,M,R}.avi",
+                Severity::Warning,
+            ));
+        } else {
+            let bytes = std::fs::metadata(&path)
+                .map_err(|e| Error::io(&path, e))?
+                .len();
+            videos.insert(stem, (path, bytes));
+        }
+    }
+    let mut label_files: BTreeMap<String, PathBuf> = BTreeMap::new();
+    for path in list_files(&label_dir)? {
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        if ext != "txt" && ext != "label" {
+            scan.ignored.push(Ignored::new(
+                path,
+                "not a .txt or .label file",
+                Severity::Note,
+            ));
+            continue;
+        }
+        if parse_stem(&stem).is_none() {
+            scan.ignored.push(Ignored::new(
+                path,
+                "name does not parse as NNNN-{L,M,R}",
+                Severity::Warning,
+            ));
+            continue;
+        }
+        if let Some(prev) = label_files.get(&stem) {
+            scan.ignored.push(Ignored::new(
+                &path,
+                format!("second label file for {stem} (using {})", prev.display()),
+                Severity::Warning,
+            ));
+            continue;
+        }
+        label_files.insert(stem, path);
+    }
+    for (stem, (path, _)) in &videos {
+        if !label_files.contains_key(stem) {
+            scan.ignored.push(Ignored::new(
+                path,
+                "video without a label file",
+                Severity::Warning,
+            ));
+        }
+    }
+    let label_dir_name = label_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("Label")
+        .to_owned();
+    for (stem, label_path) in &label_files {
+        let Some((video_path, bytes)) = videos.get(stem) else {
+            scan.ignored.push(Ignored::new(
+                label_path,
+                "label file without its video",
+                Severity::Warning,
+            ));
+            continue;
+        };
+        let Some((seq, view)) = parse_stem(stem) else {
+            continue;
+        };
+        let text = std::fs::read_to_string(label_path).map_err(|e| Error::io(label_path, e))?;
+        let label_name = format!(
+            "{label_dir_name}/{}",
+            label_path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+        );
+        let mut seen = BTreeSet::new();
+        for (n, line) in text.lines().enumerate() {
+            let line_no = n + 1;
+            let line = line.trim();
+            if line.is_empty() {
+                continue;
+            }
+            let warn = |scan: &mut Scan, why: String| {
+                scan.ignored.push(Ignored::new(
+                    label_path,
+                    format!("line {line_no}: {why}"),
+                    Severity::Warning,
+                ));
+            };
+            let fields: Vec<&str> = line
+                .split([',', ' ', '\t'])
+                .filter(|f| !f.is_empty())
+                .collect();
+            if fields.len() < 3 {
+                warn(
+                    &mut scan,
+                    format!("expected action,start,end,confidence, got {line:?}"),
+                );
+                continue;
+            }
+            let (Ok(action), Ok(start), Ok(end)) = (
+                fields[0].parse::<u32>(),
+                fields[1].parse::<u64>(),
+                fields[2].parse::<u64>(),
+            ) else {
+                warn(&mut scan, format!("fields are not integers: {line:?}"));
+                continue;
+            };
+            if !(1..=PKU_ACTIONS).contains(&action) {
+                warn(
+                    &mut scan,
+                    format!("unknown action id {action} (PKU-MMD has 1..{PKU_ACTIONS})"),
+                );
+                continue;
+            }
+            if start > end {
+                warn(&mut scan, format!("start {start} is after end {end}"));
+                continue;
+            }
+            if start < frame_base {
+                warn(
+                    &mut scan,
+                    format!("start {start} is before the first frame ({frame_base})"),
+                );
+                continue;
+            }
+            if !seen.insert((action, start, end)) {
+                warn(&mut scan, format!("duplicate of an earlier row: {line:?}"));
+                continue;
+            }
+            scan.videos.push(RawVideo {
+                dataset: "pku_mmd".into(),
+                native_class: action.to_string(),
+                rel_path: format!("RGB_VIDEO/{stem}.avi"),
+                abs_path: video_path.clone(),
+                group: Some(seq.to_owned()),
+                file_bytes: *bytes,
+                view: Some(view.to_owned()),
+                clip: Some(Clip {
+                    start: start - frame_base,
+                    end: end - frame_base,
+                    source: format!("{label_name} line {line_no}"),
+                }),
+                pre_error: None,
+            });
+        }
+    }
+    Ok(scan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stems() {
+        assert_eq!(parse_stem("0002-L"), Some(("0002", "L")));
+        assert_eq!(parse_stem("0002-M"), Some(("0002", "M")));
+        assert_eq!(parse_stem("0002-X"), None);
+        assert_eq!(parse_stem("02-L"), None);
+    }
+
+    #[test]
+    fn bad_rows_are_reported_with_file_and_line_and_skipped() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("RGB_VIDEO")).unwrap();
+        std::fs::create_dir_all(d.path().join("Label")).unwrap();
+        std::fs::write(d.path().join("RGB_VIDEO/0001-L.avi"), b"v").unwrap();
+        std::fs::write(d.path().join("RGB_VIDEO/0009-R.avi"), b"v").unwrap();
+        std::fs::write(
+            d.path().join("Label/0001-L.txt"),
+            "8,10,20,1\r\n9,30,25,2\n99,1,5,1\nx,y,z\n\n8,10,20,1\n13, 40, 50, 2\n",
+        )
+        .unwrap();
+        std::fs::write(d.path().join("Label/0003-M.label"), "1,1,2,1\n").unwrap();
+        let s = scan_pku_mmd(d.path(), None, 0).unwrap();
+        let clips: Vec<(String, u64, u64, String)> = s
+            .videos
+            .iter()
+            .map(|v| {
+                let c = v.clip.clone().unwrap();
+                (v.native_class.clone(), c.start, c.end, c.source)
+            })
+            .collect();
+        assert_eq!(
+            clips,
+            [
+                ("8".into(), 10, 20, "Label/0001-L.txt line 1".into()),
+                ("13".into(), 40, 50, "Label/0001-L.txt line 7".into())
+            ]
+        );
+        let reasons: Vec<String> = s
+            .ignored
+            .iter()
+            .map(|i| format!("{}: {}", i.path.display(), i.reason))
+            .collect();
+        let has = |needle: &str| reasons.iter().any(|r| r.contains(needle));
+        assert!(
+            has("0001-L.txt: line 2: start 30 is after end 25"),
+            "{reasons:#?}"
+        );
+        assert!(has("line 3: unknown action id 99"), "{reasons:#?}");
+        assert!(
+            has("line 4: fields are not integers") || has("line 4: expected"),
+            "{reasons:#?}"
+        );
+        assert!(has("line 6: duplicate"), "{reasons:#?}");
+        assert!(
+            has("0003-M.label: label file without its video"),
+            "{reasons:#?}"
+        );
+        assert!(
+            has("0009-R.avi: video without a label file"),
+            "{reasons:#?}"
+        );
+        // 1-based labels shift to 0-based clip ranges.
+        let s1 = scan_pku_mmd(d.path(), None, 1).unwrap();
+        assert_eq!(
+            s1.videos[0].clip.as_ref().map(|c| (c.start, c.end)),
+            Some((9, 19))
+        );
+    }
+}
