@@ -9,3 +9,6 @@ mod util;
 
 // `vdg prep ucf-hmdb`: read-back, failures, determinism, resume, errors.
 mod prep_ucf_hmdb;
+
+// `vdg prep ssv2`, `pku-mmd`, `ntu`: their layouts, annotations and bad cases.
+mod prep_other;

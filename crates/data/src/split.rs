@@ -76,6 +76,11 @@ pub fn train_count(n: usize, rule: &SplitRule) -> usize {
 
 /// Assigns a split to every item; the result is parallel to `items`.
 ///
+/// Without `group_aware`, each stratum gets exactly [`train_count`] training items, drawn at
+/// random. With it, whole groups go to one side; a group may span strata (an NTU performer
+/// does every action), and groups are assigned greedily, in a seeded random order, to val
+/// whenever that brings the strata they touch closer to their val targets.
+///
 /// Same items (in any order) and seed give the same assignment.
 pub fn assign_splits(items: &[SplitItem<'_>], rule: &SplitRule, seed: u64) -> Vec<SourceSplit> {
     let mut strata: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
@@ -83,38 +88,57 @@ pub fn assign_splits(items: &[SplitItem<'_>], rule: &SplitRule, seed: u64) -> Ve
         strata.entry(it.stratum).or_default().push(i);
     }
     let mut out = vec![SourceSplit::Train; items.len()];
-    for (stratum, mut idx) in strata {
-        idx.sort_by_key(|&i| items[i].key);
-        let n = idx.len();
-        let n_val = n - train_count(n, rule);
-        let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(seed, stratum));
-        if rule.group_aware {
-            let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-            for &i in &idx {
-                groups
-                    .entry(items[i].group.unwrap_or(items[i].key))
-                    .or_default()
-                    .push(i);
-            }
-            let mut groups: Vec<Vec<usize>> = groups.into_values().collect();
-            groups.shuffle(&mut rng);
-            // Greedy: a group goes to val when that brings val closer to its target; on a
-            // tie, the first group still goes, so a stratum with a val target gets a val side.
-            let mut val = 0usize;
-            for g in groups {
-                let (now, then) = (val.abs_diff(n_val), (val + g.len()).abs_diff(n_val));
-                let closer = then < now || (val == 0 && n_val > 0 && then == now);
-                // Never leave train empty.
-                if closer && val + g.len() < n {
-                    val += g.len();
-                    for i in g {
-                        out[i] = SourceSplit::Val;
-                    }
-                }
-            }
-        } else {
+    if !rule.group_aware {
+        for (stratum, mut idx) in strata {
+            idx.sort_by_key(|&i| items[i].key);
+            let n_val = idx.len() - train_count(idx.len(), rule);
+            let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(seed, stratum));
             idx.shuffle(&mut rng);
             for &i in &idx[..n_val] {
+                out[i] = SourceSplit::Val;
+            }
+        }
+        return out;
+    }
+    // Per stratum: (size, val target, val so far).
+    let mut state: BTreeMap<&str, (usize, usize, usize)> = strata
+        .iter()
+        .map(|(s, idx)| (*s, (idx.len(), idx.len() - train_count(idx.len(), rule), 0)))
+        .collect();
+    let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, it) in items.iter().enumerate() {
+        groups
+            .entry(it.group.unwrap_or(it.key))
+            .or_default()
+            .push(i);
+    }
+    let mut groups: Vec<Vec<usize>> = groups.into_values().collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(seed, "groups"));
+    groups.shuffle(&mut rng);
+    for g in groups {
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for &i in &g {
+            *counts.entry(items[i].stratum).or_default() += 1;
+        }
+        let (mut now, mut then) = (0usize, 0usize);
+        let mut all_empty = true;
+        let mut keeps_train = true;
+        for (s, c) in &counts {
+            let (n, target, val) = state[s];
+            now += val.abs_diff(target);
+            then += (val + c).abs_diff(target);
+            all_empty &= val == 0 && target > 0;
+            keeps_train &= val + c < n;
+        }
+        // Closer to the targets; on a tie, a group that gives empty strata their first val
+        // items still goes, so small strata get a val side.
+        if keeps_train && (then < now || (then == now && all_empty)) {
+            for (s, c) in &counts {
+                if let Some(st) = state.get_mut(s) {
+                    st.2 += c;
+                }
+            }
+            for i in g {
                 out[i] = SourceSplit::Val;
             }
         }
@@ -255,6 +279,31 @@ mod tests {
         assert_eq!(s.iter().filter(|x| **x == SourceSplit::Val).count(), 2);
         assert_eq!(s[0], s[1]);
         assert_eq!(s[2], s[3]);
+    }
+
+    #[test]
+    fn groups_spanning_strata_stay_whole() {
+        // 10 performers, each doing all 6 actions twice: a performer is a group across strata.
+        let mut v = Vec::new();
+        for p in 0..10 {
+            for a in 0..6 {
+                for r in 0..2 {
+                    v.push((format!("P{p}A{a}R{r}"), format!("A{a}"), format!("P{p}")));
+                }
+            }
+        }
+        let it = items(&v);
+        let s = assign_splits(&it, &rule(0.7, true, Rounding::Nearest), 5);
+        let mut side: BTreeMap<&str, BTreeSet<SourceSplit>> = BTreeMap::new();
+        for (i, x) in it.iter().enumerate() {
+            side.entry(x.group.unwrap()).or_default().insert(s[i]);
+        }
+        assert!(side.values().all(|x| x.len() == 1), "{side:?}");
+        let val_groups = side
+            .values()
+            .filter(|x| x.contains(&SourceSplit::Val))
+            .count();
+        assert_eq!(val_groups, 3, "30 % of 10 performers");
     }
 
     #[test]

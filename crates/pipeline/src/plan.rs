@@ -60,6 +60,8 @@ pub struct PlanItem {
     pub clip: Option<Clip>,
     /// Why it will fail without decoding (missing file...).
     pub pre_error: Option<String>,
+    /// Key of its split group: items sharing it stay on one side.
+    pub split_group: Option<String>,
 }
 
 /// Everything prep will write, decided before any decoding.
@@ -158,10 +160,18 @@ pub fn build_plan(manifest: &Manifest, scans: &[&Scan], options: &ContentOptions
                     v.dataset, v.rel_path, c.start, c.end, v.native_class
                 ),
             };
+            let split_group = v.group.as_ref().map(|g| {
+                if scan.groups_span_classes {
+                    format!("{}/{g}", domain.name)
+                } else {
+                    format!("{}/{}/{g}", domain.name, v.native_class)
+                }
+            });
             items.push(PlanItem {
                 abs_path: v.abs_path.clone(),
                 clip: v.clip.clone(),
                 pre_error: v.pre_error.clone(),
+                split_group,
                 row: VideoRow {
                     video_id,
                     dataset: v.dataset.clone(),
@@ -208,22 +218,13 @@ pub fn build_plan(manifest: &Manifest, scans: &[&Scan], options: &ContentOptions
         .iter()
         .map(|it| format!("{}/{}", it.row.domain, it.row.class_name))
         .collect();
-    let group_keys: Vec<Option<String>> = items
-        .iter()
-        .map(|it| {
-            it.row
-                .group
-                .as_ref()
-                .map(|g| format!("{}/{}/{g}", it.row.domain, it.row.class_name))
-        })
-        .collect();
     let split_items: Vec<SplitItem<'_>> = items
         .iter()
         .enumerate()
         .map(|(i, it)| SplitItem {
             key: &it.row.video_id,
             stratum: &strata[i],
-            group: group_keys[i].as_deref(),
+            group: items[i].split_group.as_deref(),
         })
         .collect();
     let splits = assign_splits(&split_items, &rule, options.seed);

@@ -106,6 +106,9 @@ pub struct Scan {
     /// `classes` is the complete list the dataset defines (from its annotation), so a
     /// manifest naming another class is wrong, not merely absent from a partial copy.
     pub classes_complete: bool,
+    /// A group spans classes (an NTU performer, a PKU-MMD sequence), rather than being
+    /// defined within one class (UCF101's `gNN`).
+    pub groups_span_classes: bool,
     /// Annotated videos of classes the scanner was told to leave out.
     pub skipped: BTreeMap<String, u64>,
     /// Paths passed over.

@@ -52,6 +52,7 @@ pub fn scan_ntu(root: &Path) -> Result<Scan> {
         root: root.clone(),
         classes: (1..=120).map(|a| format!("A{a:03}")).collect(),
         classes_complete: true,
+        groups_span_classes: true,
         ..Scan::default()
     };
     for entry in WalkDir::new(&root)

@@ -61,6 +61,7 @@ pub fn scan_pku_mmd(root: &Path, labels: Option<&Path>, frame_base: u64) -> Resu
         root: root.clone(),
         classes: (1..=PKU_ACTIONS).map(|a| a.to_string()).collect(),
         classes_complete: true,
+        groups_span_classes: true,
         ..Scan::default()
     };
     let mut videos: BTreeMap<String, (PathBuf, u64)> = BTreeMap::new();

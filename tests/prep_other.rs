@@ -1,0 +1,483 @@
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use vdg_pipeline::encode::write_pattern_video;
+
+use crate::util::*;
+
+fn prep(args: &[&str]) -> std::process::Output {
+    run(&[&["prep"], args].concat())
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn ssv2_layout(root: &Path, old_names: bool) -> BTreeMap<String, (u32, u32)> {
+    let videos = root.join("20bn-something-something-v2");
+    let labels = root.join("labels");
+    std::fs::create_dir_all(&videos).unwrap();
+    std::fs::create_dir_all(&labels).unwrap();
+    let classes: Vec<&str> = include_str!("../crates/data/src/testdata/ssv2_classes.txt")
+        .lines()
+        .collect();
+    let map: serde_json::Map<String, serde_json::Value> = classes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.to_string(), serde_json::Value::String(i.to_string())))
+        .collect();
+    let entry = |id: u32, template: &str| serde_json::json!({"id": id.to_string(), "label": "x", "template": template, "placeholders": []});
+    let mut good = BTreeMap::new();
+    let mut train = Vec::new();
+    let mut val = Vec::new();
+    let templates = [
+        "Putting [something] on a surface",
+        "Pretending to put [something] on a surface",
+        "Tearing [something] into two pieces",
+        "Pretending to be tearing [something that is not tearable]",
+    ];
+    let mut id = 100;
+    for (k, t) in templates.iter().enumerate() {
+        for n in 0..3 {
+            id += 1;
+            let frames = 8 + (id % 4);
+            write_pattern_video(
+                &videos.join(format!("{id}.webm")),
+                "libvpx-vp9",
+                W,
+                H,
+                12,
+                frames,
+                id,
+            )
+            .unwrap();
+            good.insert(format!("ssv2/{id}.webm"), (frames, id));
+            if (k + n) % 3 == 0 {
+                val.push(entry(id, t))
+            } else {
+                train.push(entry(id, t))
+            }
+        }
+    }
+    // Outside the benchmark (its file is never opened: it does not even exist).
+    train.push(entry(900, "Approaching [something] with your camera"));
+    // Listed but missing, and corrupt.
+    train.push(entry(901, "Putting [something] on a surface"));
+    std::fs::write(
+        videos.join("902.webm"),
+        b"\x1a\x45\xdf\xa3 not really a webm",
+    )
+    .unwrap();
+    val.push(entry(902, "Pretending to put [something] on a surface"));
+    let (l, t, v) = if old_names {
+        (
+            "something-something-v2-labels.json",
+            "something-something-v2-train.json",
+            "something-something-v2-validation.json",
+        )
+    } else {
+        ("labels.json", "train.json", "validation.json")
+    };
+    std::fs::write(labels.join(l), serde_json::to_vec(&map).unwrap()).unwrap();
+    std::fs::write(labels.join(t), serde_json::to_vec(&train).unwrap()).unwrap();
+    std::fs::write(labels.join(v), serde_json::to_vec(&val).unwrap()).unwrap();
+    good
+}
+
+#[test]
+fn ssv2_webm_prep_reads_back_with_domains_by_sub_category() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("ss");
+    let good = ssv2_layout(&root, false);
+    let out = tmp.path().join("out");
+    let (video_dir, label_dir) = (
+        root.join("20bn-something-something-v2"),
+        root.join("labels"),
+    );
+    let o = prep(&[
+        "ssv2",
+        "--videos",
+        s(&video_dir),
+        "--labels",
+        s(&label_dir),
+        "--out",
+        s(&out),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("ssv2/901.webm") && err.contains("missing"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        err.contains("ssv2/902.webm") && err.contains("cannot open"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("ssv2 1"),
+        "one skipped: {}",
+        text(&o)
+    );
+    let vids = videos(&out);
+    let frames = frames(&out);
+    assert_eq!(vids.len(), good.len() + 2);
+    for v in &vids {
+        let want = match v.label_name.as_str() {
+            "putting_on_surface" => 8,
+            "tearing" => 18,
+            other => panic!("unexpected class {other}"),
+        };
+        assert_eq!(v.label, want);
+        let n: u32 = v
+            .video_id
+            .trim_start_matches("ssv2/")
+            .trim_end_matches(".webm")
+            .parse()
+            .unwrap();
+        let pretending = matches!((n - 101) / 3, 1 | 3) || n == 902;
+        assert_eq!(
+            v.domain,
+            if pretending { "target" } else { "source" },
+            "{v:?}"
+        );
+        if let Some((count, seed)) = good.get(&v.video_id) {
+            assert_eq!(v.status, "ok");
+            assert_eq!(v.num_frames, *count, "frames counted by decoding the WebM");
+            let fr = &frames[&v.video_id];
+            let (_, _, rgb) = decode_jpeg(&fr[1].1);
+            let e = pattern_error(&rgb, 1, *seed);
+            assert!(
+                e < 20.0 && e < pattern_error(&rgb, 1, seed + 1),
+                "{}: error {e}",
+                v.video_id
+            );
+        }
+    }
+    // The older annotation file names work the same.
+    let root2 = tmp.path().join("ss-old");
+    ssv2_layout(&root2, true);
+    let out2 = tmp.path().join("out2");
+    let o = prep(&[
+        "ssv2",
+        "--videos",
+        s(&root2.join("20bn-something-something-v2")),
+        "--labels",
+        s(&root2.join("labels")),
+        "--out",
+        s(&out2),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_eq!(videos(&out2).len(), vids.len());
+}
+
+#[test]
+fn ssv2_manifest_with_an_unknown_class_names_the_closest_match() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("ss");
+    ssv2_layout(&root, false);
+    let manifest = tmp.path().join("ss.toml");
+    let text_ok = vdg_data::Manifest::builtin("something_something")
+        .unwrap()
+        .text;
+    std::fs::write(
+        &manifest,
+        text_ok.replace(
+            "\"Putting something on a surface\"",
+            "\"Putting something on a surfac\"",
+        ),
+    )
+    .unwrap();
+    let o = prep(&[
+        "ssv2",
+        "--videos",
+        s(&root.join("20bn-something-something-v2")),
+        "--labels",
+        s(&root.join("labels")),
+        "--out",
+        s(&tmp.path().join("out")),
+        "--manifest",
+        s(&manifest),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("ss.toml") && err.contains("native.source"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        err.contains("did you mean \"Putting something on a surface\""),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn pku_mmd_label_rows_become_clips_with_exact_frame_ranges() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("pku");
+    std::fs::create_dir_all(root.join("RGB_VIDEO")).unwrap();
+    std::fs::create_dir_all(root.join("Label")).unwrap();
+    let seeds = [
+        ("0001-L", 120u32, 1u32),
+        ("0001-M", 120, 2),
+        ("0002-R", 100, 3),
+        ("0003-L", 30, 4),
+    ];
+    for (stem, frames, seed) in seeds {
+        write_pattern_video(
+            &root.join(format!("RGB_VIDEO/{stem}.avi")),
+            "mpeg4",
+            W,
+            H,
+            30,
+            frames,
+            seed,
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        root.join("Label/0001-L.txt"),
+        "8,10,29,1\n1,30,59,2\n12,60,70,1\n9,80,200,1\n5,50,40,1\n77,1,2,1\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("Label/0001-M.txt"), "8,0,19,1\r\n3,10,39,1\r\n").unwrap();
+    std::fs::write(root.join("Label/0002-R.label"), "2,5,25,1\n").unwrap();
+    std::fs::write(root.join("Label/0004-L.txt"), "2,5,25,1\n").unwrap();
+    let out = tmp.path().join("out");
+    let o = prep(&[
+        "pku-mmd",
+        "--root",
+        s(&root),
+        "--out",
+        s(&out),
+        "--jobs",
+        "2",
+    ]);
+    // One clip runs past the end of its video: failed, so exit 1.
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    for needle in [
+        "0001-L.txt: line 5: start 50 is after end 40",
+        "0001-L.txt: line 6: unknown action id 77",
+        "0004-L.txt: label file without its video",
+        "0003-L.avi: video without a label file",
+        "Label/0001-L.txt line 4",
+    ] {
+        assert!(
+            err.contains(needle),
+            "stderr lacks {needle:?}\n{}",
+            text(&o)
+        );
+    }
+    let vids = videos(&out);
+    let ids: Vec<&str> = vids.iter().map(|v| v.video_id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            "pku_mmd/RGB_VIDEO/0001-L.avi/000010-000029-a08",
+            "pku_mmd/RGB_VIDEO/0001-L.avi/000030-000059-a01",
+            "pku_mmd/RGB_VIDEO/0001-L.avi/000080-000200-a09",
+            "pku_mmd/RGB_VIDEO/0001-M.avi/000000-000019-a08",
+            "pku_mmd/RGB_VIDEO/0001-M.avi/000010-000039-a03",
+            "pku_mmd/RGB_VIDEO/0002-R.avi/000005-000025-a02",
+        ],
+        "the interaction (12) is outside the benchmark; bad rows are skipped"
+    );
+    let frames = frames(&out);
+    let seed_of = |id: &str| seeds.iter().find(|(st, _, _)| id.contains(st)).unwrap().2;
+    for v in &vids {
+        let domain = match &v.video_id[23..24] {
+            "L" => "L",
+            "M" => "C",
+            _ => "R",
+        };
+        assert_eq!(v.domain, domain);
+        assert_eq!(v.group.as_deref(), Some(&v.video_id[18..22]));
+        if v.video_id.contains("000080-000200") {
+            assert_eq!(v.status, "failed");
+            assert!(
+                v.error.as_deref().unwrap().contains("past the end"),
+                "{v:?}"
+            );
+            continue;
+        }
+        assert_eq!(v.status, "ok", "{v:?}");
+        let range = &v.video_id[v.video_id.len() - 17..v.video_id.len() - 4];
+        let (a, b) = range.split_once('-').unwrap();
+        let (a, b): (u32, u32) = (a.parse().unwrap(), b.parse().unwrap());
+        assert_eq!(v.num_frames, b - a + 1);
+        // The stored frames are exactly the source frames a..=b, in order.
+        let fr = &frames[&v.video_id];
+        assert_eq!(fr.len() as u32, b - a + 1);
+        for (k, (_, jpeg)) in fr.iter().enumerate() {
+            let t = a + k as u32;
+            let (_, _, rgb) = decode_jpeg(jpeg);
+            let e = pattern_error(&rgb, t, seed_of(&v.video_id));
+            assert!(
+                e < 20.0 && e < pattern_error(&rgb, t + 1, seed_of(&v.video_id)),
+                "{} frame {k} is not source frame {t} (error {e:.1})",
+                v.video_id
+            );
+        }
+    }
+    // Shards that end in the middle of a recording's clips: same bytes whatever the jobs,
+    // and a crash between them resumes mid-recording to the same bytes.
+    let a = tmp.path().join("a");
+    let b = tmp.path().join("b");
+    let oa = prep(&[
+        "pku-mmd",
+        "--root",
+        s(&root),
+        "--out",
+        s(&a),
+        "--jobs",
+        "1",
+        "--shard-size",
+        "20KiB",
+    ]);
+    let ob = prep(&[
+        "pku-mmd",
+        "--root",
+        s(&root),
+        "--out",
+        s(&b),
+        "--jobs",
+        "3",
+        "--shard-size",
+        "20KiB",
+    ]);
+    assert_eq!(
+        (oa.status.code(), ob.status.code()),
+        (Some(1), Some(1)),
+        "{}",
+        text(&ob)
+    );
+    let want = outputs(&a);
+    assert!(
+        want.keys().filter(|k| k.starts_with("frames-")).count() >= 3,
+        "{:?}",
+        want.keys()
+    );
+    assert_eq!(outputs(&b), want);
+    let c = tmp.path().join("c");
+    std::fs::create_dir_all(&c).unwrap();
+    std::fs::write(
+        c.join("frames-00000.parquet"),
+        &want["frames-00000.parquet"],
+    )
+    .unwrap();
+    let oc = prep(&[
+        "pku-mmd",
+        "--root",
+        s(&root),
+        "--out",
+        s(&c),
+        "--shard-size",
+        "20KiB",
+    ]);
+    assert_eq!(oc.status.code(), Some(1), "{}", text(&oc));
+    assert_eq!(outputs(&c), want);
+
+    // Clip ranges are recorded, and 1-based labels shift them by one.
+    let out1 = tmp.path().join("out1");
+    let o = prep(&[
+        "pku-mmd",
+        "--root",
+        s(&root),
+        "--out",
+        s(&out1),
+        "--frame-base",
+        "1",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_eq!(
+        videos(&out1)[0].video_id,
+        "pku_mmd/RGB_VIDEO/0001-L.avi/000009-000028-a08"
+    );
+}
+
+#[test]
+fn ntu_cameras_are_domains_and_performers_never_straddle_the_split() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("nturgb+d_rgb");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut seed = 0;
+    for p in 1..=4 {
+        for c in 1..=3 {
+            for a in [1, 13] {
+                seed += 1;
+                let name = format!("S001C{c:03}P{p:03}R001A{a:03}_rgb.avi");
+                write_pattern_video(&dir.join(name), "mpeg4", W, H, 30, 6, seed).unwrap();
+            }
+        }
+    }
+    write_pattern_video(
+        &dir.join("S018C001P008R001A061_rgb.avi"),
+        "mpeg4",
+        W,
+        H,
+        30,
+        6,
+        99,
+    )
+    .unwrap();
+    write_pattern_video(
+        &dir.join("S001C001P001R001A01_rgb.avi"),
+        "mpeg4",
+        W,
+        H,
+        30,
+        6,
+        98,
+    )
+    .unwrap();
+    let out = tmp.path().join("out");
+    // Point at the parent folder: the scanner finds nturgb+d_rgb/ itself.
+    let o = prep(&["ntu", "--videos", s(tmp.path()), "--out", s(&out)]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("S001C001P001R001A01_rgb.avi") && err.contains("does not parse"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("ntu 1"),
+        "A061 skipped: {}",
+        text(&o)
+    );
+    let vids = videos(&out);
+    assert_eq!(vids.len(), 24);
+    let mut sides: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
+    for v in &vids {
+        let camera = &v.video_id[v.video_id.len() - 24..v.video_id.len() - 20];
+        let want = match camera {
+            "C002" => "L",
+            "C001" => "C",
+            "C003" => "R",
+            other => panic!("camera {other}"),
+        };
+        assert_eq!(v.domain, want, "{}", v.video_id);
+        assert_eq!(
+            v.label_name,
+            if v.video_id.contains("A001") {
+                "drink water"
+            } else {
+                "tear up paper"
+            }
+        );
+        assert_eq!(v.num_frames, 6);
+        sides
+            .entry((v.domain.clone(), v.group.clone().unwrap()))
+            .or_default()
+            .insert(v.split.clone());
+    }
+    assert!(
+        sides.values().all(|s| s.len() == 1),
+        "a performer straddles: {sides:?}"
+    );
+    assert!(vids.iter().any(|v| v.split == "val") && vids.iter().any(|v| v.split == "train"));
+}
