@@ -12,6 +12,10 @@
 //!   `ffmpeg -threads 1 -i clip.avi -vf scale=-2:240 -q:v 2 dir/%06d.jpg` (skipped when no
 //!   `ffmpeg` program is installed).
 //!
+//! A second group, `pku_1080p_intervals`, cuts six annotated intervals (210 frames) from one
+//! 300-frame 1920x1080 recording: prep's single decoding pass vs decoding from the start for
+//! each interval, vs decoding the recording once (all throughputs in clip frames).
+//!
 //! Run: `cargo bench --bench prep` (see BENCHMARKS.md).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -193,5 +197,57 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// PKU-MMD: clips cut from one long 1080p recording, decoded once for all its intervals.
+fn bench_pku(c: &mut Criterion) {
+    vdg_pipeline::decode::init();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("pku");
+    std::fs::create_dir_all(root.join("RGB_VIDEO")).unwrap();
+    std::fs::create_dir_all(root.join("Label")).unwrap();
+    let video = root.join("RGB_VIDEO/0001-L.avi");
+    const LONG: u32 = 300;
+    write_pattern_video(&video, "mpeg4", 1920, 1080, 30, LONG, 7).unwrap();
+    // Six intervals covering 210 of the 300 frames, as PKU-MMD's ~20 per recording do.
+    let intervals = [(0u64, 39u64), (45, 79), (85, 124), (140, 169), (180, 219), (250, 289)];
+    let label: String = intervals
+        .iter()
+        .enumerate()
+        .map(|(k, (a, b))| format!("{},{a},{b},1\n", [1, 2, 3, 5, 6, 7][k]))
+        .collect();
+    std::fs::write(root.join("Label/0001-L.txt"), label).unwrap();
+    let clip_frames: u64 = intervals.iter().map(|(a, b)| b - a + 1).sum();
+    let manifest = Manifest::builtin("pku_mmd").unwrap();
+    let scan = vdg_pipeline::scan::scan_pku_mmd(&root, None, 0).unwrap();
+    let out = tmp.path().join("out");
+
+    let mut g = c.benchmark_group("pku_1080p_intervals");
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(20));
+    g.warm_up_time(Duration::from_secs(2));
+    // Throughput in frames written (the clips' frames).
+    g.throughput(Throughput::Elements(clip_frames));
+    g.bench_function("vdg_prep_one_pass_jobs1", |b| {
+        b.iter(|| {
+            let _ = std::fs::remove_dir_all(&out);
+            let plan = build_plan(&manifest, &[&scan], &ContentOptions::default()).unwrap();
+            let quiet = |_: &PrepEvent<'_>| {};
+            let s = run_prep(&plan, &out, &RunOptions { jobs: 1, force: false }, &quiet).unwrap();
+            assert_eq!(s.record.counts.frames, clip_frames);
+        })
+    });
+    // The same clips cut the naive way: decode the recording from its start for each interval.
+    g.bench_function("decode_once_per_interval", |b| {
+        b.iter(|| {
+            for (a, e) in intervals {
+                let opts = DecodeOptions { stop_after_frames: Some(e + 1), ..DecodeOptions::default() };
+                decode_video(&video, &opts, |i, _| i >= a, |_| Ok(())).unwrap();
+            }
+        })
+    });
+    // The ceiling: decoding the whole recording once, nothing else.
+    g.bench_function("decode_only_whole_video", |b| b.iter(|| assert_eq!(decode_only(&video), u64::from(LONG))));
+    g.finish();
+}
+
+criterion_group!(benches, bench, bench_pku);
 criterion_main!(benches);
