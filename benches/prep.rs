@@ -208,7 +208,14 @@ fn bench_pku(c: &mut Criterion) {
     const LONG: u32 = 300;
     write_pattern_video(&video, "mpeg4", 1920, 1080, 30, LONG, 7).unwrap();
     // Six intervals covering 210 of the 300 frames, as PKU-MMD's ~20 per recording do.
-    let intervals = [(0u64, 39u64), (45, 79), (85, 124), (140, 169), (180, 219), (250, 289)];
+    let intervals = [
+        (0u64, 39u64),
+        (45, 79),
+        (85, 124),
+        (140, 169),
+        (180, 219),
+        (250, 289),
+    ];
     let label: String = intervals
         .iter()
         .enumerate()
@@ -231,7 +238,16 @@ fn bench_pku(c: &mut Criterion) {
             let _ = std::fs::remove_dir_all(&out);
             let plan = build_plan(&manifest, &[&scan], &ContentOptions::default()).unwrap();
             let quiet = |_: &PrepEvent<'_>| {};
-            let s = run_prep(&plan, &out, &RunOptions { jobs: 1, force: false }, &quiet).unwrap();
+            let s = run_prep(
+                &plan,
+                &out,
+                &RunOptions {
+                    jobs: 1,
+                    force: false,
+                },
+                &quiet,
+            )
+            .unwrap();
             assert_eq!(s.record.counts.frames, clip_frames);
         })
     });
@@ -239,13 +255,18 @@ fn bench_pku(c: &mut Criterion) {
     g.bench_function("decode_once_per_interval", |b| {
         b.iter(|| {
             for (a, e) in intervals {
-                let opts = DecodeOptions { stop_after_frames: Some(e + 1), ..DecodeOptions::default() };
+                let opts = DecodeOptions {
+                    stop_after_frames: Some(e + 1),
+                    ..DecodeOptions::default()
+                };
                 decode_video(&video, &opts, |i, _| i >= a, |_| Ok(())).unwrap();
             }
         })
     });
     // The ceiling: decoding the whole recording once, nothing else.
-    g.bench_function("decode_only_whole_video", |b| b.iter(|| assert_eq!(decode_only(&video), u64::from(LONG))));
+    g.bench_function("decode_only_whole_video", |b| {
+        b.iter(|| assert_eq!(decode_only(&video), u64::from(LONG)))
+    });
     g.finish();
 }
 
