@@ -1,0 +1,60 @@
+//! Choosing the device: CPU everywhere, CUDA only in builds with the `cuda` feature and on
+//! machines with a GPU. Asking for CUDA otherwise is an error, never a quiet fallback to CPU.
+
+use candle_core::Device;
+
+use crate::error::{Error, Result};
+
+/// `cpu` or `cuda` (`cuda:N` for GPU N).
+pub fn device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        n if n == "cuda" || n.starts_with("cuda:") => {
+            let ordinal: usize = n
+                .strip_prefix("cuda:")
+                .map(|o| {
+                    o.parse()
+                        .map_err(|_| Error::Device(format!("bad GPU ordinal in {n:?}")))
+                })
+                .transpose()?
+                .unwrap_or(0);
+            cuda(ordinal)
+        }
+        other => Err(Error::Device(format!(
+            "unknown device {other:?}; use cpu or cuda[:N]"
+        ))),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda(ordinal: usize) -> Result<Device> {
+    Device::new_cuda(ordinal)
+        .map_err(|e| Error::Device(format!("CUDA device {ordinal} is not available: {e}")))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda(_ordinal: usize) -> Result<Device> {
+    Err(Error::Device(
+        "this vdg was built without CUDA support; rebuild with `cargo build --release --features cuda` \
+         (needs the CUDA toolkit), or use --device cpu"
+            .into(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_works_and_cuda_never_falls_back() {
+        assert!(device("cpu").unwrap().is_cpu());
+        assert!(device("tpu").is_err());
+        #[cfg(not(feature = "cuda"))]
+        assert!(
+            device("cuda")
+                .unwrap_err()
+                .to_string()
+                .contains("without CUDA")
+        );
+    }
+}

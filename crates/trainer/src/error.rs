@@ -1,0 +1,55 @@
+//! Errors of `vdg-trainer`.
+
+use std::path::PathBuf;
+
+/// Errors of model building, training and evaluation.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A tensor operation failed (shape mismatch, device error...).
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// Reading shards or the videos table failed.
+    #[error(transparent)]
+    Data(#[from] vdg_data::Error),
+    /// An I/O error on a named path.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A configuration value is not usable.
+    #[error("{0}")]
+    Config(String),
+    /// The device asked for is not available in this build or on this machine.
+    #[error("{0}")]
+    Device(String),
+    /// The loss became NaN or infinite.
+    #[error(
+        "the loss is {value} at epoch {epoch}, batch {batch}; stopping (lower the learning rate or check the data)"
+    )]
+    NonFiniteLoss {
+        /// The loss value.
+        value: f32,
+        /// 1-based epoch.
+        epoch: usize,
+        /// 1-based batch within the epoch.
+        batch: usize,
+    },
+    /// A frame could not be decoded.
+    #[error("{video_id}: frame {frame}: {message}")]
+    Frame {
+        /// The video.
+        video_id: String,
+        /// The frame index.
+        frame: usize,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,78 @@
+//! Seeded parameter initialisation.
+//!
+//! candle's CPU random number generator cannot be seeded, so every parameter a model creates
+//! is overwritten here from a ChaCha RNG, in name order: weights of two or more dimensions
+//! (linear, convolution) uniform in `±1/sqrt(fan_in)` (PyTorch's default), their biases
+//! likewise; normalisation weights 1, biases and running means 0, running variances 1.
+
+use candle_core::{DType, Tensor};
+use candle_nn::VarMap;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::Result;
+
+/// Fan-in of a weight of shape `[out, in, k...]`.
+fn fan_in(dims: &[usize]) -> usize {
+    dims.iter().skip(1).product::<usize>().max(1)
+}
+
+/// Re-initialises every variable of `vm` deterministically from `seed`.
+pub fn seeded_init(vm: &VarMap, seed: u64) -> Result<()> {
+    let data = vm
+        .data()
+        .lock()
+        .map_err(|_| crate::error::Error::Config("poisoned VarMap".into()))?;
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    for name in names {
+        let var = &data[name];
+        let dims = var.dims().to_vec();
+        let n: usize = dims.iter().product();
+        let (prefix, leaf) = name.rsplit_once('.').unwrap_or(("", name.as_str()));
+        let sibling_weight = data
+            .get(&format!("{prefix}.weight"))
+            .map(|w| w.dims().to_vec());
+        let values: Vec<f32> = match leaf {
+            "running_mean" => vec![0.0; n],
+            "running_var" => vec![1.0; n],
+            "weight" if dims.len() == 1 => vec![1.0; n],
+            "bias" => match sibling_weight {
+                Some(w) if w.len() >= 2 => {
+                    let b = 1.0 / (fan_in(&w) as f32).sqrt();
+                    (0..n).map(|_| rng.random_range(-b..=b)).collect()
+                }
+                _ => vec![0.0; n],
+            },
+            _ if dims.len() >= 2 => {
+                let b = 1.0 / (fan_in(&dims) as f32).sqrt();
+                (0..n).map(|_| rng.random_range(-b..=b)).collect()
+            }
+            _ => vec![0.0; n],
+        };
+        let t = Tensor::from_vec(values, dims.as_slice(), var.device())?.to_dtype(var.dtype())?;
+        var.set(&t)?;
+    }
+    Ok(())
+}
+
+/// A seeded `[shape]` tensor of standard normal values, for tests and synthetic inputs.
+pub fn seeded_randn(
+    shape: &[usize],
+    seed: u64,
+    dtype: DType,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    // Box-Muller.
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            let u1: f32 = rng.random_range(f32::EPSILON..1.0);
+            let u2: f32 = rng.random();
+            (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+        })
+        .collect();
+    Ok(Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?)
+}

@@ -1,0 +1,41 @@
+//! `vdg-trainer`: the models and training of videodg, on Candle.
+//!
+//! - [`models`]: the registry ([`models::ModelKind`]: TSN, TRN, TRN-ATTN, APN) of temporal
+//!   heads over a per-frame [`models::blocks::Backbone`] (small CNN, ResNet-18/50 with
+//!   torchvision names); every head returns logits and the named features ADA targets.
+//! - [`nn`]: layers whose gradients candle's fused kernels drop (layer norm, softmax,
+//!   the APN attention block), built from differentiable primitives.
+//! - [`ada`]: video adversarial data augmentation (Algorithm 1) and its variants.
+//! - [`optim`]: SGD with momentum and weight decay, gradient-norm clipping.
+//! - [`init`]: seeded parameter initialisation (candle's CPU RNG cannot be seeded).
+//! - [`device`]: CPU, or CUDA behind the `cuda` feature, never a silent fallback.
+//!
+//! ```
+//! use candle_core::{DType, Device};
+//! use candle_nn::{VarBuilder, VarMap};
+//! use vdg_trainer::models::{ModelConfig, ModelKind, build_head};
+//! let vm = VarMap::new();
+//! let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+//! let cfg = ModelConfig::tiny();
+//! let head = build_head(ModelKind::Apn, &cfg, 4, 0, vb)?;
+//! vdg_trainer::init::seeded_init(&vm, 0)?;
+//! let x = vdg_trainer::init::seeded_randn(&[2, 3, 16], 1, DType::F32, &Device::Cpu)?;
+//! let out = head.forward_t(&x, false)?;
+//! assert_eq!(out.logits.dims(), &[2, 4]);
+//! # Ok::<(), vdg_trainer::Error>(())
+//! ```
+
+pub mod ada;
+pub mod device;
+pub mod error;
+pub mod init;
+pub mod models;
+pub mod nn;
+pub mod optim;
+
+pub use error::{Error, Result};
+
+#[cfg(test)]
+mod gradcheck;
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,139 @@
+//! Shared pieces: per-frame backbones ([`Backbone`]): a small CNN for CPU runs and ResNet-18/50
+//! with torchvision's parameter names, each followed by the paper's `Dropout(0.8)` and
+//! `Linear(-> D)` projection.
+
+pub mod resnet;
+
+use candle_core::{Module, ModuleT, Tensor};
+use candle_nn::{
+    BatchNorm, Conv2d, Conv2dConfig, Linear, VarBuilder, batch_norm, conv2d_no_bias, linear,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::nn::dropout;
+
+/// The per-frame backbones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackboneKind {
+    /// Three strided 3x3 conv + BN + ReLU layers (16, 32, 64 channels) and global pooling:
+    /// for CPU runs on small frames.
+    SmallCnn,
+    /// torchvision ResNet-18.
+    Resnet18,
+    /// torchvision ResNet-50 (the paper's backbone).
+    Resnet50,
+}
+
+impl BackboneKind {
+    /// Parses `small_cnn`, `resnet18`, `resnet50`.
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "small_cnn" => Ok(BackboneKind::SmallCnn),
+            "resnet18" => Ok(BackboneKind::Resnet18),
+            "resnet50" => Ok(BackboneKind::Resnet50),
+            other => Err(Error::Config(format!(
+                "unknown backbone {other:?}; known: small_cnn, resnet18, resnet50"
+            ))),
+        }
+    }
+}
+
+/// The released code's dropout before the projection.
+pub const PROJECTION_DROPOUT: f32 = 0.8;
+
+/// The small CNN.
+#[derive(Debug, Clone)]
+pub struct SmallCnn {
+    convs: Vec<(Conv2d, BatchNorm)>,
+}
+
+/// Channels of the small CNN's layers.
+pub const SMALL_CNN_CHANNELS: [usize; 3] = [16, 32, 64];
+
+impl SmallCnn {
+    /// Weights `conv{i}`, `bn{i}` under `vb`.
+    pub fn new(vb: VarBuilder) -> Result<Self> {
+        let mut convs = Vec::new();
+        let mut cin = 3;
+        for (i, &c) in SMALL_CNN_CHANNELS.iter().enumerate() {
+            let cfg = Conv2dConfig {
+                stride: 2,
+                padding: 1,
+                ..Default::default()
+            };
+            convs.push((
+                conv2d_no_bias(cin, c, 3, cfg, vb.pp(format!("conv{i}")))?,
+                batch_norm(c, 1e-5, vb.pp(format!("bn{i}")))?,
+            ));
+            cin = c;
+        }
+        Ok(SmallCnn { convs })
+    }
+
+    /// Output channels.
+    pub fn out_dim(&self) -> usize {
+        SMALL_CNN_CHANNELS[2]
+    }
+}
+
+impl ModuleT for SmallCnn {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let mut x = x.clone();
+        for (conv, bn) in &self.convs {
+            x = bn.forward_t(&conv.forward(&x)?, train)?.relu()?;
+        }
+        x.mean((2, 3))
+    }
+}
+
+enum Trunk {
+    Small(SmallCnn),
+    Resnet(resnet::ResNet),
+}
+
+/// A backbone plus the projection to `D`.
+pub struct Backbone {
+    trunk: Trunk,
+    projection: Linear,
+    dropout: f32,
+}
+
+impl Backbone {
+    /// Builds `kind` under `vb` (`vb.pp("new_fc")` holds the projection, as the released code
+    /// names it).
+    pub fn new(
+        kind: BackboneKind,
+        feature_dim: usize,
+        dropout: f32,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let trunk = match kind {
+            BackboneKind::SmallCnn => Trunk::Small(SmallCnn::new(vb.pp("cnn"))?),
+            BackboneKind::Resnet18 => Trunk::Resnet(resnet::ResNet::resnet18(vb.clone())?),
+            BackboneKind::Resnet50 => Trunk::Resnet(resnet::ResNet::resnet50(vb.clone())?),
+        };
+        let out = match &trunk {
+            Trunk::Small(s) => s.out_dim(),
+            Trunk::Resnet(r) => r.out_dim(),
+        };
+        Ok(Backbone {
+            projection: linear(out, feature_dim, vb.pp("new_fc"))?,
+            trunk,
+            dropout,
+        })
+    }
+
+    /// # Shapes
+    /// `frames [N, 3, H, W]` -> `[N, D]`.
+    pub fn forward_t(&self, frames: &Tensor, train: bool) -> Result<Tensor> {
+        let f = match &self.trunk {
+            Trunk::Small(s) => s.forward_t(frames, train)?,
+            Trunk::Resnet(r) => r.forward_t(frames, train)?,
+        };
+        Ok(self
+            .projection
+            .forward(&dropout(&f, self.dropout, train)?)?)
+    }
+}

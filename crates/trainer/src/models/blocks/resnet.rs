@@ -1,0 +1,173 @@
+//! ResNet-18/50 with torchvision's parameter names (`conv1`, `bn1`, `layer1.0.conv1`, ...,
+//! `layerN.0.downsample.{0,1}`), so ImageNet weights converted to safetensors load by path.
+//!
+//! Partial BN (the released APN code's default): in training, every BatchNorm but the first
+//! (`bn1`) runs in evaluation mode (running statistics, not updated); [`is_frozen_bn`] names
+//! the parameters the optimiser must leave alone.
+//!
+//! He et al., "Deep Residual Learning for Image Recognition", 2015, arXiv:1512.03385.
+
+use candle_core::{Module, ModuleT, Tensor};
+use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, VarBuilder, batch_norm, conv2d_no_bias};
+
+use crate::error::Result;
+
+fn conv(cin: usize, cout: usize, k: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        stride,
+        padding: k / 2,
+        ..Default::default()
+    };
+    Ok(conv2d_no_bias(cin, cout, k, cfg, vb)?)
+}
+
+fn bn(c: usize, vb: VarBuilder) -> Result<BatchNorm> {
+    Ok(batch_norm(c, 1e-5, vb)?)
+}
+
+/// Whether a parameter name belongs to a BatchNorm that partial BN freezes (all but `bn1`).
+pub fn is_frozen_bn(name: &str) -> bool {
+    let local = name.rsplit_once("layer").map(|(_, r)| r).unwrap_or(name);
+    name.contains("layer") && (local.contains(".bn") || local.contains("downsample.1"))
+}
+
+struct Block {
+    convs: Vec<(Conv2d, BatchNorm)>,
+    downsample: Option<(Conv2d, BatchNorm)>,
+}
+
+impl Block {
+    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let mut y = x.clone();
+        let n = self.convs.len();
+        for (i, (c, b)) in self.convs.iter().enumerate() {
+            // Partial BN: these BatchNorms always use their running statistics.
+            y = b.forward_t(&c.forward(&y)?, false)?;
+            if i + 1 < n {
+                y = y.relu()?;
+            }
+        }
+        let skip = match &self.downsample {
+            Some((c, b)) => b.forward_t(&c.forward(x)?, false)?,
+            None => x.clone(),
+        };
+        let _ = train;
+        (y + skip)?.relu()
+    }
+}
+
+/// A torchvision-layout ResNet without its final `fc`.
+pub struct ResNet {
+    conv1: Conv2d,
+    bn1: BatchNorm,
+    layers: Vec<Vec<Block>>,
+    out_dim: usize,
+}
+
+impl ResNet {
+    fn build(bottleneck: bool, counts: [usize; 4], vb: VarBuilder) -> Result<Self> {
+        let conv1 = conv(3, 64, 7, 2, vb.pp("conv1"))?;
+        let bn1 = bn(64, vb.pp("bn1"))?;
+        let expansion = if bottleneck { 4 } else { 1 };
+        let mut cin = 64;
+        let mut layers = Vec::new();
+        for (li, (&count, width)) in counts.iter().zip([64, 128, 256, 512]).enumerate() {
+            let lvb = vb.pp(format!("layer{}", li + 1));
+            let mut blocks = Vec::new();
+            for bi in 0..count {
+                let b = lvb.pp(bi.to_string());
+                let stride = if bi == 0 && li > 0 { 2 } else { 1 };
+                let cout = width * expansion;
+                let convs = if bottleneck {
+                    vec![
+                        (
+                            conv(cin, width, 1, 1, b.pp("conv1"))?,
+                            bn(width, b.pp("bn1"))?,
+                        ),
+                        (
+                            conv(width, width, 3, stride, b.pp("conv2"))?,
+                            bn(width, b.pp("bn2"))?,
+                        ),
+                        (
+                            conv(width, cout, 1, 1, b.pp("conv3"))?,
+                            bn(cout, b.pp("bn3"))?,
+                        ),
+                    ]
+                } else {
+                    vec![
+                        (
+                            conv(cin, width, 3, stride, b.pp("conv1"))?,
+                            bn(width, b.pp("bn1"))?,
+                        ),
+                        (
+                            conv(width, width, 3, 1, b.pp("conv2"))?,
+                            bn(width, b.pp("bn2"))?,
+                        ),
+                    ]
+                };
+                let downsample = if stride != 1 || cin != cout {
+                    Some((
+                        conv(cin, cout, 1, stride, b.pp("downsample.0"))?,
+                        bn(cout, b.pp("downsample.1"))?,
+                    ))
+                } else {
+                    None
+                };
+                blocks.push(Block { convs, downsample });
+                cin = cout;
+            }
+            layers.push(blocks);
+        }
+        Ok(ResNet {
+            conv1,
+            bn1,
+            layers,
+            out_dim: cin,
+        })
+    }
+
+    /// ResNet-18 (BasicBlocks 2-2-2-2).
+    pub fn resnet18(vb: VarBuilder) -> Result<Self> {
+        Self::build(false, [2, 2, 2, 2], vb)
+    }
+
+    /// ResNet-50 (Bottlenecks 3-4-6-3).
+    pub fn resnet50(vb: VarBuilder) -> Result<Self> {
+        Self::build(true, [3, 4, 6, 3], vb)
+    }
+
+    /// Channels of the pooled output (512 or 2048).
+    pub fn out_dim(&self) -> usize {
+        self.out_dim
+    }
+}
+
+impl ModuleT for ResNet {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let x = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        let mut x = x
+            .pad_with_same(2, 1, 1)?
+            .pad_with_same(3, 1, 1)?
+            .max_pool2d_with_stride(3, 2)?;
+        for layer in &self.layers {
+            for block in layer {
+                x = block.forward(&x, train)?;
+            }
+        }
+        x.mean((2, 3))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frozen_bn_names() {
+        assert!(!is_frozen_bn("backbone.bn1.weight"));
+        assert!(is_frozen_bn("backbone.layer1.0.bn2.weight"));
+        assert!(is_frozen_bn("backbone.layer3.0.downsample.1.running_mean"));
+        assert!(!is_frozen_bn("backbone.layer3.0.downsample.0.weight"));
+        assert!(!is_frozen_bn("backbone.layer2.1.conv1.weight"));
+    }
+}

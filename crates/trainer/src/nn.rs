@@ -1,0 +1,277 @@
+//! Layers with gradients that candle's fused kernels do not give.
+//!
+//! candle's fused `layer_norm`, `softmax_last_dim` and `sdpa` are applied without a backward
+//! pass and silently stop gradients (ecosystem-notes §5). Everything here is built from
+//! differentiable primitives; `tests` checks each against finite differences.
+
+use candle_core::{D, DType, Module, ModuleT, Tensor};
+use candle_nn::{Linear, VarBuilder, linear};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::Result;
+
+/// Layer normalisation over the last dimension, from differentiable primitives:
+/// `gamma * (x - mean) / sqrt(var + eps) + beta`, with the unbiased variance of the released
+/// APN code. (The released code divides by `std + eps`; `sqrt(var + eps)` keeps the gradient
+/// finite for a constant input.)
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    gamma: Tensor,
+    beta: Tensor,
+    eps: f64,
+}
+
+/// The released APN code's layer-norm epsilon.
+pub const LAYER_NORM_EPS: f64 = 1e-8;
+
+impl LayerNorm {
+    /// `gamma` (ones) and `beta` (zeros) of width `dim` under `vb` (`weight`, `bias`).
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        let gamma = vb.get_with_hints(dim, "weight", candle_nn::Init::Const(1.0))?;
+        let beta = vb.get_with_hints(dim, "bias", candle_nn::Init::Const(0.0))?;
+        Ok(LayerNorm { gamma, beta, eps })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let n = x.dim(D::Minus1)?;
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let denom = (n.max(2) - 1) as f64;
+        let var = (xc.sqr()?.sum_keepdim(D::Minus1)? / denom)?;
+        let y = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        y.broadcast_mul(&self.gamma)?.broadcast_add(&self.beta)
+    }
+}
+
+/// Softmax over the last dimension that passes gradients (`candle_nn::ops::softmax`, not
+/// the fused `softmax_last_dim`).
+pub fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
+    candle_nn::ops::softmax(x, D::Minus1)
+}
+
+thread_local! {
+    static DROPOUT_RNG: std::cell::RefCell<ChaCha8Rng> = std::cell::RefCell::new(ChaCha8Rng::seed_from_u64(0));
+}
+
+/// Seeds this thread's dropout masks (candle's own dropout draws from an unseeded RNG).
+pub fn seed_dropout(seed: u64) {
+    DROPOUT_RNG.with(|r| *r.borrow_mut() = ChaCha8Rng::seed_from_u64(seed));
+}
+
+/// This thread's dropout RNG state (seed, stream position), for checkpoints.
+pub fn dropout_state() -> ([u8; 32], u128) {
+    DROPOUT_RNG.with(|r| {
+        let r = r.borrow();
+        (r.get_seed(), r.get_word_pos())
+    })
+}
+
+/// Restores [`dropout_state`].
+pub fn set_dropout_state(seed: [u8; 32], word_pos: u128) {
+    DROPOUT_RNG.with(|r| {
+        let mut rng = ChaCha8Rng::from_seed(seed);
+        rng.set_word_pos(word_pos);
+        *r.borrow_mut() = rng;
+    });
+}
+
+/// Inverted dropout with a seeded mask; a no-op outside training.
+pub fn dropout(x: &Tensor, p: f32, train: bool) -> candle_core::Result<Tensor> {
+    if !train || p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let n = x.elem_count();
+    let keep = 1.0 - p;
+    let mask: Vec<f32> = DROPOUT_RNG.with(|r| {
+        let mut r = r.borrow_mut();
+        (0..n)
+            .map(|_| {
+                if r.random::<f32>() < keep {
+                    1.0 / keep
+                } else {
+                    0.0
+                }
+            })
+            .collect()
+    });
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x * mask
+}
+
+/// Hyper-parameters of the attention block (released APN code, `opts/hyper.py`).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AttentionConfig {
+    /// Model width.
+    pub width: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Hidden width of the feed-forward layer.
+    pub ff_width: usize,
+    /// Dropout on attention weights and on the block output.
+    pub dropout: f32,
+}
+
+impl Default for AttentionConfig {
+    fn default() -> Self {
+        AttentionConfig {
+            width: 256,
+            heads: 4,
+            ff_width: 1024,
+            dropout: 0.3,
+        }
+    }
+}
+
+/// Multi-head attention as in the released APN code: Q, K, V are `Linear + ReLU`; scores are
+/// scaled by `1/sqrt(width/heads)`; future keys are masked when `causal`; dropout on the
+/// weights; no output projection; the raw queries are added back and layer-normalised.
+///
+/// Deviation: the released code also masks keys and queries whose vector sums to exactly
+/// zero (its padding convention). Clips here always have M segments, so nothing is padded,
+/// and after a layer norm every row sums to zero up to rounding: that test would mask rows
+/// at random (and make the loss discontinuous). It is left out.
+#[derive(Debug, Clone)]
+pub struct MultiHeadAttention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    norm: LayerNorm,
+    cfg: AttentionConfig,
+}
+
+const MASKED: f64 = -4_294_967_295.0; // -2^32 + 1, as the released code
+
+impl MultiHeadAttention {
+    /// Weights `q`, `k`, `v`, `norm` under `vb`.
+    pub fn new(cfg: AttentionConfig, vb: VarBuilder) -> Result<Self> {
+        let w = cfg.width;
+        Ok(MultiHeadAttention {
+            q: linear(w, w, vb.pp("q"))?,
+            k: linear(w, w, vb.pp("k"))?,
+            v: linear(w, w, vb.pp("v"))?,
+            norm: LayerNorm::new(w, LAYER_NORM_EPS, vb.pp("norm"))?,
+            cfg,
+        })
+    }
+
+    /// # Shapes
+    /// `queries [B, Tq, W]`, `keys [B, Tk, W]` -> `[B, Tq, W]`.
+    pub fn forward_t(
+        &self,
+        queries: &Tensor,
+        keys: &Tensor,
+        causal: bool,
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
+        let (b, tq, w) = queries.dims3()?;
+        let tk = keys.dim(1)?;
+        let h = self.cfg.heads;
+        let dh = w / h;
+        let split = |x: Tensor, t: usize| x.reshape((b, t, h, dh))?.transpose(1, 2)?.contiguous();
+        let q = split(self.q.forward(queries)?.relu()?, tq)?;
+        let k = split(self.k.forward(keys)?.relu()?, tk)?;
+        let v = split(self.v.forward(keys)?.relu()?, tk)?;
+        let mut scores = (q.matmul(&k.transpose(2, 3)?.contiguous()?)? / (dh as f64).sqrt())?;
+        if causal {
+            let masked =
+                Tensor::full(MASKED, scores.shape(), scores.device())?.to_dtype(scores.dtype())?;
+            let future: Vec<u8> = (0..tq)
+                .flat_map(|i| (0..tk).map(move |j| u8::from(j > i)))
+                .collect();
+            let future = Tensor::from_vec(future, (1, 1, tq, tk), scores.device())?
+                .broadcast_as(scores.shape())?;
+            scores = future.where_cond(&masked, &scores)?;
+        }
+        let weights = softmax_last(&scores)?;
+        let weights = dropout(&weights, self.cfg.dropout, train)?;
+        let out = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, tq, w))?;
+        self.norm.forward(&(out + queries)?)
+    }
+}
+
+/// `Linear(W -> F) + ReLU -> Linear(F -> W)`, residual, layer norm.
+#[derive(Debug, Clone)]
+pub struct FeedForward {
+    inner: Linear,
+    outer: Linear,
+    norm: LayerNorm,
+}
+
+impl FeedForward {
+    /// Weights `inner`, `outer`, `norm` under `vb`.
+    pub fn new(cfg: AttentionConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(FeedForward {
+            inner: linear(cfg.width, cfg.ff_width, vb.pp("inner"))?,
+            outer: linear(cfg.ff_width, cfg.width, vb.pp("outer"))?,
+            norm: LayerNorm::new(cfg.width, LAYER_NORM_EPS, vb.pp("norm"))?,
+        })
+    }
+}
+
+impl Module for FeedForward {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = self.outer.forward(&self.inner.forward(x)?.relu()?)?;
+        self.norm.forward(&(y + x)?)
+    }
+}
+
+/// The APN attention block `T(x, y)` (released code's `AttModel`): an encoder on `x`
+/// (self-attention, feed-forward) and a decoder on `y` (causal self-attention, attention
+/// over the encoder output, feed-forward), then dropout. The output has `y`'s length.
+#[derive(Debug, Clone)]
+pub struct AttentionBlock {
+    enc_self: MultiHeadAttention,
+    enc_ff: FeedForward,
+    dec_self: MultiHeadAttention,
+    dec_cross: MultiHeadAttention,
+    dec_ff: FeedForward,
+    dropout: f32,
+}
+
+impl AttentionBlock {
+    /// Weights under `vb`.
+    pub fn new(cfg: AttentionConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(AttentionBlock {
+            enc_self: MultiHeadAttention::new(cfg, vb.pp("enc_self"))?,
+            enc_ff: FeedForward::new(cfg, vb.pp("enc_ff"))?,
+            dec_self: MultiHeadAttention::new(cfg, vb.pp("dec_self"))?,
+            dec_cross: MultiHeadAttention::new(cfg, vb.pp("dec_cross"))?,
+            dec_ff: FeedForward::new(cfg, vb.pp("dec_ff"))?,
+            dropout: cfg.dropout,
+        })
+    }
+
+    /// # Shapes
+    /// `x [B, Tx, W]` (encoder input), `y [B, Ty, W]` (decoder input) -> `[B, Ty, W]`.
+    pub fn forward_t(&self, x: &Tensor, y: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let enc = self
+            .enc_ff
+            .forward(&self.enc_self.forward_t(x, x, false, train)?)?;
+        let dec = self.dec_self.forward_t(y, y, true, train)?;
+        let dec = self.dec_cross.forward_t(&dec, &enc, false, train)?;
+        let dec = self.dec_ff.forward(&dec)?;
+        dropout(&dec, self.dropout, train)
+    }
+}
+
+/// Mean cross-entropy of `logits [B, C]` against `labels [B]` (u32), from log-softmax.
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> candle_core::Result<Tensor> {
+    candle_nn::loss::cross_entropy(logits, labels)
+}
+
+/// Mean squared error between two tensors of one shape.
+pub fn mse(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    (a - b)?.sqr()?.mean_all()
+}
+
+/// `ModuleT` for anything with `forward_t(x, train)`.
+pub fn apply_t<M: ModuleT>(m: &M, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    m.forward_t(x, train)
+}
+
+/// The dtype every model computes in.
+pub const DTYPE: DType = DType::F32;
