@@ -5,6 +5,7 @@
 
 mod logging;
 mod prep;
+mod train;
 
 use std::process::ExitCode;
 
@@ -32,6 +33,8 @@ enum Command {
     /// Write a tiny raw dataset sample (generated clips in the real layout), for trying prep.
     #[command(subcommand)]
     Sample(prep::SampleCommand),
+    /// Train a model on one direction of a prepared benchmark and test it on the targets.
+    Train(Box<train::TrainArgs>),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Prep(cmd) => prep::run(cmd, cli.quiet),
         Command::Sample(cmd) => prep::sample(cmd),
+        Command::Train(args) => train::run(*args, cli.quiet),
     };
     match result {
         Ok(code) => code,

@@ -624,6 +624,79 @@ pub fn read_video_frames(path: &Path, row: u64, count: u32) -> Result<Vec<Encode
     Ok(out)
 }
 
+/// Reads the JPEG bytes of chosen frames of one video: `indices` are frame indices within
+/// the video (0-based, any order, repeats allowed), `first_row` its [`VideoRow::first_row`].
+/// Only the row groups and pages holding those rows are read.
+pub fn read_frames_at(path: &Path, first_row: u64, indices: &[u32]) -> Result<Vec<Vec<u8>>> {
+    use parquet::arrow::ProjectionMask;
+    use parquet::arrow::arrow_reader::{RowSelection, RowSelector};
+    if indices.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut wanted: Vec<u64> = indices.iter().map(|&i| first_row + u64::from(i)).collect();
+    wanted.sort_unstable();
+    wanted.dedup();
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let builder =
+        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| Error::parquet(path, e))?;
+    // Row groups overlapping the wanted rows, and the selection relative to them.
+    let mut groups = Vec::new();
+    let mut selectors = Vec::new();
+    let mut start = 0u64;
+    for (g, rg) in builder.metadata().row_groups().iter().enumerate() {
+        let n = rg.num_rows() as u64;
+        let inside: Vec<u64> = wanted
+            .iter()
+            .copied()
+            .filter(|r| *r >= start && *r < start + n)
+            .collect();
+        if !inside.is_empty() {
+            groups.push(g);
+            let mut pos = start;
+            for r in inside {
+                if r > pos {
+                    selectors.push(RowSelector::skip((r - pos) as usize));
+                }
+                selectors.push(RowSelector::select(1));
+                pos = r + 1;
+            }
+            if start + n > pos {
+                selectors.push(RowSelector::skip((start + n - pos) as usize));
+            }
+        }
+        start += n;
+    }
+    let mask = ProjectionMask::columns(builder.parquet_schema(), ["image"]);
+    let reader = builder
+        .with_projection(mask)
+        .with_row_groups(groups)
+        .with_row_selection(RowSelection::from(selectors))
+        .build()
+        .map_err(|e| Error::parquet(path, e))?;
+    let mut got: Vec<Vec<u8>> = Vec::with_capacity(wanted.len());
+    for batch in reader {
+        let b = batch.map_err(|e| Error::arrow(path, e))?;
+        let img = column::<BinaryArray>(path, &b, "image")?;
+        got.extend((0..b.num_rows()).map(|i| img.value(i).to_vec()));
+    }
+    if got.len() != wanted.len() {
+        return Err(Error::bad_shard(
+            path,
+            format!("asked for {} frames, read {}", wanted.len(), got.len()),
+        ));
+    }
+    indices
+        .iter()
+        .map(|&i| {
+            let row = first_row + u64::from(i);
+            let k = wanted
+                .binary_search(&row)
+                .map_err(|_| Error::bad_shard(path, "frame lookup"))?;
+            Ok(got[k].clone())
+        })
+        .collect()
+}
+
 /// Path of frame shard `index` in `dir`.
 pub fn frames_path(dir: &Path, index: u32) -> PathBuf {
     dir.join(frames_file_name(index))
@@ -709,6 +782,21 @@ mod tests {
         assert_eq!(read_shard_meta(&p).unwrap(), meta);
         assert_eq!(read_video_frames(&p, 0, 40).unwrap(), a);
         assert_eq!(read_video_frames(&p, 40, 5).unwrap(), b);
+        // Chosen frames, any order, across row groups.
+        let picked = read_frames_at(&p, 0, &[39, 0, 17, 17]).unwrap();
+        assert_eq!(
+            picked,
+            vec![
+                a[39].jpeg.clone(),
+                a[0].jpeg.clone(),
+                a[17].jpeg.clone(),
+                a[17].jpeg.clone()
+            ]
+        );
+        assert_eq!(
+            read_frames_at(&p, 40, &[4, 1]).unwrap(),
+            vec![b[4].jpeg.clone(), b[1].jpeg.clone()]
+        );
         // Row groups never mix videos.
         let file = File::open(&p).unwrap();
         let md = ArrowReaderMetadata::load(&file, Default::default()).unwrap();

@@ -29,9 +29,11 @@ pub mod ada;
 pub mod device;
 pub mod error;
 pub mod init;
+pub mod loader;
 pub mod models;
 pub mod nn;
 pub mod optim;
+pub mod train;
 
 pub use error::{Error, Result};
 

@@ -50,6 +50,10 @@ impl Apn {
 }
 
 impl Head for Apn {
+    fn sampler(&self) -> Option<&super::SubsetSampler> {
+        Some(&self.sampler)
+    }
+
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<HeadOutput> {
         let (b, m, d) = x.dims3()?;
         if m != self.segments {

@@ -184,6 +184,11 @@ pub trait Head: Send + Sync {
     /// # Shapes
     /// `x [B, M, D]` -> logits `[B, C]` and named features.
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<HeadOutput>;
+
+    /// The subset sampler whose state checkpoints must keep, if the head samples subsets.
+    fn sampler(&self) -> Option<&SubsetSampler> {
+        None
+    }
 }
 
 /// Seeded source of frame subsets for relation heads; its state is saved in checkpoints.

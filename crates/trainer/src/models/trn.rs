@@ -92,6 +92,10 @@ impl Trn {
 }
 
 impl Head for Trn {
+    fn sampler(&self) -> Option<&super::SubsetSampler> {
+        Some(&self.rel.sampler)
+    }
+
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<HeadOutput> {
         let (_b, _m, _d) = x.dims3()?;
         let mut gs = Vec::new();

@@ -39,6 +39,10 @@ impl TrnAttn {
 }
 
 impl Head for TrnAttn {
+    fn sampler(&self) -> Option<&super::SubsetSampler> {
+        Some(&self.rel.sampler)
+    }
+
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<HeadOutput> {
         let (_b, _m, _d) = x.dims3()?;
         let mut gs = Vec::new();

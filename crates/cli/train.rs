@@ -1,0 +1,367 @@
+//! `vdg train`.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use vdg_data::Manifest;
+use vdg_trainer::ada::AdaVariant;
+use vdg_trainer::models::ModelKind;
+use vdg_trainer::models::blocks::BackboneKind;
+use vdg_trainer::train::{
+    EnsembleRule, Protocol, RunSpec, Selection, TrainConfig, TrainEvent, TrainProgress, train,
+};
+
+use crate::logging;
+
+/// Train a model on one direction of a prepared benchmark and test it on the target domains.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// A folder written by `vdg prep`.
+    #[arg(long, value_name = "DIR")]
+    data: PathBuf,
+    /// Direction as the manifest names it: `ucf->hmdb`, `L->C,R`.
+    #[arg(long)]
+    direction: String,
+    /// Temporal model: tsn, trn, trn_attn, apn.
+    #[arg(long, default_value = "apn")]
+    model: String,
+    /// ADA variant: none, ada, ada_star, global_only, level2_only, level3_only.
+    #[arg(long, default_value = "none")]
+    ada: String,
+    /// Run folder (config.toml, train.log, metrics.json, member-*/ checkpoints).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Defaults to follow: paper, released-code.
+    #[arg(long, default_value = "paper")]
+    protocol: String,
+    /// Per-frame backbone: small_cnn, resnet18, resnet50.
+    #[arg(long)]
+    backbone: Option<String>,
+    /// torchvision backbone weights converted to safetensors (see README).
+    #[arg(long, value_name = "FILE")]
+    backbone_weights: Option<PathBuf>,
+    /// Epochs (paper: 150).
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Clips per batch (paper: 40).
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Base learning rate (paper: 0.001, x0.1 every 30 epochs).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Gammas of the ensemble, comma-separated (paper: 0.001,0.01,0.1,1).
+    #[arg(long, value_delimiter = ',')]
+    gammas: Option<Vec<f64>>,
+    /// ADA ascent steps (paper: 5).
+    #[arg(long)]
+    ada_steps: Option<usize>,
+    /// Combination of ensemble members: max_confidence, mean_softmax.
+    #[arg(long)]
+    ensemble: Option<String>,
+    /// Input side in pixels (paper: 224).
+    #[arg(long)]
+    input_size: Option<usize>,
+    /// Frame feature width D (paper: 256).
+    #[arg(long)]
+    feature_dim: Option<usize>,
+    /// Model selection: source_val (default), target_test (the released code's oracle
+    /// selection: flagged in the metrics), last.
+    #[arg(long)]
+    selection: Option<String>,
+    /// Seed of initialisation, sampling, augmentation and dropout.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// cpu, or cuda[:N] (builds with the `cuda` feature only; never falls back to CPU).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Continue the run in --out from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+}
+
+/// `config.toml` of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// Tool version.
+    pub tool_version: String,
+    /// Git revision of the tool.
+    pub git_revision: String,
+    /// Prepared data folder.
+    pub data: String,
+    /// Its prep fingerprint.
+    pub data_fingerprint: String,
+    /// Benchmark.
+    pub benchmark: String,
+    /// Direction.
+    pub direction: String,
+    /// The resolved training configuration.
+    pub train: TrainConfig,
+}
+
+fn parse<T>(what: &str, v: &str, f: impl Fn(&str) -> Option<T>, known: &str) -> Result<T> {
+    f(v).with_context(|| format!("unknown {what} {v:?}; known: {known}"))
+}
+
+/// Resolves the arguments into a run record (protocol defaults, then flags).
+pub fn resolve(a: &TrainArgs) -> Result<(RunRecord, RunSpec)> {
+    let prep_path = a.data.join(vdg_data::shard::PREP_FILE);
+    let prep: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&prep_path).with_context(|| {
+            format!(
+                "reading {} (is --data a vdg prep folder?)",
+                prep_path.display()
+            )
+        })?)
+        .with_context(|| format!("parsing {}", prep_path.display()))?;
+    let manifest_text = prep["manifest_toml"]
+        .as_str()
+        .context("prep.json has no manifest")?;
+    let manifest = Manifest::from_toml(manifest_text, &prep_path)?;
+    let dir = manifest
+        .directions
+        .iter()
+        .find(|d| d.to_string() == a.direction.replace(' ', ""))
+        .with_context(|| {
+            format!(
+                "benchmark {} has no direction {:?}; it has {}",
+                manifest.name,
+                a.direction,
+                manifest
+                    .directions
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?;
+    let model = ModelKind::from_name(&a.model)?;
+    let ada = AdaVariant::from_name(&a.ada)?;
+    let mut c = match a.protocol.as_str() {
+        "paper" => TrainConfig::paper(model, ada),
+        "released-code" => TrainConfig::released_code(model, ada),
+        other => bail!("unknown protocol {other:?}; known: paper, released-code"),
+    };
+    let _: Protocol = c.protocol;
+    c.model_config.segments = manifest.segments as usize;
+    if let Some(b) = &a.backbone {
+        c.backbone = BackboneKind::from_name(b)?;
+    }
+    c.backbone_weights = a.backbone_weights.clone();
+    if let Some(v) = a.epochs {
+        c.epochs = v;
+    }
+    if let Some(v) = a.batch_size {
+        c.batch_size = v.max(1);
+    }
+    if let Some(v) = a.lr {
+        c.lr = v;
+    }
+    if let Some(v) = &a.gammas {
+        c.gammas = v.clone();
+    }
+    if let Some(v) = a.ada_steps {
+        c.ada_t_max = v;
+    }
+    if let Some(v) = &a.ensemble {
+        c.ensemble = parse(
+            "ensemble rule",
+            v,
+            |s| match s {
+                "max_confidence" => Some(EnsembleRule::MaxConfidence),
+                "mean_softmax" => Some(EnsembleRule::MeanSoftmax),
+                _ => None,
+            },
+            "max_confidence, mean_softmax",
+        )?;
+    }
+    if let Some(v) = a.input_size {
+        c.input_size = v;
+    }
+    if let Some(d) = a.feature_dim {
+        c.model_config.feature_dim = d;
+        c.model_config.attention.width = d;
+        c.model_config.trn_bottleneck = d;
+    }
+    if let Some(v) = &a.selection {
+        c.selection = parse(
+            "selection",
+            v,
+            |s| match s {
+                "source_val" => Some(Selection::SourceVal),
+                "target_test" => Some(Selection::TargetTest),
+                "last" => Some(Selection::Last),
+                _ => None,
+            },
+            "source_val, target_test, last",
+        )?;
+    }
+    c.seed = a.seed;
+    c.device = a.device.clone();
+    let record = RunRecord {
+        tool_version: env!("CARGO_PKG_VERSION").into(),
+        git_revision: env!("VDG_GIT_REV").into(),
+        data: a.data.display().to_string(),
+        data_fingerprint: prep["fingerprint"].as_str().unwrap_or_default().into(),
+        benchmark: manifest.name.clone(),
+        direction: dir.to_string(),
+        train: c,
+    };
+    let spec = RunSpec {
+        data: a.data.clone(),
+        source: dir.source.clone(),
+        targets: dir.targets.clone(),
+        classes: manifest.classes.iter().map(|c| c.name.clone()).collect(),
+        out: a.out.clone(),
+    };
+    Ok((record, spec))
+}
+
+/// Writes or checks the run folder's `config.toml`.
+pub fn prepare_run_folder(out: &Path, record: &RunRecord, resume: bool) -> Result<()> {
+    let path = out.join("config.toml");
+    let text = toml::to_string(record).context("serialising the run config")?;
+    if path.exists() {
+        let old: RunRecord = toml::from_str(&std::fs::read_to_string(&path)?)
+            .with_context(|| format!("parsing {}", path.display()))?;
+        let mut a = old.clone();
+        let mut b = record.clone();
+        a.git_revision.clear();
+        b.git_revision.clear();
+        if !resume {
+            bail!(
+                "{} already holds a run; pass --resume to continue it, or choose another --out",
+                out.display()
+            );
+        }
+        if a != b {
+            bail!(
+                "{} was started with another configuration; --resume needs the same arguments (see its config.toml)",
+                out.display()
+            );
+        }
+        return Ok(());
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    vdg_data::atomic::AtomicFile::write_all(&path, text.as_bytes())?;
+    Ok(())
+}
+
+struct Reporter {
+    bar: Option<ProgressBar>,
+    log: Mutex<Option<std::fs::File>>,
+    losses: Mutex<(f64, usize)>,
+}
+
+impl Reporter {
+    fn line(&self, s: &str) {
+        if let Ok(mut f) = self.log.lock()
+            && let Some(f) = f.as_mut()
+        {
+            let _ = writeln!(f, "{s}");
+        }
+        logging::suspend(|| tracing::info!("{s}"));
+    }
+}
+
+impl TrainProgress for Reporter {
+    fn event(&self, e: &TrainEvent<'_>) {
+        match e {
+            TrainEvent::Member {
+                index,
+                gamma,
+                start_epoch,
+                epochs,
+                batches,
+            } => {
+                self.line(&format!(
+                    "member {index} (gamma {gamma}): epochs {}..{epochs}, {batches} batches each",
+                    start_epoch + 1
+                ));
+                if let Some(b) = &self.bar {
+                    b.set_length(((epochs - start_epoch) * batches) as u64);
+                    b.set_position(0);
+                }
+            }
+            TrainEvent::Batch { epoch, loss } => {
+                if let Ok(mut l) = self.losses.lock() {
+                    l.0 += f64::from(*loss);
+                    l.1 += 1;
+                    if let Some(b) = &self.bar {
+                        b.inc(1);
+                        b.set_message(format!("epoch {} loss {:.3}", epoch + 1, l.0 / l.1 as f64));
+                    }
+                }
+            }
+            TrainEvent::Epoch { record } => {
+                if let Ok(mut l) = self.losses.lock() {
+                    *l = (0.0, 0);
+                }
+                self.line(&format!(
+                    "epoch {}: loss {:.4}, lr {:.2e}, source val top-1 {:.2}%",
+                    record.epoch, record.loss, record.lr, record.source_val_top1
+                ));
+            }
+        }
+    }
+}
+
+/// Runs `vdg train`.
+pub fn run(a: TrainArgs, quiet: bool) -> Result<ExitCode> {
+    let (record, spec) = resolve(&a)?;
+    prepare_run_folder(&a.out, &record, a.resume)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(a.out.join("train.log"))
+        .ok();
+    let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
+        let b = ProgressBar::new(0);
+        b.set_style(
+            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:32.cyan/blue} {pos}/{len} batches {msg} ETA {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        b.enable_steady_tick(Duration::from_millis(200));
+        b
+    });
+    logging::set_bar(bar.clone());
+    let reporter = Reporter {
+        bar: bar.clone(),
+        log: Mutex::new(log),
+        losses: Mutex::new((0.0, 0)),
+    };
+    reporter.line(&format!(
+        "train {} {} ada={} on {} ({}), run folder {}",
+        record.benchmark,
+        record.direction,
+        record.train.ada.name(),
+        a.data.display(),
+        &record.data_fingerprint.get(..16).unwrap_or(""),
+        a.out.display()
+    ));
+    let result = train(&spec, &record.train, a.resume, &reporter);
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    logging::set_bar(None);
+    let metrics = result.with_context(|| format!("training into {}", a.out.display()))?;
+    for (t, m) in &metrics.targets {
+        println!(
+            "{} -> {t}: top-1 {:.2}% on {} clips",
+            spec.source, m.top1, m.clips
+        );
+    }
+    if metrics.selection == Selection::TargetTest {
+        println!(
+            "note: epochs were selected on target-test accuracy (the released code's oracle protocol)"
+        );
+    }
+    println!("metrics: {}", a.out.join("metrics.json").display());
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,433 @@
+//! Clips from prepared shards: TSN segment sampling, the paper's augmentation, JPEG decoding
+//! on worker threads, batches `[B, M, 3, S, S]` with prefetch.
+//!
+//! Sampling (released VideoDG/TSN code, dataset-facts §1.4, 0-based here): training takes one
+//! random frame per segment (`k * (n / M) + U{0..n/M-1}`; `M` sorted random frames when a
+//! segment is shorter than a frame; frame 0 when `n < M`); evaluation takes segment centres
+//! (`floor(n/M/2 + k*n/M)`).
+//!
+//! Augmentation (§1.5): training crops a square-ish region whose sides are drawn from
+//! `{1, .875, .75, .66} x` the shorter side (aspect distortion at most one step), placed at one
+//! of 13 fixed offsets, resized to `S x S`, and flips the whole clip with probability 1/2.
+//! Evaluation resizes the shorter side to `S * 256 / 224` and takes the centre `S x S`.
+//! Pixels are scaled to [0, 1] and normalised with the ImageNet mean and std.
+//!
+//! Every random choice comes from a ChaCha RNG seeded by (seed, epoch, clip), so batches do not
+//! depend on thread timing.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use candle_core::{Device, Tensor};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use vdg_data::shard::{VIDEOS_FILE, frames_path, read_frames_at, read_videos_table};
+use vdg_data::split::derive_seed;
+use vdg_data::{VideoRow, VideoStatus};
+
+use crate::error::{Error, Result};
+
+/// ImageNet channel means.
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+/// ImageNet channel standard deviations.
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+/// Multi-scale crop scales.
+pub const CROP_SCALES: [f64; 4] = [1.0, 0.875, 0.75, 0.66];
+
+/// The videos of some domains (and optionally one source split) of a prepared folder.
+#[derive(Debug, Clone)]
+pub struct ClipSet {
+    dir: PathBuf,
+    /// The videos, in `videos.parquet` order.
+    pub videos: Vec<VideoRow>,
+}
+
+impl ClipSet {
+    /// Opens `dir`'s videos of `domains` whose `source_split` is `split` (any when `None`);
+    /// failed and empty videos are left out.
+    pub fn open(dir: &Path, domains: &[String], split: Option<&str>) -> Result<Self> {
+        let rows = read_videos_table(&dir.join(VIDEOS_FILE))?;
+        let videos = rows
+            .into_iter()
+            .filter(|r| r.status == VideoStatus::Ok && r.num_frames > 0)
+            .filter(|r| domains.contains(&r.domain))
+            .filter(|r| split.is_none_or(|s| r.source_split == s))
+            .collect();
+        Ok(ClipSet {
+            dir: dir.to_owned(),
+            videos,
+        })
+    }
+
+    /// Number of clips.
+    pub fn len(&self) -> usize {
+        self.videos.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.videos.is_empty()
+    }
+}
+
+/// How clips are turned into tensors.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoaderConfig {
+    /// Segments M.
+    pub segments: usize,
+    /// Side of the square input S (224 in the paper).
+    pub input_size: usize,
+    /// Training sampling and augmentation, or the deterministic evaluation protocol.
+    pub train: bool,
+    /// Clips per batch.
+    pub batch_size: usize,
+    /// Seed of every random choice.
+    pub seed: u64,
+}
+
+/// Frame indices for one clip of `n` frames.
+pub fn segment_indices(n: usize, m: usize, train: bool, rng: &mut impl Rng) -> Vec<u32> {
+    if n == 0 {
+        return vec![0; m];
+    }
+    if train {
+        let avg = n / m;
+        if avg > 0 {
+            (0..m)
+                .map(|k| (k * avg + rng.random_range(0..avg)) as u32)
+                .collect()
+        } else if n > m {
+            let mut v: Vec<u32> = rand::seq::index::sample(rng, n, m)
+                .into_iter()
+                .map(|i| i as u32)
+                .collect();
+            v.sort_unstable();
+            v
+        } else {
+            vec![0; m]
+        }
+    } else if n > m {
+        let tick = n as f64 / m as f64;
+        (0..m)
+            .map(|k| (tick / 2.0 + k as f64 * tick) as u32)
+            .collect()
+    } else {
+        vec![0; m]
+    }
+}
+
+/// The 13 fixed crop offsets (`more_fix_crop`) for a `cw x ch` crop of a `w x h` image.
+pub fn fixed_offsets(w: usize, h: usize, cw: usize, ch: usize) -> Vec<(usize, usize)> {
+    let (ws, hs) = ((w - cw) / 4, (h - ch) / 4);
+    vec![
+        (0, 0),
+        (4 * ws, 0),
+        (0, 4 * hs),
+        (4 * ws, 4 * hs),
+        (2 * ws, 2 * hs),
+        (0, 2 * hs),
+        (4 * ws, 2 * hs),
+        (2 * ws, 4 * hs),
+        (2 * ws, 0),
+        (ws, hs),
+        (3 * ws, hs),
+        (ws, 3 * hs),
+        (3 * ws, 3 * hs),
+    ]
+}
+
+/// A crop box `(x, y, w, h)` and flip, chosen once per clip.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct View {
+    /// Left.
+    pub x: f64,
+    /// Top.
+    pub y: f64,
+    /// Width.
+    pub w: f64,
+    /// Height.
+    pub h: f64,
+    /// Mirror horizontally.
+    pub flip: bool,
+}
+
+/// The training view: multi-scale crop at a fixed offset, random flip.
+pub fn train_view(w: usize, h: usize, input: usize, rng: &mut impl Rng) -> View {
+    let base = w.min(h) as f64;
+    let sizes: Vec<usize> = CROP_SCALES
+        .iter()
+        .map(|s| {
+            let c = (base * s) as usize;
+            if c.abs_diff(input) < 3 {
+                input.min(w.min(h))
+            } else {
+                c
+            }
+        })
+        .collect();
+    let mut pairs = Vec::new();
+    for (i, &ch) in sizes.iter().enumerate() {
+        for (j, &cw) in sizes.iter().enumerate() {
+            if i.abs_diff(j) <= 1 {
+                pairs.push((cw.min(w).max(1), ch.min(h).max(1)));
+            }
+        }
+    }
+    let (cw, ch) = pairs[rng.random_range(0..pairs.len())];
+    let offsets = fixed_offsets(w, h, cw, ch);
+    let (x, y) = offsets[rng.random_range(0..offsets.len())];
+    View {
+        x: x as f64,
+        y: y as f64,
+        w: cw as f64,
+        h: ch as f64,
+        flip: rng.random_bool(0.5),
+    }
+}
+
+/// The evaluation view: scale the shorter side to `input * 256 / 224`, centre crop.
+pub fn eval_view(w: usize, h: usize, input: usize) -> View {
+    let scale_size = input as f64 * 256.0 / 224.0;
+    let s = scale_size / (w.min(h) as f64);
+    // The centre `input x input` of the rescaled frame, in source pixels.
+    let side = input as f64 / s;
+    View {
+        x: (w as f64 - side) / 2.0,
+        y: (h as f64 - side) / 2.0,
+        w: side,
+        h: side,
+        flip: false,
+    }
+}
+
+/// Bilinear resampling of `view` of an RGB image to `out x out`, normalised, into `dst`
+/// (planar CHW).
+pub fn resample(rgb: &[u8], w: usize, h: usize, view: &View, out: usize, dst: &mut [f32]) {
+    let plane = out * out;
+    for oy in 0..out {
+        let sy =
+            (view.y + (oy as f64 + 0.5) * view.h / out as f64 - 0.5).clamp(0.0, (h - 1) as f64);
+        let (y0, fy) = (sy.floor() as usize, sy - sy.floor());
+        let y1 = (y0 + 1).min(h - 1);
+        for ox in 0..out {
+            let px = if view.flip { out - 1 - ox } else { ox };
+            let sx =
+                (view.x + (px as f64 + 0.5) * view.w / out as f64 - 0.5).clamp(0.0, (w - 1) as f64);
+            let (x0, fx) = (sx.floor() as usize, sx - sx.floor());
+            let x1 = (x0 + 1).min(w - 1);
+            for c in 0..3 {
+                let p = |x: usize, y: usize| f64::from(rgb[(y * w + x) * 3 + c]);
+                let v = p(x0, y0) * (1.0 - fx) * (1.0 - fy)
+                    + p(x1, y0) * fx * (1.0 - fy)
+                    + p(x0, y1) * (1.0 - fx) * fy
+                    + p(x1, y1) * fx * fy;
+                dst[c * plane + oy * out + ox] =
+                    ((v / 255.0) as f32 - IMAGENET_MEAN[c]) / IMAGENET_STD[c];
+            }
+        }
+    }
+}
+
+/// Decodes a JPEG to RGB: (width, height, pixels).
+pub fn decode_jpeg(bytes: &[u8]) -> std::result::Result<(usize, usize, Vec<u8>), String> {
+    use zune_jpeg::zune_core::colorspace::ColorSpace;
+    use zune_jpeg::zune_core::options::DecoderOptions;
+    let opts = DecoderOptions::default().jpeg_set_out_colorspace(ColorSpace::RGB);
+    let mut d = zune_jpeg::JpegDecoder::new_with_options(bytes, opts);
+    let px = d.decode().map_err(|e| e.to_string())?;
+    let info = d.info().ok_or("no image info")?;
+    Ok((usize::from(info.width), usize::from(info.height), px))
+}
+
+/// One clip as `[M * 3 * S * S]` floats.
+pub fn load_clip(
+    set: &ClipSet,
+    index: usize,
+    cfg: &LoaderConfig,
+    epoch: usize,
+) -> Result<Vec<f32>> {
+    let v = &set.videos[index];
+    let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(
+        cfg.seed,
+        &format!("clip/{epoch}/{}", v.video_id),
+    ));
+    let idx = segment_indices(v.num_frames as usize, cfg.segments, cfg.train, &mut rng);
+    let (Some(shard), Some(first)) = (v.shard, v.first_row) else {
+        return Err(Error::Config(format!(
+            "{}: no frames in the shards",
+            v.video_id
+        )));
+    };
+    let frames = read_frames_at(&frames_path(&set.dir, shard), first, &idx)?;
+    let s = cfg.input_size;
+    let mut out = vec![0f32; cfg.segments * 3 * s * s];
+    let mut view = None;
+    for (k, jpeg) in frames.iter().enumerate() {
+        let (w, h, rgb) = decode_jpeg(jpeg).map_err(|message| Error::Frame {
+            video_id: v.video_id.clone(),
+            frame: idx[k] as usize,
+            message,
+        })?;
+        let vw = *view.get_or_insert_with(|| {
+            if cfg.train {
+                train_view(w, h, s, &mut rng)
+            } else {
+                eval_view(w, h, s)
+            }
+        });
+        resample(
+            &rgb,
+            w,
+            h,
+            &vw,
+            s,
+            &mut out[k * 3 * s * s..(k + 1) * 3 * s * s],
+        );
+    }
+    Ok(out)
+}
+
+/// A batch: clips `[B, M, 3, S, S]`, labels `[B]`, and which videos they are.
+pub struct Batch {
+    /// Pixels.
+    pub clips: Tensor,
+    /// Labels (u32).
+    pub labels: Tensor,
+    /// Indices into the clip set.
+    pub indices: Vec<usize>,
+}
+
+/// The order of an epoch: shuffled (training) or as stored.
+pub fn epoch_order(n: usize, cfg: &LoaderConfig, epoch: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    if cfg.train {
+        order.shuffle(&mut ChaCha8Rng::seed_from_u64(derive_seed(
+            cfg.seed,
+            &format!("order/{epoch}"),
+        )));
+    }
+    order
+}
+
+/// Builds one batch from clip indices, decoding clips in parallel.
+pub fn make_batch(
+    set: &ClipSet,
+    indices: &[usize],
+    cfg: &LoaderConfig,
+    epoch: usize,
+    device: &Device,
+) -> Result<Batch> {
+    let clips: Vec<Vec<f32>> = indices
+        .par_iter()
+        .map(|&i| load_clip(set, i, cfg, epoch))
+        .collect::<Result<_>>()?;
+    let s = cfg.input_size;
+    let flat: Vec<f32> = clips.into_iter().flatten().collect();
+    let clips = Tensor::from_vec(flat, (indices.len(), cfg.segments, 3, s, s), device)?;
+    let labels: Vec<u32> = indices.iter().map(|&i| set.videos[i].label).collect();
+    Ok(Batch {
+        labels: Tensor::new(labels.as_slice(), device)?,
+        clips,
+        indices: indices.to_vec(),
+    })
+}
+
+/// Batches of one epoch, prepared by a background thread two batches ahead.
+pub fn batches(
+    set: &ClipSet,
+    cfg: LoaderConfig,
+    epoch: usize,
+    device: Device,
+) -> impl Iterator<Item = Result<Batch>> {
+    let (tx, rx) = mpsc::sync_channel::<Result<Batch>>(2);
+    let set = set.clone();
+    let order = epoch_order(set.len(), &cfg, epoch);
+    std::thread::spawn(move || {
+        for chunk in order.chunks(cfg.batch_size.max(1)) {
+            let b = make_batch(&set, chunk, &cfg, epoch, &device);
+            let stop = b.is_err();
+            if tx.send(b).is_err() || stop {
+                return;
+            }
+        }
+    });
+    rx.into_iter()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segment_sampling_follows_tsn() {
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        // Evaluation: segment centres.
+        assert_eq!(
+            segment_indices(100, 5, false, &mut rng),
+            [10, 30, 50, 70, 90]
+        );
+        assert_eq!(segment_indices(3, 5, false, &mut rng), [0; 5]);
+        for _ in 0..50 {
+            let t = segment_indices(100, 5, true, &mut rng);
+            for (k, &i) in t.iter().enumerate() {
+                assert!((k * 20..k * 20 + 20).contains(&(i as usize)), "{t:?}");
+            }
+            let short = segment_indices(7, 5, true, &mut rng);
+            assert!(
+                short.windows(2).all(|w| w[0] < w[1]) && short.iter().all(|&i| i < 7),
+                "{short:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn views_stay_inside_the_frame() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        for _ in 0..200 {
+            let v = train_view(341, 256, 224, &mut rng);
+            assert!(
+                v.x >= 0.0 && v.y >= 0.0 && v.x + v.w <= 341.0 && v.y + v.h <= 256.0,
+                "{v:?}"
+            );
+            assert!(v.w >= 256.0 * 0.66 - 1.0 && v.h >= 256.0 * 0.66 - 1.0);
+        }
+        let e = eval_view(341, 256, 224);
+        // Short side 256 scales to 256 (=224*256/224): the centre 224x224 at (58.5, 16).
+        assert!(
+            (e.w - 224.0).abs() < 1e-9 && (e.x - 58.5).abs() < 1e-9 && (e.y - 16.0).abs() < 1e-9,
+            "{e:?}"
+        );
+        let small = eval_view(160, 120, 64);
+        assert!((small.w - 120.0 * 224.0 / 256.0).abs() < 1e-9, "{small:?}");
+    }
+
+    #[test]
+    fn resample_identity_flip_and_normalisation() {
+        // A 2x1 image: red, blue. Identity view at 2x2 output keeps columns; flip swaps them.
+        let rgb = [255u8, 0, 0, 0, 0, 255];
+        let mut out = vec![0f32; 3 * 2];
+        let v = View {
+            x: 0.0,
+            y: 0.0,
+            w: 2.0,
+            h: 1.0,
+            flip: false,
+        };
+        resample(&rgb, 2, 1, &v, 1, &mut out[..3]);
+        let mut o2 = vec![0f32; 3 * 4];
+        resample(&rgb, 2, 1, &View { h: 1.0, ..v }, 2, &mut o2);
+        let red = (1.0 - IMAGENET_MEAN[0]) / IMAGENET_STD[0];
+        let none = (0.0 - IMAGENET_MEAN[0]) / IMAGENET_STD[0];
+        assert!(
+            (o2[0] - red).abs() < 1e-5 && (o2[1] - none).abs() < 1e-5,
+            "{o2:?}"
+        );
+        resample(&rgb, 2, 1, &View { flip: true, ..v }, 2, &mut o2);
+        assert!(
+            (o2[0] - none).abs() < 1e-5 && (o2[1] - red).abs() < 1e-5,
+            "{o2:?}"
+        );
+    }
+}
