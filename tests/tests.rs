@@ -12,3 +12,6 @@ mod prep_ucf_hmdb;
 
 // `vdg prep ssv2`, `pku-mmd`, `ntu`: their layouts, annotations and bad cases.
 mod prep_other;
+
+// `vdg train`: run folder, resume after kill -9, every model, errors.
+mod train;

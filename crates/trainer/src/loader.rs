@@ -407,7 +407,7 @@ mod tests {
     fn resample_identity_flip_and_normalisation() {
         // A 2x1 image: red, blue. Identity view at 2x2 output keeps columns; flip swaps them.
         let rgb = [255u8, 0, 0, 0, 0, 255];
-        let mut out = vec![0f32; 3 * 2];
+        let mut out = [0f32; 3 * 2];
         let v = View {
             x: 0.0,
             y: 0.0,
@@ -416,7 +416,7 @@ mod tests {
             flip: false,
         };
         resample(&rgb, 2, 1, &v, 1, &mut out[..3]);
-        let mut o2 = vec![0f32; 3 * 4];
+        let mut o2 = [0f32; 3 * 4];
         resample(&rgb, 2, 1, &View { h: 1.0, ..v }, 2, &mut o2);
         let red = (1.0 - IMAGENET_MEAN[0]) / IMAGENET_STD[0];
         let none = (0.0 - IMAGENET_MEAN[0]) / IMAGENET_STD[0];
