@@ -725,3 +725,68 @@ mod tests {
         assert_eq!(m.per_class, vec![Some(100.0), Some(50.0)]);
     }
 }
+
+#[cfg(test)]
+mod weight_tests {
+    use candle_core::{DType, Device};
+    use candle_nn::{VarBuilder, VarMap};
+
+    use super::load_backbone_weights;
+    use crate::init::seeded_init;
+    use crate::models::blocks::resnet::ResNet;
+    use crate::models::blocks::{Backbone, BackboneKind};
+
+    #[test]
+    fn resnet_uses_torchvision_names_and_loads_a_converted_state_dict() {
+        // ResNet-50's names, as torchvision's state_dict() has them.
+        let vm50 = VarMap::new();
+        ResNet::resnet50(VarBuilder::from_varmap(&vm50, DType::F32, &Device::Cpu)).unwrap();
+        let names50: Vec<String> = vm50.data().lock().unwrap().keys().cloned().collect();
+        for n in [
+            "conv1.weight",
+            "bn1.running_var",
+            "layer1.0.conv3.weight",
+            "layer1.0.downsample.1.running_mean",
+            "layer3.5.bn2.bias",
+            "layer4.2.conv2.weight",
+        ] {
+            assert!(names50.iter().any(|x| x == n), "no {n}");
+        }
+        // 53 convolutions (weights only), 53 BatchNorms (4 tensors each).
+        assert_eq!(names50.len(), 53 + 53 * 4, "parameter and buffer count");
+
+        // A "converted" ResNet-18 state dict written by the test (plus torchvision's fc).
+        let dir = tempfile::tempdir().unwrap();
+        let src = VarMap::new();
+        ResNet::resnet18(VarBuilder::from_varmap(&src, DType::F32, &Device::Cpu)).unwrap();
+        seeded_init(&src, 42).unwrap();
+        let mut tensors: std::collections::HashMap<String, candle_core::Tensor> = src
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        tensors.insert("fc.weight".into(), candle_core::Tensor::zeros((1000, 512), DType::F32, &Device::Cpu).unwrap());
+        let path = dir.path().join("resnet18.safetensors");
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+
+        let vm = VarMap::new();
+        Backbone::new(BackboneKind::Resnet18, 8, 0.8, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu).pp("backbone")).unwrap();
+        seeded_init(&vm, 1).unwrap();
+        load_backbone_weights(&vm, &path).unwrap();
+        let data = vm.data().lock().unwrap();
+        for key in ["conv1.weight", "layer2.0.downsample.0.weight", "layer4.1.bn2.running_mean"] {
+            let got = data[&format!("backbone.{key}")].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let want = tensors[key].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(got, want, "{key}");
+        }
+        drop(data);
+        // A missing tensor is an error naming it.
+        let mut partial = tensors.clone();
+        partial.remove("layer1.0.conv1.weight");
+        candle_core::safetensors::save(&partial, &path).unwrap();
+        let err = load_backbone_weights(&vm, &path).unwrap_err().to_string();
+        assert!(err.contains("layer1.0.conv1.weight"), "{err}");
+    }
+}
