@@ -767,18 +767,40 @@ mod weight_tests {
             .iter()
             .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
             .collect();
-        tensors.insert("fc.weight".into(), candle_core::Tensor::zeros((1000, 512), DType::F32, &Device::Cpu).unwrap());
+        tensors.insert(
+            "fc.weight".into(),
+            candle_core::Tensor::zeros((1000, 512), DType::F32, &Device::Cpu).unwrap(),
+        );
         let path = dir.path().join("resnet18.safetensors");
         candle_core::safetensors::save(&tensors, &path).unwrap();
 
         let vm = VarMap::new();
-        Backbone::new(BackboneKind::Resnet18, 8, 0.8, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu).pp("backbone")).unwrap();
+        Backbone::new(
+            BackboneKind::Resnet18,
+            8,
+            0.8,
+            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu).pp("backbone"),
+        )
+        .unwrap();
         seeded_init(&vm, 1).unwrap();
         load_backbone_weights(&vm, &path).unwrap();
         let data = vm.data().lock().unwrap();
-        for key in ["conv1.weight", "layer2.0.downsample.0.weight", "layer4.1.bn2.running_mean"] {
-            let got = data[&format!("backbone.{key}")].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let want = tensors[key].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for key in [
+            "conv1.weight",
+            "layer2.0.downsample.0.weight",
+            "layer4.1.bn2.running_mean",
+        ] {
+            let got = data[&format!("backbone.{key}")]
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let want = tensors[key]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             assert_eq!(got, want, "{key}");
         }
         drop(data);
