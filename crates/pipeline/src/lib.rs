@@ -19,5 +19,6 @@ pub mod plan;
 pub mod prep;
 pub mod sample;
 pub mod scan;
+pub mod synthetic;
 
 pub use error::{DecodeError, Error, Result};
