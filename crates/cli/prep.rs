@@ -13,7 +13,7 @@ use vdg_data::{Manifest, VideoStatus};
 use vdg_pipeline::plan::{ContentOptions, DEFAULT_JPEG_QUALITY, build_plan};
 use vdg_pipeline::prep::{PrepEvent, PrepSummary, Progress, RunOptions, run_prep};
 use vdg_pipeline::scan::{
-    Scan, Severity, scan_hmdb51, scan_ntu, scan_pku_mmd, scan_ssv2, scan_ucf101,
+    Scan, Severity, scan_hmdb51, scan_ntu, scan_pku_mmd, scan_ssv2, scan_synthetic, scan_ucf101,
 };
 
 use crate::logging;
@@ -70,6 +70,19 @@ pub enum PrepCommand {
         #[command(flatten)]
         common: CommonPrep,
     },
+    /// The embedded synthetic benchmark: generates its clips (into <out>/raw) and prepares
+    /// them (manifests/synthetic.toml). No download.
+    Synthetic(SyntheticArgs),
+}
+
+/// `vdg prep synthetic`'s own options.
+#[derive(Debug, Args)]
+pub struct SyntheticArgs {
+    /// Size: tiny (4 clips per class and domain), small (16, the default bench), full (60).
+    #[arg(long, default_value = "small")]
+    pub scale: String,
+    #[command(flatten)]
+    pub common: CommonPrep,
 }
 
 /// Options shared by every `vdg prep` benchmark.
@@ -77,7 +90,7 @@ pub enum PrepCommand {
 pub struct CommonPrep {
     /// Output folder (created if needed; a rerun resumes or confirms it is up to date).
     #[arg(long, value_name = "DIR")]
-    out: PathBuf,
+    pub out: PathBuf,
     /// Resize frames so the shorter side is this many pixels (aspect kept; never upscales).
     #[arg(long, default_value_t = vdg_pipeline::decode::DEFAULT_SHORT_SIDE, value_name = "PX")]
     short_side: u32,
@@ -90,9 +103,9 @@ pub struct CommonPrep {
     /// Decoding threads, one video each (default: all cores). Does not change the output.
     #[arg(long, short = 'j', value_name = "N")]
     jobs: Option<usize>,
-    /// Seed of the train/val split of every source domain.
+    /// Seed of the train/val split of every source domain (and of the synthetic clips).
     #[arg(long, default_value_t = 0)]
-    seed: u64,
+    pub seed: u64,
     /// Split rule from the manifest (`paper`: 70/30 group-aware; `released-code`: 80/20 by clip).
     #[arg(long, value_name = "NAME")]
     split_rule: Option<String>,
@@ -153,6 +166,36 @@ pub fn sample(cmd: SampleCommand) -> Result<ExitCode> {
     }
 }
 
+/// Generates the synthetic raw clips into `raw` unless a complete set for this scale and seed
+/// is there (a marker file written last says so).
+fn ensure_synthetic(
+    raw: &Path,
+    scale: vdg_pipeline::synthetic::Scale,
+    scale_name: &str,
+    seed: u64,
+) -> Result<()> {
+    let marker = raw.join(".vdg-synthetic");
+    let want = format!(
+        "scale={scale_name} seed={seed} version={}\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    if std::fs::read_to_string(&marker).is_ok_and(|m| m == want) {
+        return Ok(());
+    }
+    if raw.exists() {
+        std::fs::remove_dir_all(raw).with_context(|| format!("clearing {}", raw.display()))?;
+    }
+    tracing::info!(
+        "generating the synthetic clips ({scale_name}, seed {seed}) into {}",
+        raw.display()
+    );
+    let n = vdg_pipeline::synthetic::write_synthetic(raw, scale, seed)
+        .with_context(|| format!("writing synthetic clips into {}", raw.display()))?;
+    vdg_data::atomic::AtomicFile::write_all(&marker, want.as_bytes())?;
+    tracing::info!("{n} synthetic clips written");
+    Ok(())
+}
+
 fn load_manifest(builtin: &str, file: &Option<PathBuf>) -> Result<Manifest> {
     Ok(match file {
         Some(p) => Manifest::load(p)?,
@@ -197,6 +240,17 @@ pub fn run(cmd: PrepCommand, quiet: bool) -> Result<ExitCode> {
             let scan =
                 scan_pku_mmd(&root, labels.as_deref(), frame_base).context("scanning PKU-MMD")?;
             prep_with(&manifest, &[&scan], &common, quiet)
+        }
+        PrepCommand::Synthetic(args) => {
+            let scale =
+                vdg_pipeline::synthetic::Scale::from_name(&args.scale).with_context(|| {
+                    format!("unknown scale {:?}; known: tiny, small, full", args.scale)
+                })?;
+            let raw = args.common.out.join("raw");
+            ensure_synthetic(&raw, scale, &args.scale, args.common.seed)?;
+            let manifest = load_manifest("synthetic", &args.common.manifest)?;
+            let scan = scan_synthetic(&raw).context("scanning the synthetic clips")?;
+            prep_with(&manifest, &[&scan], &args.common, quiet)
         }
         PrepCommand::Ntu { videos, common } => {
             let manifest = load_manifest("ntu", &common.manifest)?;

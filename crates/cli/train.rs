@@ -71,6 +71,9 @@ pub struct TrainArgs {
     /// Frame feature width D (paper: 256).
     #[arg(long)]
     feature_dim: Option<usize>,
+    /// Dropout before the backbone's projection (paper: 0.8).
+    #[arg(long)]
+    projection_dropout: Option<f32>,
     /// Model selection: source_val (default), target_test (the released code's oracle
     /// selection: flagged in the metrics), last.
     #[arg(long)]
@@ -188,6 +191,9 @@ pub fn resolve(a: &TrainArgs) -> Result<(RunRecord, RunSpec)> {
         c.model_config.feature_dim = d;
         c.model_config.attention.width = d;
         c.model_config.trn_bottleneck = d;
+    }
+    if let Some(v) = a.projection_dropout {
+        c.projection_dropout = v;
     }
     if let Some(v) = &a.selection {
         c.selection = parse(

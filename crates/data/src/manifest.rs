@@ -26,6 +26,10 @@ pub const BUILTIN_MANIFESTS: &[(&str, &str)] = &[
     ),
     ("pku_mmd", include_str!("../../../manifests/pku_mmd.toml")),
     ("ntu", include_str!("../../../manifests/ntu.toml")),
+    (
+        "synthetic",
+        include_str!("../../../manifests/synthetic.toml"),
+    ),
 ];
 
 /// Key of a class's `native` table that applies to every domain.

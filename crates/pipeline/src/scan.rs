@@ -263,6 +263,27 @@ pub fn hmdb51_group(class: &str, stem: &str) -> Option<String> {
     (head[title_len..] == class_tokens[..] && title_len > 0).then(|| head[..title_len].join("_"))
 }
 
+/// Scans the synthetic benchmark's raw layout `root/<domain>/<class>/<clip>.avi`
+/// ([`crate::synthetic::write_synthetic`]): the domain folder is the view.
+pub fn scan_synthetic(root: &Path) -> Result<Scan> {
+    let mut all = Scan {
+        dataset: "synthetic".into(),
+        root: root.to_owned(),
+        ..Scan::default()
+    };
+    for domain in crate::synthetic::DOMAINS {
+        let s = scan_class_folders(&root.join(domain), "", "synthetic", |_, _| None)?;
+        all.classes.extend(s.classes);
+        all.ignored.extend(s.ignored);
+        all.videos.extend(s.videos.into_iter().map(|mut v| {
+            v.rel_path = format!("{domain}/{}", v.rel_path);
+            v.view = Some(domain.to_owned());
+            v
+        }));
+    }
+    Ok(all)
+}
+
 /// Scans an unpacked UCF101 (`UCF-101/<Class>/v_<Class>_gGG_cCC.avi`); `root` may be the
 /// `UCF-101` folder or the folder holding it.
 pub fn scan_ucf101(root: &Path) -> Result<Scan> {

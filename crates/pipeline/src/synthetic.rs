@@ -101,7 +101,10 @@ fn delta(m: Move) -> (f32, f32) {
 
 /// The frames of one clip, RGB24, `SIZE x SIZE`.
 pub fn clip_frames(domain: &str, class: usize, index: u32, seed: u64) -> Vec<Vec<u8>> {
-    let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(seed, &format!("synthetic/{domain}/{class}/{index}")));
+    let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(
+        seed,
+        &format!("synthetic/{domain}/{class}/{index}"),
+    ));
     let target = domain == "target";
     let (_, a, b) = CLASSES[class % CLASSES.len()];
     // Sub-action schedule: (move, frames).
@@ -111,10 +114,20 @@ pub fn clip_frames(domain: &str, class: usize, index: u32, seed: u64) -> Vec<Vec
         let fast = 5 + rng.random_range(0..2);
         let lead = FRAMES - 2 * fast;
         let first_hold = rng.random_range(lead / 3..=2 * lead / 3);
-        vec![(Move::Hold, first_hold), (Move::Hold, lead - first_hold), (a, fast), (b, fast)]
+        vec![
+            (Move::Hold, first_hold),
+            (Move::Hold, lead - first_hold),
+            (a, fast),
+            (b, fast),
+        ]
     } else {
         let slow = 8;
-        vec![(a, slow), (b, slow), (Move::Hold, slow), (Move::Hold, FRAMES - 3 * slow)]
+        vec![
+            (a, slow),
+            (b, slow),
+            (Move::Hold, slow),
+            (Move::Hold, FRAMES - 3 * slow),
+        ]
     };
     let size = SIZE as f32;
     // Start where the two moves stay inside the frame.
@@ -128,7 +141,11 @@ pub fn clip_frames(domain: &str, class: usize, index: u32, seed: u64) -> Vec<Vec
     let mut x = rng.random_range(lo_x.min(hi_x)..=hi_x.max(lo_x));
     let mut y = rng.random_range(lo_y.min(hi_y)..=hi_y.max(lo_y));
     let colour: [u8; 3] = if target {
-        [rng.random_range(150..255), rng.random_range(40..120), rng.random_range(40..200)]
+        [
+            rng.random_range(150..255),
+            rng.random_range(40..120),
+            rng.random_range(40..200),
+        ]
     } else {
         let g = rng.random_range(200..255);
         [g, g, g]
@@ -152,7 +169,14 @@ pub fn clip_frames(domain: &str, class: usize, index: u32, seed: u64) -> Vec<Vec
     frames
 }
 
-fn draw(cx: f32, cy: f32, target: bool, colour: [u8; 3], stripe: u32, rng: &mut ChaCha8Rng) -> Vec<u8> {
+fn draw(
+    cx: f32,
+    cy: f32,
+    target: bool,
+    colour: [u8; 3],
+    stripe: u32,
+    rng: &mut ChaCha8Rng,
+) -> Vec<u8> {
     let s = SIZE as usize;
     let mut buf = vec![0u8; s * s * 3];
     let r = 5.0f32;
@@ -160,11 +184,15 @@ fn draw(cx: f32, cy: f32, target: bool, colour: [u8; 3], stripe: u32, rng: &mut 
         for px in 0..s {
             let i = (py * s + px) * 3;
             let (fx, fy) = (px as f32 + 0.5 - cx, py as f32 + 0.5 - cy);
-            let inside = if target { fx * fx + fy * fy <= r * r } else { fx.abs() <= r && fy.abs() <= r };
+            let inside = if target {
+                fx * fx + fy * fy <= r * r
+            } else {
+                fx.abs() <= r && fy.abs() <= r
+            };
             let mut p = if inside {
                 colour
             } else if target {
-                let band = ((px + py) as u32 / stripe) % 2 == 0;
+                let band = ((px + py) as u32 / stripe).is_multiple_of(2);
                 if band { [70, 90, 60] } else { [40, 50, 80] }
             } else {
                 [30, 30, 30]
@@ -238,7 +266,13 @@ mod tests {
         // Source "right_then_up": frames 0..8 move right, 8..16 move up.
         let f = clip_frames("source", 0, 0, 3);
         let (p0, p8, p15) = (centroid(&f[0]), centroid(&f[8]), centroid(&f[15]));
-        assert!(p8.0 - p0.0 > 8.0 && (p8.1 - p0.1).abs() < 2.0, "{p0:?} {p8:?}");
-        assert!(p8.1 - p15.1 > 8.0 && (p15.0 - p8.0).abs() < 2.0, "{p8:?} {p15:?}");
+        assert!(
+            p8.0 - p0.0 > 8.0 && (p8.1 - p0.1).abs() < 2.0,
+            "{p0:?} {p8:?}"
+        );
+        assert!(
+            p8.1 - p15.1 > 8.0 && (p15.0 - p8.0).abs() < 2.0,
+            "{p8:?} {p15:?}"
+        );
     }
 }

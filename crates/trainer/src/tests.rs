@@ -264,3 +264,61 @@ fn a_tiny_set_overfits_to_full_accuracy() {
         );
     }
 }
+
+#[test]
+fn a_pixel_model_overfits_a_tiny_set() {
+    use crate::models::VideoModel;
+    use crate::models::blocks::{Backbone, BackboneKind};
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+    let cfg = ModelConfig::tiny();
+    let model = VideoModel {
+        backbone: Backbone::new(
+            BackboneKind::SmallCnn,
+            cfg.feature_dim,
+            0.0,
+            vb.pp("backbone"),
+        )
+        .unwrap(),
+        head: build_head(ModelKind::Tsn, &cfg, 4, 0, vb.pp("head")).unwrap(),
+        kind: ModelKind::Tsn,
+    };
+    seeded_init(&vm, 5).unwrap();
+    let x = seeded_randn(&[8, 3, 3, 16, 16], 6, DType::F32, &dev).unwrap();
+    let labels = Tensor::new(&[0u32, 1, 2, 3, 0, 1, 2, 3], &dev).unwrap();
+    let mut opt = SgdMomentum::from_varmap(
+        &vm,
+        SgdParams {
+            lr: 0.05,
+            weight_decay: 0.0,
+            ..SgdParams::default()
+        },
+        |n| !n.contains("running"),
+    )
+    .unwrap();
+    let mut first = 0.0;
+    let mut last = 0.0;
+    for i in 0..150 {
+        let loss = cross_entropy(&model.forward_t(&x, true).unwrap().logits, &labels).unwrap();
+        let v = loss.to_scalar::<f32>().unwrap();
+        if i == 0 {
+            first = v;
+        }
+        last = v;
+        opt.step(&loss.backward().unwrap()).unwrap();
+    }
+    let pred = model
+        .forward_t(&x, false)
+        .unwrap()
+        .logits
+        .argmax(1)
+        .unwrap()
+        .to_vec1::<u32>()
+        .unwrap();
+    assert_eq!(
+        pred,
+        labels.to_vec1::<u32>().unwrap(),
+        "loss {first} -> {last}"
+    );
+}

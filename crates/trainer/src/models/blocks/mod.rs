@@ -17,8 +17,9 @@ use crate::nn::dropout;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BackboneKind {
-    /// Three strided 3x3 conv + BN + ReLU layers (16, 32, 64 channels) and global pooling:
-    /// for CPU runs on small frames.
+    /// Three strided 3x3 conv + BN + ReLU layers (16, 32, 64 channels) and average pooling to
+    /// a 2x2 grid (256 values, so the feature keeps where things are): for CPU runs on small
+    /// frames.
     SmallCnn,
     /// torchvision ResNet-18.
     Resnet18,
@@ -72,9 +73,9 @@ impl SmallCnn {
         Ok(SmallCnn { convs })
     }
 
-    /// Output channels.
+    /// Output width: the last layer's channels on a 2x2 grid.
     pub fn out_dim(&self) -> usize {
-        SMALL_CNN_CHANNELS[2]
+        SMALL_CNN_CHANNELS[2] * 4
     }
 }
 
@@ -84,7 +85,19 @@ impl ModuleT for SmallCnn {
         for (conv, bn) in &self.convs {
             x = bn.forward_t(&conv.forward(&x)?, train)?.relu()?;
         }
-        x.mean((2, 3))
+        // Average over a 2x2 grid of cells (the last cells absorb odd remainders).
+        let (n, c, h, w) = x.dims4()?;
+        let (h2, w2) = ((h / 2).max(1), (w / 2).max(1));
+        let mut cells = Vec::with_capacity(4);
+        for (y0, hh) in [(0, h2), (h2, h - h2)] {
+            for (x0, ww) in [(0, w2), (w2, w - w2)] {
+                let (hh, ww) = (hh.max(1), ww.max(1));
+                let y0 = y0.min(h - hh);
+                let x0 = x0.min(w - ww);
+                cells.push(x.narrow(2, y0, hh)?.narrow(3, x0, ww)?.mean((2, 3))?);
+            }
+        }
+        Tensor::stack(&cells, 2)?.reshape((n, c * 4))
     }
 }
 
