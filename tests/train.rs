@@ -228,7 +228,7 @@ fn bad_training_inputs_are_clear_errors() {
     let o = run(&train_args(d, &o4, &["--model", "i4d"]));
     assert_eq!(o.status.code(), Some(2));
     assert!(
-        String::from_utf8_lossy(&o.stderr).contains("unknown model"),
+        String::from_utf8_lossy(&o.stderr).contains("possible values: tsn, trn, trn_attn, apn"),
         "{}",
         text(&o)
     );

@@ -29,12 +29,12 @@ pub struct TrainArgs {
     /// Direction as the manifest names it: `ucf->hmdb`, `L->C,R`.
     #[arg(long)]
     direction: String,
-    /// Temporal model: tsn, trn, trn_attn, apn.
-    #[arg(long, default_value = "apn")]
-    model: String,
-    /// ADA variant: none, ada, ada_star, global_only, level2_only, level3_only.
-    #[arg(long, default_value = "none")]
-    ada: String,
+    /// Temporal model.
+    #[arg(long, value_enum, default_value = "apn")]
+    model: ModelKind,
+    /// ADA variant: `ada` attacks the last hidden feature, `ada_star` the multilayer ones.
+    #[arg(long, value_enum, default_value = "none")]
+    ada: AdaVariant,
     /// Run folder (config.toml, train.log, metrics.json, member-*/ checkpoints).
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
@@ -144,8 +144,7 @@ pub fn resolve(a: &TrainArgs) -> Result<(RunRecord, RunSpec)> {
                     .join(", ")
             )
         })?;
-    let model = ModelKind::from_name(&a.model)?;
-    let ada = AdaVariant::from_name(&a.ada)?;
+    let (model, ada) = (a.model, a.ada);
     let mut c = match a.protocol.as_str() {
         "paper" => TrainConfig::paper(model, ada),
         "released-code" => TrainConfig::released_code(model, ada),

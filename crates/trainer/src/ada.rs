@@ -15,8 +15,21 @@ use crate::models::{HeadOutput, ModelKind};
 use crate::nn::{cross_entropy, mse};
 
 /// Which features adversarial copies are made against.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum AdaVariant {
     /// No augmentation.
     None,

@@ -322,3 +322,21 @@ fn a_pixel_model_overfits_a_tiny_set() {
         "loss {first} -> {last}"
     );
 }
+
+#[test]
+fn registry_names_agree_between_serde_clap_and_name() {
+    use clap::ValueEnum;
+    for kind in ModelKind::ALL {
+        let serde = serde_json::to_string(&kind).unwrap();
+        assert_eq!(serde, format!("\"{}\"", kind.name()));
+        assert_eq!(kind.to_possible_value().unwrap().get_name(), kind.name());
+        assert_eq!(ModelKind::from_name(kind.name()).unwrap(), kind);
+    }
+    for v in AdaVariant::ALL {
+        assert_eq!(v.to_possible_value().unwrap().get_name(), v.name());
+        assert_eq!(
+            serde_json::to_string(&v).unwrap(),
+            format!("\"{}\"", v.name())
+        );
+    }
+}

@@ -29,8 +29,21 @@ use crate::nn::AttentionConfig;
 use blocks::Backbone;
 
 /// The temporal models of the registry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum ModelKind {
     /// Temporal Segment Network: average consensus.
     Tsn,
@@ -61,7 +74,7 @@ impl ModelKind {
         }
     }
 
-    /// Parses a snake_case name.
+    /// Parses a snake_case name (the same names as serde and clap use).
     pub fn from_name(name: &str) -> Result<Self> {
         Self::ALL
             .into_iter()
