@@ -15,3 +15,6 @@ mod prep_other;
 
 // `vdg train`: run folder, resume after kill -9, every model, errors.
 mod train;
+
+// `vdg bench`: the run matrix, reports, resume.
+mod bench;

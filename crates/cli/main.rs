@@ -3,8 +3,10 @@
 //! Exit codes: 0 = done; 1 = finished, but some videos failed or some files could not be
 //! read; 2 = fatal error (nothing half-written is left under a final name).
 
+mod bench;
 mod logging;
 mod prep;
+mod report;
 mod train;
 
 use std::process::ExitCode;
@@ -35,6 +37,10 @@ enum Command {
     Sample(prep::SampleCommand),
     /// Train a model on one direction of a prepared benchmark and test it on the targets.
     Train(Box<train::TrainArgs>),
+    /// Run a benchmark matrix and write leaderboards (`vdg bench run` with no arguments runs
+    /// the embedded synthetic benchmark).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +50,7 @@ fn main() -> ExitCode {
         Command::Prep(cmd) => prep::run(cmd, cli.quiet),
         Command::Sample(cmd) => prep::sample(cmd),
         Command::Train(args) => train::run(*args, cli.quiet),
+        Command::Bench(cmd) => bench::run(cmd, cli.quiet),
     };
     match result {
         Ok(code) => code,

@@ -85,6 +85,28 @@ pub struct SyntheticArgs {
     pub common: CommonPrep,
 }
 
+impl SyntheticArgs {
+    /// Options for preparing the synthetic benchmark into `out` at `scale`, defaults otherwise.
+    pub fn new(out: &Path, scale: &str) -> Self {
+        SyntheticArgs {
+            scale: scale.to_owned(),
+            common: CommonPrep {
+                out: out.to_owned(),
+                short_side: vdg_pipeline::decode::DEFAULT_SHORT_SIDE,
+                max_fps: None,
+                jpeg_quality: DEFAULT_JPEG_QUALITY,
+                jobs: None,
+                seed: 0,
+                split_rule: None,
+                manifest: None,
+                shard_size: 512 << 20,
+                strict_frame_count: false,
+                force: false,
+            },
+        }
+    }
+}
+
 /// Options shared by every `vdg prep` benchmark.
 #[derive(Debug, Args)]
 pub struct CommonPrep {

@@ -25,68 +25,68 @@ use crate::logging;
 pub struct TrainArgs {
     /// A folder written by `vdg prep`.
     #[arg(long, value_name = "DIR")]
-    data: PathBuf,
+    pub(crate) data: PathBuf,
     /// Direction as the manifest names it: `ucf->hmdb`, `L->C,R`.
     #[arg(long)]
-    direction: String,
+    pub(crate) direction: String,
     /// Temporal model.
     #[arg(long, value_enum, default_value = "apn")]
-    model: ModelKind,
+    pub(crate) model: ModelKind,
     /// ADA variant: `ada` attacks the last hidden feature, `ada_star` the multilayer ones.
     #[arg(long, value_enum, default_value = "none")]
-    ada: AdaVariant,
+    pub(crate) ada: AdaVariant,
     /// Run folder (config.toml, train.log, metrics.json, member-*/ checkpoints).
     #[arg(long, value_name = "DIR")]
-    out: PathBuf,
+    pub(crate) out: PathBuf,
     /// Defaults to follow: paper, released-code.
     #[arg(long, default_value = "paper")]
-    protocol: String,
+    pub(crate) protocol: String,
     /// Per-frame backbone: small_cnn, resnet18, resnet50.
     #[arg(long)]
-    backbone: Option<String>,
+    pub(crate) backbone: Option<String>,
     /// torchvision backbone weights converted to safetensors (see README).
     #[arg(long, value_name = "FILE")]
-    backbone_weights: Option<PathBuf>,
+    pub(crate) backbone_weights: Option<PathBuf>,
     /// Epochs (paper: 150).
     #[arg(long)]
-    epochs: Option<usize>,
+    pub(crate) epochs: Option<usize>,
     /// Clips per batch (paper: 40).
     #[arg(long)]
-    batch_size: Option<usize>,
+    pub(crate) batch_size: Option<usize>,
     /// Base learning rate (paper: 0.001, x0.1 every 30 epochs).
     #[arg(long)]
-    lr: Option<f64>,
+    pub(crate) lr: Option<f64>,
     /// Gammas of the ensemble, comma-separated (paper: 0.001,0.01,0.1,1).
     #[arg(long, value_delimiter = ',')]
-    gammas: Option<Vec<f64>>,
+    pub(crate) gammas: Option<Vec<f64>>,
     /// ADA ascent steps (paper: 5).
     #[arg(long)]
-    ada_steps: Option<usize>,
+    pub(crate) ada_steps: Option<usize>,
     /// Combination of ensemble members: max_confidence, mean_softmax.
     #[arg(long)]
-    ensemble: Option<String>,
+    pub(crate) ensemble: Option<String>,
     /// Input side in pixels (paper: 224).
     #[arg(long)]
-    input_size: Option<usize>,
+    pub(crate) input_size: Option<usize>,
     /// Frame feature width D (paper: 256).
     #[arg(long)]
-    feature_dim: Option<usize>,
+    pub(crate) feature_dim: Option<usize>,
     /// Dropout before the backbone's projection (paper: 0.8).
     #[arg(long)]
-    projection_dropout: Option<f32>,
+    pub(crate) projection_dropout: Option<f32>,
     /// Model selection: source_val (default), target_test (the released code's oracle
     /// selection: flagged in the metrics), last.
     #[arg(long)]
-    selection: Option<String>,
+    pub(crate) selection: Option<String>,
     /// Seed of initialisation, sampling, augmentation and dropout.
     #[arg(long, default_value_t = 0)]
-    seed: u64,
+    pub(crate) seed: u64,
     /// cpu, or cuda[:N] (builds with the `cuda` feature only; never falls back to CPU).
     #[arg(long, default_value = "cpu")]
-    device: String,
+    pub(crate) device: String,
     /// Continue the run in --out from its last checkpoint.
     #[arg(long)]
-    resume: bool,
+    pub(crate) resume: bool,
 }
 
 /// `config.toml` of a run.

@@ -1,0 +1,140 @@
+use crate::util::*;
+
+fn bench(out: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "bench", "run", "--out", out, "--scale", "tiny", "--seeds", "1", "--epochs", "1",
+        "--models", "tsn,apn", "-q",
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+#[test]
+fn bench_run_writes_all_four_reports_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("bench");
+    let o = bench(out.to_str().unwrap(), &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    for f in [
+        "leaderboard.json",
+        "leaderboard.md",
+        "leaderboard.csv",
+        "leaderboard.html",
+        "bench.toml",
+    ] {
+        assert!(out.join(f).exists(), "missing {f}");
+    }
+    // The JSON schema (REPORTS.md).
+    let lb: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("leaderboard.json")).unwrap()).unwrap();
+    assert_eq!(lb["schema_version"], 1);
+    for k in [
+        "tool_version",
+        "git_revision",
+        "data_fingerprints",
+        "config",
+        "classes",
+        "runs",
+        "aggregates",
+    ] {
+        assert!(!lb[k].is_null(), "no {k}");
+    }
+    let runs = lb["runs"].as_array().unwrap();
+    // 2 directions x 2 models x (none, default ADA) x 1 seed.
+    assert_eq!(runs.len(), 8);
+    for r in runs {
+        for k in [
+            "benchmark",
+            "direction",
+            "model",
+            "ada",
+            "seed",
+            "top1",
+            "per_class",
+            "epochs",
+            "wall_secs",
+        ] {
+            assert!(!r[k].is_null(), "run lacks {k}: {r}");
+        }
+        assert_eq!(r["benchmark"], "synthetic");
+        let t = r["top1"].as_f64().unwrap();
+        assert!((0.0..=100.0).contains(&t));
+    }
+    let adas: std::collections::BTreeSet<&str> =
+        runs.iter().map(|r| r["ada"].as_str().unwrap()).collect();
+    assert_eq!(adas, ["ada", "ada_star", "none"].into_iter().collect());
+    let aggs = lb["aggregates"].as_array().unwrap();
+    assert_eq!(aggs.len(), 8);
+    assert!(
+        aggs.iter()
+            .all(|a| a["seeds"] == 1 && !a["mean"].is_null() && !a["std"].is_null())
+    );
+    let md = std::fs::read_to_string(out.join("leaderboard.md")).unwrap();
+    assert!(
+        md.contains("| Model | source->target | target->source | Average |"),
+        "{md}"
+    );
+    let csv = std::fs::read_to_string(out.join("leaderboard.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 9);
+    let html = std::fs::read_to_string(out.join("leaderboard.html")).unwrap();
+    assert!(html.contains("<svg") && !html.contains("<script src") && !html.contains("https://"));
+
+    // Interrupted: one run lost its results. The rerun trains that one only.
+    let some_run = out.join("runs/synthetic/source_to_target/apn/none/seed-0");
+    std::fs::remove_file(some_run.join("metrics.json")).unwrap();
+    std::fs::remove_file(some_run.join("bench.json")).unwrap();
+    let o = run(&[
+        "bench",
+        "run",
+        "--out",
+        out.to_str().unwrap(),
+        "--scale",
+        "tiny",
+        "--seeds",
+        "1",
+        "--epochs",
+        "1",
+        "--models",
+        "tsn,apn",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.matches("done earlier").count(), 7, "{}", text(&o));
+    assert_eq!(err.matches(": training").count(), 1, "{}", text(&o));
+    let lb2: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("leaderboard.json")).unwrap()).unwrap();
+    assert_eq!(lb2["runs"].as_array().unwrap().len(), 8);
+
+    // A changed configuration is refused unless --force.
+    let o = bench(out.to_str().unwrap(), &["--lr", "0.1"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--force"),
+        "{}",
+        text(&o)
+    );
+
+    // `bench report` re-renders the same leaderboard from the run folders.
+    let before = std::fs::read(out.join("leaderboard.md")).unwrap();
+    std::fs::remove_file(out.join("leaderboard.md")).unwrap();
+    let o = run(&["bench", "report", out.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(std::fs::read(out.join("leaderboard.md")).unwrap(), before);
+}
+
+#[test]
+fn bench_list_names_benchmarks_directions_and_models() {
+    let o = run(&["bench", "list"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let s = String::from_utf8_lossy(&o.stdout);
+    for needle in [
+        "ucf_hmdb",
+        "hmdb->ucf",
+        "pku_mmd",
+        "L->C,R",
+        "synthetic",
+        "models: tsn, trn, trn_attn, apn",
+    ] {
+        assert!(s.contains(needle), "{needle}: {s}");
+    }
+}
