@@ -145,7 +145,7 @@ impl BenchConfig {
             ada: vec!["none".into(), "default".into()],
             directions: vec![],
             seeds: 3,
-            epochs: synthetic.then_some(8),
+            epochs: synthetic.then_some(6),
             batch_size: synthetic.then_some(16),
             lr: synthetic.then_some(0.005),
             backbone: synthetic.then(|| "small_cnn".into()),
@@ -358,6 +358,18 @@ fn bench_run(a: &BenchRunArgs, quiet: bool) -> Result<ExitCode> {
     }
     let total = specs.len();
     let started = Instant::now();
+    let bar = (!quiet && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
+        let b = indicatif::ProgressBar::new(total as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:32.cyan/blue} {pos}/{len} runs {msg} ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b.enable_steady_tick(std::time::Duration::from_millis(200));
+        b
+    });
+    crate::logging::set_bar(bar.clone());
     for (k, (d, model, ada, seed)) in specs.into_iter().enumerate() {
         let rel = format!(
             "runs/{}/{}/{}/{}/seed-{seed}",
@@ -413,6 +425,9 @@ fn bench_run(a: &BenchRunArgs, quiet: bool) -> Result<ExitCode> {
                     .with_context(|| format!("removing {}", dir.display()))?;
             } else if dir.join("metrics.json").exists() && dir.join("bench.json").exists() {
                 tracing::info!("[{}/{total}] {rel}: done earlier", k + 1);
+                if let Some(b) = &bar {
+                    b.inc(1);
+                }
                 continue;
             }
         }

@@ -66,15 +66,7 @@ impl Head for Apn {
         let mut level2: Option<Tensor> = None;
         for size in (2..m).rev() {
             let subset = &self.sampler.subsets(m, size, 1, train)[0];
-            let idx = Tensor::new(
-                subset
-                    .iter()
-                    .map(|&i| i as u32)
-                    .collect::<Vec<_>>()
-                    .as_slice(),
-                x.device(),
-            )?;
-            let xs = x.index_select(&idx, 1)?;
+            let xs = super::select_segments(x, subset)?;
             let local = self.attention.forward_t(&xs, &xs, train)?;
             let cross = self.attention.forward_t(&local, &global, train)?;
             level2 = Some(match level2 {

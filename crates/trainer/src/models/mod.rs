@@ -332,6 +332,12 @@ impl VideoModel {
     }
 }
 
+/// The segments `subset` of `x [B, M, D]`: `[B, |subset|, D]`.
+pub(crate) fn select_segments(x: &Tensor, subset: &[usize]) -> Result<Tensor> {
+    let idx: Vec<u32> = subset.iter().map(|&i| i as u32).collect();
+    Ok(x.index_select(&Tensor::new(idx.as_slice(), x.device())?, 1)?)
+}
+
 /// A classifier `Linear` applied to `x`, for heads.
 pub(crate) fn classify(fc: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
     Ok(fc.forward(x)?)

@@ -52,6 +52,35 @@ impl Relations {
         })
     }
 
+    /// TRN's output given how each scale's relation features `[B, R, bottleneck]` become one
+    /// `g` `[B, bottleneck]` (plain TRN: the mean; TRN-ATTN: attention, then the mean).
+    pub fn output(
+        &self,
+        x: &Tensor,
+        train: bool,
+        pool: impl Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<HeadOutput> {
+        let (_b, _m, _d) = x.dims3()?;
+        let mut gs = Vec::new();
+        let mut hs = Vec::new();
+        for (feats, (_, _, h)) in self.relation_features(x, train)?.iter().zip(&self.scales) {
+            let g = pool(feats)?;
+            hs.push(h.forward(&dropout(&g, self.dropout, train)?)?);
+            gs.push(g);
+        }
+        let logits = hs
+            .iter()
+            .skip(1)
+            .try_fold(hs[0].clone(), |acc, h| acc + h)?;
+        let g = Tensor::cat(&gs, 1)?;
+        let h = Tensor::cat(&hs, 1)?;
+        Ok(HeadOutput {
+            logits,
+            features: BTreeMap::from([("last", g.clone()), ("g", g), ("h", h)]),
+            feature_logits: BTreeMap::new(),
+        })
+    }
+
     /// Per scale: the `g` features of each sampled relation, `[B, R_s, bottleneck]`.
     pub fn relation_features(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
         let (b, m, d) = x.dims3()?;
@@ -60,15 +89,7 @@ impl Relations {
             let count = if *s >= m { 1 } else { self.per_scale };
             let mut rel = Vec::new();
             for subset in self.sampler.subsets(m, *s, count, train) {
-                let idx = Tensor::new(
-                    subset
-                        .iter()
-                        .map(|&i| i as u32)
-                        .collect::<Vec<_>>()
-                        .as_slice(),
-                    x.device(),
-                )?;
-                let picked = x.index_select(&idx, 1)?.reshape((b, subset.len() * d))?;
+                let picked = super::select_segments(x, &subset)?.reshape((b, subset.len() * d))?;
                 rel.push(g.forward(&picked)?.relu()?);
             }
             out.push(Tensor::stack(&rel, 1)?);
@@ -97,29 +118,6 @@ impl Head for Trn {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<HeadOutput> {
-        let (_b, _m, _d) = x.dims3()?;
-        let mut gs = Vec::new();
-        let mut hs = Vec::new();
-        for (feats, (_, _, h)) in self
-            .rel
-            .relation_features(x, train)?
-            .iter()
-            .zip(&self.rel.scales)
-        {
-            let g = feats.mean(1)?;
-            hs.push(h.forward(&dropout(&g, self.rel.dropout, train)?)?);
-            gs.push(g);
-        }
-        let logits = hs
-            .iter()
-            .skip(1)
-            .try_fold(hs[0].clone(), |acc, h| acc + h)?;
-        let g = Tensor::cat(&gs, 1)?;
-        let h = Tensor::cat(&hs, 1)?;
-        Ok(HeadOutput {
-            logits,
-            features: BTreeMap::from([("last", g.clone()), ("g", g), ("h", h)]),
-            feature_logits: BTreeMap::new(),
-        })
+        self.rel.output(x, train, |feats| Ok(feats.mean(1)?))
     }
 }

@@ -6,15 +6,13 @@
 //! block `T(g, g)` before averaging; `h` and the sum over scales are TRN's. The attention
 //! width must equal TRN's bottleneck.
 
-use std::collections::BTreeMap;
-
-use candle_core::{Module, Tensor};
+use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use super::trn::Relations;
 use super::{Head, HeadOutput, ModelConfig};
 use crate::error::{Error, Result};
-use crate::nn::{AttentionBlock, dropout};
+use crate::nn::AttentionBlock;
 
 /// The TRN-ATTN head.
 pub struct TrnAttn {
@@ -44,29 +42,8 @@ impl Head for TrnAttn {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<HeadOutput> {
-        let (_b, _m, _d) = x.dims3()?;
-        let mut gs = Vec::new();
-        let mut hs = Vec::new();
-        for (feats, (_, _, h)) in self
-            .rel
-            .relation_features(x, train)?
-            .iter()
-            .zip(&self.rel.scales)
-        {
-            let g = self.attention.forward_t(feats, feats, train)?.mean(1)?;
-            hs.push(h.forward(&dropout(&g, self.rel.dropout, train)?)?);
-            gs.push(g);
-        }
-        let logits = hs
-            .iter()
-            .skip(1)
-            .try_fold(hs[0].clone(), |acc, h| acc + h)?;
-        let g = Tensor::cat(&gs, 1)?;
-        let h = Tensor::cat(&hs, 1)?;
-        Ok(HeadOutput {
-            logits,
-            features: BTreeMap::from([("last", g.clone()), ("g", g), ("h", h)]),
-            feature_logits: BTreeMap::new(),
+        self.rel.output(x, train, |feats| {
+            Ok(self.attention.forward_t(feats, feats, train)?.mean(1)?)
         })
     }
 }
