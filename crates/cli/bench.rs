@@ -145,7 +145,7 @@ impl BenchConfig {
             ada: vec!["none".into(), "default".into()],
             directions: vec![],
             seeds: 3,
-            epochs: synthetic.then_some(6),
+            epochs: synthetic.then_some(12),
             batch_size: synthetic.then_some(16),
             lr: synthetic.then_some(0.005),
             backbone: synthetic.then(|| "small_cnn".into()),

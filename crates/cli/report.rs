@@ -212,6 +212,14 @@ pub fn render_markdown(lb: &Leaderboard) -> String {
                 models.push(r.model.clone());
             }
         }
+        // The paper's row order: baselines first, APN last.
+        let rank = |m: &str| {
+            ["tsn", "trn", "trn_attn", "tsm", "i3d", "non_local", "apn"]
+                .iter()
+                .position(|x| *x == m)
+                .unwrap_or(usize::MAX)
+        };
+        models.sort_by_key(|m| rank(m));
         let fingerprint = lb
             .data_fingerprints
             .get(&b)
