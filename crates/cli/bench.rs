@@ -46,7 +46,7 @@ pub struct BenchRunArgs {
     /// ADA settings, comma-separated: none, default (ada for TSN, ada_star otherwise), or a variant.
     #[arg(long, value_delimiter = ',')]
     ada: Option<Vec<String>>,
-    /// Directions, comma-separated (default: all of the benchmark's).
+    /// Directions, separated by `;` because they contain commas (`L->C,R;C->L,R`); default: all.
     #[arg(long, value_delimiter = ';')]
     directions: Option<Vec<String>>,
     /// Number of seeds (0..N).
