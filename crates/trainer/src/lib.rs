@@ -32,6 +32,7 @@ pub mod init;
 pub mod loader;
 pub mod models;
 pub mod nn;
+pub mod nn3d;
 pub mod optim;
 pub mod train;
 

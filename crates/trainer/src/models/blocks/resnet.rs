@@ -145,10 +145,8 @@ impl ResNet {
 impl ModuleT for ResNet {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let x = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
-        let mut x = x
-            .pad_with_same(2, 1, 1)?
-            .pad_with_same(3, 1, 1)?
-            .max_pool2d_with_stride(3, 2)?;
+        // candle's max_pool2d has no gradient for overlapping windows; this one does.
+        let mut x = crate::nn3d::max_pool2d(&x, 3, 2, 1).map_err(candle_core::Error::wrap)?;
         for layer in &self.layers {
             for block in layer {
                 x = block.forward(&x, train)?;
@@ -161,6 +159,36 @@ impl ModuleT for ResNet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gradients_reach_the_stem_through_the_overlapping_max_pool() {
+        use candle_core::{DType, Device};
+        use candle_nn::VarMap;
+        let vm = VarMap::new();
+        let net = ResNet::resnet18(VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+        crate::init::seeded_init(&vm, 0).unwrap();
+        let x = crate::init::seeded_randn(&[2, 3, 32, 32], 1, DType::F32, &Device::Cpu).unwrap();
+        let loss = net
+            .forward_t(&x, true)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        let data = vm.data().lock().unwrap();
+        let g = grads
+            .get(data["conv1.weight"].as_tensor())
+            .expect("conv1 gradient");
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(norm > 0.0);
+    }
 
     #[test]
     fn frozen_bn_names() {

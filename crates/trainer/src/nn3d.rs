@@ -1,0 +1,516 @@
+//! 3-D convolution and pooling for Candle, with gradients.
+//!
+//! Candle 0.11 has no 3-D convolution or pooling, and its `max_pool2d` has no gradient when
+//! windows overlap (kernel != stride: its backward bails). Everything here is composed from
+//! operations whose gradients Candle implements, so input and weight gradients come from
+//! Candle's autograd and are checked against finite differences and a naive loop in the
+//! tests below.
+//!
+//! # Layout
+//! Video tensors are **time-major**: `[B, T, C, H, W]` (the loader's layout), not PyTorch's
+//! `[B, C, T, H, W]`. Folding time into the batch is then a free reshape, so a kernel of
+//! temporal size 1 is exactly one `conv2d` on `[B*T, C, H, W]`. Weights keep PyTorch's
+//! `[C_out, C_in, kt, kh, kw]`, so 3-D checkpoints with the usual names load unchanged.
+//!
+//! # Convolution
+//! `y[:, t] = sum_i conv2d(x_pad[:, t*st + i*dt], w[:, :, i])`: one `conv2d` per temporal tap
+//! on the strided temporal slice of the zero-padded input, summed. Spatial stride and
+//! dilation must be equal along height and width (as in every network here); spatial padding
+//! may differ.
+//!
+//! # Pooling
+//! Max and average pooling are separable: a 1-D pool along time, then height, then width,
+//! each the elementwise maximum (or mean) of `k` strided slices. Max pooling pads by
+//! repeating the edge, which gives the same result as PyTorch's `-inf` padding.
+
+use candle_core::{Module, Tensor};
+use candle_nn::{Init, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Stride, padding and dilation of a 3-D convolution, each `[t, h, w]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conv3dConfig {
+    /// Step along time, height, width.
+    pub stride: [usize; 3],
+    /// Zeros added on both sides of time, height, width.
+    pub padding: [usize; 3],
+    /// Spacing of kernel taps along time, height, width.
+    pub dilation: [usize; 3],
+}
+
+impl Default for Conv3dConfig {
+    fn default() -> Self {
+        Conv3dConfig {
+            stride: [1; 3],
+            padding: [0; 3],
+            dilation: [1; 3],
+        }
+    }
+}
+
+impl Conv3dConfig {
+    /// "Same" padding for an odd kernel `k` with strides `stride`.
+    pub fn same(k: [usize; 3], stride: [usize; 3]) -> Self {
+        Conv3dConfig {
+            stride,
+            padding: [k[0] / 2, k[1] / 2, k[2] / 2],
+            dilation: [1; 3],
+        }
+    }
+}
+
+/// Output length of a convolution or pooling along one axis.
+pub fn out_len(len: usize, k: usize, stride: usize, pad: usize, dilation: usize) -> Result<usize> {
+    let span = dilation * (k - 1) + 1;
+    if len + 2 * pad < span || stride == 0 {
+        return Err(Error::Config(format!(
+            "window of {span} (kernel {k}, dilation {dilation}) does not fit {len} + 2 x {pad} \
+             padding (stride {stride})"
+        )));
+    }
+    Ok((len + 2 * pad - span) / stride + 1)
+}
+
+/// `count` slices of `x` along `dim`, starting at `start`, every `stride` entries:
+/// `x[.., start + stride * i, ..]` for `i < count`. Differentiable (narrow + reshape).
+pub fn strided(
+    x: &Tensor,
+    dim: usize,
+    start: usize,
+    stride: usize,
+    count: usize,
+) -> Result<Tensor> {
+    if stride == 1 {
+        return Ok(x.narrow(dim, start, count)?);
+    }
+    let len = x.dim(dim)?;
+    let need = start + stride * count;
+    // Pad at the end so that the last group of `stride` entries is complete.
+    let x = if need > len {
+        x.pad_with_zeros(dim, 0, need - len)?
+    } else {
+        x.clone()
+    };
+    let sliced = x.narrow(dim, start, stride * count)?.contiguous()?;
+    let mut dims = sliced.dims().to_vec();
+    dims[dim] = count;
+    dims.insert(dim + 1, stride);
+    Ok(sliced
+        .reshape(dims)?
+        .narrow(dim + 1, 0, 1)?
+        .squeeze(dim + 1)?)
+}
+
+/// 3-D convolution without bias.
+///
+/// # Shapes
+/// `x [B, T, C_in, H, W]`, `w [C_out, C_in, kt, kh, kw]` -> `[B, T', C_out, H', W']`.
+pub fn conv3d(x: &Tensor, w: &Tensor, cfg: &Conv3dConfig) -> Result<Tensor> {
+    let (b, t, c, h, wd) = x.dims5()?;
+    let (co, ci, kt, kh, kw) = w.dims5()?;
+    if ci != c {
+        return Err(Error::Config(format!(
+            "conv3d: input has {c} channels, the kernel expects {ci}"
+        )));
+    }
+    let [st, sh, sw] = cfg.stride;
+    let [pt, ph, pw] = cfg.padding;
+    let [dt, dh, dw] = cfg.dilation;
+    if sh != sw || dh != dw {
+        return Err(Error::Config(format!(
+            "conv3d: spatial stride {sh}x{sw} and dilation {dh}x{dw} must be equal along \
+             height and width"
+        )));
+    }
+    let t_out = out_len(t, kt, st, pt, dt)?;
+    out_len(h, kh, sh, ph, dh)?;
+    out_len(wd, kw, sw, pw, dw)?;
+    // Spatial padding: conv2d's own when symmetric, explicit zeros otherwise.
+    let (x, pad2) = if ph == pw {
+        (x.clone(), ph)
+    } else {
+        (x.pad_with_zeros(3, ph, ph)?.pad_with_zeros(4, pw, pw)?, 0)
+    };
+    let (h, wd) = (x.dim(3)?, x.dim(4)?);
+    let x = if pt > 0 {
+        x.pad_with_zeros(1, pt, pt)?
+    } else {
+        x
+    };
+    let mut sum: Option<Tensor> = None;
+    for i in 0..kt {
+        let xi = strided(&x, 1, i * dt, st, t_out)?
+            .contiguous()?
+            .reshape((b * t_out, c, h, wd))?;
+        let wi = w.narrow(2, i, 1)?.squeeze(2)?.contiguous()?;
+        let yi = xi.conv2d(&wi, pad2, sh, dh, 1)?;
+        sum = Some(match sum {
+            Some(s) => (s + yi)?,
+            None => yi,
+        });
+    }
+    let y = sum.ok_or_else(|| Error::Config("conv3d: empty kernel".into()))?;
+    let (_, _, ho, wo) = y.dims4()?;
+    Ok(y.reshape((b, t_out, co, ho, wo))?)
+}
+
+/// A 3-D convolution layer (`weight [C_out, C_in, kt, kh, kw]`, optional `bias [C_out]`).
+#[derive(Debug, Clone)]
+pub struct Conv3d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    cfg: Conv3dConfig,
+}
+
+impl Conv3d {
+    /// A layer from existing tensors.
+    pub fn new(weight: Tensor, bias: Option<Tensor>, cfg: Conv3dConfig) -> Self {
+        Conv3d { weight, bias, cfg }
+    }
+
+    /// The kernel.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// # Shapes
+    /// `[B, T, C_in, H, W]` -> `[B, T', C_out, H', W']`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = conv3d(x, &self.weight, &self.cfg)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, 1, b.dim(0)?, 1, 1))?)?,
+            None => y,
+        })
+    }
+}
+
+/// A bias-free [`Conv3d`] with kernel `k` whose weight is `vb`'s `weight`.
+pub fn conv3d_no_bias(
+    cin: usize,
+    cout: usize,
+    k: [usize; 3],
+    cfg: Conv3dConfig,
+    vb: VarBuilder,
+) -> Result<Conv3d> {
+    let fan_in = (cin * k.iter().product::<usize>()) as f64;
+    let bound = 1.0 / fan_in.sqrt();
+    let weight = vb.get_with_hints(
+        (cout, cin, k[0], k[1], k[2]),
+        "weight",
+        Init::Uniform {
+            lo: -bound,
+            up: bound,
+        },
+    )?;
+    Ok(Conv3d::new(weight, None, cfg))
+}
+
+/// A 2-D BatchNorm applied to every frame of `[B, T, C, H, W]` (statistics over B, T, H, W in
+/// training: PyTorch's `BatchNorm3d`).
+pub fn batch_norm_frames(bn: &candle_nn::BatchNorm, x: &Tensor, train: bool) -> Result<Tensor> {
+    let (b, t, c, h, w) = x.dims5()?;
+    let y = candle_core::ModuleT::forward_t(bn, &x.reshape((b * t, c, h, w))?, train)?;
+    Ok(y.reshape((b, t, c, h, w))?)
+}
+
+/// Which reduction a pool applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pool {
+    /// Maximum over the window (edge-replicated padding).
+    Max,
+    /// Mean over the window (zero padding counted, as PyTorch's default).
+    Avg,
+}
+
+/// 1-D pooling of `x` along `dim`: window `k`, `stride`, `pad` on both sides.
+pub fn pool1d(
+    x: &Tensor,
+    dim: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+    kind: Pool,
+) -> Result<Tensor> {
+    if k == 1 && stride == 1 && pad == 0 {
+        return Ok(x.clone());
+    }
+    let n = out_len(x.dim(dim)?, k, stride, pad, 1)?;
+    let x = match (pad, kind) {
+        (0, _) => x.clone(),
+        (p, Pool::Max) => x.pad_with_same(dim, p, p)?,
+        (p, Pool::Avg) => x.pad_with_zeros(dim, p, p)?,
+    };
+    let mut acc: Option<Tensor> = None;
+    for i in 0..k {
+        let s = strided(&x, dim, i, stride, n)?;
+        acc = Some(match (acc, kind) {
+            (None, _) => s,
+            (Some(a), Pool::Max) => a.maximum(&s)?,
+            (Some(a), Pool::Avg) => (a + s)?,
+        });
+    }
+    let acc = acc.ok_or_else(|| Error::Config("pool: empty window".into()))?;
+    Ok(match kind {
+        Pool::Max => acc,
+        Pool::Avg => (acc / k as f64)?,
+    })
+}
+
+/// 3-D pooling of `[B, T, C, H, W]` with window `k`, `stride`, `padding` (each `[t, h, w]`).
+pub fn pool3d(
+    x: &Tensor,
+    k: [usize; 3],
+    stride: [usize; 3],
+    padding: [usize; 3],
+    kind: Pool,
+) -> Result<Tensor> {
+    x.dims5()?;
+    let x = pool1d(x, 1, k[0], stride[0], padding[0], kind)?;
+    let x = pool1d(&x, 3, k[1], stride[1], padding[1], kind)?;
+    pool1d(&x, 4, k[2], stride[2], padding[2], kind)
+}
+
+/// 2-D max pooling of `[N, C, H, W]` with overlapping windows and a gradient (ResNet's stem:
+/// `k = 3, stride = 2, pad = 1`).
+pub fn max_pool2d(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<Tensor> {
+    x.dims4()?;
+    let x = pool1d(x, 2, k, stride, pad, Pool::Max)?;
+    pool1d(&x, 3, k, stride, pad, Pool::Max)
+}
+
+/// A [`Module`] wrapper so a [`Conv3d`] composes with candle's sequential helpers.
+impl Module for Conv3d {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        Conv3d::forward(self, x).map_err(candle_core::Error::wrap)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use super::*;
+    use crate::gradcheck::{check_input_gradient, project};
+    use crate::init::seeded_randn;
+
+    /// Naive 3-D convolution on `[B, T, C, H, W]` (PyTorch's definition, written out).
+    fn naive_conv3d(
+        x: &[f64],
+        [b, t, c, h, w]: [usize; 5],
+        k: &[f64],
+        [co, kt, kh, kw]: [usize; 4],
+        cfg: &Conv3dConfig,
+    ) -> (Vec<f64>, [usize; 5]) {
+        let [st, sh, sw] = cfg.stride;
+        let [pt, ph, pw] = cfg.padding;
+        let [dt, dh, dw] = cfg.dilation;
+        let to = (t + 2 * pt - dt * (kt - 1) - 1) / st + 1;
+        let ho = (h + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
+        let wo = (w + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+        let mut y = vec![0.0; b * to * co * ho * wo];
+        for bi in 0..b {
+            for ti in 0..to {
+                for o in 0..co {
+                    for yi in 0..ho {
+                        for xi in 0..wo {
+                            let mut s = 0.0;
+                            for ci in 0..c {
+                                for a in 0..kt {
+                                    for p in 0..kh {
+                                        for q in 0..kw {
+                                            let tt = (ti * st + a * dt) as isize - pt as isize;
+                                            let yy = (yi * sh + p * dh) as isize - ph as isize;
+                                            let xx = (xi * sw + q * dw) as isize - pw as isize;
+                                            if tt < 0
+                                                || yy < 0
+                                                || xx < 0
+                                                || tt >= t as isize
+                                                || yy >= h as isize
+                                                || xx >= w as isize
+                                            {
+                                                continue;
+                                            }
+                                            let xv = x[(((bi * t + tt as usize) * c + ci) * h
+                                                + yy as usize)
+                                                * w
+                                                + xx as usize];
+                                            let kv = k[(((o * c + ci) * kt + a) * kh + p) * kw + q];
+                                            s += xv * kv;
+                                        }
+                                    }
+                                }
+                            }
+                            y[(((bi * to + ti) * co + o) * ho + yi) * wo + xi] = s;
+                        }
+                    }
+                }
+            }
+        }
+        (y, [b, to, co, ho, wo])
+    }
+
+    fn naive_pool(
+        x: &[f64],
+        [b, t, c, h, w]: [usize; 5],
+        k: [usize; 3],
+        s: [usize; 3],
+        p: [usize; 3],
+        max: bool,
+    ) -> Vec<f64> {
+        let o: Vec<usize> = [t, h, w]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (n + 2 * p[i] - k[i]) / s[i] + 1)
+            .collect();
+        let mut y = Vec::new();
+        for bi in 0..b {
+            for ti in 0..o[0] {
+                for ci in 0..c {
+                    for yi in 0..o[1] {
+                        for xi in 0..o[2] {
+                            let mut acc = if max { f64::MIN } else { 0.0 };
+                            for a in 0..k[0] {
+                                for q in 0..k[1] {
+                                    for r in 0..k[2] {
+                                        let tt = (ti * s[0] + a) as isize - p[0] as isize;
+                                        let yy = (yi * s[1] + q) as isize - p[1] as isize;
+                                        let xx = (xi * s[2] + r) as isize - p[2] as isize;
+                                        let inside = tt >= 0
+                                            && yy >= 0
+                                            && xx >= 0
+                                            && (tt as usize) < t
+                                            && (yy as usize) < h
+                                            && (xx as usize) < w;
+                                        if !inside {
+                                            continue;
+                                        }
+                                        let v = x[(((bi * t + tt as usize) * c + ci) * h
+                                            + yy as usize)
+                                            * w
+                                            + xx as usize];
+                                        acc = if max { acc.max(v) } else { acc + v };
+                                    }
+                                }
+                            }
+                            y.push(if max {
+                                acc
+                            } else {
+                                acc / (k[0] * k[1] * k[2]) as f64
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    fn vec(t: &Tensor) -> Vec<f64> {
+        t.flatten_all().unwrap().to_vec1::<f64>().unwrap()
+    }
+
+    fn assert_close(a: &[f64], b: &[f64], what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}: length");
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() < 1e-9 * (1.0 + y.abs()),
+                "{what}[{i}]: {x} vs {y}"
+            );
+        }
+    }
+
+    const CASES: [Conv3dConfig; 4] = [
+        Conv3dConfig {
+            stride: [1, 1, 1],
+            padding: [0, 0, 0],
+            dilation: [1, 1, 1],
+        },
+        Conv3dConfig {
+            stride: [2, 2, 2],
+            padding: [1, 1, 1],
+            dilation: [1, 1, 1],
+        },
+        Conv3dConfig {
+            stride: [1, 2, 2],
+            padding: [2, 1, 0],
+            dilation: [2, 1, 1],
+        },
+        Conv3dConfig {
+            stride: [3, 1, 1],
+            padding: [1, 2, 2],
+            dilation: [1, 2, 2],
+        },
+    ];
+
+    #[test]
+    fn conv3d_matches_a_naive_loop() {
+        let dev = Device::Cpu;
+        let xs = [2, 7, 3, 9, 8];
+        let ks = [4, 3, 3, 3];
+        for (n, cfg) in CASES.iter().enumerate() {
+            let x = seeded_randn(&xs, 1 + n as u64, DType::F64, &dev).unwrap();
+            let w = seeded_randn(&[4, 3, 3, 3, 3], 10 + n as u64, DType::F64, &dev).unwrap();
+            let y = conv3d(&x, &w, cfg).unwrap();
+            let (want, dims) = naive_conv3d(&vec(&x), xs, &vec(&w), ks, cfg);
+            assert_eq!(y.dims(), &dims, "case {n}");
+            assert_close(&vec(&y), &want, &format!("case {n}"));
+        }
+        // A 1x1x1 kernel is a per-frame matrix product; a 3x1x1 one mixes time only.
+        let x = seeded_randn(&[1, 4, 2, 3, 3], 3, DType::F64, &dev).unwrap();
+        let w = seeded_randn(&[5, 2, 3, 1, 1], 4, DType::F64, &dev).unwrap();
+        let cfg = Conv3dConfig::same([3, 1, 1], [1, 1, 1]);
+        let (want, _) = naive_conv3d(&vec(&x), [1, 4, 2, 3, 3], &vec(&w), [5, 3, 1, 1], &cfg);
+        assert_close(&vec(&conv3d(&x, &w, &cfg).unwrap()), &want, "3x1x1");
+    }
+
+    #[test]
+    fn conv3d_gradients_match_finite_differences() {
+        let dev = Device::Cpu;
+        for (n, cfg) in CASES.iter().enumerate() {
+            let w = seeded_randn(&[3, 2, 3, 3, 3], 20 + n as u64, DType::F64, &dev).unwrap();
+            let err = check_input_gradient(&[2, 6, 2, 7, 7], 30 + n as u64, 40, &|x| {
+                project(&conv3d(x, &w, cfg)?, 40)
+            })
+            .unwrap();
+            assert!(err < 1e-5, "case {n}: input gradient relative error {err}");
+            let x = seeded_randn(&[2, 6, 2, 7, 7], 50 + n as u64, DType::F64, &dev).unwrap();
+            let err = check_input_gradient(&[3, 2, 3, 3, 3], 60 + n as u64, 40, &|w| {
+                project(&conv3d(&x, w, cfg)?, 41)
+            })
+            .unwrap();
+            assert!(err < 1e-5, "case {n}: weight gradient relative error {err}");
+        }
+    }
+
+    #[test]
+    fn pooling_matches_a_naive_loop_and_has_gradients() {
+        let dev = Device::Cpu;
+        let dims = [2, 6, 3, 9, 8];
+        let x = seeded_randn(&dims, 7, DType::F64, &dev).unwrap();
+        for (k, s, p) in [
+            ([3, 3, 3], [2, 2, 2], [1, 1, 1]),
+            ([1, 3, 3], [1, 2, 2], [0, 1, 1]),
+            ([2, 2, 2], [2, 2, 2], [0, 0, 0]),
+            ([3, 1, 1], [2, 1, 1], [0, 0, 0]),
+        ] {
+            for (kind, max) in [(Pool::Max, true), (Pool::Avg, false)] {
+                let p = if max { p } else { [0; 3] };
+                let y = pool3d(&x, k, s, p, kind).unwrap();
+                let want = naive_pool(&vec(&x), dims, k, s, p, max);
+                assert_close(&vec(&y), &want, &format!("{kind:?} {k:?} {s:?} {p:?}"));
+                let err =
+                    check_input_gradient(&dims, 8, 40, &|x| project(&pool3d(x, k, s, p, kind)?, 9))
+                        .unwrap();
+                assert!(err < 1e-5, "{kind:?} {k:?}: relative error {err}");
+            }
+        }
+        // The 2-D stem pool (overlapping windows) has a gradient, unlike candle's.
+        let err = check_input_gradient(&[2, 3, 9, 8], 10, 40, &|x| {
+            project(&max_pool2d(x, 3, 2, 1)?, 11)
+        })
+        .unwrap();
+        assert!(err < 1e-5, "max_pool2d: relative error {err}");
+    }
+}
