@@ -161,6 +161,11 @@ pub fn hex(bytes: &[u8]) -> String {
     s
 }
 
+/// SHA-256 of bytes, as lower-case hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
 /// SHA-256 of a file's content, as lower-case hex.
 pub fn sha256_file(path: &Path) -> Result<String> {
     let mut f = File::open(path).map_err(|e| Error::io(path, e))?;

@@ -20,8 +20,8 @@ use std::sync::Arc;
 
 use arrow_array::builder::{Float64Builder, Int64Builder, StringBuilder, UInt32Builder};
 use arrow_array::{
-    Array, ArrayRef, BinaryArray, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray,
-    UInt32Array,
+    Array, ArrayRef, BinaryArray, FixedSizeListArray, Float32Array, Float64Array, Int32Array,
+    Int64Array, RecordBatch, StringArray, UInt32Array,
 };
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use parquet::arrow::ArrowWriter;
@@ -240,7 +240,7 @@ fn writer_properties(blob_column: Option<&str>) -> WriterProperties {
         .set_write_batch_size(FRAMES_PER_BATCH)
         .set_data_page_row_count_limit(FRAMES_PER_BATCH);
     if let Some(col) = blob_column {
-        let path = ColumnPath::from(col);
+        let path = ColumnPath::new(col.split('.').map(str::to_owned).collect());
         b = b
             .set_column_dictionary_enabled(path.clone(), false)
             .set_column_statistics_enabled(path, EnabledStatistics::None);
@@ -263,89 +263,65 @@ pub struct ShardInfo {
     pub sha256: String,
 }
 
-/// Writes one frame shard; the file appears under its final name only after [`Self::finish`].
-pub struct FrameShardWriter {
+/// A shard file being written: Parquet into a temporary name, renamed on [`Self::finish`].
+struct ShardFile {
     file: AtomicFile,
     writer: ArrowWriter<HashingWriter>,
     schema: SchemaRef,
     rows: u64,
     max_row_group_bytes: usize,
-    index: u32,
 }
 
-impl FrameShardWriter {
-    /// Starts `dir/frames-<index>.parquet`.
-    pub fn create(dir: &Path, index: u32, max_row_group_bytes: usize) -> Result<Self> {
-        let path = dir.join(frames_file_name(index));
-        let mut file = AtomicFile::create(&path)?;
-        let schema = frames_schema();
+impl ShardFile {
+    fn create(
+        path: &Path,
+        schema: SchemaRef,
+        blob: &str,
+        max_row_group_bytes: usize,
+    ) -> Result<Self> {
+        let mut file = AtomicFile::create(path)?;
         let writer = ArrowWriter::try_new(
             file.take_writer(),
             schema.clone(),
-            Some(writer_properties(Some("image"))),
+            Some(writer_properties(Some(blob))),
         )
         .map_err(|e| Error::parquet(file.tmp(), e))?;
-        Ok(FrameShardWriter {
+        Ok(ShardFile {
             file,
             writer,
             schema,
             rows: 0,
             max_row_group_bytes,
-            index,
         })
     }
 
-    /// Shard index.
-    pub fn index(&self) -> u32 {
-        self.index
-    }
-
-    /// Rows written so far.
-    pub fn rows(&self) -> u64 {
-        self.rows
-    }
-
-    /// Bytes written or buffered so far.
-    pub fn bytes(&self) -> u64 {
-        (self.writer.bytes_written() + self.writer.in_progress_size()) as u64
-    }
-
-    /// Appends one video's frames as a run of rows starting a new row group; returns the row
-    /// of its first frame.
-    pub fn write_video(&mut self, video_id: &str, frames: &[EncodedFrame]) -> Result<u64> {
-        let first = self.rows;
+    fn write(&mut self, cols: Vec<ArrayRef>) -> Result<()> {
         let tmp = self.file.tmp().to_owned();
-        for (chunk_no, chunk) in frames.chunks(FRAMES_PER_BATCH).enumerate() {
-            let n = chunk.len();
-            let base = (chunk_no * FRAMES_PER_BATCH) as i32;
-            let ids = StringArray::from(vec![video_id; n]);
-            let idx = Int32Array::from_iter_values((0..n as i32).map(|i| base + i));
-            let src = Int32Array::from_iter_values(chunk.iter().map(|f| f.source_frame as i32));
-            let t = Float64Array::from_iter(chunk.iter().map(|f| f.time_secs));
-            let img = BinaryArray::from_iter_values(chunk.iter().map(|f| f.jpeg.as_slice()));
-            let cols: Vec<ArrayRef> = vec![
-                Arc::new(ids),
-                Arc::new(idx),
-                Arc::new(src),
-                Arc::new(t),
-                Arc::new(img),
-            ];
-            let batch = RecordBatch::try_new(self.schema.clone(), cols)
-                .map_err(|e| Error::arrow(&tmp, e))?;
-            self.writer
-                .write(&batch)
-                .map_err(|e| Error::parquet(&tmp, e))?;
-            if self.writer.in_progress_size() >= self.max_row_group_bytes {
-                self.writer.flush().map_err(|e| Error::parquet(&tmp, e))?;
-            }
+        let batch =
+            RecordBatch::try_new(self.schema.clone(), cols).map_err(|e| Error::arrow(&tmp, e))?;
+        self.writer
+            .write(&batch)
+            .map_err(|e| Error::parquet(&tmp, e))?;
+        if self.writer.in_progress_size() >= self.max_row_group_bytes {
+            self.writer.flush().map_err(|e| Error::parquet(&tmp, e))?;
         }
+        Ok(())
+    }
+
+    /// Closes the row group of a video of `rows` rows; returns its first row.
+    fn end_video(&mut self, rows: usize) -> Result<u64> {
+        let tmp = self.file.tmp().to_owned();
         self.writer.flush().map_err(|e| Error::parquet(&tmp, e))?;
-        self.rows += frames.len() as u64;
+        let first = self.rows;
+        self.rows += rows as u64;
         Ok(first)
     }
 
-    /// Writes the footer with `meta`, syncs and renames the shard into place.
-    pub fn finish(mut self, meta: &ShardMeta) -> Result<ShardInfo> {
+    fn bytes(&self) -> u64 {
+        (self.writer.bytes_written() + self.writer.in_progress_size()) as u64
+    }
+
+    fn finish(mut self, meta: &ShardMeta) -> Result<ShardInfo> {
         let tmp = self.file.tmp().to_owned();
         let json = serde_json::to_string(meta).map_err(|e| Error::Json {
             path: tmp.clone(),
@@ -369,6 +345,165 @@ impl FrameShardWriter {
             bytes,
             sha256,
         })
+    }
+}
+
+/// Writes one frame shard; the file appears under its final name only after [`Self::finish`].
+pub struct FrameShardWriter {
+    inner: ShardFile,
+    index: u32,
+}
+
+impl FrameShardWriter {
+    /// Starts `dir/frames-<index>.parquet`.
+    pub fn create(dir: &Path, index: u32, max_row_group_bytes: usize) -> Result<Self> {
+        let path = dir.join(frames_file_name(index));
+        Ok(FrameShardWriter {
+            inner: ShardFile::create(&path, frames_schema(), "image", max_row_group_bytes)?,
+            index,
+        })
+    }
+
+    /// Shard index.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// Rows written so far.
+    pub fn rows(&self) -> u64 {
+        self.inner.rows
+    }
+
+    /// Bytes written or buffered so far.
+    pub fn bytes(&self) -> u64 {
+        self.inner.bytes()
+    }
+
+    /// Appends one video's frames as a run of rows starting a new row group; returns the row
+    /// of its first frame.
+    pub fn write_video(&mut self, video_id: &str, frames: &[EncodedFrame]) -> Result<u64> {
+        for (chunk_no, chunk) in frames.chunks(FRAMES_PER_BATCH).enumerate() {
+            let n = chunk.len();
+            let base = (chunk_no * FRAMES_PER_BATCH) as i32;
+            let ids = StringArray::from(vec![video_id; n]);
+            let idx = Int32Array::from_iter_values((0..n as i32).map(|i| base + i));
+            let src = Int32Array::from_iter_values(chunk.iter().map(|f| f.source_frame as i32));
+            let t = Float64Array::from_iter(chunk.iter().map(|f| f.time_secs));
+            let img = BinaryArray::from_iter_values(chunk.iter().map(|f| f.jpeg.as_slice()));
+            self.inner.write(vec![
+                Arc::new(ids),
+                Arc::new(idx),
+                Arc::new(src),
+                Arc::new(t),
+                Arc::new(img),
+            ])?;
+        }
+        self.inner.end_video(frames.len())
+    }
+
+    /// Writes the footer with `meta`, syncs and renames the shard into place.
+    pub fn finish(self, meta: &ShardMeta) -> Result<ShardInfo> {
+        self.inner.finish(meta)
+    }
+}
+
+/// File name of feature shard `index`: `features-00000.parquet`.
+pub fn features_file_name(index: u32) -> String {
+    format!("features-{index:05}.parquet")
+}
+
+/// Arrow schema of feature shards (`vdg features`): `video_id`, `frame_index` (within the
+/// cached frames of the video), `source_frame` (index among the prepared frames), `feature`
+/// (`FixedSizeList<Float32>` of width `dim`).
+pub fn features_schema(dim: usize) -> SchemaRef {
+    Arc::new(Schema::new_with_metadata(
+        vec![
+            Field::new("video_id", DataType::Utf8, false),
+            Field::new("frame_index", DataType::Int32, false),
+            Field::new("source_frame", DataType::Int32, false),
+            Field::new(
+                "feature",
+                DataType::FixedSizeList(
+                    Arc::new(Field::new("item", DataType::Float32, false)),
+                    dim as i32,
+                ),
+                false,
+            ),
+        ],
+        schema_metadata("features"),
+    ))
+}
+
+/// Writes one feature shard; like [`FrameShardWriter`] (one row group per video, footer
+/// metadata, atomic rename) with a feature column instead of JPEG bytes.
+pub struct FeatureShardWriter {
+    inner: ShardFile,
+    dim: usize,
+}
+
+impl FeatureShardWriter {
+    /// Starts `dir/features-<index>.parquet` for features of width `dim`.
+    pub fn create(dir: &Path, index: u32, dim: usize) -> Result<Self> {
+        let path = dir.join(features_file_name(index));
+        Ok(FeatureShardWriter {
+            inner: ShardFile::create(
+                &path,
+                features_schema(dim),
+                "feature.list.item",
+                DEFAULT_MAX_ROW_GROUP_BYTES,
+            )?,
+            dim,
+        })
+    }
+
+    /// Rows written so far.
+    pub fn rows(&self) -> u64 {
+        self.inner.rows
+    }
+
+    /// Bytes written or buffered so far.
+    pub fn bytes(&self) -> u64 {
+        self.inner.bytes()
+    }
+
+    /// Appends one video's features (`source_frames[i]` and `features[i * dim..]` per row) as
+    /// a new row group; returns the row of its first feature.
+    pub fn write_video(
+        &mut self,
+        video_id: &str,
+        source_frames: &[u32],
+        features: &[f32],
+    ) -> Result<u64> {
+        let n = source_frames.len();
+        if features.len() != n * self.dim {
+            return Err(Error::bad_shard(
+                self.inner.file.tmp(),
+                format!(
+                    "{video_id}: {} values for {n} features of width {}",
+                    features.len(),
+                    self.dim
+                ),
+            ));
+        }
+        let ids = StringArray::from(vec![video_id; n]);
+        let idx = Int32Array::from_iter_values(0..n as i32);
+        let src = Int32Array::from_iter_values(source_frames.iter().map(|&f| f as i32));
+        let values = Arc::new(Float32Array::from(features.to_vec()));
+        let item = Arc::new(Field::new("item", DataType::Float32, false));
+        let list = FixedSizeListArray::try_new(item, self.dim as i32, values, None)
+            .map_err(|e| Error::arrow(self.inner.file.tmp(), e))?;
+        self.inner.write(vec![
+            Arc::new(ids),
+            Arc::new(idx),
+            Arc::new(src),
+            Arc::new(list),
+        ])?;
+        self.inner.end_video(n)
+    }
+
+    /// Writes the footer with `meta`, syncs and renames the shard into place.
+    pub fn finish(self, meta: &ShardMeta) -> Result<ShardInfo> {
+        self.inner.finish(meta)
     }
 }
 
@@ -628,6 +763,43 @@ pub fn read_video_frames(path: &Path, row: u64, count: u32) -> Result<Vec<Encode
 /// the video (0-based, any order, repeats allowed), `first_row` its [`VideoRow::first_row`].
 /// Only the row groups and pages holding those rows are read.
 pub fn read_frames_at(path: &Path, first_row: u64, indices: &[u32]) -> Result<Vec<Vec<u8>>> {
+    read_rows_at(path, first_row, indices, "image", &|b, out| {
+        let img = column::<BinaryArray>(path, b, "image")?;
+        out.extend((0..b.num_rows()).map(|i| img.value(i).to_vec()));
+        Ok(())
+    })
+}
+
+/// Reads the cached features of chosen frames of one video from a feature shard, like
+/// [`read_frames_at`].
+pub fn read_features_at(path: &Path, first_row: u64, indices: &[u32]) -> Result<Vec<Vec<f32>>> {
+    read_rows_at(path, first_row, indices, "feature", &|b, out| {
+        let list = column::<FixedSizeListArray>(path, b, "feature")?;
+        let values = list
+            .values()
+            .as_any()
+            .downcast_ref::<Float32Array>()
+            .ok_or_else(|| Error::bad_shard(path, "feature values are not Float32"))?;
+        let d = list.value_length() as usize;
+        out.extend((0..b.num_rows()).map(|i| {
+            let off = list.value_offset_at(i);
+            values.values()[off..off + d].to_vec()
+        }));
+        Ok(())
+    })
+}
+
+type Extract<'a, T> = &'a dyn Fn(&RecordBatch, &mut Vec<T>) -> Result<()>;
+
+/// Rows `first_row + indices[i]` of `column`, in the order of `indices`; only the row groups
+/// and pages holding them are read.
+fn read_rows_at<T: Clone>(
+    path: &Path,
+    first_row: u64,
+    indices: &[u32],
+    column_name: &str,
+    extract: Extract<'_, T>,
+) -> Result<Vec<T>> {
     use parquet::arrow::ProjectionMask;
     use parquet::arrow::arrow_reader::{RowSelection, RowSelector};
     if indices.is_empty() {
@@ -666,23 +838,22 @@ pub fn read_frames_at(path: &Path, first_row: u64, indices: &[u32]) -> Result<Ve
         }
         start += n;
     }
-    let mask = ProjectionMask::columns(builder.parquet_schema(), ["image"]);
+    let mask = ProjectionMask::columns(builder.parquet_schema(), [column_name]);
     let reader = builder
         .with_projection(mask)
         .with_row_groups(groups)
         .with_row_selection(RowSelection::from(selectors))
         .build()
         .map_err(|e| Error::parquet(path, e))?;
-    let mut got: Vec<Vec<u8>> = Vec::with_capacity(wanted.len());
+    let mut got: Vec<T> = Vec::with_capacity(wanted.len());
     for batch in reader {
         let b = batch.map_err(|e| Error::arrow(path, e))?;
-        let img = column::<BinaryArray>(path, &b, "image")?;
-        got.extend((0..b.num_rows()).map(|i| img.value(i).to_vec()));
+        extract(&b, &mut got)?;
     }
     if got.len() != wanted.len() {
         return Err(Error::bad_shard(
             path,
-            format!("asked for {} frames, read {}", wanted.len(), got.len()),
+            format!("asked for {} rows, read {}", wanted.len(), got.len()),
         ));
     }
     indices
@@ -691,7 +862,7 @@ pub fn read_frames_at(path: &Path, first_row: u64, indices: &[u32]) -> Result<Ve
             let row = first_row + u64::from(i);
             let k = wanted
                 .binary_search(&row)
-                .map_err(|_| Error::bad_shard(path, "frame lookup"))?;
+                .map_err(|_| Error::bad_shard(path, "row lookup"))?;
             Ok(got[k].clone())
         })
         .collect()

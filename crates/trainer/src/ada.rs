@@ -36,7 +36,7 @@ pub enum AdaVariant {
     /// One copy against the last hidden feature (the baselines' "+ADA" of Tables 1-2).
     Ada,
     /// Multilayer (ADA*): level II and level III for APN; TRN's `g` and `h` for TRN and
-    /// TRN-ATTN (Table 2).
+    /// TRN-ATTN (Table 2); the pooled res4 and res5 outputs for TSM, I3D and Non-local.
     AdaStar,
     /// Ablation (§5.3): APN's global relation only.
     GlobalOnly,
@@ -90,6 +90,10 @@ impl AdaVariant {
             (AdaVariant::Ada, _) => vec!["last"],
             (AdaVariant::AdaStar, ModelKind::Apn) => vec!["level2", "level3"],
             (AdaVariant::AdaStar, ModelKind::Trn | ModelKind::TrnAttn) => vec!["g", "h"],
+            // The pooled res4 (`layer3`) and res5 (`layer4`) outputs.
+            (AdaVariant::AdaStar, ModelKind::Tsm | ModelKind::I3d | ModelKind::NonLocal) => {
+                vec!["res4", "last"]
+            }
             (AdaVariant::GlobalOnly, ModelKind::Apn) => vec!["global"],
             (AdaVariant::Level2Only, ModelKind::Apn) => vec!["level2"],
             (AdaVariant::Level3Only, ModelKind::Apn) => vec!["level3"],

@@ -3,7 +3,9 @@
 //! candle's CPU random number generator cannot be seeded, so every parameter a model creates
 //! is overwritten here from a ChaCha RNG, in name order: weights of two or more dimensions
 //! (linear, convolution) uniform in `±1/sqrt(fan_in)` (PyTorch's default), their biases
-//! likewise; normalisation weights 1, biases and running means 0, running variances 1.
+//! likewise; normalisation weights 1 (0 for a normalisation named `zero_bn`, which makes a
+//! residual branch start as the identity: non-local blocks), biases and running means 0,
+//! running variances 1.
 
 use candle_core::{DType, Tensor};
 use candle_nn::VarMap;
@@ -37,6 +39,7 @@ pub fn seeded_init(vm: &VarMap, seed: u64) -> Result<()> {
         let values: Vec<f32> = match leaf {
             "running_mean" => vec![0.0; n],
             "running_var" => vec![1.0; n],
+            "weight" if dims.len() == 1 && prefix.ends_with("zero_bn") => vec![0.0; n],
             "weight" if dims.len() == 1 => vec![1.0; n],
             "bias" => match sibling_weight {
                 Some(w) if w.len() >= 2 => {

@@ -28,6 +28,7 @@
 pub mod ada;
 pub mod device;
 pub mod error;
+pub mod features;
 pub mod init;
 pub mod loader;
 pub mod models;

@@ -1,5 +1,9 @@
-//! Clips from prepared shards: TSN segment sampling, the paper's augmentation, JPEG decoding
-//! on worker threads, batches `[B, M, 3, S, S]` with prefetch.
+//! Clips from prepared shards: TSN segment sampling or dense windows, the paper's
+//! augmentation, JPEG decoding on worker threads, batches `[B, M, 3, S, S]` with prefetch;
+//! or, from a feature cache (`vdg features`), batches of cached frame features `[B, M, F]`.
+//!
+//! Dense sampling (I3D, Non-local): `T` contiguous frames starting at a random frame in
+//! training and centred in evaluation; a video shorter than `T` frames is looped.
 //!
 //! Sampling (released VideoDG/TSN code, dataset-facts §1.4, 0-based here): training takes one
 //! random frame per segment (`k * (n / M) + U{0..n/M-1}`; `M` sorted random frames when a
@@ -28,6 +32,7 @@ use vdg_data::split::derive_seed;
 use vdg_data::{VideoRow, VideoStatus};
 
 use crate::error::{Error, Result};
+use crate::models::Sampling;
 
 /// ImageNet channel means.
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -36,12 +41,15 @@ pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 /// Multi-scale crop scales.
 pub const CROP_SCALES: [f64; 4] = [1.0, 0.875, 0.75, 0.66];
 
-/// The videos of some domains (and optionally one source split) of a prepared folder.
+/// The videos of some domains (and optionally one source split) of a prepared folder or of a
+/// feature cache.
 #[derive(Debug, Clone)]
 pub struct ClipSet {
     dir: PathBuf,
     /// The videos, in `videos.parquet` order.
     pub videos: Vec<VideoRow>,
+    /// Width of the cached features when `dir` is a feature cache (`features.json`).
+    pub feature_dim: Option<usize>,
 }
 
 impl ClipSet {
@@ -55,9 +63,11 @@ impl ClipSet {
             .filter(|r| domains.contains(&r.domain))
             .filter(|r| split.is_none_or(|s| r.source_split == s))
             .collect();
+        let feature_dim = crate::features::FeaturesRecord::open(dir)?.map(|r| r.feature_dim);
         Ok(ClipSet {
             dir: dir.to_owned(),
             videos,
+            feature_dim,
         })
     }
 
@@ -75,8 +85,8 @@ impl ClipSet {
 /// How clips are turned into tensors.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LoaderConfig {
-    /// Segments M.
-    pub segments: usize,
+    /// Which frames: `M` segments or a dense window of `T`.
+    pub sampling: Sampling,
     /// Side of the square input S (224 in the paper).
     pub input_size: usize,
     /// Training sampling and augmentation, or the deterministic evaluation protocol.
@@ -115,6 +125,30 @@ pub fn segment_indices(n: usize, m: usize, train: bool, rng: &mut impl Rng) -> V
             .collect()
     } else {
         vec![0; m]
+    }
+}
+
+/// Frame indices of a dense window of `t` frames in a video of `n`: random start in
+/// training, centred in evaluation; looped when `n < t`.
+pub fn dense_indices(n: usize, t: usize, train: bool, rng: &mut impl Rng) -> Vec<u32> {
+    if n == 0 {
+        return vec![0; t];
+    }
+    let start = if n <= t {
+        0
+    } else if train {
+        rng.random_range(0..=n - t)
+    } else {
+        (n - t) / 2
+    };
+    (0..t).map(|i| ((start + i) % n) as u32).collect()
+}
+
+/// Frame indices for one clip of `n` frames under `sampling`.
+pub fn clip_indices(n: usize, sampling: Sampling, train: bool, rng: &mut impl Rng) -> Vec<u32> {
+    match sampling {
+        Sampling::Segments(m) => segment_indices(n, m, train, rng),
+        Sampling::Dense(t) => dense_indices(n, t, train, rng),
     }
 }
 
@@ -241,7 +275,7 @@ pub fn decode_jpeg(bytes: &[u8]) -> std::result::Result<(usize, usize, Vec<u8>),
     Ok((usize::from(info.width), usize::from(info.height), px))
 }
 
-/// One clip as `[M * 3 * S * S]` floats.
+/// One clip as `[M * 3 * S * S]` floats (`[M * F]` from a feature cache).
 pub fn load_clip(
     set: &ClipSet,
     index: usize,
@@ -253,16 +287,34 @@ pub fn load_clip(
         cfg.seed,
         &format!("clip/{epoch}/{}", v.video_id),
     ));
-    let idx = segment_indices(v.num_frames as usize, cfg.segments, cfg.train, &mut rng);
+    let idx = clip_indices(v.num_frames as usize, cfg.sampling, cfg.train, &mut rng);
     let (Some(shard), Some(first)) = (v.shard, v.first_row) else {
         return Err(Error::Config(format!(
             "{}: no frames in the shards",
             v.video_id
         )));
     };
+    if let Some(dim) = set.feature_dim {
+        let path = set.dir.join(crate::features::features_file_name(shard));
+        let rows = vdg_data::shard::read_features_at(&path, first, &idx)?;
+        let mut out = Vec::with_capacity(idx.len() * dim);
+        for r in rows {
+            if r.len() != dim {
+                return Err(Error::Config(format!(
+                    "{}: {}: feature of width {} (features.json says {dim})",
+                    path.display(),
+                    v.video_id,
+                    r.len()
+                )));
+            }
+            out.extend(r);
+        }
+        return Ok(out);
+    }
     let frames = read_frames_at(&frames_path(&set.dir, shard), first, &idx)?;
     let s = cfg.input_size;
-    let mut out = vec![0f32; cfg.segments * 3 * s * s];
+    let n = idx.len();
+    let mut out = vec![0f32; n * 3 * s * s];
     let mut view = None;
     for (k, jpeg) in frames.iter().enumerate() {
         let (w, h, rgb) = decode_jpeg(jpeg).map_err(|message| Error::Frame {
@@ -324,8 +376,12 @@ pub fn make_batch(
         .map(|&i| load_clip(set, i, cfg, epoch))
         .collect::<Result<_>>()?;
     let s = cfg.input_size;
+    let m = cfg.sampling.frames();
     let flat: Vec<f32> = clips.into_iter().flatten().collect();
-    let clips = Tensor::from_vec(flat, (indices.len(), cfg.segments, 3, s, s), device)?;
+    let clips = match set.feature_dim {
+        Some(f) => Tensor::from_vec(flat, (indices.len(), m, f), device)?,
+        None => Tensor::from_vec(flat, (indices.len(), m, 3, s, s), device)?,
+    };
     let labels: Vec<u32> = indices.iter().map(|&i| set.videos[i].label).collect();
     Ok(Batch {
         labels: Tensor::new(labels.as_slice(), device)?,
@@ -380,6 +436,23 @@ mod tests {
                 "{short:?}"
             );
         }
+    }
+
+    #[test]
+    fn dense_windows_are_contiguous_centred_in_evaluation_and_looped_when_short() {
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        assert_eq!(dense_indices(100, 4, false, &mut rng), [48, 49, 50, 51]);
+        assert_eq!(dense_indices(3, 5, true, &mut rng), [0, 1, 2, 0, 1]);
+        let mut starts = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            let w = dense_indices(40, 32, true, &mut rng);
+            assert!(
+                w.windows(2).all(|p| p[1] == p[0] + 1) && w[31] < 40,
+                "{w:?}"
+            );
+            starts.insert(w[0]);
+        }
+        assert_eq!(starts.len(), 9, "every start 0..=8 is drawn");
     }
 
     #[test]

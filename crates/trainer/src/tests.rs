@@ -13,6 +13,25 @@ use crate::optim::{SgdMomentum, SgdParams};
 
 const TOL: f64 = 1e-5;
 
+/// The temporal heads of the registry (the whole networks are tested in `networks`).
+const HEADS: [ModelKind; 4] = [
+    ModelKind::Tsn,
+    ModelKind::Trn,
+    ModelKind::TrnAttn,
+    ModelKind::Apn,
+];
+
+#[test]
+fn the_registry_is_heads_plus_networks() {
+    let heads: Vec<ModelKind> = ModelKind::ALL.into_iter().filter(|k| k.is_head()).collect();
+    assert_eq!(heads, HEADS);
+    let nets: Vec<ModelKind> = ModelKind::ALL
+        .into_iter()
+        .filter(|k| !k.is_head())
+        .collect();
+    assert_eq!(nets, networks::NETWORKS);
+}
+
 fn vb_f64(vm: &VarMap) -> VarBuilder<'_> {
     VarBuilder::from_varmap(vm, DType::F64, &Device::Cpu)
 }
@@ -63,7 +82,7 @@ fn attention_block_gradients_match_finite_differences_and_reach_every_weight() {
 
 #[test]
 fn every_head_has_correct_input_gradients() {
-    for kind in ModelKind::ALL {
+    for kind in HEADS {
         let vm = VarMap::new();
         let cfg = ModelConfig::tiny();
         let head = build_head(kind, &cfg, 4, 0, vb_f64(&vm)).unwrap();
@@ -86,7 +105,7 @@ fn every_head_has_correct_input_gradients() {
 #[test]
 fn registry_builds_every_kind_with_its_features_and_one_step_changes_weights() {
     let dev = Device::Cpu;
-    for kind in ModelKind::ALL {
+    for kind in HEADS {
         let vm = VarMap::new();
         let cfg = ModelConfig::tiny();
         let head = build_head(
@@ -161,7 +180,7 @@ fn registry_builds_every_kind_with_its_features_and_one_step_changes_weights() {
 #[test]
 fn ada_raises_the_adversarial_objective_and_keeps_labels() {
     let dev = Device::Cpu;
-    for kind in ModelKind::ALL {
+    for kind in HEADS {
         let vm = VarMap::new();
         let cfg = ModelConfig::tiny();
         let head = build_head(
@@ -220,7 +239,7 @@ fn ada_raises_the_adversarial_objective_and_keeps_labels() {
 #[test]
 fn a_tiny_set_overfits_to_full_accuracy() {
     let dev = Device::Cpu;
-    for kind in ModelKind::ALL {
+    for kind in HEADS {
         let vm = VarMap::new();
         let cfg = ModelConfig::tiny();
         let head = build_head(
@@ -273,17 +292,17 @@ fn a_pixel_model_overfits_a_tiny_set() {
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
     let cfg = ModelConfig::tiny();
-    let model = VideoModel {
-        backbone: Backbone::new(
+    let model = VideoModel::frames(
+        Backbone::new(
             BackboneKind::SmallCnn,
             cfg.feature_dim,
             0.0,
             vb.pp("backbone"),
         )
         .unwrap(),
-        head: build_head(ModelKind::Tsn, &cfg, 4, 0, vb.pp("head")).unwrap(),
-        kind: ModelKind::Tsn,
-    };
+        build_head(ModelKind::Tsn, &cfg, 4, 0, vb.pp("head")).unwrap(),
+        ModelKind::Tsn,
+    );
     seeded_init(&vm, 5).unwrap();
     let x = seeded_randn(&[8, 3, 3, 16, 16], 6, DType::F32, &dev).unwrap();
     let labels = Tensor::new(&[0u32, 1, 2, 3, 0, 1, 2, 3], &dev).unwrap();
@@ -338,5 +357,260 @@ fn registry_names_agree_between_serde_clap_and_name() {
             serde_json::to_string(&v).unwrap(),
             format!("\"{}\"", v.name())
         );
+    }
+}
+
+/// TSM, I3D and Non-local: whole networks on pixels, on a ResNet-18 trunk at a tiny size.
+mod networks {
+    use std::collections::HashMap;
+
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::{Optimizer, VarBuilder, VarMap};
+
+    use crate::ada::{AdaConfig, AdaVariant, adversarial_copies, objective};
+    use crate::gradcheck::{check_input_gradient, project};
+    use crate::init::{seeded_init, seeded_randn};
+    use crate::models::blocks::BackboneKind;
+    use crate::models::blocks::resnet::is_frozen_bn;
+    use crate::models::{ModelConfig, ModelKind, Network, build_network};
+    use crate::nn::cross_entropy;
+    use crate::optim::{SgdMomentum, SgdParams};
+
+    pub(super) const NETWORKS: [ModelKind; 3] =
+        [ModelKind::Tsm, ModelKind::I3d, ModelKind::NonLocal];
+
+    fn trainable(name: &str) -> bool {
+        !(name.contains("running") || is_frozen_bn(name))
+    }
+
+    fn build(kind: ModelKind, dtype: DType, seed: u64) -> (VarMap, Box<dyn Network>, Vec<usize>) {
+        let vm = VarMap::new();
+        let cfg = ModelConfig::tiny();
+        let net = build_network(
+            kind,
+            &cfg,
+            BackboneKind::Resnet18,
+            4,
+            VarBuilder::from_varmap(&vm, dtype, &Device::Cpu),
+        )
+        .unwrap();
+        seeded_init(&vm, seed).unwrap();
+        // Non-local blocks start as the identity (zero scale); give them a scale so that
+        // every path carries gradient.
+        for (name, var) in vm.data().lock().unwrap().iter() {
+            if name.ends_with("zero_bn.weight") {
+                let half = (var.as_tensor().ones_like().unwrap() * 0.5).unwrap();
+                var.set(&half).unwrap();
+            }
+        }
+        let t = kind.sampling(&cfg).frames();
+        (vm, net, vec![2, t, 3, 16, 16])
+    }
+
+    #[test]
+    fn every_network_has_its_shapes_features_and_correct_input_gradients() {
+        for kind in NETWORKS {
+            let (_vm, net, shape) = build(kind, DType::F64, 1);
+            let x = seeded_randn(&shape, 2, DType::F64, &Device::Cpu).unwrap();
+            let out = net.forward_t(&x, false).unwrap();
+            assert_eq!(out.logits.dims(), &[2, 4], "{}", kind.name());
+            for f in kind.features() {
+                assert_eq!(out.feature(f).unwrap().dim(0).unwrap(), 2, "{f}");
+            }
+            let v = out.logits.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            assert!(v.iter().all(|x| x.is_finite()), "{}", kind.name());
+            let err = check_input_gradient(&shape, 3, 16, &|x| {
+                project(&net.forward_t(x, false)?.logits, 4)
+            })
+            .unwrap();
+            assert!(err < super::TOL, "{}: relative error {err}", kind.name());
+        }
+    }
+
+    #[test]
+    fn every_trainable_parameter_gets_a_gradient_and_ada_raises_its_objective() {
+        let dev = Device::Cpu;
+        for kind in NETWORKS {
+            let (vm, net, mut shape) = build(kind, DType::F32, 5);
+            // 8 frames of 32x32: res3 is 2x4x4 and res4 2x2x2, so every non-local block
+            // attends over more than one subsampled position (with one, softmax is constant
+            // and phi has no gradient).
+            shape[1] = 8;
+            shape[3] = 32;
+            shape[4] = 32;
+            let x = seeded_randn(&shape, 6, DType::F32, &dev).unwrap();
+            let labels = Tensor::new(&[1u32, 3], &dev).unwrap();
+            let loss = cross_entropy(&net.forward_t(&x, true).unwrap().logits, &labels).unwrap();
+            let grads = loss.backward().unwrap();
+            let data = vm.data().lock().unwrap();
+            let mut names: Vec<&String> = data.keys().filter(|n| trainable(n)).collect();
+            names.sort();
+            assert!(names.len() > 20, "{}", kind.name());
+            for name in names {
+                let g = grads
+                    .get(data[name].as_tensor())
+                    .unwrap_or_else(|| panic!("{}: no gradient for {name}", kind.name()));
+                let norm = g
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                // phi's bias adds theta_i . b to every score of row i: softmax cancels it,
+                // so its gradient is exactly zero (true of the original block too).
+                if name.ends_with("nonlocal.phi.bias") {
+                    continue;
+                }
+                assert!(norm > 0.0, "{}: zero gradient for {name}", kind.name());
+            }
+            drop(data);
+            for variant in [AdaVariant::Ada, AdaVariant::AdaStar] {
+                let targets = variant.targets(kind).unwrap();
+                let cfg = AdaConfig {
+                    eta: 0.5,
+                    t_max: 2,
+                    gamma: 0.01,
+                };
+                let fwd = |t: &Tensor, _train: bool| net.forward_t(t, false);
+                let copies = adversarial_copies(&fwd, &x, &labels, &targets, &cfg).unwrap();
+                let clean = net.forward_t(&x, false).unwrap();
+                for (t, adv) in targets.iter().zip(&copies) {
+                    let r0 = clean.feature(t).unwrap().detach();
+                    let before = objective(&clean, t, &labels, &r0, cfg.gamma).unwrap();
+                    let after_out = net.forward_t(adv, false).unwrap();
+                    let after = objective(&after_out, t, &labels, &r0, cfg.gamma).unwrap();
+                    let (b, a) = (
+                        before.to_scalar::<f32>().unwrap(),
+                        after.to_scalar::<f32>().unwrap(),
+                    );
+                    assert!(a > b, "{} {t}: objective {b} -> {a}", kind.name());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_network_overfits_a_tiny_set() {
+        let dev = Device::Cpu;
+        for kind in NETWORKS {
+            let (vm, net, mut shape) = build(kind, DType::F32, 7);
+            shape[0] = 4;
+            let x = seeded_randn(&shape, 8, DType::F32, &dev).unwrap();
+            let labels = Tensor::new(&[0u32, 1, 2, 3], &dev).unwrap();
+            let mut opt = SgdMomentum::from_varmap(
+                &vm,
+                SgdParams {
+                    lr: 0.05,
+                    weight_decay: 0.0,
+                    ..SgdParams::default()
+                },
+                trainable,
+            )
+            .unwrap();
+            let (mut first, mut last) = (0.0, 0.0);
+            for i in 0..40 {
+                let loss =
+                    cross_entropy(&net.forward_t(&x, true).unwrap().logits, &labels).unwrap();
+                last = loss.to_scalar::<f32>().unwrap();
+                if i == 0 {
+                    first = last;
+                }
+                opt.step(&loss.backward().unwrap()).unwrap();
+            }
+            let pred = net
+                .forward_t(&x, false)
+                .unwrap()
+                .logits
+                .argmax(1)
+                .unwrap()
+                .to_vec1::<u32>()
+                .unwrap();
+            assert_eq!(
+                pred,
+                [0, 1, 2, 3],
+                "{}: loss {first} -> {last}",
+                kind.name()
+            );
+        }
+    }
+
+    #[test]
+    fn two_d_weights_inflate_into_i3d_and_mmaction_names_map_to_ours() {
+        use crate::models::blocks::resnet::ResNet;
+        use crate::train::{canonical_name, load_backbone_weights};
+        let dev = Device::Cpu;
+        // A "converted" 2-D ResNet-18 written by the test.
+        let src = VarMap::new();
+        ResNet::resnet18(VarBuilder::from_varmap(&src, DType::F32, &dev)).unwrap();
+        seeded_init(&src, 11).unwrap();
+        let tensors: HashMap<String, Tensor> = src
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r18.safetensors");
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        for kind in [ModelKind::I3d, ModelKind::NonLocal] {
+            let vm = VarMap::new();
+            build_network(
+                kind,
+                &ModelConfig::tiny(),
+                BackboneKind::Resnet18,
+                4,
+                VarBuilder::from_varmap(&vm, DType::F32, &dev).pp("backbone"),
+            )
+            .unwrap();
+            seeded_init(&vm, 1).unwrap();
+            load_backbone_weights(&vm, &path).unwrap();
+            let data = vm.data().lock().unwrap();
+            let w3 = data["backbone.conv1.weight"].as_tensor().clone();
+            assert_eq!(w3.dims(), &[64, 3, 5, 7, 7]);
+            let w2 = &tensors["conv1.weight"];
+            for tap in 0..5 {
+                let slice = w3.narrow(2, tap, 1).unwrap().squeeze(2).unwrap();
+                let diff = (slice - (w2 / 5.0).unwrap())
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(diff < 1e-7, "tap {tap}: {diff}");
+            }
+            // 3x1x1 and 1x3x3 kernels too; BatchNorm statistics copied.
+            assert_eq!(
+                data["backbone.layer1.0.conv1.weight"].dims(),
+                &[64, 64, 3, 3, 3]
+            );
+            let rm = data["backbone.layer2.0.bn1.running_var"]
+                .as_tensor()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(
+                rm,
+                tensors["layer2.0.bn1.running_var"]
+                    .to_vec1::<f32>()
+                    .unwrap()
+            );
+        }
+        assert_eq!(
+            canonical_name("backbone.layer1.0.conv1.conv.weight"),
+            "layer1.0.conv1.weight"
+        );
+        assert_eq!(
+            canonical_name("backbone.layer3.2.conv2.bn.running_mean"),
+            "layer3.2.bn2.running_mean"
+        );
+        assert_eq!(canonical_name("backbone.conv1.bn.bias"), "bn1.bias");
+        assert_eq!(
+            canonical_name("backbone.layer2.0.downsample.conv.weight"),
+            "layer2.0.downsample.0.weight"
+        );
+        assert_eq!(canonical_name("layer4.1.bn2.weight"), "layer4.1.bn2.weight");
     }
 }

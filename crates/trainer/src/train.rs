@@ -23,7 +23,7 @@ use crate::init::seeded_init;
 use crate::loader::{ClipSet, LoaderConfig, batches};
 use crate::models::blocks::resnet::is_frozen_bn;
 use crate::models::blocks::{Backbone, BackboneKind, PROJECTION_DROPOUT};
-use crate::models::{ModelConfig, ModelKind, VideoModel, build_head};
+use crate::models::{ModelConfig, ModelKind, VideoModel, build_head, build_network};
 use crate::nn::{cross_entropy, dropout_state, seed_dropout, set_dropout_state};
 use crate::optim::{SgdMomentum, SgdParams, clip_grad_norm};
 
@@ -60,6 +60,19 @@ pub enum EnsembleRule {
     MaxConfidence,
     /// The mean of the members' softmax outputs.
     MeanSoftmax,
+}
+
+/// What ADA perturbs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdaSpace {
+    /// The input pixels (the paper).
+    #[default]
+    Pixels,
+    /// Cached per-frame backbone features (`vdg train --features`): the backbone is frozen
+    /// and not run, so the adversarial copies live in feature space. A deviation from the
+    /// paper, recorded in every run's config.
+    Features,
 }
 
 /// Everything a run needs; written to `config.toml` before training starts.
@@ -111,6 +124,9 @@ pub struct TrainConfig {
     pub seed: u64,
     /// `cpu` or `cuda[:N]`.
     pub device: String,
+    /// Pixels, or cached features (set from the data folder).
+    #[serde(default)]
+    pub ada_space: AdaSpace,
 }
 
 impl TrainConfig {
@@ -140,6 +156,7 @@ impl TrainConfig {
             selection: Selection::SourceVal,
             seed: 0,
             device: "cpu".into(),
+            ada_space: AdaSpace::Pixels,
         }
     }
 
@@ -314,36 +331,87 @@ fn build(
     cfg: &TrainConfig,
     classes: usize,
     seed: u64,
+    feature_dim: Option<usize>,
     device: &Device,
 ) -> Result<(VarMap, VideoModel)> {
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, device);
-    let backbone = Backbone::new(
-        cfg.backbone,
-        cfg.model_config.feature_dim,
-        cfg.projection_dropout,
-        vb.pp("backbone"),
-    )?;
-    let head = build_head(cfg.model, &cfg.model_config, classes, seed, vb.pp("head"))?;
+    let mc = &cfg.model_config;
+    let model = if cfg.model.is_head() {
+        let backbone = match feature_dim {
+            Some(dim) => Backbone::cached(
+                dim,
+                mc.feature_dim,
+                cfg.projection_dropout,
+                vb.pp("backbone"),
+            )?,
+            None => Backbone::new(
+                cfg.backbone,
+                mc.feature_dim,
+                cfg.projection_dropout,
+                vb.pp("backbone"),
+            )?,
+        };
+        let head = build_head(cfg.model, mc, classes, seed, vb.pp("head"))?;
+        VideoModel::frames(backbone, head, cfg.model)
+    } else {
+        if feature_dim.is_some() {
+            return Err(Error::Config(format!(
+                "{} mixes time inside its backbone, so it cannot train on cached frame \
+                 features; give it the prepared frames (--data)",
+                cfg.model.name()
+            )));
+        }
+        let net = build_network(cfg.model, mc, cfg.backbone, classes, vb.pp("backbone"))?;
+        VideoModel::network(net, cfg.model)
+    };
     seeded_init(&vm, seed)?;
     if let Some(w) = &cfg.backbone_weights {
+        if feature_dim.is_some() {
+            return Err(Error::Config(
+                "backbone weights are baked into a feature cache; drop --backbone-weights".into(),
+            ));
+        }
         load_backbone_weights(&vm, w)?;
     }
-    Ok((
-        vm,
-        VideoModel {
-            backbone,
-            head,
-            kind: cfg.model,
-        },
-    ))
+    Ok((vm, model))
+}
+
+/// The name a tensor of a 3-D checkpoint in mmaction2's layout has in ours
+/// (`backbone.layer1.0.conv1.conv.weight` -> `layer1.0.conv1.weight`,
+/// `...conv1.bn.bias` -> `...bn1.bias`, `downsample.conv`/`.bn` -> `downsample.0`/`.1`);
+/// torchvision names come back unchanged.
+pub fn canonical_name(key: &str) -> String {
+    let k = key.strip_prefix("backbone.").unwrap_or(key);
+    let k = k
+        .replace("downsample.conv.", "downsample.0.")
+        .replace("downsample.bn.", "downsample.1.");
+    let parts: Vec<&str> = k.split('.').collect();
+    if parts.len() >= 3 {
+        let n = parts.len();
+        let (owner, kind) = (parts[n - 3], parts[n - 2]);
+        if let Some(idx) = owner.strip_prefix("conv") {
+            let head = parts[..n - 3].join(".");
+            let sep = if head.is_empty() { "" } else { "." };
+            match kind {
+                "conv" => return format!("{head}{sep}conv{idx}.{}", parts[n - 1]),
+                "bn" => return format!("{head}{sep}bn{idx}.{}", parts[n - 1]),
+                _ => {}
+            }
+        }
+    }
+    k
 }
 
 /// Loads torchvision-named backbone weights (`conv1.weight`, `layer1.0.bn1.running_mean`,
 /// ...) from a safetensors file into the `backbone.` variables; `fc.*` is ignored. Every
 /// backbone variable except the projection must be present.
 pub fn load_backbone_weights(vm: &VarMap, path: &Path) -> Result<()> {
-    let tensors = candle_core::safetensors::load(path, &Device::Cpu)?;
+    let raw = candle_core::safetensors::load(path, &Device::Cpu)?;
+    let tensors: HashMap<String, Tensor> = raw
+        .into_iter()
+        .map(|(k, v)| (canonical_name(&k), v))
+        .collect();
     let data = vm
         .data()
         .lock()
@@ -355,21 +423,31 @@ pub fn load_backbone_weights(vm: &VarMap, path: &Path) -> Result<()> {
     names.sort();
     for name in names {
         let key = &name["backbone.".len()..];
-        let t = tensors.get(key).ok_or_else(|| {
-            Error::Config(format!(
+        let var = &data[name];
+        let Some(t) = tensors.get(key) else {
+            // Non-local blocks are new: ImageNet and I3D checkpoints do not have them.
+            if key.contains(".nonlocal.") {
+                continue;
+            }
+            return Err(Error::Config(format!(
                 "{}: no tensor {key:?} for the backbone",
                 path.display()
-            ))
-        })?;
-        let var = &data[name];
-        if t.dims() != var.dims() {
-            return Err(Error::Config(format!(
-                "{}: {key} has shape {:?}, the model expects {:?}",
-                path.display(),
-                t.dims(),
-                var.dims()
             )));
-        }
+        };
+        let t = match (t.dims(), var.dims()) {
+            // Inflation: a 2-D kernel [O, I, kh, kw] into a 3-D one [O, I, kt, kh, kw],
+            // repeated over the temporal taps and divided by their number.
+            (&[o, i, kh, kw], &[o3, i3, kt, kh3, kw3]) if (o, i, kh, kw) == (o3, i3, kh3, kw3) => {
+                (t.unsqueeze(2)?.repeat((1, 1, kt, 1, 1))? / kt as f64)?
+            }
+            (a, b) if a == b => t.clone(),
+            (a, b) => {
+                return Err(Error::Config(format!(
+                    "{}: {key} has shape {a:?}, the model expects {b:?}",
+                    path.display()
+                )));
+            }
+        };
         var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
     }
     Ok(())
@@ -383,7 +461,7 @@ pub fn predict(
     device: &Device,
 ) -> Result<Vec<Vec<f32>>> {
     let lc = LoaderConfig {
-        segments: cfg.model_config.segments,
+        sampling: cfg.model.sampling(&cfg.model_config),
         input_size: cfg.input_size,
         train: false,
         batch_size: cfg.batch_size,
@@ -508,6 +586,23 @@ pub fn train(
         })
         .collect::<Result<_>>()?;
     let targets_by_name: Vec<String> = target_sets.iter().map(|(n, _)| n.clone()).collect();
+    let space = if train_set.feature_dim.is_some() {
+        AdaSpace::Features
+    } else {
+        AdaSpace::Pixels
+    };
+    if space != cfg.ada_space {
+        return Err(Error::Config(format!(
+            "{}: the configuration says ada_space = {:?} but the folder holds {}",
+            spec.data.display(),
+            cfg.ada_space,
+            if space == AdaSpace::Features {
+                "cached features"
+            } else {
+                "frames"
+            }
+        )));
+    }
     let targets = cfg.ada.targets(cfg.model)?;
     let mut member_probs: Vec<BTreeMap<String, Vec<Vec<f32>>>> = Vec::new();
     let mut members = Vec::new();
@@ -516,17 +611,18 @@ pub fn train(
         std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
         let seed = vdg_data::split::derive_seed(cfg.seed, &format!("member/{index}"));
         seed_dropout(seed);
-        let (vm, model) = build(cfg, classes, seed, &device)?;
+        let (vm, model) = build(cfg, classes, seed, train_set.feature_dim, &device)?;
         let params = SgdParams {
             lr: cfg.lr,
             momentum: cfg.momentum,
             weight_decay: cfg.weight_decay,
             nesterov: false,
         };
-        let partial_bn = matches!(
-            cfg.backbone,
-            BackboneKind::Resnet18 | BackboneKind::Resnet50
-        );
+        let partial_bn = train_set.feature_dim.is_none()
+            && matches!(
+                cfg.backbone,
+                BackboneKind::Resnet18 | BackboneKind::Resnet50
+            );
         let mut opt = SgdMomentum::from_varmap(&vm, params, |n| {
             let stats = n.ends_with("running_mean") || n.ends_with("running_var");
             !(stats || (partial_bn && is_frozen_bn(n)))
@@ -538,7 +634,7 @@ pub fn train(
             best_epoch: 0,
             best_score: f64::MIN,
             dropout_rng: dropout_state(),
-            sampler_rng: model.head.sampler().and_then(|s| s.state()),
+            sampler_rng: model.sampler().and_then(|s| s.state()),
         };
         if resume && last_json.exists() {
             let text = std::fs::read_to_string(&last_json).map_err(|e| io(&last_json, e))?;
@@ -550,13 +646,13 @@ pub fn train(
                 candle_core::safetensors::load(dir.join("last-optim.safetensors"), &device)?;
             opt.load_state(&optim);
             set_dropout_state(state.dropout_rng.0, state.dropout_rng.1);
-            if let (Some(s), Some((seed, pos))) = (model.head.sampler(), state.sampler_rng) {
+            if let (Some(s), Some((seed, pos))) = (model.sampler(), state.sampler_rng) {
                 s.set_state(seed, pos);
             }
             tracing::info!("member {index}: resuming after epoch {}", state.epochs_done);
         }
         let lc = LoaderConfig {
-            segments: cfg.model_config.segments,
+            sampling: cfg.model.sampling(&cfg.model_config),
             input_size: cfg.input_size,
             train: true,
             batch_size: cfg.batch_size,
@@ -643,7 +739,7 @@ pub fn train(
             state.history.push(record);
             state.epochs_done = epoch + 1;
             state.dropout_rng = dropout_state();
-            state.sampler_rng = model.head.sampler().and_then(|s| s.state());
+            state.sampler_rng = model.sampler().and_then(|s| s.state());
             // Checkpoint: weights and optimizer first, then the JSON that points at them.
             save_vars(&vm, &dir.join("last.safetensors"))?;
             let optim_path = dir.join("last-optim.safetensors");

@@ -1,17 +1,26 @@
-//! The model registry: temporal heads on top of a per-frame backbone.
+//! The model registry.
 //!
-//! A model maps clips `[B, M, 3, H, W]` to class logits plus the named intermediate
-//! features video ADA perturbs against ([`HeadOutput::features`]). It is a [`Backbone`]
-//! (frames -> `D`-dim features) followed by a temporal head chosen by [`ModelKind`].
+//! A model maps clips `[B, T, 3, H, W]` to class logits plus the named intermediate
+//! features video ADA perturbs against ([`HeadOutput::features`]). Two families:
 //!
-//! Adding a model: one file in this folder, one [`ModelKind`] variant, one arm in
-//! [`build_head`], and its golden/shape test (see CONTRIBUTING.md). The registry test builds
-//! every kind.
+//! - **Temporal heads** (TSN, TRN, TRN-ATTN, APN): a per-frame [`Backbone`] (frames -> `D`-dim
+//!   features) followed by a [`Head`] over `[B, M, D]`; they also train on cached features
+//!   (`vdg train --features`).
+//! - **Whole networks** (TSM, I3D, Non-local): a [`Network`] that sees the clip itself, because
+//!   time is mixed inside the backbone (temporal shift, 3-D convolutions).
+//!
+//! [`ModelKind::sampling`] says which frames the loader feeds: TSN segments or a dense
+//! window. Adding a model: one file in this folder, one [`ModelKind`] variant, one arm in
+//! [`build_head`] or [`build_network`], and its golden/shape test (see CONTRIBUTING.md). The
+//! registry tests build every kind.
 
 pub mod apn;
 pub mod blocks;
+pub mod i3d;
+pub mod non_local;
 pub mod trn;
 pub mod trn_attn;
+pub mod tsm;
 pub mod tsn;
 
 use std::collections::BTreeMap;
@@ -26,7 +35,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::nn::AttentionConfig;
-use blocks::Backbone;
+use blocks::{Backbone, BackboneKind};
 
 /// The temporal models of the registry.
 #[derive(
@@ -53,15 +62,44 @@ pub enum ModelKind {
     TrnAttn,
     /// Adversarial Pyramid Network (APN paper §4).
     Apn,
+    /// Temporal Shift Module: ResNet with channels shifted along time in every block.
+    Tsm,
+    /// Inflated 3-D ResNet on dense clips.
+    I3d,
+    /// I3D with embedded-Gaussian non-local blocks in res3 and res4.
+    NonLocal,
+}
+
+/// Which frames of a video a model is fed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sampling {
+    /// TSN's sparse sampling: one frame from each of `M` equal segments.
+    Segments(usize),
+    /// A contiguous window of `T` frames: random in training, centred in evaluation (looped
+    /// when the video is shorter).
+    Dense(usize),
+}
+
+impl Sampling {
+    /// Frames per clip.
+    pub fn frames(self) -> usize {
+        match self {
+            Sampling::Segments(n) | Sampling::Dense(n) => n,
+        }
+    }
 }
 
 impl ModelKind {
     /// Every kind, in registry order.
-    pub const ALL: [ModelKind; 4] = [
+    pub const ALL: [ModelKind; 7] = [
         ModelKind::Tsn,
         ModelKind::Trn,
         ModelKind::TrnAttn,
         ModelKind::Apn,
+        ModelKind::Tsm,
+        ModelKind::I3d,
+        ModelKind::NonLocal,
     ];
 
     /// The snake_case name (`trn_attn`).
@@ -71,6 +109,26 @@ impl ModelKind {
             ModelKind::Trn => "trn",
             ModelKind::TrnAttn => "trn_attn",
             ModelKind::Apn => "apn",
+            ModelKind::Tsm => "tsm",
+            ModelKind::I3d => "i3d",
+            ModelKind::NonLocal => "non_local",
+        }
+    }
+
+    /// Whether the kind is a temporal head over per-frame features (and so can train on
+    /// cached features), rather than a whole [`Network`].
+    pub fn is_head(self) -> bool {
+        matches!(
+            self,
+            ModelKind::Tsn | ModelKind::Trn | ModelKind::TrnAttn | ModelKind::Apn
+        )
+    }
+
+    /// The frames the loader feeds this kind.
+    pub fn sampling(self, cfg: &ModelConfig) -> Sampling {
+        match self {
+            ModelKind::I3d | ModelKind::NonLocal => Sampling::Dense(cfg.clip_frames),
+            _ => Sampling::Segments(cfg.segments),
         }
     }
 
@@ -93,6 +151,7 @@ impl ModelKind {
             ModelKind::Tsn => &["last"],
             ModelKind::Trn | ModelKind::TrnAttn => &["last", "g", "h"],
             ModelKind::Apn => &["last", "global", "level2", "level3"],
+            ModelKind::Tsm | ModelKind::I3d | ModelKind::NonLocal => &["last", "res4"],
         }
     }
 }
@@ -125,8 +184,23 @@ pub struct ModelConfig {
     pub trn_relations_per_scale: usize,
     /// Bottleneck width of TRN's g.
     pub trn_bottleneck: usize,
-    /// Dropout before the TSN classifier and inside TRN's h.
+    /// Dropout before the TSN classifier and inside TRN's h (and before the classifier of
+    /// TSM, I3D and Non-local).
     pub head_dropout: f32,
+    /// Frames of a dense clip (I3D, Non-local).
+    #[serde(default = "default_clip_frames")]
+    pub clip_frames: usize,
+    /// TSM shifts `1 / shift_div` of the channels each way.
+    #[serde(default = "default_shift_div")]
+    pub shift_div: usize,
+}
+
+fn default_clip_frames() -> usize {
+    32
+}
+
+fn default_shift_div() -> usize {
+    8
 }
 
 impl Default for ModelConfig {
@@ -139,6 +213,8 @@ impl Default for ModelConfig {
             trn_relations_per_scale: 3,
             trn_bottleneck: 256,
             head_dropout: 0.6,
+            clip_frames: default_clip_frames(),
+            shift_div: default_shift_div(),
         }
     }
 }
@@ -157,6 +233,7 @@ impl ModelConfig {
             },
             trn_bottleneck: 16,
             head_dropout: 0.0,
+            clip_frames: 4,
             ..ModelConfig::default()
         }
     }
@@ -302,33 +379,109 @@ pub fn build_head(
         ModelKind::Trn => Box::new(trn::Trn::new(cfg, num_classes, seed, vb)?),
         ModelKind::TrnAttn => Box::new(trn_attn::TrnAttn::new(cfg, num_classes, seed, vb)?),
         ModelKind::Apn => Box::new(apn::Apn::new(cfg, num_classes, seed, vb)?),
+        ModelKind::Tsm | ModelKind::I3d | ModelKind::NonLocal => {
+            return Err(Error::Config(format!(
+                "{} is a whole network, not a head over frame features",
+                kind.name()
+            )));
+        }
     })
 }
 
-/// A whole video model: backbone per frame, then the temporal head.
+/// A whole video network: clips in, logits and named features out.
+pub trait Network: Send + Sync {
+    /// # Shapes
+    /// `clips [B, T, 3, H, W]` -> logits `[B, C]` and named features (`last`, `res4`).
+    fn forward_t(&self, clips: &Tensor, train: bool) -> Result<HeadOutput>;
+}
+
+/// Builds the network of `kind` on the ResNet `backbone` (`resnet18` or `resnet50`).
+pub fn build_network(
+    kind: ModelKind,
+    cfg: &ModelConfig,
+    backbone: BackboneKind,
+    num_classes: usize,
+    vb: VarBuilder,
+) -> Result<Box<dyn Network>> {
+    Ok(match kind {
+        ModelKind::Tsm => Box::new(tsm::Tsm::new(cfg, backbone, num_classes, vb)?),
+        ModelKind::I3d => Box::new(i3d::I3d::new(cfg, backbone, num_classes, false, vb)?),
+        ModelKind::NonLocal => Box::new(non_local::build(cfg, backbone, num_classes, vb)?),
+        ModelKind::Tsn | ModelKind::Trn | ModelKind::TrnAttn | ModelKind::Apn => {
+            return Err(Error::Config(format!(
+                "{} is a head over frame features, not a whole network",
+                kind.name()
+            )));
+        }
+    })
+}
+
+enum Body {
+    Frames {
+        backbone: Backbone,
+        head: Box<dyn Head>,
+    },
+    Network(Box<dyn Network>),
+}
+
+/// A whole video model of any kind.
 pub struct VideoModel {
-    /// Frames -> features.
-    pub backbone: Backbone,
-    /// Features -> logits.
-    pub head: Box<dyn Head>,
+    body: Body,
     /// The kind.
     pub kind: ModelKind,
 }
 
 impl VideoModel {
-    /// # Shapes
-    /// `clips [B, M, 3, H, W]` -> [`HeadOutput`] with logits `[B, C]`.
-    pub fn forward_t(&self, clips: &Tensor, train: bool) -> Result<HeadOutput> {
-        let (b, m, c, h, w) = clips.dims5()?;
-        let frames = clips.reshape((b * m, c, h, w))?;
-        let feats = self.backbone.forward_t(&frames, train)?;
-        let d = feats.dim(1)?;
-        self.head.forward_t(&feats.reshape((b, m, d))?, train)
+    /// A temporal head on a per-frame backbone.
+    pub fn frames(backbone: Backbone, head: Box<dyn Head>, kind: ModelKind) -> Self {
+        VideoModel {
+            body: Body::Frames { backbone, head },
+            kind,
+        }
     }
 
-    /// The head on precomputed frame features `[B, M, D]`.
+    /// A whole network.
+    pub fn network(network: Box<dyn Network>, kind: ModelKind) -> Self {
+        VideoModel {
+            body: Body::Network(network),
+            kind,
+        }
+    }
+
+    /// # Shapes
+    /// `clips [B, T, 3, H, W]` -> [`HeadOutput`] with logits `[B, C]`. For a head on a cached
+    /// trunk, `clips` are features `[B, M, F]`.
+    pub fn forward_t(&self, clips: &Tensor, train: bool) -> Result<HeadOutput> {
+        match &self.body {
+            Body::Network(n) => n.forward_t(clips, train),
+            Body::Frames { backbone, head } => {
+                let dims = clips.dims();
+                let (b, m) = (dims[0], dims[1]);
+                let frames = clips.flatten(0, 1)?;
+                let feats = backbone.forward_t(&frames, train)?;
+                let d = feats.dim(1)?;
+                head.forward_t(&feats.reshape((b, m, d))?, train)
+            }
+        }
+    }
+
+    /// The head on precomputed frame features `[B, M, D]` (heads only).
     pub fn forward_features_t(&self, feats: &Tensor, train: bool) -> Result<HeadOutput> {
-        self.head.forward_t(feats, train)
+        match &self.body {
+            Body::Frames { head, .. } => head.forward_t(feats, train),
+            Body::Network(_) => Err(Error::Config(format!(
+                "{} has no separate head",
+                self.kind.name()
+            ))),
+        }
+    }
+
+    /// The subset sampler whose state checkpoints keep, if any.
+    pub fn sampler(&self) -> Option<&SubsetSampler> {
+        match &self.body {
+            Body::Frames { head, .. } => head.sampler(),
+            Body::Network(_) => None,
+        }
     }
 }
 

@@ -104,6 +104,8 @@ impl ModuleT for SmallCnn {
 enum Trunk {
     Small(SmallCnn),
     Resnet(resnet::ResNet),
+    /// Precomputed trunk features (`vdg features`): the input already is `[N, dim]`.
+    Cached(usize),
 }
 
 /// A backbone plus the projection to `D`.
@@ -124,12 +126,24 @@ impl Backbone {
     ) -> Result<Self> {
         let trunk = match kind {
             BackboneKind::SmallCnn => Trunk::Small(SmallCnn::new(vb.pp("cnn"))?),
-            BackboneKind::Resnet18 => Trunk::Resnet(resnet::ResNet::resnet18(vb.clone())?),
-            BackboneKind::Resnet50 => Trunk::Resnet(resnet::ResNet::resnet50(vb.clone())?),
+            BackboneKind::Resnet18 | BackboneKind::Resnet50 => {
+                Trunk::Resnet(resnet::ResNet::of_kind(kind, vb.clone())?)
+            }
         };
+        Self::with_trunk(trunk, feature_dim, dropout, vb)
+    }
+
+    /// Only the projection, for inputs that are cached trunk features of width `dim`
+    /// (`vdg train --features`): the trunk is frozen by not being there.
+    pub fn cached(dim: usize, feature_dim: usize, dropout: f32, vb: VarBuilder) -> Result<Self> {
+        Self::with_trunk(Trunk::Cached(dim), feature_dim, dropout, vb)
+    }
+
+    fn with_trunk(trunk: Trunk, feature_dim: usize, dropout: f32, vb: VarBuilder) -> Result<Self> {
         let out = match &trunk {
             Trunk::Small(s) => s.out_dim(),
             Trunk::Resnet(r) => r.out_dim(),
+            Trunk::Cached(d) => *d,
         };
         Ok(Backbone {
             projection: linear(out, feature_dim, vb.pp("new_fc"))?,
@@ -138,13 +152,29 @@ impl Backbone {
         })
     }
 
-    /// # Shapes
-    /// `frames [N, 3, H, W]` -> `[N, D]`.
-    pub fn forward_t(&self, frames: &Tensor, train: bool) -> Result<Tensor> {
-        let f = match &self.trunk {
+    /// Width of the trunk's output (before the projection): 256, 512 or 2048.
+    pub fn trunk_dim(&self) -> usize {
+        match &self.trunk {
+            Trunk::Small(s) => s.out_dim(),
+            Trunk::Resnet(r) => r.out_dim(),
+            Trunk::Cached(d) => *d,
+        }
+    }
+
+    /// The trunk alone: `frames [N, 3, H, W]` -> `[N, trunk_dim]` (what `vdg features`
+    /// caches).
+    pub fn trunk_features(&self, frames: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(match &self.trunk {
             Trunk::Small(s) => s.forward_t(frames, train)?,
             Trunk::Resnet(r) => r.forward_t(frames, train)?,
-        };
+            Trunk::Cached(_) => frames.clone(),
+        })
+    }
+
+    /// # Shapes
+    /// `frames [N, 3, H, W]` (or `[N, trunk_dim]` for a cached trunk) -> `[N, D]`.
+    pub fn forward_t(&self, frames: &Tensor, train: bool) -> Result<Tensor> {
+        let f = self.trunk_features(frames, train)?;
         Ok(self
             .projection
             .forward(&dropout(&f, self.dropout, train)?)?)

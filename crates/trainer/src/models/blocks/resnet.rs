@@ -31,14 +31,23 @@ pub fn is_frozen_bn(name: &str) -> bool {
     name.contains("layer") && (local.contains(".bn") || local.contains("downsample.1"))
 }
 
-struct Block {
-    convs: Vec<(Conv2d, BatchNorm)>,
-    downsample: Option<(Conv2d, BatchNorm)>,
+pub(crate) struct Block {
+    pub(crate) convs: Vec<(Conv2d, BatchNorm)>,
+    pub(crate) downsample: Option<(Conv2d, BatchNorm)>,
 }
 
 impl Block {
-    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let mut y = x.clone();
+    /// The block; `branch_input` maps the input before the residual branch (TSM's shift),
+    /// the identity path keeps the unshifted input.
+    fn forward(
+        &self,
+        x: &Tensor,
+        branch_input: Option<&dyn Fn(&Tensor) -> candle_core::Result<Tensor>>,
+    ) -> candle_core::Result<Tensor> {
+        let mut y = match branch_input {
+            Some(f) => f(x)?,
+            None => x.clone(),
+        };
         let n = self.convs.len();
         for (i, (c, b)) in self.convs.iter().enumerate() {
             // Partial BN: these BatchNorms always use their running statistics.
@@ -51,7 +60,6 @@ impl Block {
             Some((c, b)) => b.forward_t(&c.forward(x)?, false)?,
             None => x.clone(),
         };
-        let _ = train;
         (y + skip)?.relu()
     }
 }
@@ -65,6 +73,23 @@ pub struct ResNet {
 }
 
 impl ResNet {
+    /// Bottleneck blocks or basic blocks, and blocks per stage, of a ResNet backbone.
+    pub fn layout(kind: super::BackboneKind) -> Result<(bool, [usize; 4])> {
+        match kind {
+            super::BackboneKind::Resnet18 => Ok((false, [2, 2, 2, 2])),
+            super::BackboneKind::Resnet50 => Ok((true, [3, 4, 6, 3])),
+            other => Err(crate::error::Error::Config(format!(
+                "{other:?} is not a ResNet (use resnet18 or resnet50)"
+            ))),
+        }
+    }
+
+    /// The ResNet of `kind` (`resnet18` or `resnet50`).
+    pub fn of_kind(kind: super::BackboneKind, vb: VarBuilder) -> Result<Self> {
+        let (bottleneck, counts) = Self::layout(kind)?;
+        Self::build(bottleneck, counts, vb)
+    }
+
     fn build(bottleneck: bool, counts: [usize; 4], vb: VarBuilder) -> Result<Self> {
         let conv1 = conv(3, 64, 7, 2, vb.pp("conv1"))?;
         let bn1 = bn(64, vb.pp("bn1"))?;
@@ -142,17 +167,38 @@ impl ResNet {
     }
 }
 
-impl ModuleT for ResNet {
-    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+impl ResNet {
+    /// The output of each stage (`layer1` .. `layer4`), unpooled, `[N, C_i, H_i, W_i]`;
+    /// `branch_input` is applied to the input of every residual branch (see TSM).
+    pub fn forward_stages(
+        &self,
+        x: &Tensor,
+        train: bool,
+        branch_input: Option<&dyn Fn(&Tensor) -> candle_core::Result<Tensor>>,
+    ) -> Result<Vec<Tensor>> {
         let x = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
         // candle's max_pool2d has no gradient for overlapping windows; this one does.
-        let mut x = crate::nn3d::max_pool2d(&x, 3, 2, 1).map_err(candle_core::Error::wrap)?;
+        let mut x = crate::nn3d::max_pool2d(&x, 3, 2, 1)?;
+        let mut stages = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
             for block in layer {
-                x = block.forward(&x, train)?;
+                x = block.forward(&x, branch_input)?;
             }
+            stages.push(x.clone());
         }
-        x.mean((2, 3))
+        Ok(stages)
+    }
+}
+
+impl ModuleT for ResNet {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let stages = self
+            .forward_stages(x, train, None)
+            .map_err(candle_core::Error::wrap)?;
+        match stages.last() {
+            Some(last) => last.mean((2, 3)),
+            None => candle_core::bail!("ResNet without stages"),
+        }
     }
 }
 
