@@ -18,3 +18,6 @@ mod train;
 
 // `vdg bench`: the run matrix, reports, resume.
 mod bench;
+
+// `vdg features` and `vdg train --features`: the cache, its resume, heads trained on it.
+mod features;

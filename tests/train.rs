@@ -183,6 +183,48 @@ fn every_model_trains_through_the_cli() {
         assert_eq!(o.status.code(), Some(0), "{model}: {}", text(&o));
         assert!(out.join("metrics.json").exists());
     }
+    // The whole networks, on a ResNet-18 trunk; I3D and Non-local read dense 8-frame clips.
+    for (model, ada) in [("tsm", "ada_star"), ("i3d", "ada"), ("non_local", "none")] {
+        let out = tmp.path().join(model);
+        let o_str = out.to_str().unwrap().to_owned();
+        let mut args = train_args(
+            d,
+            &o_str,
+            &[
+                "--model",
+                model,
+                "--ada",
+                ada,
+                "--gammas",
+                "0.1",
+                "--ada-steps",
+                "1",
+                "--epochs",
+                "1",
+                "--clip-frames",
+                "8",
+            ],
+        );
+        let b = args.iter().position(|a| *a == "--backbone").unwrap();
+        args[b + 1] = "resnet18";
+        let o = run(&args);
+        assert_eq!(o.status.code(), Some(0), "{model}: {}", text(&o));
+        let config = std::fs::read_to_string(out.join("config.toml")).unwrap();
+        assert!(
+            config.contains("model = \"") && config.contains(model),
+            "{config}"
+        );
+        assert!(out.join("metrics.json").exists());
+    }
+    // A whole network needs a ResNet trunk: a clear error, not a panic.
+    let out = tmp.path().join("tsm-small");
+    let o = run(&train_args(
+        d,
+        out.to_str().unwrap(),
+        &["--model", "tsm", "--epochs", "1"],
+    ));
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("resnet18 or resnet50"), "{}", text(&o));
 }
 
 #[test]

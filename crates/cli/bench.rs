@@ -380,7 +380,8 @@ fn bench_run(a: &BenchRunArgs, quiet: bool) -> Result<ExitCode> {
         );
         let dir = out.join(&rel);
         let args = TrainArgs {
-            data: data.clone(),
+            data: Some(data.clone()),
+            features: None,
             direction: d.clone(),
             model,
             ada,
@@ -396,6 +397,7 @@ fn bench_run(a: &BenchRunArgs, quiet: bool) -> Result<ExitCode> {
             ensemble: None,
             input_size: cfg.input_size,
             feature_dim: cfg.feature_dim,
+            clip_frames: None,
             projection_dropout: cfg.projection_dropout,
             selection: None,
             seed,

@@ -4,6 +4,7 @@
 //! read; 2 = fatal error (nothing half-written is left under a final name).
 
 mod bench;
+mod features;
 mod logging;
 mod prep;
 mod report;
@@ -35,6 +36,8 @@ enum Command {
     /// Write a tiny raw dataset sample (generated clips in the real layout), for trying prep.
     #[command(subcommand)]
     Sample(prep::SampleCommand),
+    /// Cache per-frame backbone features of a prepared folder (for `vdg train --features`).
+    Features(Box<features::FeaturesArgs>),
     /// Train a model on one direction of a prepared benchmark and test it on the targets.
     Train(Box<train::TrainArgs>),
     /// Run a benchmark matrix and write leaderboards (`vdg bench run` with no arguments runs
@@ -49,6 +52,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Prep(cmd) => prep::run(cmd, cli.quiet),
         Command::Sample(cmd) => prep::sample(cmd),
+        Command::Features(args) => features::run(*args, cli.quiet),
         Command::Train(args) => train::run(*args, cli.quiet),
         Command::Bench(cmd) => bench::run(cmd, cli.quiet),
     };

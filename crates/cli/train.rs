@@ -15,7 +15,8 @@ use vdg_trainer::ada::AdaVariant;
 use vdg_trainer::models::ModelKind;
 use vdg_trainer::models::blocks::BackboneKind;
 use vdg_trainer::train::{
-    EnsembleRule, Protocol, RunSpec, Selection, TrainConfig, TrainEvent, TrainProgress, train,
+    AdaSpace, EnsembleRule, Protocol, RunSpec, Selection, TrainConfig, TrainEvent, TrainProgress,
+    train,
 };
 
 use crate::logging;
@@ -24,12 +25,24 @@ use crate::logging;
 #[derive(Debug, Args)]
 pub struct TrainArgs {
     /// A folder written by `vdg prep`.
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "features",
+        conflicts_with = "features"
+    )]
+    pub(crate) data: Option<PathBuf>,
+    /// A feature cache written by `vdg features`: trains a temporal head (tsn, trn,
+    /// trn_attn, apn) on cached backbone features, backbone frozen; ADA then perturbs the
+    /// features (`ada_space = "features"` in config.toml, a deviation from the paper).
     #[arg(long, value_name = "DIR")]
-    pub(crate) data: PathBuf,
+    pub(crate) features: Option<PathBuf>,
     /// Direction as the manifest names it: `ucf->hmdb`, `L->C,R`.
     #[arg(long)]
     pub(crate) direction: String,
-    /// Temporal model.
+    /// Model: a temporal head (tsn, trn, trn_attn, apn) or a whole network (tsm, i3d,
+    /// non_local: need --backbone resnet18 or resnet50; i3d and non_local read dense
+    /// --clip-frames windows).
     #[arg(long, value_enum, default_value = "apn")]
     pub(crate) model: ModelKind,
     /// ADA variant: `ada` attacks the last hidden feature, `ada_star` the multilayer ones.
@@ -71,6 +84,9 @@ pub struct TrainArgs {
     /// Frame feature width D (paper: 256).
     #[arg(long)]
     pub(crate) feature_dim: Option<usize>,
+    /// Frames of a dense clip for i3d and non_local (default 32).
+    #[arg(long)]
+    pub(crate) clip_frames: Option<usize>,
     /// Dropout before the backbone's projection (paper: 0.8).
     #[arg(long)]
     pub(crate) projection_dropout: Option<f32>,
@@ -114,15 +130,32 @@ fn parse<T>(what: &str, v: &str, f: impl Fn(&str) -> Option<T>, known: &str) -> 
 
 /// Resolves the arguments into a run record (protocol defaults, then flags).
 pub fn resolve(a: &TrainArgs) -> Result<(RunRecord, RunSpec)> {
-    let prep_path = a.data.join(vdg_data::shard::PREP_FILE);
-    let prep: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&prep_path).with_context(|| {
-            format!(
-                "reading {} (is --data a vdg prep folder?)",
-                prep_path.display()
-            )
-        })?)
-        .with_context(|| format!("parsing {}", prep_path.display()))?;
+    let (data, prep, features) = match (&a.data, &a.features) {
+        (_, Some(f)) => {
+            let record = vdg_trainer::features::FeaturesRecord::open(f)?.with_context(|| {
+                format!(
+                    "{} has no {} (is --features a vdg features folder?)",
+                    f.display(),
+                    vdg_trainer::features::FEATURES_FILE
+                )
+            })?;
+            (f.clone(), record.prep.clone(), Some(record))
+        }
+        (Some(d), None) => {
+            let prep_path = d.join(vdg_data::shard::PREP_FILE);
+            let prep: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&prep_path).with_context(|| {
+                    format!(
+                        "reading {} (is --data a vdg prep folder?)",
+                        prep_path.display()
+                    )
+                })?)
+                .with_context(|| format!("parsing {}", prep_path.display()))?;
+            (d.clone(), prep, None)
+        }
+        (None, None) => bail!("give --data <prep folder> or --features <feature folder>"),
+    };
+    let prep_path = data.join(vdg_data::shard::PREP_FILE);
     let manifest_text = prep["manifest_toml"]
         .as_str()
         .context("prep.json has no manifest")?;
@@ -154,6 +187,28 @@ pub fn resolve(a: &TrainArgs) -> Result<(RunRecord, RunSpec)> {
     c.model_config.segments = manifest.segments as usize;
     if let Some(b) = &a.backbone {
         c.backbone = BackboneKind::from_name(b)?;
+    }
+    if let Some(f) = &features {
+        if !model.is_head() {
+            bail!(
+                "{} mixes time inside its backbone and cannot train on cached features; use --data",
+                model.name()
+            );
+        }
+        if a.backbone
+            .as_deref()
+            .is_some_and(|b| BackboneKind::from_name(b).ok() != Some(f.backbone))
+        {
+            bail!(
+                "the feature cache was computed with {}; --backbone cannot change it",
+                f.backbone.name()
+            );
+        }
+        c.backbone = f.backbone;
+        c.ada_space = AdaSpace::Features;
+    }
+    if let Some(v) = a.clip_frames {
+        c.model_config.clip_frames = v.max(1);
     }
     c.backbone_weights = a.backbone_weights.clone();
     if let Some(v) = a.epochs {
@@ -212,14 +267,17 @@ pub fn resolve(a: &TrainArgs) -> Result<(RunRecord, RunSpec)> {
     let record = RunRecord {
         tool_version: env!("CARGO_PKG_VERSION").into(),
         git_revision: env!("VDG_GIT_REV").into(),
-        data: a.data.display().to_string(),
-        data_fingerprint: prep["fingerprint"].as_str().unwrap_or_default().into(),
+        data: data.display().to_string(),
+        data_fingerprint: match &features {
+            Some(f) => f.fingerprint.clone(),
+            None => prep["fingerprint"].as_str().unwrap_or_default().into(),
+        },
         benchmark: manifest.name.clone(),
         direction: dir.to_string(),
         train: c,
     };
     let spec = RunSpec {
-        data: a.data.clone(),
+        data,
         source: dir.source.clone(),
         targets: dir.targets.clone(),
         classes: manifest.classes.iter().map(|c| c.name.clone()).collect(),
@@ -346,7 +404,7 @@ pub fn run(a: TrainArgs, quiet: bool) -> Result<ExitCode> {
         record.benchmark,
         record.direction,
         record.train.ada.name(),
-        a.data.display(),
+        record.data,
         &record.data_fingerprint.get(..16).unwrap_or(""),
         a.out.display()
     ));

@@ -248,8 +248,12 @@ pub fn run_features(
 
     // Resume: keep complete shards of this fingerprint; remove temporary files.
     let mut kept: BTreeMap<u32, (ShardMeta, ShardInfo)> = BTreeMap::new();
-    for entry in std::fs::read_dir(&opts.out).map_err(|e| io(&opts.out, e))? {
-        let path = entry.map_err(|e| io(&opts.out, e))?.path();
+    let mut paths = std::fs::read_dir(&opts.out)
+        .map_err(|e| io(&opts.out, e))?
+        .map(|e| e.map(|e| e.path()).map_err(|e| io(&opts.out, e)))
+        .collect::<Result<Vec<PathBuf>>>()?;
+    paths.sort();
+    for path in paths {
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())

@@ -509,7 +509,7 @@ mod networks {
             )
             .unwrap();
             let (mut first, mut last) = (0.0, 0.0);
-            for i in 0..40 {
+            for i in 0..20 {
                 let loss =
                     cross_entropy(&net.forward_t(&x, true).unwrap().logits, &labels).unwrap();
                 last = loss.to_scalar::<f32>().unwrap();

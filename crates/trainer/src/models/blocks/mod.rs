@@ -28,6 +28,15 @@ pub enum BackboneKind {
 }
 
 impl BackboneKind {
+    /// The snake_case name (`small_cnn`, `resnet18`, `resnet50`).
+    pub fn name(self) -> &'static str {
+        match self {
+            BackboneKind::SmallCnn => "small_cnn",
+            BackboneKind::Resnet18 => "resnet18",
+            BackboneKind::Resnet50 => "resnet50",
+        }
+    }
+
     /// Parses `small_cnn`, `resnet18`, `resnet50`.
     pub fn from_name(name: &str) -> Result<Self> {
         match name {

@@ -79,7 +79,8 @@ impl ResNet {
             super::BackboneKind::Resnet18 => Ok((false, [2, 2, 2, 2])),
             super::BackboneKind::Resnet50 => Ok((true, [3, 4, 6, 3])),
             other => Err(crate::error::Error::Config(format!(
-                "{other:?} is not a ResNet (use resnet18 or resnet50)"
+                "{} is not a ResNet (use resnet18 or resnet50)",
+                other.name()
             ))),
         }
     }
