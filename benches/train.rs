@@ -20,7 +20,7 @@ use vdg_trainer::ada::{AdaConfig, AdaVariant, adversarial_copies};
 use vdg_trainer::init::{seeded_init, seeded_randn};
 use vdg_trainer::loader::{ClipSet, LoaderConfig, make_batch};
 use vdg_trainer::models::blocks::{Backbone, BackboneKind};
-use vdg_trainer::models::{ModelConfig, ModelKind, VideoModel, build_head};
+use vdg_trainer::models::{ModelConfig, ModelKind, Sampling, VideoModel, build_head};
 use vdg_trainer::nn::cross_entropy;
 use vdg_trainer::optim::{SgdMomentum, SgdParams};
 
@@ -70,11 +70,11 @@ fn head_step(c: &mut Criterion) {
     // Pixels through the small CNN.
     let vm2 = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm2, DType::F32, &dev);
-    let model = VideoModel {
-        backbone: Backbone::new(BackboneKind::SmallCnn, 256, 0.8, vb.pp("backbone")).unwrap(),
-        head: build_head(ModelKind::Apn, &cfg, 12, 0, vb.pp("head")).unwrap(),
-        kind: ModelKind::Apn,
-    };
+    let model = VideoModel::frames(
+        Backbone::new(BackboneKind::SmallCnn, 256, 0.8, vb.pp("backbone")).unwrap(),
+        build_head(ModelKind::Apn, &cfg, 12, 0, vb.pp("head")).unwrap(),
+        ModelKind::Apn,
+    );
     seeded_init(&vm2, 0).unwrap();
     let mut opt2 = SgdMomentum::from_varmap(&vm2, SgdParams::default(), |_| true).unwrap();
     let px = seeded_randn(&[8, 5, 3, 64, 64], 2, DType::F32, &dev).unwrap();
@@ -132,7 +132,7 @@ fn loader(c: &mut Criterion) {
     g.throughput(Throughput::Elements(8));
     for train in [true, false] {
         let cfg = LoaderConfig {
-            segments: 5,
+            sampling: Sampling::Segments(5),
             input_size: 224,
             train,
             batch_size: 8,

@@ -397,12 +397,17 @@ mod networks {
         seeded_init(&vm, seed).unwrap();
         // Non-local blocks start as the identity (zero scale); give them a scale so that
         // every path carries gradient.
-        for (name, var) in vm.data().lock().unwrap().iter() {
+        let data = vm.data().lock().unwrap();
+        let mut names: Vec<&String> = data.keys().collect();
+        names.sort();
+        for name in names {
+            let var = &data[name];
             if name.ends_with("zero_bn.weight") {
                 let half = (var.as_tensor().ones_like().unwrap() * 0.5).unwrap();
                 var.set(&half).unwrap();
             }
         }
+        drop(data);
         let t = kind.sampling(&cfg).frames();
         (vm, net, vec![2, t, 3, 16, 16])
     }

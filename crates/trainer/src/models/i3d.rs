@@ -44,7 +44,7 @@ pub fn inflated(stage: usize, block: usize, blocks: usize) -> bool {
     match stage {
         0 => true,
         3 => block % 2 == 1 || blocks == 1,
-        _ => block % 2 == 0,
+        _ => block.is_multiple_of(2),
     }
 }
 

@@ -27,8 +27,8 @@ use crate::nn3d::{Conv3d, Conv3dConfig, Pool, conv3d_no_bias, pool3d};
 /// Whether block `block` of stage `stage` (0-based: 1 = res3, 2 = res4) gets a non-local block.
 pub fn placed(stage: usize, block: usize) -> bool {
     match stage {
-        1 => block % 2 == 0 && block / 2 < 2,
-        2 => block % 2 == 0 && block / 2 < 3,
+        1 => block.is_multiple_of(2) && block / 2 < 2,
+        2 => block.is_multiple_of(2) && block / 2 < 3,
         _ => false,
     }
 }

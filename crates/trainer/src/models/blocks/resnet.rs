@@ -31,6 +31,9 @@ pub fn is_frozen_bn(name: &str) -> bool {
     name.contains("layer") && (local.contains(".bn") || local.contains("downsample.1"))
 }
 
+/// A map applied to the input of every residual branch (TSM's temporal shift).
+pub type BranchInput<'a> = &'a dyn Fn(&Tensor) -> candle_core::Result<Tensor>;
+
 pub(crate) struct Block {
     pub(crate) convs: Vec<(Conv2d, BatchNorm)>,
     pub(crate) downsample: Option<(Conv2d, BatchNorm)>,
@@ -42,7 +45,7 @@ impl Block {
     fn forward(
         &self,
         x: &Tensor,
-        branch_input: Option<&dyn Fn(&Tensor) -> candle_core::Result<Tensor>>,
+        branch_input: Option<BranchInput<'_>>,
     ) -> candle_core::Result<Tensor> {
         let mut y = match branch_input {
             Some(f) => f(x)?,
@@ -175,7 +178,7 @@ impl ResNet {
         &self,
         x: &Tensor,
         train: bool,
-        branch_input: Option<&dyn Fn(&Tensor) -> candle_core::Result<Tensor>>,
+        branch_input: Option<BranchInput<'_>>,
     ) -> Result<Vec<Tensor>> {
         let x = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
         // candle's max_pool2d has no gradient for overlapping windows; this one does.
