@@ -40,10 +40,12 @@ pub struct BenchRunArgs {
     /// Prepared data folder (default for `synthetic`: generated under <out>/data).
     #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
-    /// Models, comma-separated.
+    /// Models, comma-separated: tsn, trn, trn_attn, apn, and (with --backbone resnet18 or
+    /// resnet50) tsm, i3d, non_local.
     #[arg(long, value_delimiter = ',')]
     models: Option<Vec<String>>,
-    /// ADA settings, comma-separated: none, default (ada for TSN, ada_star otherwise), or a variant.
+    /// ADA settings, comma-separated: none, default (ada for TSN, TSM, I3D and Non-local;
+    /// ada_star otherwise), or a variant.
     #[arg(long, value_delimiter = ',')]
     ada: Option<Vec<String>>,
     /// Directions, separated by `;` because they contain commas (`L->C,R;C->L,R`); default: all.
@@ -226,15 +228,27 @@ fn resolve_config(a: &BenchRunArgs) -> Result<BenchConfig> {
         bail!("--seeds must be at least 1");
     }
     for m in &c.models {
-        ModelKind::from_name(m)?;
+        let kind = ModelKind::from_name(m)?;
+        let resnet = matches!(c.backbone.as_deref(), None | Some("resnet18" | "resnet50"));
+        if !kind.is_head() && !resnet {
+            bail!(
+                "{m} needs a ResNet trunk; add --backbone resnet18 (or resnet50) to run it (this \
+                 benchmark's default backbone is {})",
+                c.backbone.as_deref().unwrap_or("resnet50")
+            );
+        }
     }
     Ok(c)
 }
 
 fn ada_for(setting: &str, model: ModelKind) -> Result<AdaVariant> {
     Ok(match setting {
+        // The paper's "+ADA" rows: single-layer ADA for the baselines without a feature
+        // hierarchy of their own (TSN, TSM, I3D, Non-local), ADA* for TRN, TRN-ATTN and APN.
         "default" => match model {
-            ModelKind::Tsn => AdaVariant::Ada,
+            ModelKind::Tsn | ModelKind::Tsm | ModelKind::I3d | ModelKind::NonLocal => {
+                AdaVariant::Ada
+            }
             _ => AdaVariant::AdaStar,
         },
         other => AdaVariant::from_name(other)?,

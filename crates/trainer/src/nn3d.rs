@@ -145,7 +145,7 @@ pub fn conv3d(x: &Tensor, w: &Tensor, cfg: &Conv3dConfig) -> Result<Tensor> {
             .contiguous()?
             .reshape((b * t_out, c, h, wd))?;
         let wi = w.narrow(2, i, 1)?.squeeze(2)?.contiguous()?;
-        let yi = xi.conv2d(&wi, pad2, sh, dh, 1)?;
+        let yi = conv2d(&xi, &wi, pad2, sh, dh)?;
         sum = Some(match sum {
             Some(s) => (s + yi)?,
             None => yi,
@@ -154,6 +154,71 @@ pub fn conv3d(x: &Tensor, w: &Tensor, cfg: &Conv3dConfig) -> Result<Tensor> {
     let y = sum.ok_or_else(|| Error::Config("conv3d: empty kernel".into()))?;
     let (_, _, ho, wo) = y.dims4()?;
     Ok(y.reshape((b, t_out, co, ho, wo))?)
+}
+
+/// 2-D convolution without bias, `x [N, C, H, W]`, `w [C_out, C, kh, kw]`.
+///
+/// A 1x1 kernel runs as one matrix product per image (after subsampling for a stride), so
+/// both its gradients are GEMMs: candle's `conv2d` gradient computes the kernel gradient as a
+/// convolution with an `H x W` kernel, which made pointwise layers several times slower
+/// backward than forward (BENCHMARKS.md). Larger kernels use candle's `conv2d` (the same
+/// im2col written with candle's strided copies and a GEMM was slower, measured with
+/// `benches/models.rs`), with a guard against its non-square gradient bug.
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+) -> Result<Tensor> {
+    let (co, ci, kh, kw) = w.dims4()?;
+    if kh != 1 || kw != 1 {
+        // candle 0.11's conv2d backward derives the transposed convolution's output padding
+        // from the height alone; when height and width leave different remainders under the
+        // stride, the input gradient comes out with the wrong width. Zero rows (or columns)
+        // appended past the last window equalise the remainders without changing the output.
+        let (h, wd) = (x.dim(2)?, x.dim(3)?);
+        let rem = |len: usize, k: usize| {
+            (len + 2 * padding).saturating_sub(dilation * (k - 1) + 1) % stride.max(1)
+        };
+        let (rh, rw) = (rem(h, kh), rem(wd, kw));
+        let x = match rh.cmp(&rw) {
+            std::cmp::Ordering::Less => x.pad_with_zeros(2, 0, rw - rh)?,
+            std::cmp::Ordering::Greater => x.pad_with_zeros(3, 0, rh - rw)?,
+            std::cmp::Ordering::Equal => x.clone(),
+        };
+        return Ok(x.conv2d(w, padding, stride, dilation, 1)?);
+    }
+    let (n, c, h, wd) = x.dims4()?;
+    if c != ci {
+        return Err(Error::Config(format!(
+            "conv2d: input has {c} channels, the kernel expects {ci}"
+        )));
+    }
+    let ho = out_len(h, kh, stride, padding, dilation)?;
+    let wo = out_len(wd, kw, stride, padding, dilation)?;
+    let x = if padding > 0 {
+        x.pad_with_zeros(2, padding, padding)?
+            .pad_with_zeros(3, padding, padding)?
+    } else {
+        x.clone()
+    };
+    let mut taps = Vec::with_capacity(kh * kw);
+    for p in 0..kh {
+        let rows = strided(&x, 2, p * dilation, stride, ho)?;
+        for q in 0..kw {
+            taps.push(strided(&rows, 3, q * dilation, stride, wo)?);
+        }
+    }
+    let cols = if taps.len() == 1 {
+        taps.remove(0).contiguous()?
+    } else {
+        Tensor::stack(&taps, 2)?
+    };
+    let y = w
+        .reshape((co, ci * kh * kw))?
+        .broadcast_matmul(&cols.reshape((n, ci * kh * kw, ho * wo))?)?;
+    Ok(y.reshape((n, co, ho, wo))?)
 }
 
 /// A 3-D convolution layer (`weight [C_out, C_in, kt, kh, kw]`, optional `bias [C_out]`).
@@ -463,6 +528,53 @@ mod tests {
         let cfg = Conv3dConfig::same([3, 1, 1], [1, 1, 1]);
         let (want, _) = naive_conv3d(&vec(&x), [1, 4, 2, 3, 3], &vec(&w), [5, 3, 1, 1], &cfg);
         assert_close(&vec(&conv3d(&x, &w, &cfg).unwrap()), &want, "3x1x1");
+    }
+
+    #[test]
+    fn conv2d_equals_candles_forward_and_has_gradients_on_non_square_inputs() {
+        let dev = Device::Cpu;
+        let x = seeded_randn(&[3, 5, 7, 6], 1, DType::F64, &dev).unwrap();
+        for (k, pad, stride, dil) in [
+            (1, 0, 1, 1),
+            (1, 0, 2, 1),
+            (1, 1, 2, 1),
+            (1, 0, 3, 1),
+            (3, 1, 1, 1),
+            (3, 1, 2, 1),
+            (3, 2, 1, 2),
+            (7, 3, 2, 1),
+        ] {
+            let w = seeded_randn(&[4, 5, k, k], 2, DType::F64, &dev).unwrap();
+            let (pad, stride) = (pad, stride);
+            let want = x.conv2d(&w, pad, stride, dil, 1).unwrap();
+            let got = conv2d(&x, &w, pad, stride, dil).unwrap();
+            assert_eq!(got.dims(), want.dims(), "pad {pad} stride {stride}");
+            assert_close(
+                &vec(&got),
+                &vec(&want),
+                &format!("pad {pad} stride {stride}"),
+            );
+            let err = check_input_gradient(&[3, 5, 7, 6], 3, 30, &|x| {
+                project(&conv2d(x, &w, pad, stride, dil)?, 4)
+            })
+            .unwrap();
+            assert!(err < 1e-5, "input gradient: {err}");
+            let err = check_input_gradient(&[4, 5, k, k], 5, 20, &|w| {
+                project(&conv2d(&x, w, pad, stride, dil)?, 6)
+            })
+            .unwrap();
+            assert!(err < 1e-5, "weight gradient: {err}");
+        }
+        // 1x1x1 with a spatial stride (I3D's shortcuts) through conv3d.
+        let x = seeded_randn(&[2, 3, 4, 7, 7], 7, DType::F64, &dev).unwrap();
+        let w = seeded_randn(&[6, 4, 1, 1, 1], 8, DType::F64, &dev).unwrap();
+        let cfg = Conv3dConfig::same([1, 1, 1], [1, 2, 2]);
+        let (want, _) = naive_conv3d(&vec(&x), [2, 3, 4, 7, 7], &vec(&w), [6, 1, 1, 1], &cfg);
+        assert_close(
+            &vec(&conv3d(&x, &w, &cfg).unwrap()),
+            &want,
+            "1x1x1 stride 2",
+        );
     }
 
     #[test]

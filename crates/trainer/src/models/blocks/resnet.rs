@@ -34,6 +34,13 @@ pub fn is_frozen_bn(name: &str) -> bool {
 /// A map applied to the input of every residual branch (TSM's temporal shift).
 pub type BranchInput<'a> = &'a dyn Fn(&Tensor) -> candle_core::Result<Tensor>;
 
+/// A convolution through `nn3d::conv2d` (1x1 kernels as matrix products).
+fn apply(c: &Conv2d, x: &Tensor) -> candle_core::Result<Tensor> {
+    let cfg = c.config();
+    crate::nn3d::conv2d(x, c.weight(), cfg.padding, cfg.stride, cfg.dilation)
+        .map_err(candle_core::Error::wrap)
+}
+
 pub(crate) struct Block {
     pub(crate) convs: Vec<(Conv2d, BatchNorm)>,
     pub(crate) downsample: Option<(Conv2d, BatchNorm)>,
@@ -54,13 +61,13 @@ impl Block {
         let n = self.convs.len();
         for (i, (c, b)) in self.convs.iter().enumerate() {
             // Partial BN: these BatchNorms always use their running statistics.
-            y = b.forward_t(&c.forward(&y)?, false)?;
+            y = b.forward_t(&apply(c, &y)?, false)?;
             if i + 1 < n {
                 y = y.relu()?;
             }
         }
         let skip = match &self.downsample {
-            Some((c, b)) => b.forward_t(&c.forward(x)?, false)?,
+            Some((c, b)) => b.forward_t(&apply(c, x)?, false)?,
             None => x.clone(),
         };
         (y + skip)?.relu()
@@ -180,7 +187,7 @@ impl ResNet {
         train: bool,
         branch_input: Option<BranchInput<'_>>,
     ) -> Result<Vec<Tensor>> {
-        let x = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        let x = self.bn1.forward_t(&apply(&self.conv1, x)?, train)?.relu()?;
         // candle's max_pool2d has no gradient for overlapping windows; this one does.
         let mut x = crate::nn3d::max_pool2d(&x, 3, 2, 1)?;
         let mut stages = Vec::with_capacity(self.layers.len());
