@@ -7,7 +7,7 @@
 //!
 //! He et al., "Deep Residual Learning for Image Recognition", 2015, arXiv:1512.03385.
 
-use candle_core::{Module, ModuleT, Tensor};
+use candle_core::{ModuleT, Tensor};
 use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, VarBuilder, batch_norm, conv2d_no_bias};
 
 use crate::error::Result;
