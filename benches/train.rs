@@ -6,6 +6,8 @@
 //! - `small_cnn_pixels_plain`: one step of small CNN + APN on 64x64 pixels, B = 8, M = 5.
 //! - `loader_train_224` / `loader_eval_224`: batches of 8 clips x 5 frames decoded from
 //!   prepared 320x240 shards, augmented to 224x224 (both cores).
+//! - `loader_features_b40`: batches of 40 clips x 5 cached 256-d frame features
+//!   (`vdg features` output) for `vdg train --features`.
 //!
 //! Run: `cargo bench --bench train` (see BENCHMARKS.md).
 
@@ -152,6 +154,33 @@ fn loader(c: &mut Criterion) {
             })
         });
     }
+    // Cached features (small CNN, 256-d) of the same videos: the loader of
+    // `vdg train --features`, batches of 40 clips x 5 segments like the APN head step above.
+    let feat = tmp.path().join("features");
+    let mut fo = vdg_trainer::features::FeaturesOptions::new(
+        out.clone(),
+        feat.clone(),
+        BackboneKind::SmallCnn,
+    );
+    fo.input_size = 112;
+    vdg_trainer::features::run_features(&fo, &|_| {}).unwrap();
+    let fset = ClipSet::open(&feat, &["ucf".to_string()], None).unwrap();
+    g.throughput(Throughput::Elements(40));
+    let cfg = LoaderConfig {
+        sampling: Sampling::Segments(5),
+        input_size: 224,
+        train: true,
+        batch_size: 40,
+        seed: 0,
+    };
+    let mut epoch = 0;
+    g.bench_function("loader_features_b40", |b| {
+        b.iter(|| {
+            epoch += 1;
+            let idx: Vec<usize> = (0..40).map(|i| (i + epoch) % fset.len()).collect();
+            make_batch(&fset, &idx, &cfg, epoch, &Device::Cpu).unwrap()
+        })
+    });
     g.finish();
 }
 

@@ -123,6 +123,7 @@ fn display_model(m: &str) -> String {
         "tsn" => "TSN".into(),
         "trn" => "TRN".into(),
         "trn_attn" => "TRN-ATTN".into(),
+        "non_local" => "Non-local".into(),
         "apn" => "APN".into(),
         other => other.to_uppercase(),
     }
@@ -531,6 +532,17 @@ mod tests {
     }
 
     /// Snapshot of the Markdown layout (timings and paths do not appear in it).
+    #[test]
+    fn every_registered_model_has_a_display_name_and_a_paper_key() {
+        for kind in vdg_trainer::models::ModelKind::ALL {
+            let shown = display_model(kind.name());
+            assert!(!shown.contains('_'), "{shown}");
+            assert_ne!(paper_key(kind.name()), "", "{}", kind.name());
+        }
+        assert_eq!(display_model("non_local"), "Non-local");
+        assert_eq!(paper_key("non_local"), "NonLocal");
+    }
+
     #[test]
     fn markdown_layout_snapshot() {
         let runs = vec![
