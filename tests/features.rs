@@ -37,10 +37,11 @@ fn features(data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
         "32",
         "--shard-videos",
         "10",
-        "--batch-frames",
-        "7",
         "-q",
     ];
+    if !extra.contains(&"--batch-frames") {
+        args.extend_from_slice(&["--batch-frames", "7"]);
+    }
     args.extend_from_slice(extra);
     run(&args)
 }
@@ -145,6 +146,13 @@ fn features_match_the_backbone_resume_to_the_same_bytes_and_refuse_other_options
         text(&o)
     );
     assert_eq!(outputs(&out), before, "resumed folder differs");
+
+    // The batch size of the backbone passes does not change a byte (so it is not part of
+    // the fingerprint, and a resume may use another one).
+    let other = tmp.path().join("feat-b64");
+    let o = features(&data, &other, &["--every", "2", "--batch-frames", "64"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(outputs(&other), before, "--batch-frames changed the output");
 
     // Other options into the same folder: refused, naming a shard, nothing changed.
     let o = features(&data, &out, &["--every", "1"]);

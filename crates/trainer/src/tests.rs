@@ -603,6 +603,74 @@ mod networks {
                     .unwrap()
             );
         }
+        // A "Kinetics" I3D checkpoint (5-D kernels) in mmaction2's names loads as it is.
+        let i3d = |seed: u64| {
+            let vm = VarMap::new();
+            build_network(
+                ModelKind::I3d,
+                &ModelConfig::tiny(),
+                BackboneKind::Resnet18,
+                4,
+                VarBuilder::from_varmap(&vm, DType::F32, &dev).pp("backbone"),
+            )
+            .unwrap();
+            seeded_init(&vm, seed).unwrap();
+            vm
+        };
+        let kinetics = i3d(21);
+        let mm_name = |ours: &str| -> String {
+            let k = ours
+                .strip_prefix("backbone.")
+                .unwrap()
+                .replace("downsample.0.", "downsample.conv.")
+                .replace("downsample.1.", "downsample.bn.");
+            let mut parts: Vec<String> = k.split('.').map(str::to_owned).collect();
+            let n = parts.len();
+            if n >= 2 {
+                let digits = |i: &&str| !i.is_empty() && i.chars().all(|c| c.is_ascii_digit());
+                if let Some(i) = parts[n - 2]
+                    .strip_prefix("conv")
+                    .filter(digits)
+                    .map(str::to_owned)
+                {
+                    parts[n - 2] = format!("conv{i}.conv");
+                } else if let Some(i) = parts[n - 2]
+                    .strip_prefix("bn")
+                    .filter(digits)
+                    .map(str::to_owned)
+                {
+                    parts[n - 2] = format!("conv{i}.bn");
+                }
+            }
+            format!("backbone.{}", parts.join("."))
+        };
+        let mm: HashMap<String, Tensor> = kinetics
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| !k.contains("new_fc"))
+            .map(|(k, v)| (mm_name(k), v.as_tensor().clone()))
+            .collect();
+        assert!(mm.contains_key("backbone.layer1.0.conv1.conv.weight"));
+        assert!(mm.contains_key("backbone.conv1.bn.running_var"));
+        let path3d = dir.path().join("i3d_kinetics.safetensors");
+        candle_core::safetensors::save(&mm, &path3d).unwrap();
+        let fresh = i3d(1);
+        load_backbone_weights(&fresh, &path3d).unwrap();
+        let (a, b) = (
+            kinetics.data().lock().unwrap(),
+            fresh.data().lock().unwrap(),
+        );
+        let mut names: Vec<&String> = a.keys().filter(|k| !k.contains("new_fc")).collect();
+        names.sort();
+        for name in names {
+            let (x, y) = (a[name].as_tensor(), b[name].as_tensor());
+            let d = (x - y).unwrap().abs().unwrap().flatten_all().unwrap();
+            let d = d.max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert_eq!(d, 0.0, "{name}");
+        }
+        drop((a, b));
         assert_eq!(
             canonical_name("backbone.layer1.0.conv1.conv.weight"),
             "layer1.0.conv1.weight"

@@ -390,7 +390,10 @@ pub fn canonical_name(key: &str) -> String {
     if parts.len() >= 3 {
         let n = parts.len();
         let (owner, kind) = (parts[n - 3], parts[n - 2]);
-        if let Some(idx) = owner.strip_prefix("conv") {
+        if let Some(idx) = owner
+            .strip_prefix("conv")
+            .filter(|i| !i.is_empty() && i.chars().all(|c| c.is_ascii_digit()))
+        {
             let head = parts[..n - 3].join(".");
             let sep = if head.is_empty() { "" } else { "." };
             match kind {
