@@ -159,6 +159,13 @@ fn features_match_the_backbone_resume_to_the_same_bytes_and_refuse_other_options
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains("features-00000.parquet"), "{}", text(&o));
     assert_eq!(outputs(&out), before);
+    // ... unless --force: then it is the folder a fresh run would write.
+    let o = features(&data, &out, &["--every", "1", "--force"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let fresh = tmp.path().join("feat-every1");
+    let o = features(&data, &fresh, &["--every", "1"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(outputs(&out), outputs(&fresh));
 }
 
 #[test]

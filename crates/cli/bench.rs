@@ -372,18 +372,10 @@ fn bench_run(a: &BenchRunArgs, quiet: bool) -> Result<ExitCode> {
     }
     let total = specs.len();
     let started = Instant::now();
-    let bar = (!quiet && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
-        let b = indicatif::ProgressBar::new(total as u64);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:32.cyan/blue} {pos}/{len} runs {msg} ETA {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        b.enable_steady_tick(std::time::Duration::from_millis(200));
-        b
-    });
-    crate::logging::set_bar(bar.clone());
+    let bar = crate::logging::new_bar(quiet, "runs");
+    if let Some(b) = &bar {
+        b.set_length(total as u64);
+    }
     for (k, (d, model, ada, seed)) in specs.into_iter().enumerate() {
         let rel = format!(
             "runs/{}/{}/{}/{}/seed-{seed}",

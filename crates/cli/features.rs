@@ -1,13 +1,10 @@
 //! `vdg features`.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use vdg_trainer::features::{FeaturesEvent, FeaturesOptions, run_features};
 use vdg_trainer::models::blocks::BackboneKind;
 
@@ -49,6 +46,10 @@ pub struct FeaturesArgs {
     /// cpu, or cuda[:N] (builds with the `cuda` feature only).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Recompute into an --out that holds features of other inputs or options (deleting
+    /// them) instead of refusing.
+    #[arg(long)]
+    force: bool,
 }
 
 /// Runs `vdg features`.
@@ -62,6 +63,7 @@ pub fn run(a: FeaturesArgs, quiet: bool) -> Result<ExitCode> {
     opts.shard_videos = a.shard_videos;
     opts.seed = a.seed;
     opts.device = a.device.clone();
+    opts.force = a.force;
     if opts.weights.is_none() {
         tracing::warn!(
             "no --weights: the {} backbone is randomly initialised (seed {}); such features are for trying the tool, not for results",
@@ -69,18 +71,7 @@ pub fn run(a: FeaturesArgs, quiet: bool) -> Result<ExitCode> {
             a.seed
         );
     }
-    let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
-        let b = ProgressBar::new(0);
-        b.set_style(
-            ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:32.cyan/blue} {pos}/{len} frames {per_sec} ETA {eta}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        b.enable_steady_tick(Duration::from_millis(200));
-        b
-    });
-    logging::set_bar(bar.clone());
+    let bar = logging::new_bar(quiet, "frames");
     let progress = |e: FeaturesEvent| match e {
         FeaturesEvent::Start {
             videos,

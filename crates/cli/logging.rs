@@ -9,6 +9,26 @@ use tracing_subscriber::fmt::MakeWriter;
 
 static BAR: Mutex<Option<ProgressBar>> = Mutex::new(None);
 
+/// A progress bar counting `units` (`videos`, `frames`, `batches`, `runs`) on a terminal, or
+/// `None` when `quiet` or stderr is not a terminal (logs then carry the progress). The bar is
+/// registered with [`set_bar`].
+pub fn new_bar(quiet: bool, units: &str) -> Option<ProgressBar> {
+    let bar = (!quiet && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
+        let b = ProgressBar::new(0);
+        let template = format!(
+            "{{spinner}} [{{elapsed_precise}}] {{bar:32.cyan/blue}} {{pos}}/{{len}} {units} {{msg}} ETA {{eta}}"
+        );
+        b.set_style(
+            indicatif::ProgressStyle::with_template(&template)
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b.enable_steady_tick(std::time::Duration::from_millis(200));
+        b
+    });
+    set_bar(bar.clone());
+    bar
+}
+
 /// Sets the bar that log output must print around (or clears it).
 pub fn set_bar(bar: Option<ProgressBar>) {
     if let Ok(mut b) = BAR.lock() {

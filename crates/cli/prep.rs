@@ -1,6 +1,5 @@
 //! `vdg prep ...` and `vdg sample ...`.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Mutex;
@@ -8,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use vdg_data::{Manifest, VideoStatus};
 use vdg_pipeline::plan::{ContentOptions, DEFAULT_JPEG_QUALITY, build_plan};
 use vdg_pipeline::prep::{PrepEvent, PrepSummary, Progress, RunOptions, run_prep};
@@ -436,18 +435,7 @@ struct ReportState {
 
 impl Reporter {
     fn new(quiet: bool) -> Self {
-        let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
-            let b = ProgressBar::new(0);
-            b.set_style(
-                ProgressStyle::with_template(
-                    "{spinner} [{elapsed_precise}] {bar:32.cyan/blue} {pos}/{len} videos {msg} ETA {eta}",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-            );
-            b.enable_steady_tick(Duration::from_millis(200));
-            b
-        });
-        logging::set_bar(bar.clone());
+        let bar = logging::new_bar(quiet, "videos");
         Reporter {
             bar,
             state: Mutex::new(ReportState {

@@ -1,14 +1,13 @@
 //! `vdg train`.
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Mutex;
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
 use vdg_data::Manifest;
 use vdg_trainer::ada::AdaVariant;
@@ -384,16 +383,7 @@ pub fn run(a: TrainArgs, quiet: bool) -> Result<ExitCode> {
         .append(true)
         .open(a.out.join("train.log"))
         .ok();
-    let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
-        let b = ProgressBar::new(0);
-        b.set_style(
-            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:32.cyan/blue} {pos}/{len} batches {msg} ETA {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        b.enable_steady_tick(Duration::from_millis(200));
-        b
-    });
-    logging::set_bar(bar.clone());
+    let bar = logging::new_bar(quiet, "batches");
     let reporter = Reporter {
         bar: bar.clone(),
         log: Mutex::new(log),

@@ -69,6 +69,8 @@ pub struct FeaturesOptions {
     pub seed: u64,
     /// `cpu` or `cuda[:N]`.
     pub device: String,
+    /// Delete an earlier run's shards in `out` instead of refusing other inputs or options.
+    pub force: bool,
 }
 
 impl FeaturesOptions {
@@ -85,6 +87,7 @@ impl FeaturesOptions {
             shard_videos: 64,
             seed: 0,
             device: "cpu".into(),
+            force: false,
         }
     }
 }
@@ -270,10 +273,14 @@ pub fn run_features(
             continue;
         };
         let meta = read_shard_meta(&path)?;
+        if meta.plan_fingerprint != fingerprint && opts.force {
+            std::fs::remove_file(&path).map_err(|e| io(&path, e))?;
+            continue;
+        }
         if meta.plan_fingerprint != fingerprint {
             return Err(Error::Config(format!(
                 "{}: written with other inputs or options (fingerprint {} vs {}); use another \
-                 --out or delete the folder",
+                 --out, or --force to recompute",
                 path.display(),
                 &meta.plan_fingerprint[..12.min(meta.plan_fingerprint.len())],
                 &fingerprint[..12]
@@ -284,9 +291,14 @@ pub fn run_features(
             .map(|c| c.iter().map(|r| r.video_id.as_str()).collect())
             .unwrap_or_default();
         let has: Vec<&str> = meta.videos.iter().map(|r| r.video_id.as_str()).collect();
+        if planned != has && opts.force {
+            std::fs::remove_file(&path).map_err(|e| io(&path, e))?;
+            continue;
+        }
         if planned != has {
             return Err(Error::Config(format!(
-                "{}: covers other videos than the plan; delete it to recompute",
+                "{}: covers other videos than the plan (was --shard-videos changed?); \
+                 --force recomputes",
                 path.display()
             )));
         }
