@@ -37,10 +37,24 @@ pub fn set_bar(bar: Option<ProgressBar>) {
 }
 
 /// Runs `f` with the bar (if any) hidden.
+///
+/// Re-entrant: log lines written inside `f` go through [`suspend`] again (the tracing
+/// writer), and indicatif's `suspend` would wait on itself, so nested calls just run `f`.
 pub fn suspend<R>(f: impl FnOnce() -> R) -> R {
+    thread_local! {
+        static SUSPENDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    if SUSPENDED.with(|s| s.get()) {
+        return f();
+    }
     let bar = BAR.lock().ok().and_then(|b| b.clone());
     match bar {
-        Some(bar) => bar.suspend(f),
+        Some(bar) => bar.suspend(|| {
+            SUSPENDED.with(|s| s.set(true));
+            let r = f();
+            SUSPENDED.with(|s| s.set(false));
+            r
+        }),
         None => f(),
     }
 }
@@ -91,4 +105,25 @@ pub fn init(quiet: bool, verbose: u8) {
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logging_inside_suspend_does_not_deadlock() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let bar =
+                ProgressBar::with_draw_target(Some(10), indicatif::ProgressDrawTarget::hidden());
+            set_bar(Some(bar));
+            // What `tracing::info!` inside `suspend` does: the writer suspends again.
+            let v = suspend(|| suspend(|| 7));
+            set_bar(None);
+            let _ = tx.send(v);
+        });
+        let got = rx.recv_timeout(std::time::Duration::from_secs(20));
+        assert_eq!(got, Ok(7), "nested suspend hung");
+    }
 }
