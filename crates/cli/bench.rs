@@ -72,6 +72,9 @@ pub struct BenchRunArgs {
     /// Feature width D.
     #[arg(long)]
     feature_dim: Option<usize>,
+    /// Frames of the dense clips of i3d and non_local (default 32).
+    #[arg(long)]
+    clip_frames: Option<usize>,
     /// ADA gammas, comma-separated.
     #[arg(long, value_delimiter = ',')]
     gammas: Option<Vec<f64>>,
@@ -123,6 +126,9 @@ pub struct BenchConfig {
     pub input_size: Option<usize>,
     /// Feature width.
     pub feature_dim: Option<usize>,
+    /// Dense clip frames (I3D, Non-local).
+    #[serde(default)]
+    pub clip_frames: Option<usize>,
     /// Gammas.
     pub gammas: Option<Vec<f64>>,
     /// ADA steps.
@@ -153,6 +159,7 @@ impl BenchConfig {
             backbone: synthetic.then(|| "small_cnn".into()),
             input_size: synthetic.then_some(32),
             feature_dim: synthetic.then_some(32),
+            clip_frames: None,
             gammas: synthetic.then(|| vec![0.1]),
             ada_steps: synthetic.then_some(1),
             projection_dropout: synthetic.then_some(0.2),
@@ -199,6 +206,7 @@ fn resolve_config(a: &BenchRunArgs) -> Result<BenchConfig> {
             backbone,
             input_size,
             feature_dim,
+            clip_frames,
             gammas,
             ada_steps,
             projection_dropout,
@@ -221,6 +229,7 @@ fn resolve_config(a: &BenchRunArgs) -> Result<BenchConfig> {
         backbone,
         input_size,
         feature_dim,
+        clip_frames,
         gammas,
         ada_steps
     );
@@ -403,7 +412,7 @@ fn bench_run(a: &BenchRunArgs, quiet: bool) -> Result<ExitCode> {
             ensemble: None,
             input_size: cfg.input_size,
             feature_dim: cfg.feature_dim,
-            clip_frames: None,
+            clip_frames: cfg.clip_frames,
             projection_dropout: cfg.projection_dropout,
             selection: None,
             seed,
