@@ -29,6 +29,7 @@ pub mod ada;
 pub mod device;
 pub mod error;
 pub mod features;
+pub mod im2col;
 pub mod init;
 pub mod loader;
 pub mod models;

@@ -23,7 +23,7 @@
 //! each the elementwise maximum (or mean) of `k` strided slices. Max pooling pads by
 //! repeating the edge, which gives the same result as PyTorch's `-inf` padding.
 
-use candle_core::{Module, Tensor};
+use candle_core::{DType, Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
@@ -158,12 +158,13 @@ pub fn conv3d(x: &Tensor, w: &Tensor, cfg: &Conv3dConfig) -> Result<Tensor> {
 
 /// 2-D convolution without bias, `x [N, C, H, W]`, `w [C_out, C, kh, kw]`.
 ///
-/// A 1x1 kernel runs as one matrix product per image (after subsampling for a stride), so
-/// both its gradients are GEMMs: candle's `conv2d` gradient computes the kernel gradient as a
-/// convolution with an `H x W` kernel, which made pointwise layers several times slower
-/// backward than forward (BENCHMARKS.md). Larger kernels use candle's `conv2d` (the same
-/// im2col written with candle's strided copies and a GEMM was slower, measured with
-/// `benches/models.rs`), with a guard against its non-square gradient bug.
+/// Everything is a GEMM, so both gradients are GEMMs too: candle's `conv2d` computes the
+/// kernel gradient as a convolution with an `H x W` kernel and reached about a fifth of its
+/// GEMM speed on ResNet layers (BENCHMARKS.md). A 1x1 kernel is a matrix product (after
+/// subsampling for a stride); larger kernels on the CPU are lowered by [`crate::im2col`]
+/// (hand-written loops: the same lowering from candle's strided copies was slower than
+/// candle's `conv2d`). Other devices use candle's `conv2d`, with a guard against its
+/// non-square gradient bug.
 pub fn conv2d(
     x: &Tensor,
     w: &Tensor,
@@ -172,6 +173,37 @@ pub fn conv2d(
     dilation: usize,
 ) -> Result<Tensor> {
     let (co, ci, kh, kw) = w.dims4()?;
+    if (kh != 1 || kw != 1) && x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        let (n, c, h, wd) = x.dims4()?;
+        if c != ci {
+            return Err(Error::Config(format!(
+                "conv2d: input has {c} channels, the kernel expects {ci}"
+            )));
+        }
+        let g = crate::im2col::Geometry {
+            c,
+            h,
+            w: wd,
+            kh,
+            kw,
+            stride,
+            padding,
+            dilation,
+            ho: out_len(h, kh, stride, padding, dilation)?,
+            wo: out_len(wd, kw, stride, padding, dilation)?,
+        };
+        let k = ci * kh * kw;
+        let cols = x.contiguous()?.apply_op1(crate::im2col::Im2Col(g))?;
+        // One GEMM for the batch: [N*Ho*Wo, K] x [K, C_out], then back to channels-first.
+        let y = cols
+            .reshape((n * g.ho * g.wo, k))?
+            .matmul(&w.reshape((co, k))?.t()?)?;
+        let y = y
+            .reshape((n, g.ho * g.wo, co))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        return Ok(y.reshape((n, co, g.ho, g.wo))?);
+    }
     if kh != 1 || kw != 1 {
         // candle 0.11's conv2d backward derives the transposed convolution's output padding
         // from the height alone; when height and width leave different remainders under the
@@ -195,30 +227,30 @@ pub fn conv2d(
             "conv2d: input has {c} channels, the kernel expects {ci}"
         )));
     }
-    let ho = out_len(h, kh, stride, padding, dilation)?;
-    let wo = out_len(wd, kw, stride, padding, dilation)?;
+    // A 1x1 kernel: subsample for the stride, then matrix products.
+    let ho = out_len(h, 1, stride, padding, dilation)?;
+    let wo = out_len(wd, 1, stride, padding, dilation)?;
     let x = if padding > 0 {
         x.pad_with_zeros(2, padding, padding)?
             .pad_with_zeros(3, padding, padding)?
     } else {
         x.clone()
     };
-    let mut taps = Vec::with_capacity(kh * kw);
-    for p in 0..kh {
-        let rows = strided(&x, 2, p * dilation, stride, ho)?;
-        for q in 0..kw {
-            taps.push(strided(&rows, 3, q * dilation, stride, wo)?);
-        }
+    let x = strided(&strided(&x, 2, 0, stride, ho)?, 3, 0, stride, wo)?.contiguous()?;
+    let w2 = w.reshape((co, ci))?;
+    if ho * wo >= 64 {
+        // Large maps: one [C_out, C] x [C, H*W] product per image, no copies.
+        let y = w2.broadcast_matmul(&x.reshape((n, c, ho * wo))?)?;
+        return Ok(y.reshape((n, co, ho, wo))?);
     }
-    let cols = if taps.len() == 1 {
-        taps.remove(0).contiguous()?
-    } else {
-        Tensor::stack(&taps, 2)?
-    };
-    let y = w
-        .reshape((co, ci * kh * kw))?
-        .broadcast_matmul(&cols.reshape((n, ci * kh * kw, ho * wo))?)?;
-    Ok(y.reshape((n, co, ho, wo))?)
+    // Small maps (deep layers): per-image products would be thin; one GEMM for the batch,
+    // at the price of two transposing copies.
+    let rows = x
+        .permute((0, 2, 3, 1))?
+        .contiguous()?
+        .reshape((n * ho * wo, c))?;
+    let y = rows.matmul(&w2.t()?)?.reshape((n, ho * wo, co))?;
+    Ok(y.transpose(1, 2)?.contiguous()?.reshape((n, co, ho, wo))?)
 }
 
 /// A 3-D convolution layer (`weight [C_out, C_in, kt, kh, kw]`, optional `bias [C_out]`).
@@ -533,37 +565,41 @@ mod tests {
     #[test]
     fn conv2d_equals_candles_forward_and_has_gradients_on_non_square_inputs() {
         let dev = Device::Cpu;
-        let x = seeded_randn(&[3, 5, 7, 6], 1, DType::F64, &dev).unwrap();
-        for (k, pad, stride, dil) in [
-            (1, 0, 1, 1),
-            (1, 0, 2, 1),
-            (1, 1, 2, 1),
-            (1, 0, 3, 1),
-            (3, 1, 1, 1),
-            (3, 1, 2, 1),
-            (3, 2, 1, 2),
-            (7, 3, 2, 1),
-        ] {
-            let w = seeded_randn(&[4, 5, k, k], 2, DType::F64, &dev).unwrap();
-            let (pad, stride) = (pad, stride);
-            let want = x.conv2d(&w, pad, stride, dil, 1).unwrap();
-            let got = conv2d(&x, &w, pad, stride, dil).unwrap();
-            assert_eq!(got.dims(), want.dims(), "pad {pad} stride {stride}");
-            assert_close(
-                &vec(&got),
-                &vec(&want),
-                &format!("pad {pad} stride {stride}"),
-            );
-            let err = check_input_gradient(&[3, 5, 7, 6], 3, 30, &|x| {
-                project(&conv2d(x, &w, pad, stride, dil)?, 4)
-            })
-            .unwrap();
-            assert!(err < 1e-5, "input gradient: {err}");
-            let err = check_input_gradient(&[4, 5, k, k], 5, 20, &|w| {
-                project(&conv2d(&x, w, pad, stride, dil)?, 6)
-            })
-            .unwrap();
-            assert!(err < 1e-5, "weight gradient: {err}");
+        // A 7x6 map (small: pointwise kernels take the single-GEMM path) and a 10x9 one
+        // (pointwise kernels take the per-image path at stride 1).
+        for xs in [[3usize, 5, 7, 6], [2, 5, 10, 9]] {
+            let x = seeded_randn(&xs, 1, DType::F64, &dev).unwrap();
+            for (k, pad, stride, dil) in [
+                (1, 0, 1, 1),
+                (1, 0, 2, 1),
+                (1, 1, 2, 1),
+                (1, 0, 3, 1),
+                (3, 1, 1, 1),
+                (3, 1, 2, 1),
+                (3, 2, 1, 2),
+                (7, 3, 2, 1),
+            ] {
+                let w = seeded_randn(&[4, 5, k, k], 2, DType::F64, &dev).unwrap();
+                let (pad, stride) = (pad, stride);
+                let want = x.conv2d(&w, pad, stride, dil, 1).unwrap();
+                let got = conv2d(&x, &w, pad, stride, dil).unwrap();
+                assert_eq!(got.dims(), want.dims(), "pad {pad} stride {stride}");
+                assert_close(
+                    &vec(&got),
+                    &vec(&want),
+                    &format!("pad {pad} stride {stride}"),
+                );
+                let err = check_input_gradient(&xs, 3, 30, &|x| {
+                    project(&conv2d(x, &w, pad, stride, dil)?, 4)
+                })
+                .unwrap();
+                assert!(err < 1e-5, "input gradient: {err}");
+                let err = check_input_gradient(&[4, 5, k, k], 5, 20, &|w| {
+                    project(&conv2d(&x, w, pad, stride, dil)?, 6)
+                })
+                .unwrap();
+                assert!(err < 1e-5, "weight gradient: {err}");
+            }
         }
         // 1x1x1 with a spatial stride (I3D's shortcuts) through conv3d.
         let x = seeded_randn(&[2, 3, 4, 7, 7], 7, DType::F64, &dev).unwrap();
