@@ -1,10 +1,14 @@
 //! `vdg-trainer`: the models and training of videodg, on Candle.
 //!
-//! - [`models`]: the registry ([`models::ModelKind`]: TSN, TRN, TRN-ATTN, APN) of temporal
-//!   heads over a per-frame [`models::blocks::Backbone`] (small CNN, ResNet-18/50 with
-//!   torchvision names); every head returns logits and the named features ADA targets.
+//! - [`models`]: the registry ([`models::ModelKind`]): temporal heads (TSN, TRN, TRN-ATTN,
+//!   APN) over a per-frame [`models::blocks::Backbone`] (small CNN, ResNet-18/50 with
+//!   torchvision names), and whole networks (TSM, I3D, Non-local); every model returns
+//!   logits and the named features ADA targets.
 //! - [`nn`]: layers whose gradients candle's fused kernels drop (layer norm, softmax,
 //!   the APN attention block), built from differentiable primitives.
+//! - [`nn3d`], [`im2col`]: 3-D convolution and pooling with gradients (Candle has none), and
+//!   the CPU convolution lowering every ResNet trunk uses.
+//! - [`features`]: the per-frame feature cache (`vdg features`).
 //! - [`ada`]: video adversarial data augmentation (Algorithm 1) and its variants.
 //! - [`optim`]: SGD with momentum and weight decay, gradient-norm clipping.
 //! - [`init`]: seeded parameter initialisation (candle's CPU RNG cannot be seeded).
