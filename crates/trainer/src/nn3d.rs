@@ -23,7 +23,7 @@
 //! each the elementwise maximum (or mean) of `k` strided slices. Max pooling pads by
 //! repeating the edge, which gives the same result as PyTorch's `-inf` padding.
 
-use candle_core::{DType, Module, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
@@ -375,13 +375,6 @@ pub fn max_pool2d(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<Ten
     x.dims4()?;
     let x = pool1d(x, 2, k, stride, pad, Pool::Max)?;
     pool1d(&x, 3, k, stride, pad, Pool::Max)
-}
-
-/// A [`Module`] wrapper so a [`Conv3d`] composes with candle's sequential helpers.
-impl Module for Conv3d {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        Conv3d::forward(self, x).map_err(candle_core::Error::wrap)
-    }
 }
 
 #[cfg(test)]

@@ -465,17 +465,6 @@ impl VideoModel {
         }
     }
 
-    /// The head on precomputed frame features `[B, M, D]` (heads only).
-    pub fn forward_features_t(&self, feats: &Tensor, train: bool) -> Result<HeadOutput> {
-        match &self.body {
-            Body::Frames { head, .. } => head.forward_t(feats, train),
-            Body::Network(_) => Err(Error::Config(format!(
-                "{} has no separate head",
-                self.kind.name()
-            ))),
-        }
-    }
-
     /// The subset sampler whose state checkpoints keep, if any.
     pub fn sampler(&self) -> Option<&SubsetSampler> {
         match &self.body {
