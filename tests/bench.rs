@@ -27,7 +27,7 @@ fn bench_run_writes_all_four_reports_and_resumes() {
     // The JSON schema (REPORTS.md).
     let lb: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("leaderboard.json")).unwrap()).unwrap();
-    assert_eq!(lb["schema_version"], 1);
+    assert_eq!(lb["schema_version"], 2);
     for k in [
         "tool_version",
         "git_revision",
@@ -69,9 +69,30 @@ fn bench_run_writes_all_four_reports_and_resumes() {
         aggs.iter()
             .all(|a| a["seeds"] == 1 && !a["mean"].is_null() && !a["std"].is_null())
     );
+    // Every run says what ADA did and is marked as off the paper's protocol.
+    for r in runs {
+        let method = r["ada_method"].as_str().unwrap();
+        match r["ada"].as_str().unwrap() {
+            "none" => assert_eq!(method, "none"),
+            // TSN's `ada` under the paper's protocol is the original image ADA.
+            "ada" => assert!(method.starts_with("image ADA"), "{method}"),
+            _ => assert!(method.contains("lines 5, 13, 14"), "{method}"),
+        }
+        assert!(
+            r["deviations"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|d| d.as_str().unwrap().contains("synthetic")),
+            "{r}"
+        );
+    }
     let md = std::fs::read_to_string(out.join("leaderboard.md")).unwrap();
     assert!(
-        md.contains("| Model | source->target | target->source | Average |"),
+        md.contains("| Model | source->target | target->source | Average |")
+            && md.contains("| TSN + ada † |")
+            && md.contains("| APN + ada_star † |")
+            && md.contains("† Deviates from the paper's protocol"),
         "{md}"
     );
     let csv = std::fs::read_to_string(out.join("leaderboard.csv")).unwrap();
@@ -120,6 +141,82 @@ fn bench_run_writes_all_four_reports_and_resumes() {
     let o = run(&["bench", "report", out.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert_eq!(std::fs::read(out.join("leaderboard.md")).unwrap(), before);
+}
+
+/// Under the paper's protocol a real benchmark is not run on a randomly initialised ResNet
+/// unless asked for, and then every report marks it.
+#[test]
+fn random_init_resnets_on_real_benchmarks_are_refused_then_marked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = crate::train::prepared(tmp.path());
+    let out = tmp.path().join("bench");
+    let args = |extra: &[&str]| {
+        let mut v: Vec<String> = [
+            "bench",
+            "run",
+            "--benchmark",
+            "ucf_hmdb",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--models",
+            "tsn",
+            "--ada",
+            "none,default",
+            "--backbone",
+            "resnet18",
+            "--input-size",
+            "32",
+            "--batch-size",
+            "8",
+            "--epochs",
+            "1",
+            "--seeds",
+            "1",
+            "--directions",
+            "ucf->hmdb",
+            "--gammas",
+            "0.1",
+            "--ada-steps",
+            "1",
+            "--selection",
+            "last",
+            "-q",
+        ]
+        .map(String::from)
+        .to_vec();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let refused = args(&[]);
+    let o = run(&refused.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    for needle in [
+        "--backbone-weights",
+        "--allow-random-init",
+        "random weights",
+    ] {
+        assert!(text(&o).contains(needle), "{needle}: {}", text(&o));
+    }
+    assert!(
+        !out.join("runs").exists(),
+        "nothing may train before the check"
+    );
+    let allowed = args(&["--allow-random-init"]);
+    let o = run(&allowed.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let md = std::fs::read_to_string(out.join("leaderboard.md")).unwrap();
+    for needle in [
+        "| TSN + ada † |",
+        "no pretrained weights",
+        "backbone resnet18 (paper: ResNet-50)",
+        "model selection: the last epoch",
+        // The paper row of the variant that ran: Table 1's TSN + ADA.
+        "| TSN + ADA (paper, Table 1) | 51.68 / 51.61 ↓ |",
+    ] {
+        assert!(md.contains(needle), "{needle}:\n{md}");
+    }
 }
 
 #[test]

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 use crate::util::*;
 
 /// A prepared tiny UCF-HMDB sample (generated clips, the real layout).
-fn prepared(root: &Path) -> PathBuf {
+pub(crate) fn prepared(root: &Path) -> PathBuf {
     let raw = root.join("raw");
     vdg_pipeline::sample::write_ucf_hmdb_sample(&raw, 2, 10).unwrap();
     let out = root.join("prep");
@@ -43,6 +43,10 @@ fn train_args<'a>(data: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str
         "8",
         "--lr",
         "0.01",
+        // The sample's UCF classes are one group of two clips each, so the group-aware
+        // split leaves no validation clips: select the last epoch.
+        "--selection",
+        "last",
         "-q",
     ];
     v.extend_from_slice(extra);
@@ -78,9 +82,10 @@ fn train_writes_a_run_folder_and_resumes_after_kill_to_the_same_numbers() {
         "config.toml",
         "train.log",
         "metrics.json",
-        "member-0/last.safetensors",
-        "member-0/best.safetensors",
-        "member-1/last.json",
+        "member-0/ckpt-000003/weights.safetensors",
+        "member-0/ckpt-000003/optim.safetensors",
+        "member-0/ckpt-000003/best.safetensors",
+        "member-1/ckpt-000003/state.json",
     ] {
         assert!(a.join(f).exists(), "missing {f}");
     }
@@ -91,6 +96,9 @@ fn train_writes_a_run_folder_and_resumes_after_kill_to_the_same_numbers() {
         "seed = 0",
         "ada = \"ada_star\"",
         "direction = \"ucf->hmdb\"",
+        "ada_method = \"video ADA per minibatch (Algorithm 1) against level2 and level3",
+        "lines 5, 13, 14",
+        "backbone small_cnn (paper: ResNet-50)",
     ] {
         assert!(
             config.contains(needle),
@@ -124,7 +132,7 @@ fn train_writes_a_run_folder_and_resumes_after_kill_to_the_same_numbers() {
         .spawn()
         .unwrap();
     let started = Instant::now();
-    while !b.join("member-0/last.json").exists() && started.elapsed() < Duration::from_secs(120) {
+    while !b.join("member-0/ckpt-000001").exists() && started.elapsed() < Duration::from_secs(120) {
         std::thread::sleep(Duration::from_millis(20));
     }
     let _ = child.kill();
@@ -150,6 +158,78 @@ fn train_writes_a_run_folder_and_resumes_after_kill_to_the_same_numbers() {
     other.push("--resume");
     let o = run(&other);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+}
+
+/// The baselines' `ada` under the paper's protocol is the original image ADA: a
+/// maximisation phase appends a copy of the training set, and a run killed after it resumes
+/// to the same numbers.
+#[test]
+fn image_ada_grows_the_dataset_and_resumes_to_the_same_numbers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepared(tmp.path());
+    let d = data.to_str().unwrap();
+    let extra = [
+        "--model",
+        "tsn",
+        "--ada",
+        "ada",
+        "--gammas",
+        "0.1",
+        "--ada-steps",
+        "2",
+        "--ada-phases",
+        "1",
+        "--ada-phase-interval",
+        "1",
+        "--epochs",
+        "3",
+    ];
+    let a = tmp.path().join("a");
+    let o = run(&train_args(d, a.to_str().unwrap(), &extra));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let config = std::fs::read_to_string(a.join("config.toml")).unwrap();
+    assert!(
+        config.contains("image ADA (Volpi et al. 2018)") && config.contains("1/2 ||z - z0||^2"),
+        "{config}"
+    );
+    // The phase holds one adversarial copy of every training clip, with its label.
+    let phase = a.join("member-0/image-ada-phase-1.safetensors");
+    let t = candle_core::safetensors::load(&phase, &candle_core::Device::Cpu).unwrap();
+    let videos =
+        vdg_data::shard::read_videos_table(&data.join(vdg_data::shard::VIDEOS_FILE)).unwrap();
+    let train_ucf = videos
+        .iter()
+        .filter(|v| {
+            v.domain == "ucf" && v.source_split == "train" && v.status == vdg_data::VideoStatus::Ok
+        })
+        .count();
+    assert_eq!(t["clips"].dims()[0], train_ucf);
+    assert_eq!(t["labels"].dims(), &[train_ucf]);
+    assert_eq!(&t["clips"].dims()[1..], &[5, 3, 32, 32]);
+    assert!(!a.join("member-0/image-ada-phase-2.safetensors").exists());
+
+    let b = tmp.path().join("b");
+    let mut child = vdg()
+        .args(train_args(d, b.to_str().unwrap(), &extra))
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !b.join("member-0/image-ada-phase-1.safetensors").exists()
+        && started.elapsed() < Duration::from_secs(120)
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut resume_args = train_args(d, b.to_str().unwrap(), &extra);
+    resume_args.push("--resume");
+    let o = run(&resume_args);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(
+        std::fs::read_to_string(b.join("metrics.json")).unwrap(),
+        std::fs::read_to_string(a.join("metrics.json")).unwrap(),
+        "resumed image-ADA run differs from the uninterrupted one"
+    );
 }
 
 #[test]
@@ -274,6 +354,20 @@ fn bad_training_inputs_are_clear_errors() {
         "{}",
         text(&o)
     );
+    // No validation clips in the source domain: selecting on them is an error naming the
+    // domain, never a silent "epoch 1".
+    let o6 = out("noval");
+    let mut args = train_args(d, &o6, &["--model", "tsn", "--epochs", "1"]);
+    let sel = args.iter().position(|a| *a == "--selection").unwrap();
+    args[sel + 1] = "source_val";
+    let o = run(&args);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("source domain \"ucf\" has no usable validation videos")
+            && text(&o).contains("--selection last"),
+        "{}",
+        text(&o)
+    );
     // ADA* on TSN has no multilayer features.
     let o5 = out("tsnstar");
     let o = run(&train_args(
@@ -286,5 +380,64 @@ fn bad_training_inputs_are_clear_errors() {
         String::from_utf8_lossy(&o.stderr).contains("use `ada`"),
         "{}",
         text(&o)
+    );
+}
+
+/// The pipeline learns: TRN on the embedded synthetic benchmark reaches a source-validation
+/// accuracy far above chance (1/6). A loader that misaligned clips and labels, or shuffled the
+/// labels, would sit at chance. Measured: best epoch 73.3 % (30 validation clips) with these
+/// settings; the threshold is three times chance.
+#[test]
+fn a_temporal_model_learns_the_source_far_above_chance() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("synthetic");
+    let o = run(&[
+        "prep",
+        "synthetic",
+        "--out",
+        data.to_str().unwrap(),
+        "--scale",
+        "small",
+        "-q",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let out = tmp.path().join("trn");
+    let o = run(&[
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--direction",
+        "source->target",
+        "--model",
+        "trn",
+        "--backbone",
+        "small_cnn",
+        "--input-size",
+        "32",
+        "--feature-dim",
+        "32",
+        "--batch-size",
+        "16",
+        "--lr",
+        "0.005",
+        "--projection-dropout",
+        "0.2",
+        "--epochs",
+        "12",
+        "--out",
+        out.to_str().unwrap(),
+        "-q",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let metrics: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("metrics.json")).unwrap()).unwrap();
+    let member = &metrics["members"][0];
+    let selected = member["selected_epoch"].as_u64().unwrap() as usize;
+    let best = member["epochs"][selected - 1]["source_val_top1"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        best >= 50.0,
+        "source-val top-1 {best:.1} % is not far above chance (16.7 %)"
     );
 }

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 /// Version of the `leaderboard.json` layout (documented in REPORTS.md).
-pub const LEADERBOARD_SCHEMA_VERSION: u32 = 1;
+pub const LEADERBOARD_SCHEMA_VERSION: u32 = 2;
 
 /// The paper's published numbers, compiled in (manifests/paper_results.toml).
 pub const PAPER_RESULTS: &str = include_str!("../../manifests/paper_results.toml");
@@ -39,6 +39,22 @@ pub struct RunResult {
     pub wall_secs: f64,
     /// The run folder, relative to the bench output folder.
     pub run_dir: String,
+    /// Models combined into `top1` (gammas with ADA, `--ensemble-size` without).
+    #[serde(default = "one")]
+    pub members: usize,
+    /// The members' own top-1 over all target clips, averaged over members.
+    #[serde(default)]
+    pub member_mean_top1: Option<f64>,
+    /// What ADA did, in words.
+    #[serde(default)]
+    pub ada_method: String,
+    /// Where the run departs from the paper's protocol.
+    #[serde(default)]
+    pub deviations: Vec<String>,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Mean and standard deviation over seeds of one (benchmark, direction, model, ada).
@@ -58,6 +74,29 @@ pub struct Aggregate {
     pub mean: f64,
     /// Sample standard deviation (0 for one seed).
     pub std: f64,
+    /// Members per run (the largest over the seeds).
+    #[serde(default = "one")]
+    pub members: usize,
+    /// Mean over seeds of the members' mean top-1 (runs with more than one member).
+    #[serde(default)]
+    pub member_mean: Option<f64>,
+    /// Sample standard deviation over seeds of the members' mean.
+    #[serde(default)]
+    pub member_std: Option<f64>,
+    /// Deviations from the paper's protocol of any of the runs.
+    #[serde(default)]
+    pub deviations: Vec<String>,
+}
+
+fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n.max(1.0);
+    let std = if v.len() > 1 {
+        (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+    } else {
+        0.0
+    };
+    (mean, std)
 }
 
 /// `leaderboard.json`.
@@ -83,7 +122,7 @@ pub struct Leaderboard {
 
 /// Aggregates runs over seeds, in a stable order.
 pub fn aggregate(runs: &[RunResult]) -> Vec<Aggregate> {
-    let mut groups: BTreeMap<(String, String, String, String), Vec<f64>> = BTreeMap::new();
+    let mut groups: BTreeMap<(String, String, String, String), Vec<&RunResult>> = BTreeMap::new();
     for r in runs {
         groups
             .entry((
@@ -93,18 +132,29 @@ pub fn aggregate(runs: &[RunResult]) -> Vec<Aggregate> {
                 r.ada.clone(),
             ))
             .or_default()
-            .push(r.top1);
+            .push(r);
     }
     groups
         .into_iter()
         .map(|((benchmark, direction, model, ada), v)| {
-            let n = v.len() as f64;
-            let mean = v.iter().sum::<f64>() / n;
-            let std = if v.len() > 1 {
-                (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+            let top: Vec<f64> = v.iter().map(|r| r.top1).collect();
+            let (mean, std) = mean_std(&top);
+            let members = v.iter().map(|r| r.members).max().unwrap_or(1);
+            let mm: Vec<f64> = v.iter().filter_map(|r| r.member_mean_top1).collect();
+            let (member_mean, member_std) = if members > 1 && mm.len() == v.len() {
+                let (m, s) = mean_std(&mm);
+                (Some(m), Some(s))
             } else {
-                0.0
+                (None, None)
             };
+            let mut deviations: Vec<String> = Vec::new();
+            for r in &v {
+                for d in &r.deviations {
+                    if !deviations.contains(d) {
+                        deviations.push(d.clone());
+                    }
+                }
+            }
             Aggregate {
                 benchmark,
                 direction,
@@ -113,6 +163,10 @@ pub fn aggregate(runs: &[RunResult]) -> Vec<Aggregate> {
                 seeds: v.len(),
                 mean,
                 std,
+                members,
+                member_mean,
+                member_std,
+                deviations,
             }
         })
         .collect()
@@ -134,6 +188,7 @@ fn paper_key(m: &str) -> &str {
         "tsn" => "TSN",
         "trn" => "TRN",
         "apn" => "APN",
+        "trn_attn" => "TRN-ATTN",
         "tsm" => "TSM",
         "i3d" => "I3D",
         "non_local" => "NonLocal",
@@ -151,12 +206,38 @@ fn arrow(without: f64, with: f64) -> &'static str {
     }
 }
 
-/// The paper's numbers of one benchmark: its directions, and per model one
-/// (without ADA, with ADA) pair per direction.
-pub type PaperTable = (Vec<String>, BTreeMap<String, Vec<(f64, f64)>>);
+/// One paper reference row: where it comes from and one (without, with) pair per
+/// direction of the paper's table (`None` where the paper gives no number).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PaperRef {
+    /// Row label, e.g. `TRN + ADA* (paper, Table 2)`.
+    pub label: String,
+    /// Per direction (the paper's names): without ADA, with the variant.
+    pub values: BTreeMap<String, (f64, Option<f64>)>,
+}
 
-/// Paper rows for `benchmark`.
-pub fn paper_rows(benchmark: &str) -> Option<PaperTable> {
+fn table2_key(model: &str, ada: &str) -> Option<String> {
+    let m = match model {
+        "trn" => "TRN",
+        "trn_attn" => "TRN-ATTN",
+        "apn" => "APN",
+        _ => return None,
+    };
+    Some(match (model, ada) {
+        (_, "ada") => format!("{m}+ADA"),
+        (_, "ada_star") => format!("{m}+ADA*"),
+        ("apn", "global_only") => "APN+ADA(global R_I)".into(),
+        ("apn", "level2_only") => "APN+ADA(R_II only)".into(),
+        ("apn", "level3_only") => "APN+ADA(R_III only)".into(),
+        _ => return None,
+    })
+}
+
+/// The paper's row for `model` trained with `ada` (`none` for the model alone) on
+/// `benchmark`: Table 2 and the §5.3 ablations where they have the variant (UCF-HMDB:
+/// TRN, TRN-ATTN, APN), else the Table 1/3-5 pair when the variant is the one those tables
+/// ran (APN: ADA*; every baseline: ADA). `None` when the paper has no such number.
+pub fn paper_reference(benchmark: &str, model: &str, ada: &str) -> Option<PaperRef> {
     let table: toml::Table = toml::from_str(PAPER_RESULTS).ok()?;
     let b = table.get(benchmark)?.as_table()?;
     let dirs: Vec<String> = b
@@ -165,34 +246,106 @@ pub fn paper_rows(benchmark: &str) -> Option<PaperTable> {
         .iter()
         .filter_map(|d| d.as_str().map(str::to_owned))
         .collect();
-    let mut rows = BTreeMap::new();
-    for (k, v) in b {
-        if k == "directions" {
-            continue;
+    let pair = |v: &toml::Value| -> Option<Vec<f64>> {
+        v.as_array()?.iter().map(toml::Value::as_float).collect()
+    };
+    let variant_name = match ada {
+        "ada" => " + ADA",
+        "ada_star" => " + ADA*",
+        "global_only" => " + ADA (global R_I only)",
+        "level2_only" => " + ADA (R_II only)",
+        "level3_only" => " + ADA (R_III only)",
+        _ => "",
+    };
+    let base = match model {
+        "trn" => Some("TRN"),
+        "trn_attn" => Some("TRN-ATTN"),
+        "apn" => Some("APN"),
+        _ => None,
+    };
+    if let (Some(t2), Some(base)) = (b.get("table2").and_then(|t| t.as_table()), base)
+        && let Some(without) = t2.get(base).and_then(pair)
+    {
+        let with = if ada == "none" {
+            Some(None)
+        } else {
+            table2_key(model, ada)
+                .and_then(|k| t2.get(&k).and_then(pair))
+                .map(Some)
+        };
+        if let Some(with) = with {
+            let source = if ada.ends_with("_only") {
+                "§5.3"
+            } else {
+                "Table 2"
+            };
+            return Some(PaperRef {
+                label: format!("{}{variant_name} (paper, {source})", display_model(model)),
+                values: dirs
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, d)| {
+                        Some((
+                            d.clone(),
+                            (
+                                *without.get(i)?,
+                                with.as_ref().and_then(|w| w.get(i).copied()),
+                            ),
+                        ))
+                    })
+                    .collect(),
+            });
         }
-        let pairs: Option<Vec<(f64, f64)>> = v
-            .as_array()?
-            .iter()
-            .map(|p| {
-                let a = p.as_array()?;
-                Some((a.first()?.as_float()?, a.get(1)?.as_float()?))
-            })
-            .collect();
-        rows.insert(k.clone(), pairs?);
     }
-    Some((dirs, rows))
+    let table1_variant = if model == "apn" { "ada_star" } else { "ada" };
+    if ada != "none" && ada != table1_variant {
+        return None;
+    }
+    let rows = b.get(paper_key(model))?.as_array()?;
+    let values = dirs
+        .iter()
+        .zip(rows)
+        .filter_map(|(d, v)| {
+            let p = pair(v)?;
+            let with = if ada == "none" {
+                None
+            } else {
+                Some(*p.get(1)?)
+            };
+            Some((d.clone(), (*p.first()?, with)))
+        })
+        .collect();
+    Some(PaperRef {
+        label: format!("{}{variant_name} (paper, Table 1)", display_model(model)),
+        values,
+    })
 }
 
-/// The paper's layout: per benchmark, rows = models, columns = directions (and their
-/// average), each cell "without / with ADA" as mean ± std over seeds with an up or down
-/// arrow; the paper's published numbers as reference rows for real benchmarks.
+const ADA_ORDER: [&str; 6] = [
+    "none",
+    "ada",
+    "ada_star",
+    "global_only",
+    "level2_only",
+    "level3_only",
+];
+
+fn ada_rank(a: &str) -> usize {
+    ADA_ORDER.iter().position(|x| *x == a).unwrap_or(usize::MAX)
+}
+
+/// The paper's layout: per benchmark, one row per model and ADA variant (every variant its
+/// own row), columns = directions (and their average), each cell "without / with ADA" as
+/// mean ± std over seeds with an up or down arrow; for ensembles a second row with the
+/// members' own mean; rows that deviate from the paper's protocol marked †, with the
+/// deviations listed; the paper's published rows for the variants that were run.
 pub fn render_markdown(lb: &Leaderboard) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "# Leaderboard\n");
     let _ = writeln!(
         out,
         "Top-1 accuracy (%) on the target domains, mean ± std over seeds; each cell is \
-         *without ADA / with ADA* and the arrow says whether ADA helped.\n"
+         *without ADA / with ADA* and the arrow says whether the ADA run scored higher.\n"
     );
     let benchmarks: Vec<String> = {
         let mut v: Vec<String> = lb.aggregates.iter().map(|a| a.benchmark.clone()).collect();
@@ -236,97 +389,229 @@ pub fn render_markdown(lb: &Leaderboard) -> String {
         }
         let _ = writeln!(out, " Average |");
         let _ = writeln!(out, "|---|{}---|", "---|".repeat(dirs.len()));
+        let mut deviations: Vec<String> = Vec::new();
+        let mut notes: Vec<String> = Vec::new();
+        let mut shown: Vec<(String, String)> = Vec::new();
+        let cell = |x: Option<&&Aggregate>, members: bool| {
+            x.map_or("—".to_string(), |x| {
+                match (members, x.member_mean, x.member_std) {
+                    (true, Some(m), Some(s)) => format!("{m:.2} ± {s:.2}"),
+                    _ => format!("{:.2} ± {:.2}", x.mean, x.std),
+                }
+            })
+        };
         for m in &models {
-            let find = |d: &str, with: bool| {
+            let find = |d: &str, ada: &str| {
                 aggs.iter()
-                    .find(|a| a.direction == d && a.model == *m && (a.ada != "none") == with)
+                    .find(|a| a.direction == d && a.model == *m && a.ada == ada)
             };
-            let ada_name = aggs
+            let mut variants: Vec<String> = aggs
                 .iter()
-                .find(|a| a.model == *m && a.ada != "none")
-                .map(|a| a.ada.clone());
-            let label = match &ada_name {
-                Some(v) => format!("{} (+{v})", display_model(m)),
-                None => display_model(m),
+                .filter(|a| a.model == *m && a.ada != "none")
+                .map(|a| a.ada.clone())
+                .collect();
+            variants.sort_by_key(|v| ada_rank(v));
+            variants.dedup();
+            let rows: Vec<Option<String>> = if variants.is_empty() {
+                vec![None]
+            } else {
+                variants.into_iter().map(Some).collect()
             };
-            let _ = write!(out, "| {label} |");
-            let (mut sw, mut sa, mut n) = (0.0, 0.0, 0usize);
-            let mut both = true;
-            for d in &dirs {
-                let (w, a) = (find(d, false), find(d, true));
-                let cell = |x: Option<&&Aggregate>| {
-                    x.map_or("—".to_string(), |x| {
-                        format!("{:.2} ± {:.2}", x.mean, x.std)
-                    })
-                };
-                match (w, a) {
-                    (Some(w), Some(a)) => {
-                        let _ = write!(
-                            out,
-                            " {} / {} {} |",
-                            cell(Some(w)),
-                            cell(Some(a)),
-                            arrow(w.mean, a.mean)
-                        );
-                        sw += w.mean;
-                        sa += a.mean;
-                        n += 1;
+            for v in rows {
+                shown.push((m.clone(), v.clone().unwrap_or_else(|| "none".into())));
+                let group: Vec<&&Aggregate> = aggs
+                    .iter()
+                    .filter(|a| a.model == *m && (a.ada == "none" || Some(&a.ada) == v.as_ref()))
+                    .collect();
+                let marked = group.iter().any(|a| !a.deviations.is_empty());
+                for a in &group {
+                    for d in &a.deviations {
+                        if !deviations.contains(d) {
+                            deviations.push(d.clone());
+                        }
                     }
-                    _ => {
-                        both = false;
-                        let _ = write!(out, " {} / {} |", cell(w), cell(a));
+                }
+                let mark = if marked { " †" } else { "" };
+                let base = match &v {
+                    Some(v) => format!("{} + {v}", display_model(m)),
+                    None => display_model(m),
+                };
+                let members_of = |ada: &str| {
+                    group
+                        .iter()
+                        .filter(|a| a.ada == ada)
+                        .map(|a| a.members)
+                        .max()
+                        .unwrap_or(1)
+                };
+                let ensemble = v.as_ref().is_some_and(|v| members_of(v) > 1);
+                let passes: &[bool] = if ensemble { &[false, true] } else { &[false] };
+                for &member_row in passes {
+                    let label = if member_row {
+                        format!("{base}, mean of members{mark}")
+                    } else {
+                        format!("{base}{mark}")
+                    };
+                    let _ = write!(out, "| {label} |");
+                    let (mut sw, mut sa, mut n) = (0.0, 0.0, 0usize);
+                    let mut both = true;
+                    for d in &dirs {
+                        let w = find(d, "none");
+                        let a = v.as_deref().and_then(|v| find(d, v));
+                        let value = |x: &&Aggregate, members: bool| match (members, x.member_mean) {
+                            (true, Some(m)) => m,
+                            _ => x.mean,
+                        };
+                        match (w, a) {
+                            (Some(w), Some(a)) => {
+                                let (wv, av) = (value(w, member_row), value(a, member_row));
+                                let _ = write!(
+                                    out,
+                                    " {} / {} {} |",
+                                    cell(Some(w), member_row),
+                                    cell(Some(a), member_row),
+                                    arrow(wv, av)
+                                );
+                                sw += wv;
+                                sa += av;
+                                n += 1;
+                            }
+                            _ => {
+                                both = false;
+                                let _ = write!(
+                                    out,
+                                    " {} / {} |",
+                                    cell(w, member_row),
+                                    cell(a, member_row)
+                                );
+                            }
+                        }
+                    }
+                    if both && n > 0 {
+                        let (w, a) = (sw / n as f64, sa / n as f64);
+                        let _ = writeln!(out, " {w:.2} / {a:.2} {} |", arrow(w, a));
+                    } else {
+                        let _ = writeln!(out, " — |");
+                    }
+                }
+                if let Some(v) = &v {
+                    let (nw, na) = (members_of("none"), members_of(v));
+                    let what = |n: usize| {
+                        if n == 1 {
+                            "1 model".to_string()
+                        } else {
+                            format!("an ensemble of {n} models")
+                        }
+                    };
+                    if nw == na {
+                        if na > 1 {
+                            notes.push(format!(
+                                "{base}: like for like, {} with and without ADA.",
+                                what(na)
+                            ));
+                        }
+                    } else {
+                        notes.push(format!(
+                            "{base}: the arrow compares {} with ADA (one per gamma) against {} \
+                             without, so it mixes ADA with ensembling{}; train the cells without \
+                             ADA with --ensemble-size {na} for a like-for-like comparison.",
+                            what(na),
+                            what(nw),
+                            if na > 1 {
+                                "; the \"mean of members\" row compares single models"
+                            } else {
+                                ""
+                            }
+                        ));
                     }
                 }
             }
-            if both && n > 0 {
-                let (w, a) = (sw / n as f64, sa / n as f64);
-                let _ = writeln!(out, " {w:.2} / {a:.2} {} |", arrow(w, a));
+        }
+        // The paper's rows for what was run.
+        let mut papers: Vec<PaperRef> = Vec::new();
+        for (m, v) in &shown {
+            if let Some(p) = paper_reference(&b, m, v)
+                && !papers.iter().any(|q| q.label == p.label)
+            {
+                papers.push(p);
+            }
+        }
+        for p in &papers {
+            let _ = write!(out, "| {} |", p.label);
+            let (mut sw, mut sa, mut n, mut all) = (0.0, 0.0, 0usize, true);
+            for d in &dirs {
+                match p.values.get(d) {
+                    Some((w, Some(a))) => {
+                        let _ = write!(out, " {w:.2} / {a:.2} {} |", arrow(*w, *a));
+                        sw += w;
+                        sa += a;
+                        n += 1;
+                    }
+                    Some((w, None)) => {
+                        let _ = write!(out, " {w:.2} / — |");
+                        sw += w;
+                        all = false;
+                        n += 1;
+                    }
+                    None => {
+                        let _ = write!(out, " — |");
+                        all = false;
+                    }
+                }
+            }
+            let k = dirs.len().max(1) as f64;
+            if n == dirs.len() && all {
+                let _ = writeln!(out, " {:.2} / {:.2} {} |", sw / k, sa / k, arrow(sw, sa));
+            } else if n == dirs.len() {
+                let _ = writeln!(out, " {:.2} / — |", sw / k);
             } else {
                 let _ = writeln!(out, " — |");
             }
         }
-        if let Some((pdirs, rows)) = paper_rows(&b) {
-            for m in &models {
-                let Some(pairs) = rows.get(paper_key(m)) else {
-                    continue;
-                };
-                let _ = write!(out, "| {} (paper) |", display_model(m));
-                let (mut sw, mut sa) = (0.0, 0.0);
-                for d in &dirs {
-                    match pdirs.iter().position(|p| p == d).and_then(|i| pairs.get(i)) {
-                        Some((w, a)) => {
-                            let _ = write!(out, " {w:.2} / {a:.2} {} |", arrow(*w, *a));
-                            sw += w;
-                            sa += a;
-                        }
-                        None => {
-                            let _ = write!(out, " — |");
-                        }
-                    }
+        let _ = writeln!(out);
+        for n in &notes {
+            let _ = writeln!(out, "- {n}");
+        }
+        if !deviations.is_empty() {
+            let _ = writeln!(
+                out,
+                "- † Deviates from the paper's protocol{}:",
+                if papers.is_empty() {
+                    ""
+                } else {
+                    ", so the paper rows are a reference, not a like-for-like comparison"
                 }
-                let n = dirs.len().max(1) as f64;
-                let _ = writeln!(out, " {:.2} / {:.2} {} |", sw / n, sa / n, arrow(sw, sa));
+            );
+            for d in &deviations {
+                let _ = writeln!(out, "  - {d}");
             }
         }
-        let _ = writeln!(out);
+        if !notes.is_empty() || !deviations.is_empty() {
+            let _ = writeln!(out);
+        }
     }
     out
 }
 
 /// One CSV row per run.
 pub fn render_csv(lb: &Leaderboard) -> String {
-    let mut out =
-        String::from("benchmark,direction,model,ada,seed,top1,epochs,wall_secs,run_dir\n");
+    let mut out = String::from(
+        "benchmark,direction,model,ada,seed,top1,members,member_mean_top1,deviates,epochs,wall_secs,run_dir\n",
+    );
     for r in &lb.runs {
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{:.4},{},{:.1},{}",
+            "{},{},{},{},{},{:.4},{},{},{},{},{:.1},{}",
             r.benchmark,
             r.direction,
             r.model,
             r.ada,
             r.seed,
             r.top1,
+            r.members,
+            r.member_mean_top1
+                .map_or(String::new(), |m| format!("{m:.4}")),
+            !r.deviations.is_empty(),
             r.epochs,
             r.wall_secs,
             r.run_dir
@@ -528,7 +813,135 @@ mod tests {
             epochs: 1,
             wall_secs: 1.5,
             run_dir: format!("runs/{seed}"),
+            members: 1,
+            member_mean_top1: None,
+            ada_method: String::new(),
+            deviations: Vec::new(),
         }
+    }
+
+    #[test]
+    fn every_variant_gets_the_paper_row_of_that_variant() {
+        let get = |b: &str, m: &str, a: &str| {
+            paper_reference(b, m, a).map(|p| {
+                let first = p.values.values().next().copied().unwrap();
+                (p.label, first)
+            })
+        };
+        type Case<'a> = (&'a str, &'a str, &'a str, &'a str, (f64, Option<f64>));
+        let cases: &[Case] = &[
+            (
+                "ucf_hmdb",
+                "trn",
+                "none",
+                "TRN (paper, Table 2)",
+                (70.13, None),
+            ),
+            (
+                "ucf_hmdb",
+                "trn",
+                "ada",
+                "TRN + ADA (paper, Table 2)",
+                (70.13, Some(70.36)),
+            ),
+            (
+                "ucf_hmdb",
+                "trn",
+                "ada_star",
+                "TRN + ADA* (paper, Table 2)",
+                (70.13, Some(69.68)),
+            ),
+            (
+                "ucf_hmdb",
+                "trn_attn",
+                "ada",
+                "TRN-ATTN + ADA (paper, Table 2)",
+                (70.93, Some(71.77)),
+            ),
+            (
+                "ucf_hmdb",
+                "trn_attn",
+                "ada_star",
+                "TRN-ATTN + ADA* (paper, Table 2)",
+                (70.93, Some(70.28)),
+            ),
+            (
+                "ucf_hmdb",
+                "apn",
+                "ada",
+                "APN + ADA (paper, Table 2)",
+                (71.43, Some(72.47)),
+            ),
+            (
+                "ucf_hmdb",
+                "apn",
+                "ada_star",
+                "APN + ADA* (paper, Table 2)",
+                (71.43, Some(73.57)),
+            ),
+            (
+                "ucf_hmdb",
+                "apn",
+                "global_only",
+                "APN + ADA (global R_I only) (paper, §5.3)",
+                (71.43, Some(71.83)),
+            ),
+            (
+                "ucf_hmdb",
+                "apn",
+                "level2_only",
+                "APN + ADA (R_II only) (paper, §5.3)",
+                (71.43, Some(72.53)),
+            ),
+            (
+                "ucf_hmdb",
+                "apn",
+                "level3_only",
+                "APN + ADA (R_III only) (paper, §5.3)",
+                (71.43, Some(72.47)),
+            ),
+            (
+                "ucf_hmdb",
+                "tsn",
+                "ada",
+                "TSN + ADA (paper, Table 1)",
+                (68.80, Some(68.50)),
+            ),
+            (
+                "ucf_hmdb",
+                "non_local",
+                "none",
+                "Non-local (paper, Table 1)",
+                (71.58, None),
+            ),
+            (
+                "pku_mmd",
+                "apn",
+                "ada_star",
+                "APN + ADA* (paper, Table 1)",
+                (35.29, Some(39.72)),
+            ),
+            (
+                "something_something",
+                "trn",
+                "ada",
+                "TRN + ADA (paper, Table 1)",
+                (37.15, Some(37.24)),
+            ),
+        ];
+        for (b, m, a, label, first) in cases {
+            // BTreeMap order: the first direction alphabetically.
+            assert_eq!(
+                get(b, m, a),
+                Some((label.to_string(), *first)),
+                "{b} {m} {a}"
+            );
+        }
+        // Variants the paper did not run on that benchmark have no row.
+        assert_eq!(get("ucf_hmdb", "tsn", "ada_star"), None);
+        assert_eq!(get("pku_mmd", "apn", "ada"), None);
+        assert_eq!(get("pku_mmd", "trn", "ada_star"), None);
+        assert_eq!(get("synthetic", "apn", "ada_star"), None);
     }
 
     /// Snapshot of the Markdown layout (timings and paths do not appear in it).
@@ -545,6 +958,15 @@ mod tests {
 
     #[test]
     fn markdown_layout_snapshot() {
+        let ens = |mut r: RunResult, mean: f64| {
+            r.members = 4;
+            r.member_mean_top1 = Some(mean);
+            r
+        };
+        let dev = |mut r: RunResult| {
+            r.deviations = vec!["no pretrained weights".into()];
+            r
+        };
         let runs = vec![
             run("ucf->hmdb", "tsn", "none", 0, 50.0),
             run("ucf->hmdb", "tsn", "none", 1, 52.0),
@@ -552,7 +974,10 @@ mod tests {
             run("ucf->hmdb", "tsn", "ada", 1, 49.0),
             run("hmdb->ucf", "tsn", "none", 0, 70.0),
             run("hmdb->ucf", "tsn", "ada", 0, 71.0),
-            run("ucf->hmdb", "apn", "none", 0, 55.0),
+            run("ucf->hmdb", "trn", "none", 0, 52.0),
+            ens(run("ucf->hmdb", "trn", "ada", 0, 54.0), 51.0),
+            ens(run("ucf->hmdb", "trn", "ada_star", 0, 53.0), 50.5),
+            dev(run("ucf->hmdb", "apn", "none", 0, 55.0)),
         ];
         let lb = Leaderboard {
             schema_version: LEADERBOARD_SCHEMA_VERSION,
@@ -571,7 +996,7 @@ mod tests {
         let expected = "\
 # Leaderboard
 
-Top-1 accuracy (%) on the target domains, mean ± std over seeds; each cell is *without ADA / with ADA* and the arrow says whether ADA helped.
+Top-1 accuracy (%) on the target domains, mean ± std over seeds; each cell is *without ADA / with ADA* and the arrow says whether the ADA run scored higher.
 
 ## ucf_hmdb
 
@@ -579,15 +1004,26 @@ Data fingerprint `0123456789abcdef`.
 
 | Model | ucf->hmdb | hmdb->ucf | Average |
 |---|---|---|---|
-| TSN (+ada) | 51.00 ± 1.41 / 49.00 ± 0.00 ↓ | 70.00 ± 0.00 / 71.00 ± 0.00 ↑ | 60.50 / 60.00 ↓ |
-| APN | 55.00 ± 0.00 / — | — / — | — |
-| TSN (paper) | 51.68 / 51.61 ↓ | 68.80 / 68.50 ↓ | 60.24 / 60.05 ↓ |
-| APN (paper) | 54.21 / 57.90 ↑ | 71.43 / 73.57 ↑ | 62.82 / 65.73 ↑ |
+| TSN + ada | 51.00 ± 1.41 / 49.00 ± 0.00 ↓ | 70.00 ± 0.00 / 71.00 ± 0.00 ↑ | 60.50 / 60.00 ↓ |
+| TRN + ada | 52.00 ± 0.00 / 54.00 ± 0.00 ↑ | — / — | — |
+| TRN + ada, mean of members | 52.00 ± 0.00 / 51.00 ± 0.00 ↓ | — / — | — |
+| TRN + ada_star | 52.00 ± 0.00 / 53.00 ± 0.00 ↑ | — / — | — |
+| TRN + ada_star, mean of members | 52.00 ± 0.00 / 50.50 ± 0.00 ↓ | — / — | — |
+| APN † | 55.00 ± 0.00 / — | — / — | — |
+| TSN + ADA (paper, Table 1) | 51.68 / 51.61 ↓ | 68.80 / 68.50 ↓ | 60.24 / 60.05 ↓ |
+| TRN + ADA (paper, Table 2) | 52.83 / 53.28 ↑ | 70.13 / 70.36 ↑ | 61.48 / 61.82 ↑ |
+| TRN + ADA* (paper, Table 2) | 52.83 / 52.56 ↓ | 70.13 / 69.68 ↓ | 61.48 / 61.12 ↓ |
+| APN (paper, Table 2) | 54.21 / — | 71.43 / — | 62.82 / — |
+
+- TRN + ada: the arrow compares an ensemble of 4 models with ADA (one per gamma) against 1 model without, so it mixes ADA with ensembling; the \"mean of members\" row compares single models; train the cells without ADA with --ensemble-size 4 for a like-for-like comparison.
+- TRN + ada_star: the arrow compares an ensemble of 4 models with ADA (one per gamma) against 1 model without, so it mixes ADA with ensembling; the \"mean of members\" row compares single models; train the cells without ADA with --ensemble-size 4 for a like-for-like comparison.
+- † Deviates from the paper's protocol, so the paper rows are a reference, not a like-for-like comparison:
+  - no pretrained weights
 
 ";
         assert_eq!(md, expected, "\n{md}");
         let csv = render_csv(&lb);
-        assert!(csv.starts_with("benchmark,direction,model,ada,seed,top1,epochs,wall_secs,run_dir\nucf_hmdb,ucf->hmdb,tsn,none,0,50.0000,1,1.5,runs/0\n"), "{csv}");
+        assert!(csv.starts_with("benchmark,direction,model,ada,seed,top1,members,member_mean_top1,deviates,epochs,wall_secs,run_dir\nucf_hmdb,ucf->hmdb,tsn,none,0,50.0000,1,,false,1,1.5,runs/0\n"), "{csv}");
         let html = render_html(&lb);
         assert!(
             html.contains("<svg")

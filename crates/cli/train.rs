@@ -99,6 +99,17 @@ pub struct TrainArgs {
     /// cpu, or cuda[:N] (builds with the `cuda` feature only; never falls back to CPU).
     #[arg(long, default_value = "cpu")]
     pub(crate) device: String,
+    /// Without ADA: train N models (one seed each) and combine them like ADA's
+    /// gamma-ensemble, for a like-for-like comparison with an ADA ensemble (default 1).
+    #[arg(long)]
+    pub(crate) ensemble_size: Option<usize>,
+    /// Image ADA (the baselines' `ada` under --protocol paper): maximisation phases K
+    /// (default 2).
+    #[arg(long)]
+    pub(crate) ada_phases: Option<usize>,
+    /// Image ADA: epochs between maximisation phases (default: epochs / (K + 1)).
+    #[arg(long)]
+    pub(crate) ada_phase_interval: Option<usize>,
     /// Continue the run in --out from its last checkpoint.
     #[arg(long)]
     pub(crate) resume: bool,
@@ -119,8 +130,98 @@ pub struct RunRecord {
     pub benchmark: String,
     /// Direction.
     pub direction: String,
+    /// What ADA does in this run, in words.
+    #[serde(default)]
+    pub ada_method: String,
+    /// Where the run departs from the paper's protocol (§5.1), one line each; reports mark
+    /// such runs and never show a paper row as comparable to them without the mark.
+    #[serde(default)]
+    pub deviations: Vec<String>,
     /// The resolved training configuration.
     pub train: TrainConfig,
+}
+
+/// Where `c` (on `benchmark`, from a feature cache when `features`) departs from the
+/// paper's protocol.
+pub fn deviations(c: &TrainConfig, benchmark: &str, features: bool) -> Vec<String> {
+    let paper = TrainConfig::paper(c.model, c.ada);
+    let mut d = Vec::new();
+    if benchmark == "synthetic" {
+        d.push("embedded synthetic benchmark (no paper numbers)".to_string());
+    }
+    if c.protocol == Protocol::ReleasedCode {
+        d.push("protocol: released-code (200 epochs, one gamma, random subsets; ADA as one joint step)".into());
+    }
+    match c.selection {
+        Selection::SourceVal => {}
+        Selection::TargetTest => {
+            d.push("model selection on target-test accuracy (the released code's oracle)".into())
+        }
+        Selection::Last => d.push("model selection: the last epoch".into()),
+    }
+    if features {
+        d.push("frozen backbone: trained on cached features, ADA in feature space".into());
+    }
+    let resnet = matches!(c.backbone, BackboneKind::Resnet18 | BackboneKind::Resnet50);
+    if c.backbone != BackboneKind::Resnet50 {
+        d.push(format!("backbone {} (paper: ResNet-50)", c.backbone.name()));
+    }
+    if resnet && !features && c.backbone_weights.is_none() {
+        d.push("no pretrained weights: the ResNet trunk starts from random weights".into());
+    }
+    let mut budget = Vec::new();
+    if c.epochs != paper.epochs && c.protocol == Protocol::Paper {
+        budget.push(format!("epochs {} (150)", c.epochs));
+    }
+    if c.batch_size != paper.batch_size {
+        budget.push(format!("batch {} (40)", c.batch_size));
+    }
+    if c.input_size != paper.input_size {
+        budget.push(format!("input {} (224)", c.input_size));
+    }
+    if c.model_config.feature_dim != paper.model_config.feature_dim {
+        budget.push(format!("D {} (256)", c.model_config.feature_dim));
+    }
+    if (c.lr - paper.lr).abs() > 1e-12 {
+        budget.push(format!("lr {} (0.001)", c.lr));
+    }
+    if c.ada != AdaVariant::None {
+        if c.gammas != paper.gammas && c.protocol == Protocol::Paper {
+            let g: Vec<String> = c.gammas.iter().map(|g| g.to_string()).collect();
+            budget.push(format!("gammas {} (0.001,0.01,0.1,1)", g.join(",")));
+        }
+        if c.ada_t_max != paper.ada_t_max {
+            budget.push(format!("ascent steps {} (5)", c.ada_t_max));
+        }
+    }
+    if !budget.is_empty() {
+        d.push(format!(
+            "settings differ from the paper: {}",
+            budget.join(", ")
+        ));
+    }
+    d
+}
+
+/// The error (bench) or warning (train) text for a ResNet trunk from random weights on a
+/// real benchmark under the paper's protocol, if that is the case.
+pub fn random_init_problem(c: &TrainConfig, benchmark: &str, features: bool) -> Option<String> {
+    let resnet = matches!(c.backbone, BackboneKind::Resnet18 | BackboneKind::Resnet50);
+    (c.protocol == Protocol::Paper
+        && benchmark != "synthetic"
+        && resnet
+        && !features
+        && c.backbone_weights.is_none())
+    .then(|| {
+        format!(
+            "{} on {benchmark}: the paper trains from ImageNet-pretrained weights, and this run \
+             would start its {} trunk from random weights. Convert torchvision's weights once \
+             (README, \"Weights\") and pass --backbone-weights resnet50.safetensors, or train on a \
+             feature cache (--features); --allow-random-init runs it anyway (marked in reports)",
+            c.model.name(),
+            c.backbone.name()
+        )
+    })
 }
 
 fn parse<T>(what: &str, v: &str, f: impl Fn(&str) -> Option<T>, known: &str) -> Result<T> {
@@ -261,8 +362,25 @@ pub fn resolve(a: &TrainArgs) -> Result<(RunRecord, RunSpec)> {
             "source_val, target_test, last",
         )?;
     }
+    if let Some(v) = a.ensemble_size {
+        if v == 0 {
+            bail!("--ensemble-size must be at least 1");
+        }
+        c.ensemble_size = v;
+    }
+    if let Some(v) = a.ada_phases {
+        c.ada_phases = v;
+    }
+    if let Some(v) = a.ada_phase_interval {
+        if v == 0 {
+            bail!("--ada-phase-interval must be at least 1");
+        }
+        c.ada_phase_interval = Some(v);
+    }
     c.seed = a.seed;
     c.device = a.device.clone();
+    let ada_method = c.ada_method()?.describe();
+    let deviations = deviations(&c, &manifest.name, features.is_some());
     let record = RunRecord {
         tool_version: env!("CARGO_PKG_VERSION").into(),
         git_revision: env!("VDG_GIT_REV").into(),
@@ -273,6 +391,8 @@ pub fn resolve(a: &TrainArgs) -> Result<(RunRecord, RunSpec)> {
         },
         benchmark: manifest.name.clone(),
         direction: dir.to_string(),
+        ada_method,
+        deviations,
         train: c,
     };
     let spec = RunSpec {
@@ -377,6 +497,9 @@ impl TrainProgress for Reporter {
 /// Runs `vdg train`.
 pub fn run(a: TrainArgs, quiet: bool) -> Result<ExitCode> {
     let (record, spec) = resolve(&a)?;
+    if let Some(w) = random_init_problem(&record.train, &record.benchmark, a.features.is_some()) {
+        tracing::warn!("{w}");
+    }
     prepare_run_folder(&a.out, &record, a.resume)?;
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -398,6 +521,12 @@ pub fn run(a: TrainArgs, quiet: bool) -> Result<ExitCode> {
         &record.data_fingerprint.get(..16).unwrap_or(""),
         a.out.display()
     ));
+    if record.train.ada != AdaVariant::None {
+        reporter.line(&format!("ADA: {}", record.ada_method));
+    }
+    for d in &record.deviations {
+        reporter.line(&format!("deviation from the paper: {d}"));
+    }
     let result = train(&spec, &record.train, a.resume, &reporter);
     if let Some(b) = &bar {
         b.finish_and_clear();

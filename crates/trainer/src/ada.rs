@@ -3,9 +3,12 @@
 //!
 //! Per minibatch, for each targeted feature `R`: start a copy of the input at the clean
 //! input, and take `t_max` gradient-ascent steps of size `eta` on
-//! `CE(h(R(x')), y) - gamma * MSE(R(x'), R(x))`, where `R(x)` is the clean feature and `h`
-//! the classifier that reads `R`. The copies, with the clean batch and the original labels,
-//! then make the minimisation step. The variants say which features are targeted.
+//! `CE(h(R(x')), y) - gamma * c(R(x'), R(x))`, where `R(x)` is the clean feature (the
+//! anchor), `h` the classifier that reads `R` and `c` the [`TransportCost`]. What the copies
+//! then train is the minimisation step's business ([`crate::step`]): under the paper's
+//! protocol one update per copy through `h(R)` after the clean update (Algorithm 1, lines 5,
+//! 13, 14); under the released code's, one joint cross-entropy on the clean batch and the
+//! copies. The variants say which features are targeted.
 
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -109,6 +112,35 @@ impl AdaVariant {
     }
 }
 
+/// The transportation cost `c(R, R0)` of the adversarial objective.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransportCost {
+    /// The mean squared difference over every element of the batch's features: the video
+    /// ADA of APN (paper §4.3, after Eq. 8: "measured by the mean squared loss"). `gamma`
+    /// then weighs a per-element squared distance.
+    #[default]
+    MeanSquared,
+    /// Eq. 2 of the paper (Volpi et al. 2018): `1/2 ||R - R0||^2` per clip, averaged over the
+    /// batch like the cross-entropy: the original image ADA of the baselines. `gamma` then
+    /// weighs a per-clip squared Euclidean distance (larger by the feature width than the
+    /// mean squared cost at the same gamma).
+    HalfSquaredL2,
+}
+
+impl TransportCost {
+    /// The cost between `r` and the anchor `r0` (both `[B, ...]`).
+    pub fn cost(self, r: &Tensor, r0: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            TransportCost::MeanSquared => mse(r, r0)?,
+            TransportCost::HalfSquaredL2 => {
+                let b = r.dim(0)?;
+                ((r - r0)?.sqr()?.sum_all()? * (0.5 / b.max(1) as f64))?
+            }
+        })
+    }
+}
+
 /// ADA hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AdaConfig {
@@ -118,6 +150,9 @@ pub struct AdaConfig {
     pub t_max: usize,
     /// Weight of the feature-distance penalty (gamma; the paper ensembles 0.001..1).
     pub gamma: f64,
+    /// How the distance to the anchor is measured.
+    #[serde(default)]
+    pub cost: TransportCost,
 }
 
 impl Default for AdaConfig {
@@ -126,45 +161,73 @@ impl Default for AdaConfig {
             eta: 1.0,
             t_max: 5,
             gamma: 0.01,
+            cost: TransportCost::MeanSquared,
         }
     }
 }
 
-/// The adversarial objective `CE(h(R(x')), y) - gamma * MSE(R(x'), R0)` of one output.
+/// The adversarial objective `CE(h(R(x')), y) - gamma * c(R(x'), R0)` of one output.
 pub fn objective(
     out: &HeadOutput,
     target: &str,
     labels: &Tensor,
-    clean: &Tensor,
-    gamma: f64,
+    anchor: &Tensor,
+    cfg: &AdaConfig,
 ) -> Result<Tensor> {
     let ce = cross_entropy(out.logits_for(target), labels)?;
-    let dist = mse(out.feature(target)?, clean)?;
-    Ok((ce - (dist * gamma)?)?)
+    let dist = cfg.cost.cost(out.feature(target)?, anchor)?;
+    Ok((ce - (dist * cfg.gamma)?)?)
 }
 
-/// Makes one adversarial copy of `x` per target feature.
+/// Adversarial copies and what the ascent saw.
+#[derive(Debug)]
+pub struct Ascent {
+    /// One copy of the input per target feature, in the order of the targets.
+    pub copies: Vec<Tensor>,
+    /// Per target, the transport cost `c(R(x'), R0)` at each ascent step, measured before
+    /// the step (the first is 0 by construction: the anchor is that step's own feature).
+    pub costs: Vec<Vec<f64>>,
+}
+
+/// Makes one adversarial copy of `x` per target feature (Algorithm 1, lines 6-12).
 ///
-/// `forward(x, train)` runs the model; `targets` come from [`AdaVariant::targets`].
-pub fn adversarial_copies(
-    forward: &dyn Fn(&Tensor, bool) -> Result<HeadOutput>,
+/// `forward(x)` runs the model in training mode and must be a fixed function of `x` for
+/// the duration of the call: the trainer restores the dropout and relation-subset RNGs
+/// before every call ([`crate::step`]), so every ascent step sees the same masks and subsets.
+/// The anchor `R0` of each target is its feature in the first ascent step, which runs on
+/// the clean input: the forward configuration of the anchor is exactly that of the ascent,
+/// and the transport cost starts at 0 ([`Ascent::costs`]). With `t_max = 0` the copies
+/// are the clean input.
+pub fn ascend(
+    forward: &dyn Fn(&Tensor) -> Result<HeadOutput>,
     x: &Tensor,
     labels: &Tensor,
     targets: &[&str],
     cfg: &AdaConfig,
-) -> Result<Vec<Tensor>> {
-    if targets.is_empty() {
-        return Ok(vec![]);
-    }
-    let clean = forward(x, true)?;
-    let mut copies = Vec::new();
+) -> Result<Ascent> {
+    let mut copies = Vec::with_capacity(targets.len());
+    let mut all_costs = Vec::with_capacity(targets.len());
     for &t in targets {
-        let r0 = clean.feature(t)?.detach();
         let mut adv = x.detach();
+        let mut anchor: Option<Tensor> = None;
+        let mut costs = Vec::with_capacity(cfg.t_max);
         for _ in 0..cfg.t_max {
             let v = Var::from_tensor(&adv)?;
-            let out = forward(v.as_tensor(), true)?;
-            let obj = objective(&out, t, labels, &r0, cfg.gamma)?;
+            let out = forward(v.as_tensor())?;
+            let r0 = match &anchor {
+                Some(r0) => r0.clone(),
+                None => {
+                    let r0 = out.feature(t)?.detach();
+                    anchor = Some(r0.clone());
+                    r0
+                }
+            };
+            let ce = cross_entropy(out.logits_for(t), labels)?;
+            let dist = cfg.cost.cost(out.feature(t)?, &r0)?;
+            costs.push(f64::from(
+                dist.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?,
+            ));
+            let obj = (ce - (dist * cfg.gamma)?)?;
             let grads = obj.backward()?;
             let g = grads.get(v.as_tensor()).ok_or_else(|| {
                 Error::Config(format!(
@@ -173,7 +236,22 @@ pub fn adversarial_copies(
             })?;
             adv = (adv + (g * cfg.eta)?)?.detach();
         }
+        all_costs.push(costs);
         copies.push(adv);
     }
-    Ok(copies)
+    Ok(Ascent {
+        copies,
+        costs: all_costs,
+    })
+}
+
+/// [`ascend`]'s copies only.
+pub fn adversarial_copies(
+    forward: &dyn Fn(&Tensor) -> Result<HeadOutput>,
+    x: &Tensor,
+    labels: &Tensor,
+    targets: &[&str],
+    cfg: &AdaConfig,
+) -> Result<Vec<Tensor>> {
+    Ok(ascend(forward, x, labels, targets, cfg)?.copies)
 }

@@ -39,6 +39,18 @@ pub enum Error {
         /// 1-based batch within the epoch.
         batch: usize,
     },
+    /// The gradient norm became NaN or infinite (the parameters were not updated).
+    #[error(
+        "the gradient norm is {norm} at epoch {epoch}, batch {batch}; stopping (lower the learning rate or check the data)"
+    )]
+    NonFiniteGradient {
+        /// The norm.
+        norm: f64,
+        /// 1-based epoch.
+        epoch: usize,
+        /// 1-based batch within the epoch.
+        batch: usize,
+    },
     /// A frame could not be decoded.
     #[error("{video_id}: frame {frame}: {message}")]
     Frame {

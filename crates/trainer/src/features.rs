@@ -323,7 +323,7 @@ pub fn run_features(
     let backbone = Backbone::new(opts.backbone, 1, 0.0, vb.pp("backbone"))?;
     seeded_init(&vm, opts.seed)?;
     if let Some(w) = &opts.weights {
-        crate::train::load_backbone_weights(&vm, w)?;
+        crate::models::weights::load_backbone_weights(&vm, w)?;
     }
     let dim = backbone.trunk_dim();
 

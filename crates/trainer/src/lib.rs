@@ -9,7 +9,11 @@
 //! - [`nn3d`], [`im2col`]: 3-D convolution and pooling with gradients (Candle has none), and
 //!   the CPU convolution lowering every ResNet trunk uses.
 //! - [`features`]: the per-frame feature cache (`vdg features`).
-//! - [`ada`]: video adversarial data augmentation (Algorithm 1) and its variants.
+//! - [`ada`]: the adversarial ascent (Algorithm 1, lines 6-12) and its variants;
+//!   [`step`]: one training iteration (the clean update and ADA's minimisation);
+//!   [`image_ada`]: the original image ADA of the baselines (maximisation phases).
+//! - [`train`]: the epoch loop; [`checkpoint`]: one atomic checkpoint per epoch;
+//!   [`evaluate`]: predictions, metrics, the members' combination.
 //! - [`optim`]: SGD with momentum and weight decay, gradient-norm clipping.
 //! - [`init`]: seeded parameter initialisation (candle's CPU RNG cannot be seeded).
 //! - [`device`]: CPU, or CUDA behind the `cuda` feature, never a silent fallback.
@@ -30,16 +34,20 @@
 //! ```
 
 pub mod ada;
+pub mod checkpoint;
 pub mod device;
 pub mod error;
+pub mod evaluate;
 pub mod features;
 pub mod im2col;
+pub mod image_ada;
 pub mod init;
 pub mod loader;
 pub mod models;
 pub mod nn;
 pub mod nn3d;
 pub mod optim;
+pub mod step;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -204,21 +204,22 @@ fn ada_raises_the_adversarial_objective_and_keeps_labels() {
             eta: 0.5,
             t_max: 3,
             gamma: 0.01,
+            ..AdaConfig::default()
         };
         // Evaluation-mode forward so the objective is a fixed function of the input.
-        let fwd = |t: &Tensor, _train: bool| head.forward_t(t, false);
+        let fwd = |t: &Tensor| head.forward_t(t, false);
         let copies = adversarial_copies(&fwd, &x, &labels, &targets, &cfg).unwrap();
         assert_eq!(copies.len(), targets.len());
         let clean = head.forward_t(&x, false).unwrap();
         for (t, adv) in targets.iter().zip(&copies) {
             assert_eq!(adv.dims(), x.dims());
             let r0 = clean.feature(t).unwrap().detach();
-            let before = objective(&clean, t, &labels, &r0, cfg.gamma)
+            let before = objective(&clean, t, &labels, &r0, &cfg)
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap();
             let after_out = head.forward_t(adv, false).unwrap();
-            let after = objective(&after_out, t, &labels, &r0, cfg.gamma)
+            let after = objective(&after_out, t, &labels, &r0, &cfg)
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap();
@@ -476,15 +477,16 @@ mod networks {
                     eta: 0.5,
                     t_max: 2,
                     gamma: 0.01,
+                    ..AdaConfig::default()
                 };
-                let fwd = |t: &Tensor, _train: bool| net.forward_t(t, false);
+                let fwd = |t: &Tensor| net.forward_t(t, false);
                 let copies = adversarial_copies(&fwd, &x, &labels, &targets, &cfg).unwrap();
                 let clean = net.forward_t(&x, false).unwrap();
                 for (t, adv) in targets.iter().zip(&copies) {
                     let r0 = clean.feature(t).unwrap().detach();
-                    let before = objective(&clean, t, &labels, &r0, cfg.gamma).unwrap();
+                    let before = objective(&clean, t, &labels, &r0, &cfg).unwrap();
                     let after_out = net.forward_t(adv, false).unwrap();
-                    let after = objective(&after_out, t, &labels, &r0, cfg.gamma).unwrap();
+                    let after = objective(&after_out, t, &labels, &r0, &cfg).unwrap();
                     let (b, a) = (
                         before.to_scalar::<f32>().unwrap(),
                         after.to_scalar::<f32>().unwrap(),
@@ -543,7 +545,7 @@ mod networks {
     #[test]
     fn two_d_weights_inflate_into_i3d_and_mmaction_names_map_to_ours() {
         use crate::models::blocks::resnet::ResNet;
-        use crate::train::{canonical_name, load_backbone_weights};
+        use crate::models::weights::{canonical_name, load_backbone_weights};
         let dev = Device::Cpu;
         // A "converted" 2-D ResNet-18 written by the test.
         let src = VarMap::new();

@@ -1,31 +1,42 @@
-//! Training and evaluation: the run folder, checkpoints, resume, model selection, the
-//! gamma-ensemble and metrics.
+//! Training: the epoch loop of every member of a run.
 //!
-//! A run trains one model per `gamma` (one in all when ADA is off) in `member-<i>/`, each:
-//! SGD with momentum, step-decayed learning rate, gradient-norm clipping, video ADA per
-//! minibatch; source-validation top-1 after every epoch, the best epoch's weights kept
-//! (`best.safetensors`), and everything needed to resume after a crash saved after every
-//! epoch (`last.safetensors`: weights; `last-optim.safetensors`: momentum buffers;
-//! `last.json`: epoch, RNG states, history). At the end each member's selected weights are
-//! evaluated on every target domain and the members are combined (the original ADA rule: per
-//! clip, the prediction of the most confident member).
+//! A run trains one model per `gamma` with ADA (or `ensemble_size` models, one per seed,
+//! without) in `member-<i>/`, each: SGD with momentum, step-decayed learning rate,
+//! gradient-norm clipping, and ADA as [`TrainConfig::ada_method`] says (video ADA per
+//! minibatch, [`crate::step`]; or the image ADA's maximisation phases, [`crate::image_ada`]);
+//! source-validation top-1 after every epoch, and after every epoch one atomic checkpoint
+//! ([`crate::checkpoint`]) holding everything a resume needs. At the end each member's
+//! selected weights are evaluated on every target domain and the members are combined
+//! ([`crate::evaluate`]).
+//!
+//! Random streams: parameter initialisation, dropout masks, relation subsets and data
+//! sampling each draw from their own seed, derived from the run seed and the member index.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
-use crate::ada::{AdaConfig, AdaVariant, adversarial_copies};
+use crate::ada::{AdaConfig, AdaVariant, TransportCost};
+use crate::checkpoint::{self, Commit, FaultHook, MemberState};
 use crate::error::{Error, Result};
+pub use crate::evaluate::{
+    EnsembleRule, EpochRecord, MemberMetrics, Metrics, Selection, TargetMetrics, ensemble, predict,
+    target_metrics, top1,
+};
+use crate::image_ada::{self, AugmentedSet, ImageAdaPlan};
 use crate::init::seeded_init;
 use crate::loader::{ClipSet, LoaderConfig, batches};
 use crate::models::blocks::resnet::is_frozen_bn;
 use crate::models::blocks::{Backbone, BackboneKind, PROJECTION_DROPOUT};
+use crate::models::weights::load_backbone_weights;
 use crate::models::{ModelConfig, ModelKind, VideoModel, build_head, build_network};
-use crate::nn::{cross_entropy, dropout_state, seed_dropout, set_dropout_state};
-use crate::optim::{SgdMomentum, SgdParams, clip_grad_norm};
+use crate::nn::{dropout_state, seed_dropout};
+use crate::optim::{SgdMomentum, SgdParams};
+use crate::step::{AdaStep, At, Minimisation, RngSnapshot, Updater, iteration};
+use vdg_data::split::derive_seed;
 
 /// Which protocol the defaults follow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,28 +49,6 @@ pub enum Protocol {
     /// random relation subsets; its target-test model selection stays a separate, flagged
     /// option (`selection`).
     ReleasedCode,
-}
-
-/// How the best epoch is chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Selection {
-    /// Best source-validation top-1 (the default; no target labels are looked at).
-    SourceVal,
-    /// Best target-test top-1: the released code's oracle selection. Flagged in every report.
-    TargetTest,
-    /// The last epoch.
-    Last,
-}
-
-/// How gamma-ensemble members are combined at test time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EnsembleRule {
-    /// Per clip, the prediction of the member with the highest softmax confidence (ADA's rule).
-    MaxConfidence,
-    /// The mean of the members' softmax outputs.
-    MeanSoftmax,
 }
 
 /// What ADA perturbs.
@@ -127,6 +116,67 @@ pub struct TrainConfig {
     /// Pixels, or cached features (set from the data folder).
     #[serde(default)]
     pub ada_space: AdaSpace,
+    /// Image ADA (the baselines' `ada` under the paper's protocol): maximisation phases K.
+    #[serde(default = "default_phases")]
+    pub ada_phases: usize,
+    /// Image ADA: epochs per stage (default: epochs / (K + 1)).
+    #[serde(default)]
+    pub ada_phase_interval: Option<usize>,
+    /// Models without ADA: members of one seed each, combined by `ensemble` like ADA's
+    /// gamma-ensemble, for a like-for-like comparison (default 1).
+    #[serde(default = "default_ensemble_size")]
+    pub ensemble_size: usize,
+}
+
+fn default_phases() -> usize {
+    image_ada::DEFAULT_PHASES
+}
+
+fn default_ensemble_size() -> usize {
+    1
+}
+
+/// How ADA enters a run, resolved from the protocol, the model and the variant.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AdaMethod {
+    /// Plain training.
+    None,
+    /// Video ADA per minibatch (Algorithm 1) against these features.
+    Video {
+        /// Targeted features, one copy each.
+        targets: Vec<&'static str>,
+        /// How the copies are trained on.
+        minimisation: Minimisation,
+    },
+    /// The original image ADA: maximisation phases growing the dataset.
+    Image(ImageAdaPlan),
+}
+
+impl AdaMethod {
+    /// One line for config files and reports.
+    pub fn describe(&self) -> String {
+        match self {
+            AdaMethod::None => "none".into(),
+            AdaMethod::Video {
+                targets,
+                minimisation,
+            } => format!(
+                "video ADA per minibatch (Algorithm 1) against {}; cost: mean squared; {}",
+                targets.join(" and "),
+                match minimisation {
+                    Minimisation::Sequential =>
+                        "minimisation: clean update, then one update per copy through its own classifier (lines 5, 13, 14)",
+                    Minimisation::Joint =>
+                        "minimisation: one joint update on the clean batch and the copies (released code)",
+                }
+            ),
+            AdaMethod::Image(p) => format!(
+                "image ADA (Volpi et al. 2018) against the last hidden feature; cost: 1/2 ||z - z0||^2 per clip; \
+                 {} maximisation phases, one every {} epochs, each appending a copy of every training clip",
+                p.phases, p.interval
+            ),
+        }
+    }
 }
 
 impl TrainConfig {
@@ -157,6 +207,9 @@ impl TrainConfig {
             seed: 0,
             device: "cpu".into(),
             ada_space: AdaSpace::Pixels,
+            ada_phases: image_ada::DEFAULT_PHASES,
+            ada_phase_interval: None,
+            ensemble_size: 1,
         }
     }
 
@@ -171,13 +224,40 @@ impl TrainConfig {
         c
     }
 
-    /// The gammas that get a member each.
+    /// The gammas that get a member each (0 for every member without ADA).
     pub fn members(&self) -> Vec<f64> {
         if self.ada == AdaVariant::None || self.gammas.is_empty() {
-            vec![0.0]
+            vec![0.0; self.ensemble_size.max(1)]
         } else {
             self.gammas.clone()
         }
+    }
+
+    /// What ADA does in this run: the baselines' `ada` under the paper's protocol is the
+    /// original image ADA (§5.2); APN, the multilayer variants and the released code's
+    /// protocol use video ADA per minibatch (Algorithm 1).
+    pub fn ada_method(&self) -> Result<AdaMethod> {
+        if self.ada == AdaVariant::None {
+            return Ok(AdaMethod::None);
+        }
+        let targets = self.ada.targets(self.model)?;
+        if self.protocol == Protocol::Paper
+            && self.ada == AdaVariant::Ada
+            && self.model != ModelKind::Apn
+        {
+            return Ok(AdaMethod::Image(ImageAdaPlan::new(
+                self.ada_phases,
+                self.ada_phase_interval,
+                self.epochs,
+            )));
+        }
+        Ok(AdaMethod::Video {
+            targets,
+            minimisation: match self.protocol {
+                Protocol::Paper => Minimisation::Sequential,
+                Protocol::ReleasedCode => Minimisation::Joint,
+            },
+        })
     }
 
     /// Learning rate at 0-based `epoch`.
@@ -244,93 +324,31 @@ impl<F: Fn(&TrainEvent<'_>)> TrainProgress for F {
     }
 }
 
-/// One epoch of one member.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EpochRecord {
-    /// 1-based epoch.
-    pub epoch: usize,
-    /// Mean training loss.
-    pub loss: f64,
-    /// Learning rate used.
-    pub lr: f64,
-    /// Source-validation top-1 (%).
-    pub source_val_top1: f64,
-    /// Target top-1 (%) per domain, only with target-test selection.
-    pub target_top1: Option<BTreeMap<String, f64>>,
+/// The seeds of one member's random streams.
+#[derive(Debug, Clone, Copy)]
+struct Streams {
+    init: u64,
+    dropout: u64,
+    subsets: u64,
+    data: u64,
 }
 
-/// What a member's `last.json` holds.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct MemberState {
-    epochs_done: usize,
-    history: Vec<EpochRecord>,
-    best_epoch: usize,
-    best_score: f64,
-    dropout_rng: ([u8; 32], u128),
-    sampler_rng: Option<([u8; 32], u128)>,
-}
-
-/// Accuracy on one target domain.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TargetMetrics {
-    /// Clips tested.
-    pub clips: usize,
-    /// Top-1 (%).
-    pub top1: f64,
-    /// Top-1 (%) per class (`null` for classes without clips).
-    pub per_class: Vec<Option<f64>>,
-    /// `confusion[true][predicted]` counts.
-    pub confusion: Vec<Vec<u32>>,
-}
-
-/// `metrics.json`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Metrics {
-    /// Class names by label.
-    pub classes: Vec<String>,
-    /// Per member: gamma, history, selected epoch.
-    pub members: Vec<MemberMetrics>,
-    /// The ensemble (or the single model) on each target domain.
-    pub targets: BTreeMap<String, TargetMetrics>,
-    /// Selection rule used (flagged when it looked at target labels).
-    pub selection: Selection,
-}
-
-/// One member in `metrics.json`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MemberMetrics {
-    /// Its gamma (0 without ADA).
-    pub gamma: f64,
-    /// Every epoch.
-    pub epochs: Vec<EpochRecord>,
-    /// The selected epoch (1-based).
-    pub selected_epoch: usize,
-    /// Its own top-1 per target.
-    pub target_top1: BTreeMap<String, f64>,
-}
-
-fn io(path: &Path, e: std::io::Error) -> Error {
-    Error::Io {
-        path: path.to_owned(),
-        source: e,
+impl Streams {
+    fn of(seed: u64, member: usize) -> Self {
+        let d = |what: &str| derive_seed(seed, &format!("{what}/member/{member}"));
+        Streams {
+            init: d("init"),
+            dropout: d("dropout"),
+            subsets: d("subsets"),
+            data: d("data"),
+        }
     }
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    vdg_data::atomic::AtomicFile::write_all(path, bytes)?;
-    Ok(())
-}
-
-fn save_vars(vm: &VarMap, path: &Path) -> Result<()> {
-    let tmp = vdg_data::atomic::tmp_path(path);
-    vm.save(&tmp)?;
-    std::fs::rename(&tmp, path).map_err(|e| io(path, e))
 }
 
 fn build(
     cfg: &TrainConfig,
     classes: usize,
-    seed: u64,
+    streams: Streams,
     feature_dim: Option<usize>,
     device: &Device,
 ) -> Result<(VarMap, VideoModel)> {
@@ -352,7 +370,7 @@ fn build(
                 vb.pp("backbone"),
             )?,
         };
-        let head = build_head(cfg.model, mc, classes, seed, vb.pp("head"))?;
+        let head = build_head(cfg.model, mc, classes, streams.subsets, vb.pp("head"))?;
         VideoModel::frames(backbone, head, cfg.model)
     } else {
         if feature_dim.is_some() {
@@ -365,7 +383,7 @@ fn build(
         let net = build_network(cfg.model, mc, cfg.backbone, classes, vb.pp("backbone"))?;
         VideoModel::network(net, cfg.model)
     };
-    seeded_init(&vm, seed)?;
+    seeded_init(&vm, streams.init)?;
     if let Some(w) = &cfg.backbone_weights {
         if feature_dim.is_some() {
             return Err(Error::Config(
@@ -376,182 +394,10 @@ fn build(
     }
     Ok((vm, model))
 }
-
-/// The name a tensor of a 3-D checkpoint in mmaction2's layout has in ours
-/// (`backbone.layer1.0.conv1.conv.weight` -> `layer1.0.conv1.weight`,
-/// `...conv1.bn.bias` -> `...bn1.bias`, `downsample.conv`/`.bn` -> `downsample.0`/`.1`);
-/// torchvision names come back unchanged.
-pub fn canonical_name(key: &str) -> String {
-    let k = key.strip_prefix("backbone.").unwrap_or(key);
-    let k = k
-        .replace("downsample.conv.", "downsample.0.")
-        .replace("downsample.bn.", "downsample.1.");
-    let parts: Vec<&str> = k.split('.').collect();
-    if parts.len() >= 3 {
-        let n = parts.len();
-        let (owner, kind) = (parts[n - 3], parts[n - 2]);
-        if let Some(idx) = owner
-            .strip_prefix("conv")
-            .filter(|i| !i.is_empty() && i.chars().all(|c| c.is_ascii_digit()))
-        {
-            let head = parts[..n - 3].join(".");
-            let sep = if head.is_empty() { "" } else { "." };
-            match kind {
-                "conv" => return format!("{head}{sep}conv{idx}.{}", parts[n - 1]),
-                "bn" => return format!("{head}{sep}bn{idx}.{}", parts[n - 1]),
-                _ => {}
-            }
-        }
-    }
-    k
-}
-
-/// Loads torchvision-named backbone weights (`conv1.weight`, `layer1.0.bn1.running_mean`,
-/// ...) from a safetensors file into the `backbone.` variables; `fc.*` is ignored. Every
-/// backbone variable except the projection must be present.
-pub fn load_backbone_weights(vm: &VarMap, path: &Path) -> Result<()> {
-    let raw = candle_core::safetensors::load(path, &Device::Cpu)?;
-    let tensors: HashMap<String, Tensor> = raw
-        .into_iter()
-        .map(|(k, v)| (canonical_name(&k), v))
-        .collect();
-    let data = vm
-        .data()
-        .lock()
-        .map_err(|_| Error::Config("poisoned VarMap".into()))?;
-    let mut names: Vec<&String> = data
-        .keys()
-        .filter(|n| n.starts_with("backbone.") && !n.starts_with("backbone.new_fc"))
-        .collect();
-    names.sort();
-    for name in names {
-        let key = &name["backbone.".len()..];
-        let var = &data[name];
-        let Some(t) = tensors.get(key) else {
-            // Non-local blocks are new: ImageNet and I3D checkpoints do not have them.
-            if key.contains(".nonlocal.") {
-                continue;
-            }
-            return Err(Error::Config(format!(
-                "{}: no tensor {key:?} for the backbone",
-                path.display()
-            )));
-        };
-        let t = match (t.dims(), var.dims()) {
-            // Inflation: a 2-D kernel [O, I, kh, kw] into a 3-D one [O, I, kt, kh, kw],
-            // repeated over the temporal taps and divided by their number.
-            (&[o, i, kh, kw], &[o3, i3, kt, kh3, kw3]) if (o, i, kh, kw) == (o3, i3, kh3, kw3) => {
-                (t.unsqueeze(2)?.repeat((1, 1, kt, 1, 1))? / kt as f64)?
-            }
-            (a, b) if a == b => t.clone(),
-            (a, b) => {
-                return Err(Error::Config(format!(
-                    "{}: {key} has shape {a:?}, the model expects {b:?}",
-                    path.display()
-                )));
-            }
-        };
-        var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
-    }
-    Ok(())
-}
-
-/// Softmax outputs `[N, C]` of `model` on `set`, in order.
-pub fn predict(
-    model: &VideoModel,
-    set: &ClipSet,
-    cfg: &TrainConfig,
-    device: &Device,
-) -> Result<Vec<Vec<f32>>> {
-    let lc = LoaderConfig {
-        sampling: cfg.model.sampling(&cfg.model_config),
-        input_size: cfg.input_size,
-        train: false,
-        batch_size: cfg.batch_size,
-        seed: cfg.seed,
-    };
-    let mut out = Vec::with_capacity(set.len());
-    for b in batches(set, lc, 0, device.clone()) {
-        let b = b?;
-        let logits = model.forward_t(&b.clips, false)?.logits;
-        let p = candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?;
-        out.extend(p.to_vec2::<f32>()?);
-    }
-    Ok(out)
-}
-
-fn argmax(p: &[f32]) -> usize {
-    p.iter()
-        .enumerate()
-        .fold(
-            (0, f32::MIN),
-            |best, (i, &v)| if v > best.1 { (i, v) } else { best },
-        )
-        .0
-}
-
-/// Top-1 (%) of predictions against labels.
-pub fn top1(probs: &[Vec<f32>], labels: &[u32]) -> f64 {
-    if labels.is_empty() {
-        return 0.0;
-    }
-    let ok = probs
-        .iter()
-        .zip(labels)
-        .filter(|(p, l)| argmax(p) == **l as usize)
-        .count();
-    100.0 * ok as f64 / labels.len() as f64
-}
-
-/// Combines members' softmax outputs by `rule`.
-pub fn ensemble(members: &[Vec<Vec<f32>>], rule: EnsembleRule) -> Vec<Vec<f32>> {
-    let n = members.first().map_or(0, Vec::len);
-    (0..n)
-        .map(|i| match rule {
-            EnsembleRule::MaxConfidence => members
-                .iter()
-                .map(|m| &m[i])
-                .fold(None::<&Vec<f32>>, |best, p| match best {
-                    Some(b)
-                        if b.iter().cloned().fold(f32::MIN, f32::max)
-                            >= p.iter().cloned().fold(f32::MIN, f32::max) =>
-                    {
-                        Some(b)
-                    }
-                    _ => Some(p),
-                })
-                .cloned()
-                .unwrap_or_default(),
-            EnsembleRule::MeanSoftmax => {
-                let c = members[0][i].len();
-                (0..c)
-                    .map(|k| members.iter().map(|m| m[i][k]).sum::<f32>() / members.len() as f32)
-                    .collect()
-            }
-        })
-        .collect()
-}
-
-/// Top-1, per-class accuracy and confusion matrix.
-pub fn target_metrics(probs: &[Vec<f32>], labels: &[u32], classes: usize) -> TargetMetrics {
-    let mut confusion = vec![vec![0u32; classes]; classes];
-    for (p, &l) in probs.iter().zip(labels) {
-        let pred = argmax(p).min(classes - 1);
-        confusion[l as usize][pred] += 1;
-    }
-    let per_class = confusion
-        .iter()
-        .enumerate()
-        .map(|(c, row)| {
-            let n: u32 = row.iter().sum();
-            (n > 0).then(|| 100.0 * f64::from(row[c]) / f64::from(n))
-        })
-        .collect();
-    TargetMetrics {
-        clips: labels.len(),
-        top1: top1(probs, labels),
-        per_class,
-        confusion,
+fn io(path: &std::path::Path, e: std::io::Error) -> Error {
+    Error::Io {
+        path: path.to_owned(),
+        source: e,
     }
 }
 
@@ -563,8 +409,22 @@ pub fn train(
     resume: bool,
     progress: &dyn TrainProgress,
 ) -> Result<Metrics> {
+    train_with(spec, cfg, resume, progress, None)
+}
+
+/// [`train`] with a fault hook on every checkpoint commit (tests).
+pub fn train_with(
+    spec: &RunSpec,
+    cfg: &TrainConfig,
+    resume: bool,
+    progress: &dyn TrainProgress,
+    fault: FaultHook<'_>,
+) -> Result<Metrics> {
     let device = crate::device::device(&cfg.device)?;
     let classes = spec.classes.len();
+    if cfg.epochs == 0 {
+        return Err(Error::Config("epochs must be at least 1".into()));
+    }
     let train_set = ClipSet::open(
         &spec.data,
         std::slice::from_ref(&spec.source),
@@ -574,6 +434,14 @@ pub fn train(
     if train_set.is_empty() {
         return Err(Error::Config(format!(
             "{}: no usable training videos in domain {:?}",
+            spec.data.display(),
+            spec.source
+        )));
+    }
+    if val_set.is_empty() && cfg.selection == Selection::SourceVal {
+        return Err(Error::Config(format!(
+            "{}: the source domain {:?} has no usable validation videos, so no epoch can be \
+             selected on them; prepare a validation split or train with --selection last",
             spec.data.display(),
             spec.source
         )));
@@ -588,7 +456,6 @@ pub fn train(
             ))
         })
         .collect::<Result<_>>()?;
-    let targets_by_name: Vec<String> = target_sets.iter().map(|(n, _)| n.clone()).collect();
     let space = if train_set.feature_dim.is_some() {
         AdaSpace::Features
     } else {
@@ -606,22 +473,35 @@ pub fn train(
             }
         )));
     }
-    let targets = cfg.ada.targets(cfg.model)?;
+    let method = cfg.ada_method()?;
+    let sampling = cfg.model.sampling(&cfg.model_config);
+    let eval = |model: &VideoModel, set: &ClipSet| {
+        predict(
+            model,
+            set,
+            sampling,
+            cfg.input_size,
+            cfg.batch_size,
+            &device,
+        )
+    };
     let mut member_probs: Vec<BTreeMap<String, Vec<Vec<f32>>>> = Vec::new();
     let mut members = Vec::new();
     for (index, gamma) in cfg.members().into_iter().enumerate() {
         let dir = spec.out.join(format!("member-{index}"));
         std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
-        let seed = vdg_data::split::derive_seed(cfg.seed, &format!("member/{index}"));
-        seed_dropout(seed);
-        let (vm, model) = build(cfg, classes, seed, train_set.feature_dim, &device)?;
+        let streams = Streams::of(cfg.seed, index);
+        seed_dropout(streams.dropout);
+        let (vm, model) = build(cfg, classes, streams, train_set.feature_dim, &device)?;
         let params = SgdParams {
             lr: cfg.lr,
             momentum: cfg.momentum,
             weight_decay: cfg.weight_decay,
             nesterov: false,
         };
+        // Partial BN only on a pretrained trunk: from random weights every BatchNorm learns.
         let partial_bn = train_set.feature_dim.is_none()
+            && cfg.backbone_weights.is_some()
             && matches!(
                 cfg.backbone,
                 BackboneKind::Resnet18 | BackboneKind::Resnet50
@@ -630,7 +510,6 @@ pub fn train(
             let stats = n.ends_with("running_mean") || n.ends_with("running_var");
             !(stats || (partial_bn && is_frozen_bn(n)))
         })?;
-        let last_json = dir.join("last.json");
         let mut state = MemberState {
             epochs_done: 0,
             history: Vec::new(),
@@ -639,80 +518,123 @@ pub fn train(
             dropout_rng: dropout_state(),
             sampler_rng: model.sampler().and_then(|s| s.state()),
         };
-        if resume && last_json.exists() {
-            let text = std::fs::read_to_string(&last_json).map_err(|e| io(&last_json, e))?;
-            state = serde_json::from_str(&text)
-                .map_err(|e| Error::Config(format!("{}: {e}", last_json.display())))?;
+        checkpoint::remove_unfinished(&dir)?;
+        if resume && let Some((epoch, ckpt)) = checkpoint::latest(&dir)? {
+            state = checkpoint::read_state(&ckpt)?;
             let mut vm_mut = vm.clone();
-            vm_mut.load(dir.join("last.safetensors"))?;
-            let optim =
-                candle_core::safetensors::load(dir.join("last-optim.safetensors"), &device)?;
-            opt.load_state(&optim);
-            set_dropout_state(state.dropout_rng.0, state.dropout_rng.1);
-            if let (Some(s), Some((seed, pos))) = (model.sampler(), state.sampler_rng) {
-                s.set_state(seed, pos);
-            }
-            tracing::info!("member {index}: resuming after epoch {}", state.epochs_done);
+            vm_mut.load(ckpt.join(checkpoint::WEIGHTS))?;
+            opt.load_state(&checkpoint::read_optim(&ckpt, &device)?);
+            RngSnapshot::from_parts(state.dropout_rng, state.sampler_rng).restore(&model);
+            tracing::info!("member {index}: resuming after epoch {epoch}");
         }
         let lc = LoaderConfig {
-            sampling: cfg.model.sampling(&cfg.model_config),
+            sampling,
             input_size: cfg.input_size,
             train: true,
             batch_size: cfg.batch_size,
-            seed: vdg_data::split::derive_seed(cfg.seed, &format!("data/{index}")),
+            seed: streams.data,
         };
+        let ada_cfg = AdaConfig {
+            eta: cfg.ada_eta,
+            t_max: cfg.ada_t_max,
+            gamma,
+            cost: TransportCost::MeanSquared,
+        };
+        let step = match &method {
+            AdaMethod::Video {
+                targets,
+                minimisation,
+            } => AdaStep {
+                targets: targets.clone(),
+                cfg: ada_cfg,
+                minimisation: *minimisation,
+            },
+            AdaMethod::None | AdaMethod::Image(_) => AdaStep::plain(),
+        };
+        // Image ADA: the phases a resumed run has already been through.
+        let mut augmented = AugmentedSet::default();
+        if let AdaMethod::Image(plan) = &method {
+            for k in 1..=plan.phases_before(state.epochs_done) {
+                augmented.load_phase(&dir, k)?;
+            }
+        }
+        let source_batches = train_set.len().div_ceil(cfg.batch_size.max(1));
         progress.event(&TrainEvent::Member {
             index,
             gamma,
             start_epoch: state.epochs_done,
             epochs: cfg.epochs,
-            batches: train_set.len().div_ceil(cfg.batch_size.max(1)),
+            batches: source_batches,
         });
-        let ada_cfg = AdaConfig {
-            eta: cfg.ada_eta,
-            t_max: cfg.ada_t_max,
-            gamma,
-        };
         for epoch in state.epochs_done..cfg.epochs {
+            if let AdaMethod::Image(plan) = &method
+                && let Some(k) = plan.phase_before(epoch)
+            {
+                let path = image_ada::phase_path(&dir, k);
+                if path.exists() {
+                    augmented.load_phase(&dir, k)?;
+                } else {
+                    tracing::info!(
+                        "member {index}: image ADA phase {k} before epoch {}",
+                        epoch + 1
+                    );
+                    let (clips, labels) =
+                        image_ada::run_phase(&model, &train_set, lc, k, &ada_cfg, &dir, &device)?;
+                    augmented.append(&clips, &labels)?;
+                }
+            }
             let lr = cfg.lr_at(epoch);
             opt.set_learning_rate(lr);
             let (mut sum, mut count) = (0.0f64, 0usize);
-            for (bi, batch) in batches(&train_set, lc, epoch, device.clone()).enumerate() {
-                let batch = batch?;
-                let fwd = |x: &Tensor, train: bool| model.forward_t(x, train);
-                let copies =
-                    adversarial_copies(&fwd, &batch.clips, &batch.labels, &targets, &ada_cfg)?;
-                let n = 1 + copies.len();
-                let xs: Vec<Tensor> = std::iter::once(batch.clips.clone()).chain(copies).collect();
-                let x = Tensor::cat(&xs, 0)?;
-                let y = Tensor::cat(&vec![batch.labels.clone(); n], 0)?;
-                let loss = cross_entropy(&model.forward_t(&x, true)?.logits, &y)?;
-                let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-                if !value.is_finite() {
-                    return Err(Error::NonFiniteLoss {
-                        value,
-                        epoch: epoch + 1,
-                        batch: bi + 1,
-                    });
-                }
-                let mut grads = loss.backward()?;
-                clip_grad_norm(&mut grads, opt.vars(), cfg.clip_norm)?;
-                opt.step(&grads)?;
-                sum += f64::from(value);
+            let adv_batches = augmented.batches(
+                cfg.batch_size,
+                derive_seed(streams.data, &format!("image-ada/epoch/{epoch}")),
+                &device,
+            )?;
+            let order = image_ada::interleave(
+                source_batches,
+                adv_batches.len(),
+                derive_seed(streams.data, &format!("interleave/epoch/{epoch}")),
+            );
+            let mut source = batches(&train_set, lc, epoch, device.clone());
+            let mut adv = adv_batches.into_iter();
+            let mut up = Updater {
+                opt: &mut opt,
+                clip_norm: cfg.clip_norm,
+            };
+            for (bi, is_adv) in order.into_iter().enumerate() {
+                let (x, y) = if is_adv {
+                    adv.next()
+                        .ok_or_else(|| Error::Config("image ADA batches ran out".into()))?
+                } else {
+                    match source.next() {
+                        Some(b) => {
+                            let b = b?;
+                            (b.clips, b.labels)
+                        }
+                        None => continue,
+                    }
+                };
+                let at = At { epoch, batch: bi };
+                let losses = iteration(&model, &mut up, &x, &y, &step, at)?;
+                sum += f64::from(losses.main);
                 count += 1;
-                progress.event(&TrainEvent::Batch { epoch, loss: value });
+                progress.event(&TrainEvent::Batch {
+                    epoch,
+                    loss: losses.main,
+                });
             }
-            let val_probs = predict(&model, &val_set, cfg, &device)?;
-            let val_labels: Vec<u32> = val_set.videos.iter().map(|v| v.label).collect();
-            let source_val_top1 = top1(&val_probs, &val_labels);
+            let source_val_top1 = if val_set.is_empty() {
+                0.0
+            } else {
+                let val_labels: Vec<u32> = val_set.videos.iter().map(|v| v.label).collect();
+                top1(&eval(&model, &val_set)?, &val_labels)
+            };
             let target_top1 = if cfg.selection == Selection::TargetTest {
                 let mut m = BTreeMap::new();
                 for (name, set) in &target_sets {
                     let labels: Vec<u32> = set.videos.iter().map(|v| v.label).collect();
-                    m.insert(
-                        name.clone(),
-                        top1(&predict(&model, set, cfg, &device)?, &labels),
-                    );
+                    m.insert(name.clone(), top1(&eval(&model, set)?, &labels));
                 }
                 Some(m)
             } else {
@@ -733,33 +655,36 @@ pub fn train(
                 }
                 Selection::Last => (epoch + 1) as f64,
             };
-            if score > state.best_score {
+            let improved = score > state.best_score;
+            if improved {
                 state.best_score = score;
                 state.best_epoch = epoch + 1;
-                save_vars(&vm, &dir.join("best.safetensors"))?;
             }
             progress.event(&TrainEvent::Epoch { record: &record });
             state.history.push(record);
             state.epochs_done = epoch + 1;
-            state.dropout_rng = dropout_state();
-            state.sampler_rng = model.sampler().and_then(|s| s.state());
-            // Checkpoint: weights and optimizer first, then the JSON that points at them.
-            save_vars(&vm, &dir.join("last.safetensors"))?;
-            let optim_path = dir.join("last-optim.safetensors");
-            let tmp = vdg_data::atomic::tmp_path(&optim_path);
-            candle_core::safetensors::save(&opt.state(), &tmp)?;
-            std::fs::rename(&tmp, &optim_path).map_err(|e| io(&optim_path, e))?;
-            let json =
-                serde_json::to_vec_pretty(&state).map_err(|e| Error::Config(e.to_string()))?;
-            write_atomic(&last_json, &json)?;
+            let snap = RngSnapshot::take(&model);
+            (state.dropout_rng, state.sampler_rng) = snap.parts();
+            checkpoint::commit(
+                &dir,
+                &Commit {
+                    vars: &vm,
+                    optim: &opt.state(),
+                    improved,
+                    state: &state,
+                },
+                fault,
+            )?;
         }
         // Evaluate the selected weights.
+        let (_, ckpt) = checkpoint::latest(&dir)?
+            .ok_or_else(|| Error::Config(format!("{}: no checkpoint", dir.display())))?;
         let mut vm_best = vm.clone();
-        vm_best.load(dir.join("best.safetensors"))?;
+        vm_best.load(ckpt.join(checkpoint::BEST))?;
         let mut probs = BTreeMap::new();
         let mut member_top1 = BTreeMap::new();
         for (name, set) in &target_sets {
-            let p = predict(&model, set, cfg, &device)?;
+            let p = eval(&model, set)?;
             let labels: Vec<u32> = set.videos.iter().map(|v| v.label).collect();
             member_top1.insert(name.clone(), top1(&p, &labels));
             probs.insert(name.clone(), p);
@@ -773,8 +698,8 @@ pub fn train(
         });
     }
     let mut targets_out = BTreeMap::new();
-    for ((name, set), key) in target_sets.iter().zip(&targets_by_name) {
-        let all: Vec<Vec<Vec<f32>>> = member_probs.iter().map(|m| m[key].clone()).collect();
+    for (name, set) in &target_sets {
+        let all: Vec<Vec<Vec<f32>>> = member_probs.iter().map(|m| m[name].clone()).collect();
         let combined = ensemble(&all, cfg.ensemble);
         let labels: Vec<u32> = set.videos.iter().map(|v| v.label).collect();
         targets_out.insert(name.clone(), target_metrics(&combined, &labels, classes));
@@ -786,128 +711,72 @@ pub fn train(
         selection: cfg.selection,
     };
     let json = serde_json::to_vec_pretty(&metrics).map_err(|e| Error::Config(e.to_string()))?;
-    write_atomic(&spec.out.join("metrics.json"), &json)?;
+    vdg_data::atomic::AtomicFile::write_all(&spec.out.join("metrics.json"), &json)?;
     Ok(metrics)
 }
 
 /// The momentum-buffer map type, for callers that save optimizer state themselves.
-pub type OptimState = HashMap<String, Tensor>;
+pub type OptimState = std::collections::HashMap<String, Tensor>;
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn lr_schedule_and_ensembles() {
+    fn lr_schedule_members_and_ada_methods() {
         let c = TrainConfig::paper(ModelKind::Apn, AdaVariant::AdaStar);
         assert_eq!(c.lr_at(0), 1e-3);
         assert!((c.lr_at(30) - 1e-4).abs() < 1e-12);
         assert!((c.lr_at(149) - 1e-7).abs() < 1e-15);
         assert_eq!(c.members(), [0.001, 0.01, 0.1, 1.0]);
+        let mut plain = TrainConfig::paper(ModelKind::Tsn, AdaVariant::None);
+        assert_eq!(plain.members(), [0.0]);
+        plain.ensemble_size = 4;
+        assert_eq!(plain.members(), [0.0; 4]);
+        assert_eq!(plain.ada_method().unwrap(), AdaMethod::None);
+        // APN's ADA* under the paper: Algorithm 1's sequential updates.
         assert_eq!(
-            TrainConfig::paper(ModelKind::Tsn, AdaVariant::None).members(),
-            [0.0]
+            c.ada_method().unwrap(),
+            AdaMethod::Video {
+                targets: vec!["level2", "level3"],
+                minimisation: Minimisation::Sequential
+            }
         );
-        let a = vec![vec![0.6f32, 0.4], vec![0.2, 0.8]];
-        let b = vec![vec![0.1f32, 0.9], vec![0.45, 0.55]];
-        let max = ensemble(&[a.clone(), b.clone()], EnsembleRule::MaxConfidence);
-        assert_eq!(max, vec![vec![0.1, 0.9], vec![0.2, 0.8]]);
-        let mean = ensemble(&[a, b], EnsembleRule::MeanSoftmax);
-        assert!((mean[0][0] - 0.35).abs() < 1e-6);
-        let m = target_metrics(
-            &[vec![0.9, 0.1], vec![0.3, 0.7], vec![0.6, 0.4]],
-            &[0, 1, 1],
-            2,
-        );
-        assert_eq!(m.confusion, vec![vec![1, 0], vec![1, 1]]);
-        assert!((m.top1 - 200.0 / 3.0).abs() < 1e-9);
-        assert_eq!(m.per_class, vec![Some(100.0), Some(50.0)]);
-    }
-}
-
-#[cfg(test)]
-mod weight_tests {
-    use candle_core::{DType, Device};
-    use candle_nn::{VarBuilder, VarMap};
-
-    use super::load_backbone_weights;
-    use crate::init::seeded_init;
-    use crate::models::blocks::resnet::ResNet;
-    use crate::models::blocks::{Backbone, BackboneKind};
-
-    #[test]
-    fn resnet_uses_torchvision_names_and_loads_a_converted_state_dict() {
-        // ResNet-50's names, as torchvision's state_dict() has them.
-        let vm50 = VarMap::new();
-        ResNet::resnet50(VarBuilder::from_varmap(&vm50, DType::F32, &Device::Cpu)).unwrap();
-        let names50: Vec<String> = vm50.data().lock().unwrap().keys().cloned().collect();
-        for n in [
-            "conv1.weight",
-            "bn1.running_var",
-            "layer1.0.conv3.weight",
-            "layer1.0.downsample.1.running_mean",
-            "layer3.5.bn2.bias",
-            "layer4.2.conv2.weight",
+        // The baselines' `ada` under the paper: the original image ADA.
+        for m in [
+            ModelKind::Tsn,
+            ModelKind::Trn,
+            ModelKind::TrnAttn,
+            ModelKind::Tsm,
+            ModelKind::I3d,
+            ModelKind::NonLocal,
         ] {
-            assert!(names50.iter().any(|x| x == n), "no {n}");
+            let c = TrainConfig::paper(m, AdaVariant::Ada);
+            assert_eq!(
+                c.ada_method().unwrap(),
+                AdaMethod::Image(ImageAdaPlan {
+                    phases: 2,
+                    interval: 50
+                }),
+                "{}",
+                m.name()
+            );
+            // The released code has only Algorithm 1's joint step.
+            let r = TrainConfig::released_code(m, AdaVariant::Ada);
+            assert!(matches!(
+                r.ada_method().unwrap(),
+                AdaMethod::Video {
+                    minimisation: Minimisation::Joint,
+                    ..
+                }
+            ));
         }
-        // 53 convolutions (weights only), 53 BatchNorms (4 tensors each).
-        assert_eq!(names50.len(), 53 + 53 * 4, "parameter and buffer count");
-
-        // A "converted" ResNet-18 state dict written by the test (plus torchvision's fc).
-        let dir = tempfile::tempdir().unwrap();
-        let src = VarMap::new();
-        ResNet::resnet18(VarBuilder::from_varmap(&src, DType::F32, &Device::Cpu)).unwrap();
-        seeded_init(&src, 42).unwrap();
-        let mut tensors: std::collections::HashMap<String, candle_core::Tensor> = src
-            .data()
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect();
-        tensors.insert(
-            "fc.weight".into(),
-            candle_core::Tensor::zeros((1000, 512), DType::F32, &Device::Cpu).unwrap(),
-        );
-        let path = dir.path().join("resnet18.safetensors");
-        candle_core::safetensors::save(&tensors, &path).unwrap();
-
-        let vm = VarMap::new();
-        Backbone::new(
-            BackboneKind::Resnet18,
-            8,
-            0.8,
-            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu).pp("backbone"),
-        )
-        .unwrap();
-        seeded_init(&vm, 1).unwrap();
-        load_backbone_weights(&vm, &path).unwrap();
-        let data = vm.data().lock().unwrap();
-        for key in [
-            "conv1.weight",
-            "layer2.0.downsample.0.weight",
-            "layer4.1.bn2.running_mean",
-        ] {
-            let got = data[&format!("backbone.{key}")]
-                .as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            let want = tensors[key]
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            assert_eq!(got, want, "{key}");
-        }
-        drop(data);
-        // A missing tensor is an error naming it.
-        let mut partial = tensors.clone();
-        partial.remove("layer1.0.conv1.weight");
-        candle_core::safetensors::save(&partial, &path).unwrap();
-        let err = load_backbone_weights(&vm, &path).unwrap_err().to_string();
-        assert!(err.contains("layer1.0.conv1.weight"), "{err}");
+        // APN's single-layer ADA stays video ADA (Table 2's "APN+ADA").
+        assert!(matches!(
+            TrainConfig::paper(ModelKind::Apn, AdaVariant::Ada)
+                .ada_method()
+                .unwrap(),
+            AdaMethod::Video { .. }
+        ));
     }
 }

@@ -5,7 +5,8 @@
 //! attention block `T(x, y)`:
 //! - level I: the global relation `G = T(X, X)` and, for every `m = M-1 .. 2`, a local
 //!   relation `L_m = T(X_m, X_m)` over a subset of `m` segments (the paper's `m` consecutive
-//!   items by default: a random window in training, the centred one in evaluation);
+//!   items by default: a random window in training, the centred one in evaluation, or the
+//!   mean over the two central windows when none is centred);
 //! - cross relations `C_m = T(L_m, G)`: the local relation encoded, the global relation as
 //!   the queries, so each `C_m` has `G`'s length `M`;
 //! - level II: `R_II = sum_m C_m`; level III: `R_III = G + R_II`;
@@ -65,10 +66,21 @@ impl Head for Apn {
         let global = self.attention.forward_t(x, x, train)?;
         let mut level2: Option<Tensor> = None;
         for size in (2..m).rev() {
-            let subset = &self.sampler.subsets(m, size, 1, train)[0];
-            let xs = super::select_segments(x, subset)?;
-            let local = self.attention.forward_t(&xs, &xs, train)?;
-            let cross = self.attention.forward_t(&local, &global, train)?;
+            // One window in training; in evaluation the centred one, or the mean over the two
+            // central windows when none is centred (M = 3, m = 2).
+            let subsets = self.sampler.subsets(m, size, 1, train);
+            let mut cross: Option<Tensor> = None;
+            for subset in &subsets {
+                let xs = super::select_segments(x, subset)?;
+                let local = self.attention.forward_t(&xs, &xs, train)?;
+                let c = self.attention.forward_t(&local, &global, train)?;
+                cross = Some(match cross {
+                    Some(acc) => (acc + c)?,
+                    None => c,
+                });
+            }
+            let Some(cross) = cross else { continue };
+            let cross = (cross / subsets.len() as f64)?;
             level2 = Some(match level2 {
                 Some(acc) => (acc + cross)?,
                 None => cross,

@@ -20,7 +20,7 @@
 //! `layer1.0.conv1.weight`, ..., 5-D), so 2-D ImageNet weights inflate into them (each 2-D
 //! kernel repeated over the `kt` temporal taps and divided by `kt`, so a static clip gives
 //! the 2-D network's activations) and 3-D checkpoints with the same names load as they are
-//! (`train::load_backbone_weights`). BatchNorm follows the repository's partial-BN rule (all
+//! (`models::weights::load_backbone_weights`). BatchNorm follows the repository's partial-BN rule (all
 //! but `bn1` use running statistics).
 //!
 //! The spatio-temporal average of `layer4` is `last` (ADA's target); with `ada_star`, the

@@ -22,6 +22,7 @@ pub mod trn;
 pub mod trn_attn;
 pub mod tsm;
 pub mod tsn;
+pub mod weights;
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -297,8 +298,10 @@ impl SubsetSampler {
         }
     }
 
-    /// `count` subsets of `m` of `n` segments (sorted indices). Training draws them at random;
-    /// evaluation is deterministic.
+    /// `count` subsets of `m` of `n` segments (sorted indices). Training draws them at random
+    /// by the sampler's rule; evaluation is deterministic ([`eval_subsets`]: with the
+    /// consecutive rule and `count == 1`, the centred window, or the two central windows
+    /// when no window is exactly centred).
     pub fn subsets(&self, n: usize, m: usize, count: usize, train: bool) -> Vec<Vec<usize>> {
         let m = m.min(n);
         if !train {
@@ -307,19 +310,22 @@ impl SubsetSampler {
         let Ok(mut rng) = self.rng.lock() else {
             return eval_subsets(n, m, count, self.rule);
         };
-        (0..count)
-            .map(|_| match self.rule {
-                SubsetRule::Consecutive => {
+        match self.rule {
+            SubsetRule::Consecutive => (0..count)
+                .map(|_| {
                     let start = rand::Rng::random_range(&mut *rng, 0..=n - m);
                     (start..start + m).collect()
-                }
-                SubsetRule::Combinations => {
-                    let mut v = sample(&mut *rng, n, m).into_vec();
-                    v.sort_unstable();
-                    v
-                }
-            })
-            .collect()
+                })
+                .collect(),
+            SubsetRule::Combinations => {
+                let all = combinations(n, m);
+                let k = count.min(all.len());
+                sample(&mut *rng, all.len(), k)
+                    .into_iter()
+                    .map(|i| all[i].clone())
+                    .collect()
+            }
+        }
     }
 
     /// The RNG state (seed and stream position) for checkpoints.
@@ -339,31 +345,57 @@ impl SubsetSampler {
     }
 }
 
-/// Deterministic evaluation subsets: `count` windows (or evenly spaced subsets) spread evenly
-/// over the clip; one centred window when `count == 1`.
-pub fn eval_subsets(n: usize, m: usize, count: usize, rule: SubsetRule) -> Vec<Vec<usize>> {
-    let positions = n - m + 1;
-    let count = count.max(1).min(positions);
-    (0..count)
-        .map(|k| {
-            let start = if count == 1 {
-                (n - m) / 2
-            } else {
-                k * (n - m) / (count - 1)
-            };
-            match rule {
-                SubsetRule::Consecutive => (start..start + m).collect(),
-                // Evenly spaced indices over the whole clip, shifted per subset.
-                SubsetRule::Combinations => {
-                    let mut v: Vec<usize> = (0..m)
-                        .map(|j| if m == 1 { start } else { j * (n - 1) / (m - 1) })
-                        .collect();
-                    v.dedup();
-                    v
-                }
+/// Every sorted subset of `m` of `0..n`, in lexicographic order (`itertools.combinations`).
+pub fn combinations(n: usize, m: usize) -> Vec<Vec<usize>> {
+    fn rec(start: usize, n: usize, m: usize, cur: &mut Vec<usize>, out: &mut Vec<Vec<usize>>) {
+        if cur.len() == m {
+            out.push(cur.clone());
+            return;
+        }
+        for i in start..n {
+            if n - i < m - cur.len() {
+                break;
             }
-        })
-        .collect()
+            cur.push(i);
+            rec(i + 1, n, m, cur, out);
+            cur.pop();
+        }
+    }
+    let mut out = Vec::new();
+    rec(0, n, m.min(n), &mut Vec::new(), &mut out);
+    out
+}
+
+/// Deterministic evaluation subsets. Consecutive rule: with `count == 1` the centred
+/// window, or the two central windows when `n - m` is odd and no window is centred (the
+/// heads average over them); with more, `count` windows spread evenly. Combinations rule:
+/// `count` distinct combinations spread evenly over the lexicographic list (with
+/// `count == 1`, the middle one).
+pub fn eval_subsets(n: usize, m: usize, count: usize, rule: SubsetRule) -> Vec<Vec<usize>> {
+    match rule {
+        SubsetRule::Consecutive => {
+            let positions = n - m + 1;
+            let count = count.max(1).min(positions);
+            if count == 1 {
+                let lo = (n - m) / 2;
+                let hi = (n - m).div_ceil(2);
+                return (lo..=hi).map(|s| (s..s + m).collect()).collect();
+            }
+            (0..count)
+                .map(|k| {
+                    let start = k * (n - m) / (count - 1);
+                    (start..start + m).collect()
+                })
+                .collect()
+        }
+        SubsetRule::Combinations => {
+            let all = combinations(n, m);
+            let count = count.max(1).min(all.len());
+            (0..count)
+                .map(|k| all[(2 * k + 1) * all.len() / (2 * count)].clone())
+                .collect()
+        }
+    }
 }
 
 /// Builds the head of `kind`.

@@ -1,20 +1,22 @@
 //! TRN: Temporal Relation Networks (Zhou et al., "Temporal Relational Reasoning in Videos",
-//! ECCV 2018, arXiv:1711.08496), multi-scale.
+//! ECCV 2018, arXiv:1711.08496), multi-scale, as its `RelationModuleMultiScale`.
 //!
-//! For each scale `s = M..2`, relations over subsets of `s` segments: `g` = `ReLU(Linear(s*D
-//! -> 256))` of the concatenated features, averaged over the sampled subsets; `h` =
-//! `Linear(256 -> C)` per scale after ReLU and dropout; logits = the sum over scales.
-//! Named features: `g` (the per-scale `g`, concatenated), `h` (the per-scale class scores,
-//! concatenated) and `last` = `g`.
+//! For each scale `s = M..2`: relations over ordered subsets of `s` segments, drawn without
+//! replacement from all `C(M, s)` combinations (`trn_relations_per_scale` of them; the full
+//! scale has one; evaluation takes distinct combinations spread evenly over the list). Each
+//! relation `r`: `g_r = ReLU(Linear(s*D -> 256)(ReLU(x_r)))`, class scores
+//! `h_r = Linear(256 -> C)(g_r)`; the logits are the sum of `h_r` over every relation of every
+//! scale. TRN has no dropout in its relation module (the frame features' dropout is the
+//! backbone's). Named features: `g` (per scale, the mean of its `g_r`, concatenated), `h`
+//! (per scale, the summed class scores, concatenated) and `last` = `g`.
 
 use std::collections::BTreeMap;
 
 use candle_core::{Module, Tensor};
 use candle_nn::{Linear, VarBuilder, linear};
 
-use super::{Head, HeadOutput, ModelConfig, SubsetSampler};
+use super::{Head, HeadOutput, ModelConfig, SubsetRule, SubsetSampler};
 use crate::error::Result;
-use crate::nn::dropout;
 
 /// The relation MLPs shared by TRN and TRN-ATTN.
 pub struct Relations {
@@ -22,9 +24,7 @@ pub struct Relations {
     pub scales: Vec<(usize, Linear, Linear)>,
     /// Subsets sampled per scale (the full scale has one).
     pub per_scale: usize,
-    /// Dropout inside h.
-    pub dropout: f32,
-    /// Subset source.
+    /// Subset source: combinations without replacement.
     pub sampler: SubsetSampler,
 }
 
@@ -47,26 +47,25 @@ impl Relations {
         Ok(Relations {
             scales,
             per_scale: cfg.trn_relations_per_scale,
-            dropout: cfg.head_dropout,
-            sampler: SubsetSampler::new(cfg.subsets, seed),
+            sampler: SubsetSampler::new(SubsetRule::Combinations, seed),
         })
     }
 
-    /// TRN's output given how each scale's relation features `[B, R, bottleneck]` become one
-    /// `g` `[B, bottleneck]` (plain TRN: the mean; TRN-ATTN: attention, then the mean).
+    /// TRN's output given how each scale's relation features `[B, R, bottleneck]` are
+    /// transformed before `h` (plain TRN: not at all; TRN-ATTN: the attention block).
     pub fn output(
         &self,
         x: &Tensor,
         train: bool,
-        pool: impl Fn(&Tensor) -> Result<Tensor>,
+        transform: impl Fn(&Tensor) -> Result<Tensor>,
     ) -> Result<HeadOutput> {
-        let (_b, _m, _d) = x.dims3()?;
         let mut gs = Vec::new();
         let mut hs = Vec::new();
         for (feats, (_, _, h)) in self.relation_features(x, train)?.iter().zip(&self.scales) {
-            let g = pool(feats)?;
-            hs.push(h.forward(&dropout(&g, self.dropout, train)?)?);
-            gs.push(g);
+            let g = transform(feats)?;
+            // h on every relation, class scores summed over the relations.
+            hs.push(h.forward(&g)?.sum(1)?);
+            gs.push(g.mean(1)?);
         }
         let logits = hs
             .iter()
@@ -84,12 +83,13 @@ impl Relations {
     /// Per scale: the `g` features of each sampled relation, `[B, R_s, bottleneck]`.
     pub fn relation_features(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
         let (b, m, d) = x.dims3()?;
+        let x = x.relu()?;
         let mut out = Vec::new();
         for (s, g, _) in &self.scales {
             let count = if *s >= m { 1 } else { self.per_scale };
             let mut rel = Vec::new();
             for subset in self.sampler.subsets(m, *s, count, train) {
-                let picked = super::select_segments(x, &subset)?.reshape((b, subset.len() * d))?;
+                let picked = super::select_segments(&x, &subset)?.reshape((b, subset.len() * d))?;
                 rel.push(g.forward(&picked)?.relu()?);
             }
             out.push(Tensor::stack(&rel, 1)?);
@@ -118,6 +118,6 @@ impl Head for Trn {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<HeadOutput> {
-        self.rel.output(x, train, |feats| Ok(feats.mean(1)?))
+        self.rel.output(x, train, |feats| Ok(feats.clone()))
     }
 }

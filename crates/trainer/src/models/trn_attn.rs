@@ -3,8 +3,11 @@
 //! arXiv:1912.03716, §5.3: "applies the attention blocks to the g and h features of TRN").
 //!
 //! Each scale's sampled relation features `g` (`[B, R, 256]`) pass through the attention
-//! block `T(g, g)` before averaging; `h` and the sum over scales are TRN's. The attention
-//! width must equal TRN's bottleneck.
+//! block `T(g, g)`; `h` on every attended relation and the sums are TRN's. The attention
+//! width must equal TRN's bottleneck. Deviation: §5.3 applies the block to both the `g`
+//! and the `h` features; the `h` features are class scores (width C, which the block's heads
+//! need not divide), and the paper gives no width for that second block, so only `g` is
+//! attended here.
 
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
@@ -43,7 +46,7 @@ impl Head for TrnAttn {
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<HeadOutput> {
         self.rel.output(x, train, |feats| {
-            Ok(self.attention.forward_t(feats, feats, train)?.mean(1)?)
+            Ok(self.attention.forward_t(feats, feats, train)?)
         })
     }
 }

@@ -1,0 +1,447 @@
+//! One training iteration: the clean update and the minimisation over ADA's copies.
+//!
+//! Under the paper's protocol ([`Minimisation::Sequential`]) an iteration with video ADA is
+//! Algorithm 1 as written: the update on the clean minibatch (line 5), the ascent (lines
+//! 6-12, [`crate::ada::ascend`]), then one update per adversarial copy through the
+//! classifier of the feature the copy was made against (line 13: `h(R^II)` for the level-II
+//! copies; line 14: `h(R^III)` for the level-III ones). Under the released code's
+//! ([`Minimisation::Joint`]) the copies are made first and one cross-entropy on the clean
+//! batch and the copies, through the main logits, makes one update.
+//!
+//! During the ascent every forward pass replays the same dropout masks and relation subsets
+//! ([`RngSnapshot`]), so the objective is a fixed function of the input and the anchor is
+//! the clean feature of exactly that forward configuration.
+
+use candle_core::{DType, Tensor};
+use candle_nn::Optimizer;
+
+use crate::ada::{AdaConfig, ascend};
+use crate::error::{Error, Result};
+use crate::models::VideoModel;
+use crate::nn::{cross_entropy, dropout_state, set_dropout_state};
+use crate::optim::{SgdMomentum, clip_grad_norm};
+
+/// How ADA's copies enter the minimisation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Minimisation {
+    /// Algorithm 1: the clean update, then one update per copy through its own classifier.
+    Sequential,
+    /// The released code: one update on the clean batch and the copies together.
+    Joint,
+}
+
+/// A ChaCha RNG's state: seed and word position.
+pub type RngState = ([u8; 32], u128);
+
+/// The state of the random streams a forward pass draws from (dropout masks and relation
+/// subsets), to replay the same forward configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct RngSnapshot {
+    dropout: RngState,
+    sampler: Option<RngState>,
+}
+
+impl RngSnapshot {
+    /// The current state for `model` on this thread.
+    pub fn take(model: &VideoModel) -> Self {
+        RngSnapshot {
+            dropout: dropout_state(),
+            sampler: model.sampler().and_then(|s| s.state()),
+        }
+    }
+
+    /// A snapshot from saved states (checkpoints).
+    pub fn from_parts(dropout: RngState, sampler: Option<RngState>) -> Self {
+        RngSnapshot { dropout, sampler }
+    }
+
+    /// The saved states: (dropout, subset sampler).
+    pub fn parts(&self) -> (RngState, Option<RngState>) {
+        (self.dropout, self.sampler)
+    }
+
+    /// Puts the streams back where [`Self::take`] found them.
+    pub fn restore(&self, model: &VideoModel) {
+        set_dropout_state(self.dropout.0, self.dropout.1);
+        if let (Some(s), Some((seed, pos))) = (model.sampler(), self.sampler) {
+            s.set_state(seed, pos);
+        }
+    }
+}
+
+/// Where in the run an iteration is, for error messages.
+#[derive(Debug, Clone, Copy)]
+pub struct At {
+    /// 0-based epoch.
+    pub epoch: usize,
+    /// 0-based batch within the epoch.
+    pub batch: usize,
+}
+
+/// The optimizer and its settings.
+pub struct Updater<'a> {
+    /// The optimizer.
+    pub opt: &'a mut SgdMomentum,
+    /// Gradient-norm clip.
+    pub clip_norm: f64,
+}
+
+impl Updater<'_> {
+    /// One update of the parameters on `loss`; returns its value. A non-finite loss or
+    /// gradient norm is an error and leaves the parameters untouched.
+    pub fn update(&mut self, loss: &Tensor, at: At) -> Result<f32> {
+        let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        if !value.is_finite() {
+            return Err(Error::NonFiniteLoss {
+                value,
+                epoch: at.epoch + 1,
+                batch: at.batch + 1,
+            });
+        }
+        let mut grads = loss.backward()?;
+        let norm = clip_grad_norm(&mut grads, self.opt.vars(), self.clip_norm)?;
+        if !norm.is_finite() {
+            return Err(Error::NonFiniteGradient {
+                norm,
+                epoch: at.epoch + 1,
+                batch: at.batch + 1,
+            });
+        }
+        self.opt.step(&grads)?;
+        Ok(value)
+    }
+}
+
+/// What an iteration did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IterationLosses {
+    /// The loss of the first update (the clean batch, or the joint loss).
+    pub main: f32,
+    /// The losses of the per-copy updates (sequential minimisation only).
+    pub copies: Vec<f32>,
+}
+
+/// Per-minibatch video ADA settings of a run.
+#[derive(Debug, Clone)]
+pub struct AdaStep {
+    /// Features attacked, one copy each (empty: plain training).
+    pub targets: Vec<&'static str>,
+    /// Ascent settings.
+    pub cfg: AdaConfig,
+    /// How the copies are trained on.
+    pub minimisation: Minimisation,
+}
+
+impl AdaStep {
+    /// Plain training: no copies.
+    pub fn plain() -> Self {
+        AdaStep {
+            targets: Vec::new(),
+            cfg: AdaConfig::default(),
+            minimisation: Minimisation::Sequential,
+        }
+    }
+}
+
+/// One iteration on the batch `x` with `labels`: plain training when `step.targets` is
+/// empty, otherwise video ADA against each target feature.
+pub fn iteration(
+    model: &VideoModel,
+    up: &mut Updater<'_>,
+    x: &Tensor,
+    labels: &Tensor,
+    step: &AdaStep,
+    at: At,
+) -> Result<IterationLosses> {
+    let (targets, ada, minimisation) = (&step.targets[..], &step.cfg, step.minimisation);
+    let make_copies = || -> Result<Vec<Tensor>> {
+        if targets.is_empty() {
+            return Ok(Vec::new());
+        }
+        let snap = RngSnapshot::take(model);
+        let fwd = |v: &Tensor| {
+            snap.restore(model);
+            model.forward_t(v, true)
+        };
+        Ok(ascend(&fwd, x, labels, targets, ada)?.copies)
+    };
+    match minimisation {
+        Minimisation::Sequential => {
+            // Line 5: the clean update.
+            let loss = cross_entropy(&model.forward_t(x, true)?.logits, labels)?;
+            let main = up.update(&loss, at)?;
+            // Lines 6-12 at the updated weights, then lines 13-14.
+            let copies = make_copies()?;
+            let mut losses = Vec::with_capacity(copies.len());
+            for (t, copy) in targets.iter().zip(&copies) {
+                let out = model.forward_t(copy, true)?;
+                let loss = cross_entropy(out.logits_for(t), labels)?;
+                losses.push(up.update(&loss, at)?);
+            }
+            Ok(IterationLosses {
+                main,
+                copies: losses,
+            })
+        }
+        Minimisation::Joint => {
+            let copies = make_copies()?;
+            let n = 1 + copies.len();
+            let xs: Vec<Tensor> = std::iter::once(x.clone()).chain(copies).collect();
+            let x_all = if n == 1 {
+                x.clone()
+            } else {
+                Tensor::cat(&xs, 0)?
+            };
+            let y_all = if n == 1 {
+                labels.clone()
+            } else {
+                Tensor::cat(&vec![labels.clone(); n], 0)?
+            };
+            let loss = cross_entropy(&model.forward_t(&x_all, true)?.logits, &y_all)?;
+            Ok(IterationLosses {
+                main: up.update(&loss, at)?,
+                copies: Vec::new(),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::{VarBuilder, VarMap};
+
+    use super::*;
+    use crate::ada::{AdaVariant, TransportCost};
+    use crate::init::{seeded_init, seeded_randn};
+    use crate::models::blocks::Backbone;
+    use crate::models::{ModelConfig, ModelKind, build_head};
+    use crate::nn::seed_dropout;
+    use crate::optim::SgdParams;
+
+    /// APN on cached 8-d features with dropout on everywhere (projection 0.5, attention 0.2).
+    fn apn(seed: u64) -> (VarMap, VideoModel) {
+        let dev = Device::Cpu;
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+        let mut cfg = ModelConfig::tiny();
+        cfg.segments = 4;
+        cfg.attention.dropout = 0.2;
+        let backbone = Backbone::cached(8, cfg.feature_dim, 0.5, vb.pp("backbone")).unwrap();
+        let head = build_head(ModelKind::Apn, &cfg, 3, seed, vb.pp("head")).unwrap();
+        seeded_init(&vm, seed).unwrap();
+        (vm, VideoModel::frames(backbone, head, ModelKind::Apn))
+    }
+
+    fn params(vm: &VarMap) -> Vec<(String, Vec<f32>)> {
+        let data = vm.data().lock().unwrap();
+        let mut names: Vec<&String> = data.keys().collect();
+        names.sort();
+        names
+            .into_iter()
+            .map(|n| {
+                (
+                    n.clone(),
+                    data[n]
+                        .as_tensor()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn batch() -> (Tensor, Tensor) {
+        let dev = Device::Cpu;
+        (
+            seeded_randn(&[6, 4, 8], 11, DType::F32, &dev).unwrap(),
+            Tensor::new(&[0u32, 1, 2, 0, 1, 2], &dev).unwrap(),
+        )
+    }
+
+    fn ada(eta: f64) -> AdaConfig {
+        AdaConfig {
+            eta,
+            t_max: 3,
+            gamma: 0.1,
+            cost: TransportCost::MeanSquared,
+        }
+    }
+
+    #[test]
+    fn the_ascent_replays_one_forward_configuration_so_the_anchor_is_exact() {
+        let (_vm, model) = apn(1);
+        let (x, y) = batch();
+        let targets = AdaVariant::AdaStar.targets(ModelKind::Apn).unwrap();
+        // With eta = 0 the copy never moves: every step's cost must be exactly 0 when each
+        // forward replays the anchor's dropout masks and relation subsets.
+        seed_dropout(5);
+        let snap = RngSnapshot::take(&model);
+        let fixed = |v: &Tensor| {
+            snap.restore(&model);
+            model.forward_t(v, true)
+        };
+        let a = ascend(&fixed, &x, &y, &targets, &ada(0.0)).unwrap();
+        for costs in &a.costs {
+            assert_eq!(costs, &vec![0.0; 3]);
+        }
+        // Fresh masks on every forward (what the ascent did before): the cost to the anchor
+        // is not 0 even though the input did not change.
+        seed_dropout(5);
+        let fresh = |v: &Tensor| model.forward_t(v, true);
+        let b = ascend(&fresh, &x, &y, &targets, &ada(0.0)).unwrap();
+        for costs in &b.costs {
+            assert_eq!(costs[0], 0.0);
+            assert!(costs[1] > 1e-6 && costs[2] > 1e-6, "{costs:?}");
+        }
+        // A moving copy in training mode: the cost starts at 0 and then grows.
+        let c = ascend(&fixed, &x, &y, &targets, &ada(1.0)).unwrap();
+        for costs in &c.costs {
+            assert_eq!(costs[0], 0.0);
+            assert!(costs[1] > 0.0, "{costs:?}");
+        }
+    }
+
+    /// Runs one iteration of `minimisation` from a fresh model; returns the parameters.
+    fn run(minimisation: Minimisation) -> (Vec<(String, Vec<f32>)>, IterationLosses) {
+        let (vm, model) = apn(2);
+        seed_dropout(9);
+        let mut opt = SgdMomentum::from_varmap(&vm, SgdParams::default(), |_| true).unwrap();
+        let mut up = Updater {
+            opt: &mut opt,
+            clip_norm: 20.0,
+        };
+        let (x, y) = batch();
+        let step = AdaStep {
+            targets: AdaVariant::AdaStar.targets(ModelKind::Apn).unwrap(),
+            cfg: ada(1.0),
+            minimisation,
+        };
+        let l = iteration(&model, &mut up, &x, &y, &step, At { epoch: 0, batch: 0 }).unwrap();
+        (params(&vm), l)
+    }
+
+    /// Algorithm 1 written out by hand, with `level2_logits` choosing the classifier line 13
+    /// trains through.
+    fn by_hand(level2_own_classifier: bool, updates: usize) -> Vec<(String, Vec<f32>)> {
+        let (vm, model) = apn(2);
+        seed_dropout(9);
+        let mut opt = SgdMomentum::from_varmap(&vm, SgdParams::default(), |_| true).unwrap();
+        let mut up = Updater {
+            opt: &mut opt,
+            clip_norm: 20.0,
+        };
+        let at = At { epoch: 0, batch: 0 };
+        let (x, y) = batch();
+        // Line 5.
+        let loss = cross_entropy(&model.forward_t(&x, true).unwrap().logits, &y).unwrap();
+        up.update(&loss, at).unwrap();
+        if updates == 1 {
+            return params(&vm);
+        }
+        // Lines 6-12.
+        let targets = ["level2", "level3"];
+        let snap = RngSnapshot::take(&model);
+        let fwd = |v: &Tensor| {
+            snap.restore(&model);
+            model.forward_t(v, true)
+        };
+        let copies = ascend(&fwd, &x, &y, &targets, &ada(1.0)).unwrap().copies;
+        // Line 13: h(R^II) of the level-II copies.
+        let out = model.forward_t(&copies[0], true).unwrap();
+        let logits = if level2_own_classifier {
+            out.logits_for("level2")
+        } else {
+            &out.logits
+        };
+        up.update(&cross_entropy(logits, &y).unwrap(), at).unwrap();
+        if updates == 2 {
+            return params(&vm);
+        }
+        // Line 14: h(R^III) of the level-III copies.
+        let out = model.forward_t(&copies[1], true).unwrap();
+        up.update(&cross_entropy(&out.logits, &y).unwrap(), at)
+            .unwrap();
+        params(&vm)
+    }
+
+    #[test]
+    fn sequential_minimisation_is_lines_5_13_and_14_in_order() {
+        let (got, losses) = run(Minimisation::Sequential);
+        assert_eq!(losses.copies.len(), 2);
+        assert!(losses.main.is_finite() && losses.copies.iter().all(|l| l.is_finite()));
+        assert_eq!(got, by_hand(true, 3), "not Algorithm 1 as written");
+        // Each update moves every parameter group of the model, and the result depends on
+        // each: stopping after line 5 or 13, or training line 13 through the main
+        // classifier, gives other weights.
+        let after5 = by_hand(true, 1);
+        let after13 = by_hand(true, 2);
+        let (fresh_vm, _) = apn(2);
+        let fresh = params(&fresh_vm);
+        for (stage, p) in [
+            ("line 5", &after5),
+            ("line 13", &after13),
+            ("line 14", &got),
+        ] {
+            let before = match stage {
+                "line 5" => &fresh,
+                "line 13" => &after5,
+                _ => &after13,
+            };
+            for ((name, a), (_, b)) in p.iter().zip(before) {
+                // Running statistics are not trained; everything else moves at every line.
+                if name.contains("running") {
+                    continue;
+                }
+                assert_ne!(a, b, "{stage} did not change {name}");
+            }
+        }
+        assert_ne!(got, by_hand(false, 3), "line 13 must train h(R^II)");
+        // The released code's joint step is something else.
+        let (joint, jl) = run(Minimisation::Joint);
+        assert!(jl.copies.is_empty());
+        assert_ne!(joint, got);
+    }
+
+    #[test]
+    fn a_non_finite_loss_or_gradient_stops_before_touching_the_weights() {
+        let (vm, model) = apn(3);
+        let mut opt = SgdMomentum::from_varmap(&vm, SgdParams::default(), |_| true).unwrap();
+        let mut up = Updater {
+            opt: &mut opt,
+            clip_norm: 20.0,
+        };
+        let before = params(&vm);
+        let (x, y) = batch();
+        let x = (x * f64::NAN).unwrap();
+        let err = iteration(
+            &model,
+            &mut up,
+            &x,
+            &y,
+            &AdaStep::plain(),
+            At { epoch: 2, batch: 4 },
+        )
+        .unwrap_err();
+        // NaN inputs: candle's cross-entropy may or may not propagate the NaN into the
+        // loss value, but then the gradient norm is NaN; either is a clear error.
+        assert!(
+            matches!(
+                err,
+                Error::NonFiniteLoss {
+                    epoch: 3,
+                    batch: 5,
+                    ..
+                } | Error::NonFiniteGradient {
+                    epoch: 3,
+                    batch: 5,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(params(&vm), before);
+    }
+}
