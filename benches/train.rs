@@ -4,7 +4,9 @@
 //!   precomputed 256-d frame features, B = 40, M = 5, 12 classes; plain, and with video ADA*
 //!   (level II + level III copies, T_max = 5 ascent steps each, then the released code's
 //!   joint step on 3 x 40 clips); `..._ada_star_sequential`: Algorithm 1 as written (the
-//!   clean step, the ascent, one step per copy through its own classifier).
+//!   clean step, the ascent, one step per copy through its own classifier);
+//!   `..._sequential_input_grads`: the same with the ascent on detached weights, so its
+//!   backward passes compute only the input's gradient (what `vdg train` runs).
 //! - `small_cnn_pixels_plain`: one step of small CNN + APN on 64x64 pixels, B = 8, M = 5.
 //! - `loader_train_224` / `loader_eval_224`: batches of 8 clips x 5 frames decoded from
 //!   prepared 320x240 shards, augmented to 224x224 (both cores).
@@ -79,6 +81,36 @@ fn head_step(c: &mut Criterion) {
             let loss = cross_entropy(&head.forward_t(&x, true).unwrap().logits, &y).unwrap();
             opt.step(&loss.backward().unwrap()).unwrap();
             let fwd = |t: &Tensor| head.forward_t(t, true);
+            let copies = adversarial_copies(&fwd, &x, &y, &targets, &ada).unwrap();
+            for (t, copy) in targets.iter().zip(&copies) {
+                let out = head.forward_t(copy, true).unwrap();
+                let loss = cross_entropy(out.logits_for(t), &y).unwrap();
+                opt.step(&loss.backward().unwrap()).unwrap();
+            }
+        })
+    });
+    // The same, with the ascent on detached weights (input gradients only), as `vdg train`
+    // runs it: the twin is rebuilt from the current values every iteration.
+    g.bench_function("apn_head_features_ada_star_sequential_input_grads", |b| {
+        b.iter(|| {
+            let loss = cross_entropy(&head.forward_t(&x, true).unwrap().logits, &y).unwrap();
+            opt.step(&loss.backward().unwrap()).unwrap();
+            let tensors: std::collections::HashMap<String, Tensor> = vm
+                .data()
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+                .collect();
+            let twin = build_head(
+                ModelKind::Apn,
+                &cfg,
+                12,
+                0,
+                VarBuilder::from_tensors(tensors, DType::F32, &dev),
+            )
+            .unwrap();
+            let fwd = |t: &Tensor| twin.forward_t(t, true);
             let copies = adversarial_copies(&fwd, &x, &y, &targets, &ada).unwrap();
             for (t, copy) in targets.iter().zip(&copies) {
                 let out = head.forward_t(copy, true).unwrap();

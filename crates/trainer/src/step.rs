@@ -143,14 +143,23 @@ impl AdaStep {
     }
 }
 
+/// Builds a copy of the model whose weights are detached from the trained variables
+/// (`VarBuilder::from_tensors` over the current values): the ascent runs on it so that its
+/// backward passes compute the input's gradient only, not weight gradients that would be
+/// thrown away. Its BatchNorm running statistics are copies, so the ascent's forward passes
+/// do not move the model's.
+pub type Twin<'a> = &'a dyn Fn() -> Result<VideoModel>;
+
 /// One iteration on the batch `x` with `labels`: plain training when `step.targets` is
-/// empty, otherwise video ADA against each target feature.
+/// empty, otherwise video ADA against each target feature. With `twin` the ascent runs on
+/// a detached copy of the weights (the same numbers, fewer backward operations).
 pub fn iteration(
     model: &VideoModel,
     up: &mut Updater<'_>,
     x: &Tensor,
     labels: &Tensor,
     step: &AdaStep,
+    twin: Option<Twin<'_>>,
     at: At,
 ) -> Result<IterationLosses> {
     let (targets, ada, minimisation) = (&step.targets[..], &step.cfg, step.minimisation);
@@ -159,11 +168,18 @@ pub fn iteration(
             return Ok(Vec::new());
         }
         let snap = RngSnapshot::take(model);
+        let frozen = twin.map(|build| build()).transpose()?;
+        let m = frozen.as_ref().unwrap_or(model);
         let fwd = |v: &Tensor| {
-            snap.restore(model);
-            model.forward_t(v, true)
+            snap.restore(m);
+            m.forward_t(v, true)
         };
-        Ok(ascend(&fwd, x, labels, targets, ada)?.copies)
+        let copies = ascend(&fwd, x, labels, targets, ada)?.copies;
+        // The model's own streams continue from where the ascent's did.
+        if frozen.is_some() {
+            RngSnapshot::take(m).restore(model);
+        }
+        Ok(copies)
     };
     match minimisation {
         Minimisation::Sequential => {
@@ -319,8 +335,69 @@ mod tests {
             cfg: ada(1.0),
             minimisation,
         };
-        let l = iteration(&model, &mut up, &x, &y, &step, At { epoch: 0, batch: 0 }).unwrap();
+        let l = iteration(
+            &model,
+            &mut up,
+            &x,
+            &y,
+            &step,
+            None,
+            At { epoch: 0, batch: 0 },
+        )
+        .unwrap();
         (params(&vm), l)
+    }
+
+    #[test]
+    fn the_ascent_on_a_detached_twin_gives_the_same_iteration() {
+        let run_with = |use_twin: bool| {
+            let (vm, model) = apn(2);
+            seed_dropout(9);
+            let mut opt = SgdMomentum::from_varmap(&vm, SgdParams::default(), |_| true).unwrap();
+            let mut up = Updater {
+                opt: &mut opt,
+                clip_norm: 20.0,
+            };
+            let (x, y) = batch();
+            let step = AdaStep {
+                targets: AdaVariant::AdaStar.targets(ModelKind::Apn).unwrap(),
+                cfg: ada(1.0),
+                minimisation: Minimisation::Sequential,
+            };
+            let twin = || -> Result<VideoModel> { Ok(detached(&vm, 2)) };
+            let twin_ref: Option<Twin<'_>> = if use_twin { Some(&twin) } else { None };
+            let at = At { epoch: 0, batch: 0 };
+            iteration(&model, &mut up, &x, &y, &step, twin_ref, at).unwrap();
+            iteration(&model, &mut up, &x, &y, &step, twin_ref, at).unwrap();
+            params(&vm)
+        };
+        let (with, without) = (run_with(true), run_with(false));
+        for ((name, a), (_, b)) in with.iter().zip(&without) {
+            let diff = a
+                .iter()
+                .zip(b)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0.0f32, f32::max);
+            assert!(diff <= 1e-6, "{name}: {diff}");
+        }
+    }
+
+    /// The APN of [`apn`] on detached copies of `vm`'s current values.
+    fn detached(vm: &VarMap, seed: u64) -> VideoModel {
+        let tensors: std::collections::HashMap<String, Tensor> = vm
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+            .collect();
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+        let mut cfg = ModelConfig::tiny();
+        cfg.segments = 4;
+        cfg.attention.dropout = 0.2;
+        let backbone = Backbone::cached(8, cfg.feature_dim, 0.5, vb.pp("backbone")).unwrap();
+        let head = build_head(ModelKind::Apn, &cfg, 3, seed, vb.pp("head")).unwrap();
+        VideoModel::frames(backbone, head, ModelKind::Apn)
     }
 
     /// Algorithm 1 written out by hand, with `level2_logits` choosing the classifier line 13
@@ -422,6 +499,7 @@ mod tests {
             &x,
             &y,
             &AdaStep::plain(),
+            None,
             At { epoch: 2, batch: 4 },
         )
         .unwrap_err();

@@ -345,17 +345,16 @@ impl Streams {
     }
 }
 
-fn build(
+/// The model's structure under `vb` (no initialisation).
+fn structure(
     cfg: &TrainConfig,
     classes: usize,
     streams: Streams,
     feature_dim: Option<usize>,
-    device: &Device,
-) -> Result<(VarMap, VideoModel)> {
-    let vm = VarMap::new();
-    let vb = VarBuilder::from_varmap(&vm, DType::F32, device);
+    vb: VarBuilder,
+) -> Result<VideoModel> {
     let mc = &cfg.model_config;
-    let model = if cfg.model.is_head() {
+    if cfg.model.is_head() {
         let backbone = match feature_dim {
             Some(dim) => Backbone::cached(
                 dim,
@@ -371,7 +370,7 @@ fn build(
             )?,
         };
         let head = build_head(cfg.model, mc, classes, streams.subsets, vb.pp("head"))?;
-        VideoModel::frames(backbone, head, cfg.model)
+        Ok(VideoModel::frames(backbone, head, cfg.model))
     } else {
         if feature_dim.is_some() {
             return Err(Error::Config(format!(
@@ -381,8 +380,20 @@ fn build(
             )));
         }
         let net = build_network(cfg.model, mc, cfg.backbone, classes, vb.pp("backbone"))?;
-        VideoModel::network(net, cfg.model)
-    };
+        Ok(VideoModel::network(net, cfg.model))
+    }
+}
+
+fn build(
+    cfg: &TrainConfig,
+    classes: usize,
+    streams: Streams,
+    feature_dim: Option<usize>,
+    device: &Device,
+) -> Result<(VarMap, VideoModel)> {
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, device);
+    let model = structure(cfg, classes, streams, feature_dim, vb)?;
     seeded_init(&vm, streams.init)?;
     if let Some(w) = &cfg.backbone_weights {
         if feature_dim.is_some() {
@@ -393,6 +404,26 @@ fn build(
         load_backbone_weights(&vm, w)?;
     }
     Ok((vm, model))
+}
+
+/// The model on detached copies of `vm`'s current values ([`crate::step::Twin`]).
+fn twin(
+    cfg: &TrainConfig,
+    classes: usize,
+    streams: Streams,
+    feature_dim: Option<usize>,
+    vm: &VarMap,
+    device: &Device,
+) -> Result<VideoModel> {
+    let tensors: std::collections::HashMap<String, Tensor> = vm
+        .data()
+        .lock()
+        .map_err(|_| Error::Config("poisoned VarMap".into()))?
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect();
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+    structure(cfg, classes, streams, feature_dim, vb)
 }
 fn io(path: &std::path::Path, e: std::io::Error) -> Error {
     Error::Io {
@@ -578,8 +609,12 @@ pub fn train_with(
                         "member {index}: image ADA phase {k} before epoch {}",
                         epoch + 1
                     );
+                    // The ascent needs only the input's gradient: run it on detached weights
+                    // that replay the model's random streams.
+                    let frozen = twin(cfg, classes, streams, train_set.feature_dim, &vm, &device)?;
+                    RngSnapshot::take(&model).restore(&frozen);
                     let (clips, labels) =
-                        image_ada::run_phase(&model, &train_set, lc, k, &ada_cfg, &dir, &device)?;
+                        image_ada::run_phase(&frozen, &train_set, lc, k, &ada_cfg, &dir, &device)?;
                     augmented.append(&clips, &labels)?;
                 }
             }
@@ -616,7 +651,8 @@ pub fn train_with(
                     }
                 };
                 let at = At { epoch, batch: bi };
-                let losses = iteration(&model, &mut up, &x, &y, &step, at)?;
+                let frozen = || twin(cfg, classes, streams, train_set.feature_dim, &vm, &device);
+                let losses = iteration(&model, &mut up, &x, &y, &step, Some(&frozen), at)?;
                 sum += f64::from(losses.main);
                 count += 1;
                 progress.event(&TrainEvent::Batch {

@@ -516,3 +516,42 @@ pub(crate) fn select_segments(x: &Tensor, subset: &[usize]) -> Result<Tensor> {
 pub(crate) fn classify(fc: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
     Ok(fc.forward(x)?)
 }
+
+#[cfg(test)]
+mod subset_tests {
+    use super::*;
+
+    #[test]
+    fn evaluation_windows_are_centred_and_combinations_distinct() {
+        // M = 3, m = 2: no window is centred, so both central windows (heads average them).
+        assert_eq!(
+            eval_subsets(3, 2, 1, SubsetRule::Consecutive),
+            [vec![0, 1], vec![1, 2]]
+        );
+        assert_eq!(
+            eval_subsets(5, 3, 1, SubsetRule::Consecutive),
+            [vec![1, 2, 3]]
+        );
+        assert_eq!(
+            eval_subsets(5, 4, 1, SubsetRule::Consecutive),
+            [vec![0, 1, 2, 3], vec![1, 2, 3, 4]]
+        );
+        // Combinations: distinct, spread over the lexicographic list.
+        assert_eq!(combinations(4, 2).len(), 6);
+        assert_eq!(combinations(5, 3)[0], vec![0, 1, 2]);
+        let e = eval_subsets(5, 2, 3, SubsetRule::Combinations);
+        assert_eq!(e.len(), 3);
+        assert!(e[0] != e[1] && e[1] != e[2] && e[0] != e[2], "{e:?}");
+        assert_eq!(e, [vec![0, 2], vec![1, 3], vec![2, 4]]);
+        // Training draws without replacement: never the same combination twice in a draw.
+        let s = SubsetSampler::new(SubsetRule::Combinations, 3);
+        for _ in 0..50 {
+            let d = s.subsets(5, 3, 3, true);
+            assert_eq!(d.len(), 3);
+            assert!(d[0] != d[1] && d[1] != d[2] && d[0] != d[2], "{d:?}");
+            assert!(d.iter().all(|c| c.windows(2).all(|w| w[0] < w[1])));
+        }
+        // More subsets asked than exist: each once.
+        assert_eq!(s.subsets(3, 2, 5, true).len(), 3);
+    }
+}
