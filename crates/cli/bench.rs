@@ -75,6 +75,9 @@ pub struct BenchRunArgs {
     /// Frames of the dense clips of i3d and non_local (default 32).
     #[arg(long)]
     clip_frames: Option<usize>,
+    /// Frames between two frames of a dense clip (i3d, non_local; default 2).
+    #[arg(long)]
+    clip_stride: Option<usize>,
     /// ADA gammas, comma-separated.
     #[arg(long, value_delimiter = ',')]
     gammas: Option<Vec<f64>>,
@@ -158,6 +161,8 @@ pub struct BenchConfig {
     /// Dense clip frames (I3D, Non-local).
     #[serde(default)]
     pub clip_frames: Option<usize>,
+    /// Dense clip stride.
+    pub clip_stride: Option<usize>,
     /// Gammas.
     pub gammas: Option<Vec<f64>>,
     /// ADA steps.
@@ -205,6 +210,7 @@ impl BenchConfig {
             input_size: synthetic.then_some(32),
             feature_dim: synthetic.then_some(32),
             clip_frames: None,
+            clip_stride: None,
             gammas: synthetic.then(|| vec![0.1]),
             ada_steps: synthetic.then_some(1),
             projection_dropout: synthetic.then_some(0.2),
@@ -260,6 +266,7 @@ fn resolve_config(a: &BenchRunArgs) -> Result<BenchConfig> {
             input_size,
             feature_dim,
             clip_frames,
+            clip_stride,
             gammas,
             ada_steps,
             projection_dropout,
@@ -294,6 +301,7 @@ fn resolve_config(a: &BenchRunArgs) -> Result<BenchConfig> {
         input_size,
         feature_dim,
         clip_frames,
+        clip_stride,
         gammas,
         ada_steps,
         backbone_weights,
@@ -493,6 +501,7 @@ fn bench_run(a: &BenchRunArgs, quiet: bool) -> Result<ExitCode> {
             input_size: cfg.input_size,
             feature_dim: cfg.feature_dim,
             clip_frames: cfg.clip_frames,
+            clip_stride: cfg.clip_stride,
             projection_dropout: cfg.projection_dropout,
             selection: cfg.selection.clone(),
             seed,

@@ -86,6 +86,9 @@ pub struct TrainArgs {
     /// Frames of a dense clip for i3d and non_local (default 32).
     #[arg(long)]
     pub(crate) clip_frames: Option<usize>,
+    /// Frames between two frames of a dense clip of i3d and non_local (default 2: 32 x 2).
+    #[arg(long)]
+    pub(crate) clip_stride: Option<usize>,
     /// Dropout before the backbone's projection (paper: 0.8).
     #[arg(long)]
     pub(crate) projection_dropout: Option<f32>,
@@ -309,6 +312,9 @@ pub fn resolve(a: &TrainArgs) -> Result<(RunRecord, RunSpec)> {
     }
     if let Some(v) = a.clip_frames {
         c.model_config.clip_frames = v.max(1);
+    }
+    if let Some(v) = a.clip_stride {
+        c.model_config.clip_stride = v.max(1);
     }
     c.backbone_weights = a.backbone_weights.clone();
     if let Some(v) = a.epochs {

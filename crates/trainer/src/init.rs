@@ -60,6 +60,26 @@ pub fn seeded_init(vm: &VarMap, seed: u64) -> Result<()> {
     Ok(())
 }
 
+/// Sets the classifier `<prefix>.weight` to seeded normal values of standard deviation
+/// `std` and `<prefix>.bias` to 0, the classifier initialisation of TSN, TSM (std 0.001) and
+/// mmaction2's I3D head (std 0.01). Missing variables are an error naming them.
+pub fn normal_classifier(vm: &VarMap, prefix: &str, std: f64, seed: u64) -> Result<()> {
+    let data = vm
+        .data()
+        .lock()
+        .map_err(|_| crate::error::Error::Config("poisoned VarMap".into()))?;
+    let name = format!("{prefix}.weight");
+    let w = data
+        .get(&name)
+        .ok_or_else(|| crate::error::Error::Config(format!("no classifier variable {name}")))?;
+    let v = (seeded_randn(w.dims(), seed, DType::F32, w.device())? * std)?;
+    w.set(&v.to_dtype(w.dtype())?)?;
+    if let Some(b) = data.get(&format!("{prefix}.bias")) {
+        b.set(&b.as_tensor().zeros_like()?)?;
+    }
+    Ok(())
+}
+
 /// A seeded `[shape]` tensor of standard normal values, for tests and synthetic inputs.
 pub fn seeded_randn(
     shape: &[usize],

@@ -2,8 +2,9 @@
 //! augmentation, JPEG decoding on worker threads, batches `[B, M, 3, S, S]` with prefetch;
 //! or, from a feature cache (`vdg features`), batches of cached frame features `[B, M, F]`.
 //!
-//! Dense sampling (I3D, Non-local): `T` contiguous frames starting at a random frame in
-//! training and centred in evaluation; a video shorter than `T` frames is looped.
+//! Dense sampling (I3D, Non-local): `T` frames `stride` apart (32 x 2 by default, mmaction2's
+//! Kinetics I3D input), the window starting at a random frame in training and centred in
+//! evaluation; a video shorter than the window is looped.
 //!
 //! Sampling (released VideoDG/TSN code, dataset-facts §1.4, 0-based here): training takes one
 //! random frame per segment (`k * (n / M) + U{0..n/M-1}`; `M` sorted random frames when a
@@ -130,25 +131,33 @@ pub fn segment_indices(n: usize, m: usize, train: bool, rng: &mut impl Rng) -> V
 
 /// Frame indices of a dense window of `t` frames in a video of `n`: random start in
 /// training, centred in evaluation; looped when `n < t`.
-pub fn dense_indices(n: usize, t: usize, train: bool, rng: &mut impl Rng) -> Vec<u32> {
+pub fn dense_indices(
+    n: usize,
+    t: usize,
+    stride: usize,
+    train: bool,
+    rng: &mut impl Rng,
+) -> Vec<u32> {
     if n == 0 {
         return vec![0; t];
     }
-    let start = if n <= t {
+    let stride = stride.max(1);
+    let span = (t.max(1) - 1) * stride + 1;
+    let start = if n <= span {
         0
     } else if train {
-        rng.random_range(0..=n - t)
+        rng.random_range(0..=n - span)
     } else {
-        (n - t) / 2
+        (n - span) / 2
     };
-    (0..t).map(|i| ((start + i) % n) as u32).collect()
+    (0..t).map(|i| ((start + i * stride) % n) as u32).collect()
 }
 
 /// Frame indices for one clip of `n` frames under `sampling`.
 pub fn clip_indices(n: usize, sampling: Sampling, train: bool, rng: &mut impl Rng) -> Vec<u32> {
     match sampling {
         Sampling::Segments(m) => segment_indices(n, m, train, rng),
-        Sampling::Dense(t) => dense_indices(n, t, train, rng),
+        Sampling::Dense { frames, stride } => dense_indices(n, frames, stride, train, rng),
     }
 }
 
@@ -441,11 +450,14 @@ mod tests {
     #[test]
     fn dense_windows_are_contiguous_centred_in_evaluation_and_looped_when_short() {
         let mut rng = ChaCha8Rng::seed_from_u64(0);
-        assert_eq!(dense_indices(100, 4, false, &mut rng), [48, 49, 50, 51]);
-        assert_eq!(dense_indices(3, 5, true, &mut rng), [0, 1, 2, 0, 1]);
+        assert_eq!(dense_indices(100, 4, 1, false, &mut rng), [48, 49, 50, 51]);
+        assert_eq!(dense_indices(3, 5, 1, true, &mut rng), [0, 1, 2, 0, 1]);
+        // Stride 2 (mmaction2's 32x2 I3D input): a centred 7-frame span for 4 frames.
+        assert_eq!(dense_indices(100, 4, 2, false, &mut rng), [46, 48, 50, 52]);
+        assert_eq!(dense_indices(5, 4, 2, false, &mut rng), [0, 2, 4, 1]);
         let mut starts = std::collections::BTreeSet::new();
         for _ in 0..200 {
-            let w = dense_indices(40, 32, true, &mut rng);
+            let w = dense_indices(40, 32, 1, true, &mut rng);
             assert!(
                 w.windows(2).all(|p| p[1] == p[0] + 1) && w[31] < 40,
                 "{w:?}"

@@ -187,7 +187,10 @@ impl TrainConfig {
             model,
             backbone: BackboneKind::Resnet50,
             backbone_weights: None,
-            model_config: ModelConfig::default(),
+            model_config: ModelConfig {
+                head_dropout: model.classifier_dropout(),
+                ..ModelConfig::default()
+            },
             ada,
             ada_eta: 1.0,
             ada_t_max: 5,
@@ -395,6 +398,14 @@ fn build(
     let vb = VarBuilder::from_varmap(&vm, DType::F32, device);
     let model = structure(cfg, classes, streams, feature_dim, vb)?;
     seeded_init(&vm, streams.init)?;
+    if let Some(std) = cfg.model.classifier_init_std() {
+        crate::init::normal_classifier(
+            &vm,
+            cfg.model.classifier_name(),
+            std,
+            derive_seed(streams.init, "classifier"),
+        )?;
+    }
     if let Some(w) = &cfg.backbone_weights {
         if feature_dim.is_some() {
             return Err(Error::Config(
@@ -806,6 +817,32 @@ mod tests {
                     ..
                 }
             ));
+        }
+        // The classifiers start as their reference implementations'.
+        for (kind, std, drop) in [
+            (ModelKind::Tsn, 0.001, 0.0),
+            (ModelKind::Tsm, 0.001, 0.5),
+            (ModelKind::I3d, 0.01, 0.5),
+        ] {
+            let mut c = TrainConfig::paper(kind, AdaVariant::None);
+            assert_eq!(c.model_config.head_dropout, drop, "{}", kind.name());
+            c.backbone = BackboneKind::Resnet18;
+            c.model_config.feature_dim = 64;
+            let (vm, _) = build(&c, 12, Streams::of(0, 0), None, &Device::Cpu).unwrap();
+            let data = vm.data().lock().unwrap();
+            let w: Vec<f32> = data[&format!("{}.weight", kind.classifier_name())]
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let sd = (w.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / w.len() as f64).sqrt();
+            assert!((sd / std - 1.0).abs() < 0.2, "{}: std {sd}", kind.name());
+            let b: Vec<f32> = data[&format!("{}.bias", kind.classifier_name())]
+                .as_tensor()
+                .to_vec1()
+                .unwrap();
+            assert!(b.iter().all(|v| *v == 0.0));
         }
         // APN's single-layer ADA stays video ADA (Table 2's "APN+ADA").
         assert!(matches!(

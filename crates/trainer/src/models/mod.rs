@@ -77,16 +77,21 @@ pub enum ModelKind {
 pub enum Sampling {
     /// TSN's sparse sampling: one frame from each of `M` equal segments.
     Segments(usize),
-    /// A contiguous window of `T` frames: random in training, centred in evaluation (looped
-    /// when the video is shorter).
-    Dense(usize),
+    /// A window of `frames` frames `stride` apart: random in training, centred in evaluation
+    /// (looped when the video is shorter).
+    Dense {
+        /// Frames `T`.
+        frames: usize,
+        /// Frames between two sampled ones (1 = contiguous).
+        stride: usize,
+    },
 }
 
 impl Sampling {
     /// Frames per clip.
     pub fn frames(self) -> usize {
         match self {
-            Sampling::Segments(n) | Sampling::Dense(n) => n,
+            Sampling::Segments(n) | Sampling::Dense { frames: n, .. } => n,
         }
     }
 }
@@ -125,10 +130,46 @@ impl ModelKind {
         )
     }
 
+    /// Dropout right before the classifier, as the model's reference implementation has it:
+    /// TSM 0.5 (its `--dropout` for Kinetics and Something-Something), I3D and Non-local 0.5
+    /// (mmaction2's `I3DHead` `dropout_ratio`); TSN 0 here because its one dropout (0.8 for
+    /// RGB, before `new_fc`) is the backbone's projection dropout in this framework; TRN's
+    /// relation module has none; APN's classifier reads the pyramid directly (the released
+    /// code's dropout is in the attention blocks).
+    pub fn classifier_dropout(self) -> f32 {
+        match self {
+            ModelKind::Tsm | ModelKind::I3d | ModelKind::NonLocal => 0.5,
+            ModelKind::Tsn | ModelKind::Trn | ModelKind::TrnAttn | ModelKind::Apn => 0.0,
+        }
+    }
+
+    /// The classifier's initialisation, where the reference implementation sets one: normal
+    /// weights of this standard deviation and zero bias (TSN and TSM: 0.001 for `new_fc`;
+    /// mmaction2's I3D head: 0.01). `None`: PyTorch's default uniform bounds.
+    pub fn classifier_init_std(self) -> Option<f64> {
+        match self {
+            ModelKind::Tsn | ModelKind::Tsm => Some(0.001),
+            ModelKind::I3d | ModelKind::NonLocal => Some(0.01),
+            ModelKind::Trn | ModelKind::TrnAttn | ModelKind::Apn => None,
+        }
+    }
+
+    /// The variable prefix of the classifier (`head.fc`, or the networks' `backbone.new_fc`).
+    pub fn classifier_name(self) -> &'static str {
+        if self.is_head() {
+            "head.fc"
+        } else {
+            "backbone.new_fc"
+        }
+    }
+
     /// The frames the loader feeds this kind.
     pub fn sampling(self, cfg: &ModelConfig) -> Sampling {
         match self {
-            ModelKind::I3d | ModelKind::NonLocal => Sampling::Dense(cfg.clip_frames),
+            ModelKind::I3d | ModelKind::NonLocal => Sampling::Dense {
+                frames: cfg.clip_frames,
+                stride: cfg.clip_stride,
+            },
             _ => Sampling::Segments(cfg.segments),
         }
     }
@@ -191,6 +232,11 @@ pub struct ModelConfig {
     /// Frames of a dense clip (I3D, Non-local).
     #[serde(default = "default_clip_frames")]
     pub clip_frames: usize,
+    /// Frames between two frames of a dense clip: 2, as mmaction2's Kinetics I3D and
+    /// Non-local inputs (32 x 2: 32 frames over about 2.5 s at 25 fps), which the paper's
+    /// Kinetics-pretrained 3-D ResNet-50s with "32 input frames" (§5.2) were trained on.
+    #[serde(default = "default_clip_stride")]
+    pub clip_stride: usize,
     /// TSM shifts `1 / shift_div` of the channels each way.
     #[serde(default = "default_shift_div")]
     pub shift_div: usize,
@@ -198,6 +244,10 @@ pub struct ModelConfig {
 
 fn default_clip_frames() -> usize {
     32
+}
+
+fn default_clip_stride() -> usize {
+    2
 }
 
 fn default_shift_div() -> usize {
@@ -215,6 +265,7 @@ impl Default for ModelConfig {
             trn_bottleneck: 256,
             head_dropout: 0.6,
             clip_frames: default_clip_frames(),
+            clip_stride: default_clip_stride(),
             shift_div: default_shift_div(),
         }
     }
