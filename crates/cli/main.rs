@@ -7,7 +7,6 @@ mod bench;
 mod features;
 mod logging;
 mod prep;
-mod report;
 mod train;
 
 use std::process::ExitCode;
@@ -39,7 +38,7 @@ enum Command {
     /// Cache per-frame backbone features of a prepared folder (for `vdg train --features`).
     Features(Box<features::FeaturesArgs>),
     /// Train a model on one direction of a prepared benchmark and test it on the targets.
-    Train(Box<train::TrainArgs>),
+    Train(Box<vdg_bench::cell::TrainArgs>),
     /// Run a benchmark matrix and write leaderboards (`vdg bench run` with no arguments runs
     /// the embedded synthetic benchmark).
     #[command(subcommand)]

@@ -32,8 +32,8 @@ use vdg_data::shard::{
 use vdg_data::{VideoRow, VideoStatus};
 
 use crate::error::{Error, Result};
+use crate::frames::{decode_jpeg, eval_view, resample};
 use crate::init::seeded_init;
-use crate::loader::{decode_jpeg, eval_view, resample};
 use crate::models::blocks::{Backbone, BackboneKind};
 
 pub use vdg_data::shard::features_file_name;

@@ -8,7 +8,11 @@
 //!   the APN attention block), built from differentiable primitives.
 //! - [`nn3d`], [`im2col`]: 3-D convolution and pooling with gradients (Candle has none), and
 //!   the CPU convolution lowering every ResNet trunk uses.
-//! - [`features`]: the per-frame feature cache (`vdg features`).
+//! - [`features`]: the per-frame feature cache (`vdg features`); [`frames`]: JPEG decoding
+//!   and the augmentation views the loader and the cache share; [`loader`]: clips to tensors.
+//!
+//! Dependencies point down: `train` -> `step`, `image_ada`, `checkpoint`, `evaluate` ->
+//! `loader` -> `features` -> `frames`, `models` -> `nn`, `nn3d`, `im2col`.
 //! - [`ada`]: the adversarial ascent (Algorithm 1, lines 6-12) and its variants;
 //!   [`step`]: one training iteration (the clean update and ADA's minimisation);
 //!   [`image_ada`]: the original image ADA of the baselines (maximisation phases).
@@ -39,6 +43,7 @@ pub mod device;
 pub mod error;
 pub mod evaluate;
 pub mod features;
+pub mod frames;
 pub mod im2col;
 pub mod image_ada;
 pub mod init;

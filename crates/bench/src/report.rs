@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 pub const LEADERBOARD_SCHEMA_VERSION: u32 = 2;
 
 /// The paper's published numbers, compiled in (manifests/paper_results.toml).
-pub const PAPER_RESULTS: &str = include_str!("../../manifests/paper_results.toml");
+pub const PAPER_RESULTS: &str = include_str!("../../../manifests/paper_results.toml");
 
 /// One finished run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
