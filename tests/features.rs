@@ -168,6 +168,48 @@ fn features_match_the_backbone_resume_to_the_same_bytes_and_refuse_other_options
     assert_eq!(outputs(&out), outputs(&fresh));
 }
 
+/// `vdg bench run --features` trains every cell on the cache, and the reports mark the frozen
+/// backbone.
+#[test]
+fn bench_runs_on_a_feature_cache_and_marks_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepared_synthetic(tmp.path());
+    let feat = tmp.path().join("feat");
+    let o = features(&data, &feat, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let out = tmp.path().join("bench");
+    let o = run(&[
+        "bench",
+        "run",
+        "--features",
+        feat.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--models",
+        "apn",
+        "--ada",
+        "none",
+        "--seeds",
+        "1",
+        "--epochs",
+        "1",
+        "--directions",
+        "source->target",
+        "-q",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let config = std::fs::read_to_string(
+        out.join("runs/synthetic/source_to_target/apn/none/seed-0/config.toml"),
+    )
+    .unwrap();
+    assert!(config.contains("ada_space = \"features\""), "{config}");
+    let md = std::fs::read_to_string(out.join("leaderboard.md")).unwrap();
+    assert!(
+        md.contains("| APN † |") && md.contains("frozen backbone"),
+        "{md}"
+    );
+}
+
 #[test]
 fn every_head_trains_on_cached_features_and_networks_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
@@ -215,7 +257,7 @@ fn every_head_trains_on_cached_features_and_networks_are_refused() {
         );
         // Only the projection and the head were trained: no trunk weights in checkpoints.
         let ckpt = candle_core::safetensors::load(
-            out.join("member-0").join("best.safetensors"),
+            out.join("member-0/ckpt-000001/best.safetensors"),
             &Device::Cpu,
         )
         .unwrap();

@@ -662,18 +662,32 @@ pub fn render_html(lb: &Leaderboard) -> String {
             esc(b),
             esc(d)
         );
+        let mut deviations: Vec<&String> = Vec::new();
         for a in &aggs {
             let _ = write!(
                 out,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.2}</td><td>{:.2}</td></tr>",
+                "<tr><td>{}{}</td><td>{}</td><td>{}</td><td>{:.2}</td><td>{:.2}</td></tr>",
                 esc(&display_model(&a.model)),
+                if a.deviations.is_empty() { "" } else { " †" },
                 esc(&a.ada),
                 a.seeds,
                 a.mean,
                 a.std
             );
+            for d in &a.deviations {
+                if !deviations.contains(&d) {
+                    deviations.push(d);
+                }
+            }
         }
         let _ = write!(out, "</table>");
+        if !deviations.is_empty() {
+            let _ = write!(out, "<p>† Deviates from the paper's protocol:</p><ul>");
+            for d in deviations {
+                let _ = write!(out, "<li>{}</li>", esc(d));
+            }
+            let _ = write!(out, "</ul>");
+        }
         // Bar chart.
         let (w, h, pad) = (60.0 * aggs.len() as f64 + 60.0, 240.0, 30.0);
         let _ = write!(
