@@ -188,6 +188,7 @@ fn loader(c: &mut Criterion) {
             input_size: 224,
             train,
             batch_size: 8,
+            flip: true,
             seed: 0,
         };
         let name = if train {
@@ -221,6 +222,7 @@ fn loader(c: &mut Criterion) {
         input_size: 224,
         train: true,
         batch_size: 40,
+        flip: true,
         seed: 0,
     };
     let mut epoch = 0;

@@ -385,8 +385,8 @@ fn bad_training_inputs_are_clear_errors() {
 
 /// The pipeline learns: TRN on the embedded synthetic benchmark reaches a source-validation
 /// accuracy far above chance (1/6). A loader that misaligned clips and labels, or shuffled the
-/// labels, would sit at chance. Measured: best epoch 73.3 % (30 validation clips) with these
-/// settings; the threshold is three times chance.
+/// labels, would sit at chance. Measured with these settings (the default bench's, 2026-12-02):
+/// 86-92 % at the selected epoch over seeds 0-2 (114 validation clips); the threshold is 60 %.
 #[test]
 fn a_temporal_model_learns_the_source_far_above_chance() {
     let tmp = tempfile::tempdir().unwrap();
@@ -423,7 +423,7 @@ fn a_temporal_model_learns_the_source_far_above_chance() {
         "--projection-dropout",
         "0.2",
         "--epochs",
-        "12",
+        "4",
         "--out",
         out.to_str().unwrap(),
         "-q",
@@ -437,7 +437,7 @@ fn a_temporal_model_learns_the_source_far_above_chance() {
         .as_f64()
         .unwrap();
     assert!(
-        best >= 50.0,
+        best >= 60.0,
         "source-val top-1 {best:.1} % is not far above chance (16.7 %)"
     );
 }

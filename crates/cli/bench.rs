@@ -100,7 +100,12 @@ fn bench_run(a: &BenchRunArgs, quiet: bool) -> Result<ExitCode> {
     }
     crate::logging::set_bar(None);
     let outcome = outcome?;
-    if !quiet {
+    if quiet {
+        // The one-line summary per benchmark is printed even with -q.
+        for line in report::summary(&outcome.leaderboard) {
+            println!("{line}");
+        }
+    } else {
         print!("{}", report::render_markdown(&outcome.leaderboard));
     }
     println!(

@@ -77,7 +77,7 @@ pub enum PrepCommand {
 /// `vdg prep synthetic`'s own options.
 #[derive(Debug, Args)]
 pub struct SyntheticArgs {
-    /// Size: tiny (4 clips per class and domain), small (16, the default bench), full (60).
+    /// Size: tiny (4 clips per class and domain), small (48, the default bench), full (120).
     #[arg(long, default_value = "small")]
     pub scale: String,
     #[command(flatten)]

@@ -282,6 +282,7 @@ pub fn resolve(a: &TrainArgs, git_revision: &str) -> Result<(RunRecord, RunSpec)
     };
     let _: Protocol = c.protocol;
     c.model_config.segments = manifest.segments as usize;
+    c.horizontal_flip = manifest.horizontal_flip;
     if let Some(b) = &a.backbone {
         c.backbone = BackboneKind::from_name(b)?;
     }

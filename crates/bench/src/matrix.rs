@@ -228,7 +228,7 @@ impl BenchConfig {
             ada: vec!["none".into(), "default".into()],
             directions: vec![],
             seeds: 3,
-            epochs: synthetic.then_some(12),
+            epochs: synthetic.then_some(4),
             batch_size: synthetic.then_some(16),
             lr: synthetic.then_some(0.005),
             backbone: synthetic.then(|| "small_cnn".into()),
@@ -598,6 +598,7 @@ pub fn collect(out: &Path, git_revision: &str) -> Result<Leaderboard> {
     let mut fingerprints = BTreeMap::new();
     let mut classes = BTreeMap::new();
     let mut git = git_revision.to_owned();
+    let mut model_notes = BTreeMap::new();
     let root = out.join("runs");
     let mut metric_files: Vec<PathBuf> = walk(&root);
     metric_files.sort();
@@ -661,7 +662,14 @@ pub fn collect(out: &Path, git_revision: &str) -> Result<Leaderboard> {
             member_mean_top1: member_mean(&metrics),
             ada_method: record.ada_method.clone(),
             deviations: record.deviations.clone(),
+            source_val_top1: selected_source_val(&metrics),
+            chance: 100.0 / n.max(1) as f64,
         });
+        if !model_notes.contains_key(&record.benchmark)
+            && let Some(m) = manifest_of(Path::new(&record.data))
+        {
+            model_notes.insert(record.benchmark.clone(), m.model_notes);
+        }
     }
     if runs.is_empty() {
         bail!("{}: no finished runs under runs/", out.display());
@@ -699,7 +707,42 @@ pub fn collect(out: &Path, git_revision: &str) -> Result<Leaderboard> {
         classes,
         aggregates: report::aggregate(&runs),
         runs,
+        model_notes,
     })
+}
+
+/// The source-validation top-1 of each member's selected epoch, averaged over the members
+/// (`None` when no member recorded a validation accuracy for it).
+fn selected_source_val(metrics: &Metrics) -> Option<f64> {
+    if metrics.source_val_clips == 0 {
+        return None;
+    }
+    let v: Vec<f64> = metrics
+        .members
+        .iter()
+        .filter_map(|m| {
+            m.epochs
+                .iter()
+                .find(|e| e.epoch == m.selected_epoch)
+                .map(|e| e.source_val_top1)
+        })
+        .collect();
+    (!v.is_empty() && v.len() == metrics.members.len())
+        .then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
+/// The manifest a prepared folder or feature cache was made with.
+fn manifest_of(data: &Path) -> Option<Manifest> {
+    let prep: serde_json::Value =
+        match std::fs::read_to_string(data.join(vdg_data::shard::PREP_FILE)) {
+            Ok(t) => serde_json::from_str(&t).ok()?,
+            Err(_) => {
+                vdg_trainer::features::FeaturesRecord::open(data)
+                    .ok()??
+                    .prep
+            }
+        };
+    Manifest::from_toml(prep["manifest_toml"].as_str()?, data).ok()
 }
 
 /// The members' own top-1 over all target clips, averaged over the members.

@@ -51,6 +51,13 @@ pub struct RunResult {
     /// Where the run departs from the paper's protocol.
     #[serde(default)]
     pub deviations: Vec<String>,
+    /// In-domain accuracy: source-validation top-1 (%) of the selected epoch, averaged over
+    /// the members (`None` when the source has no validation split).
+    #[serde(default)]
+    pub source_val_top1: Option<f64>,
+    /// Chance level (%): 100 / classes.
+    #[serde(default)]
+    pub chance: f64,
 }
 
 fn one() -> usize {
@@ -86,6 +93,15 @@ pub struct Aggregate {
     /// Deviations from the paper's protocol of any of the runs.
     #[serde(default)]
     pub deviations: Vec<String>,
+    /// Mean and std over seeds of the in-domain (source-validation) top-1.
+    #[serde(default)]
+    pub source_val: Option<(f64, f64)>,
+    /// Mean and std over seeds of the DG gap: source-validation minus target top-1.
+    #[serde(default)]
+    pub gap: Option<(f64, f64)>,
+    /// Chance level (%).
+    #[serde(default)]
+    pub chance: f64,
 }
 
 fn mean_std(v: &[f64]) -> (f64, f64) {
@@ -118,6 +134,10 @@ pub struct Leaderboard {
     pub runs: Vec<RunResult>,
     /// Mean and std over seeds.
     pub aggregates: Vec<Aggregate>,
+    /// Per benchmark, notes on models from the benchmark's manifest (`model_notes`: TSN's
+    /// order-blind ceiling on the synthetic benchmark).
+    #[serde(default)]
+    pub model_notes: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 /// Aggregates runs over seeds, in a stable order.
@@ -147,6 +167,17 @@ pub fn aggregate(runs: &[RunResult]) -> Vec<Aggregate> {
             } else {
                 (None, None)
             };
+            let sv: Vec<f64> = v.iter().filter_map(|r| r.source_val_top1).collect();
+            let (source_val, gap) = if sv.len() == v.len() && !sv.is_empty() {
+                let gaps: Vec<f64> = v
+                    .iter()
+                    .filter_map(|r| r.source_val_top1.map(|s| s - r.top1))
+                    .collect();
+                (Some(mean_std(&sv)), Some(mean_std(&gaps)))
+            } else {
+                (None, None)
+            };
+            let chance = v.first().map_or(0.0, |r| r.chance);
             let mut deviations: Vec<String> = Vec::new();
             for r in &v {
                 for d in &r.deviations {
@@ -167,6 +198,9 @@ pub fn aggregate(runs: &[RunResult]) -> Vec<Aggregate> {
                 member_mean,
                 member_std,
                 deviations,
+                source_val,
+                gap,
+                chance,
             }
         })
         .collect()
@@ -586,11 +620,175 @@ pub fn render_markdown(lb: &Leaderboard) -> String {
                 let _ = writeln!(out, "  - {d}");
             }
         }
-        if !notes.is_empty() || !deviations.is_empty() {
+        if let Some(model_notes) = lb.model_notes.get(&b) {
+            for m in &models {
+                if let Some(n) = model_notes.get(m) {
+                    let _ = writeln!(out, "- {}: {n}", display_model(m));
+                }
+            }
+        }
+        if !notes.is_empty() || !deviations.is_empty() || lb.model_notes.contains_key(&b) {
+            let _ = writeln!(out);
+        }
+        // In-domain accuracy, target accuracy and the gap between them, per cell.
+        let mut cells: Vec<&&Aggregate> = aggs.iter().filter(|a| a.source_val.is_some()).collect();
+        if !cells.is_empty() {
+            cells.sort_by_key(|a| {
+                (
+                    rank(&a.model),
+                    ada_rank(&a.ada),
+                    dirs.iter().position(|d| *d == a.direction),
+                )
+            });
+            let _ = writeln!(
+                out,
+                "In-domain (source-validation) and target top-1 (%), and the DG gap between them, \
+                 mean ± std over seeds:\n"
+            );
+            let _ = writeln!(
+                out,
+                "| Model | ADA | Direction | Source val | Target | DG gap | Chance |"
+            );
+            let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+            for a in cells {
+                let (sv, ss) = a.source_val.unwrap_or_default();
+                let (g, gs) = a.gap.unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {sv:.2} ± {ss:.2} | {:.2} ± {:.2} | {g:.2} ± {gs:.2} | {:.2} |",
+                    display_model(&a.model),
+                    a.ada,
+                    a.direction,
+                    a.mean,
+                    a.std,
+                    a.chance
+                );
+            }
             let _ = writeln!(out);
         }
     }
+    for line in summary(lb) {
+        let _ = writeln!(out, "{line}");
+    }
     out
+}
+
+/// Two-sided 95 % Student t quantile for `df` degrees of freedom.
+fn t95(df: usize) -> f64 {
+    const T: [f64; 10] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    ];
+    match df {
+        0 => f64::NAN,
+        1..=10 => T[df - 1],
+        11..=20 => 2.086,
+        21..=40 => 2.021,
+        _ => 1.96,
+    }
+}
+
+/// One line per benchmark: the best model by mean target top-1 over its directions, and for
+/// every model trained with and without ADA the ADA effect: the mean over (direction, seed)
+/// pairs of (with - without), with its 95 % confidence interval (Student t over the pairs).
+pub fn summary(lb: &Leaderboard) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut benchmarks: Vec<&String> = lb.aggregates.iter().map(|a| &a.benchmark).collect();
+    benchmarks.dedup();
+    for b in benchmarks {
+        // Best (model, ada) by the mean of its per-direction means.
+        let mut by_cell: BTreeMap<(&str, &str), Vec<f64>> = BTreeMap::new();
+        for a in lb.aggregates.iter().filter(|a| &a.benchmark == b) {
+            by_cell
+                .entry((a.model.as_str(), a.ada.as_str()))
+                .or_default()
+                .push(a.mean);
+        }
+        let Some(((m, v), best)) = by_cell
+            .iter()
+            .map(|(k, v)| (k, v.iter().sum::<f64>() / v.len() as f64))
+            .max_by(|x, y| x.1.total_cmp(&y.1))
+        else {
+            continue;
+        };
+        let label = if *v == "none" {
+            display_model(m)
+        } else {
+            format!("{} + {v}", display_model(m))
+        };
+        let mut effects = Vec::new();
+        let mut models: Vec<&str> = lb
+            .runs
+            .iter()
+            .filter(|r| &r.benchmark == b)
+            .map(|r| r.model.as_str())
+            .collect();
+        models.sort_by_key(|m| {
+            ["tsn", "trn", "trn_attn", "tsm", "i3d", "non_local", "apn"]
+                .iter()
+                .position(|x| x == m)
+                .unwrap_or(usize::MAX)
+        });
+        models.dedup();
+        for m in models {
+            let mut variants: Vec<&str> = lb
+                .runs
+                .iter()
+                .filter(|r| &r.benchmark == b && r.model == m && r.ada != "none")
+                .map(|r| r.ada.as_str())
+                .collect();
+            variants.sort_by_key(|v| ada_rank(v));
+            variants.dedup();
+            for v in variants {
+                let diffs: Vec<f64> = lb
+                    .runs
+                    .iter()
+                    .filter(|r| &r.benchmark == b && r.model == m && r.ada == v)
+                    .filter_map(|w| {
+                        lb.runs
+                            .iter()
+                            .find(|r| {
+                                &r.benchmark == b
+                                    && r.model == m
+                                    && r.ada == "none"
+                                    && r.direction == w.direction
+                                    && r.seed == w.seed
+                            })
+                            .map(|r| w.top1 - r.top1)
+                    })
+                    .collect();
+                if diffs.is_empty() {
+                    continue;
+                }
+                let (mean, sd) = mean_std(&diffs);
+                let half = t95(diffs.len() - 1) * sd / (diffs.len() as f64).sqrt();
+                effects.push(if half.is_finite() {
+                    format!(
+                        "{} + {v} {mean:+.2} [{:+.2}, {:+.2}]",
+                        display_model(m),
+                        mean - half,
+                        mean + half
+                    )
+                } else {
+                    format!(
+                        "{} + {v} {mean:+.2} (one pair: no interval)",
+                        display_model(m)
+                    )
+                });
+            }
+        }
+        let mut line = format!(
+            "Summary ({b}): best {label}, {best:.2} % mean target top-1 over its directions"
+        );
+        if !effects.is_empty() {
+            let _ = write!(
+                line,
+                "; ADA effect, points, mean over (direction, seed) pairs [95 % CI]: {}",
+                effects.join("; ")
+            );
+        }
+        lines.push(line + ".");
+    }
+    lines
 }
 
 /// One CSV row per run.
@@ -627,18 +825,108 @@ fn esc(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// A self-contained HTML page (no network fetch): the tables, one bar chart per direction
-/// (mean with ± std error bars per model and ADA setting), and the confusion matrix of the
-/// best run.
+/// A vertical bar chart as inline SVG: one bar per `(label, sublabel, value, std, colour)`,
+/// a labelled y axis in %, a dashed chance line, ± std error bars.
+fn bar_chart(
+    bars: &[(String, String, f64, Option<f64>, &str)],
+    chance: f64,
+    title: &str,
+) -> String {
+    let mut out = String::new();
+    let (left, top, h, bw, gap) = (44.0, 24.0, 200.0, 34.0, 14.0);
+    // Room on the right for the chance label.
+    let w = left + (bw + gap) * bars.len() as f64 + gap + 56.0;
+    let total_h = top + h + 48.0;
+    let y = |v: f64| top + h - v.clamp(0.0, 100.0) / 100.0 * h;
+    let _ = write!(
+        out,
+        "<svg width=\"{w:.0}\" height=\"{total_h:.0}\" role=\"img\" aria-label=\"{}\" \
+         font-family=\"sans-serif\"><text x=\"{left}\" y=\"14\" font-size=\"12\">{}</text>",
+        esc(title),
+        esc(title)
+    );
+    for t in [0.0, 25.0, 50.0, 75.0, 100.0] {
+        let _ = write!(
+            out,
+            "<line x1=\"{left}\" x2=\"{w:.0}\" y1=\"{0:.1}\" y2=\"{0:.1}\" stroke=\"#eee\"/>\
+             <text x=\"{1}\" y=\"{2:.1}\" font-size=\"9\" text-anchor=\"end\">{t:.0}</text>",
+            y(t),
+            left - 4.0,
+            y(t) + 3.0
+        );
+    }
+    let _ = write!(
+        out,
+        "<text x=\"10\" y=\"{0:.1}\" font-size=\"10\" transform=\"rotate(-90 10 {0:.1})\" \
+         text-anchor=\"middle\">top-1 (%)</text>\
+         <line x1=\"{left}\" x2=\"{left}\" y1=\"{top}\" y2=\"{1:.1}\" stroke=\"#333\"/>\
+         <line x1=\"{left}\" x2=\"{w:.0}\" y1=\"{1:.1}\" y2=\"{1:.1}\" stroke=\"#333\"/>",
+        top + h / 2.0,
+        top + h
+    );
+    for (i, (label, sub, v, sd, colour)) in bars.iter().enumerate() {
+        let x = left + gap + (bw + gap) * i as f64;
+        let _ = write!(
+            out,
+            "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{bw}\" height=\"{:.1}\" fill=\"{colour}\">\
+             <title>{} {}: {v:.2}{}</title></rect>",
+            y(*v),
+            top + h - y(*v),
+            esc(label),
+            esc(sub),
+            sd.map_or(String::new(), |s| format!(" ± {s:.2}"))
+        );
+        if let Some(sd) = sd {
+            let _ = write!(
+                out,
+                "<line x1=\"{0:.1}\" x2=\"{0:.1}\" y1=\"{1:.1}\" y2=\"{2:.1}\" stroke=\"#000\"/>",
+                x + bw / 2.0,
+                y(v - sd),
+                y(v + sd)
+            );
+        }
+        let _ = write!(
+            out,
+            "<text x=\"{0:.1}\" y=\"{1:.1}\" font-size=\"9\" text-anchor=\"middle\">{v:.1}</text>\
+             <text x=\"{0:.1}\" y=\"{2:.1}\" font-size=\"10\" text-anchor=\"middle\">{3}</text>\
+             <text x=\"{0:.1}\" y=\"{4:.1}\" font-size=\"9\" text-anchor=\"middle\">{5}</text>",
+            x + bw / 2.0,
+            y(*v) - 3.0,
+            top + h + 14.0,
+            esc(label),
+            top + h + 26.0,
+            esc(sub)
+        );
+    }
+    if chance > 0.0 {
+        let _ = write!(
+            out,
+            "<line x1=\"{left}\" x2=\"{w:.0}\" y1=\"{0:.1}\" y2=\"{0:.1}\" stroke=\"#c00\" \
+             stroke-dasharray=\"4 3\"/><text x=\"{1:.0}\" y=\"{2:.1}\" font-size=\"9\" fill=\"#c00\" \
+             text-anchor=\"end\">chance {chance:.1}</text>",
+            y(chance),
+            w - 2.0,
+            y(chance) - 3.0
+        );
+    }
+    let _ = write!(out, "</svg>");
+    out
+}
+
+/// A self-contained HTML page (no network fetch): per benchmark and direction, the table
+/// (target, in-domain and gap, deviations marked), a bar chart with a chance line, the
+/// paper-vs-this-run chart on the paper's benchmarks, the best run's per-class accuracy and
+/// its confusion matrix with labelled axes; the Markdown report at the end.
 pub fn render_html(lb: &Leaderboard) -> String {
     let mut out = String::new();
     let _ = write!(
         out,
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>videodg leaderboard</title><style>\
-         body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}\
-         td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}th{{background:#f4f4f4}}\
-         td:first-child{{text-align:left}}</style></head><body><h1>videodg leaderboard</h1>\
-         <p>tool {} ({}), schema {}</p>",
+         body{{font-family:sans-serif;margin:1.5em;max-width:1100px}}table{{border-collapse:collapse;margin:0.5em 0}}\
+         td,th{{border:1px solid #ccc;padding:3px 7px;text-align:right;font-size:13px}}th{{background:#f4f4f4}}\
+         td:first-child,td:nth-child(2){{text-align:left}}.charts{{display:flex;flex-wrap:wrap;gap:1.5em;\
+         align-items:flex-start}}h2{{margin-top:1.2em}}pre{{font-size:11px}}</style></head><body>\
+         <h1>videodg leaderboard</h1><p>tool {} ({}), schema {}</p>",
         esc(&lb.tool_version),
         esc(&lb.git_revision),
         lb.schema_version
@@ -650,107 +938,112 @@ pub fn render_html(lb: &Leaderboard) -> String {
             keys.push(k);
         }
     }
+    let rank = |m: &str| {
+        ["tsn", "trn", "trn_attn", "tsm", "i3d", "non_local", "apn"]
+            .iter()
+            .position(|x| *x == m)
+            .unwrap_or(usize::MAX)
+    };
     for (b, d) in &keys {
-        let aggs: Vec<&Aggregate> = lb
+        let mut aggs: Vec<&Aggregate> = lb
             .aggregates
             .iter()
             .filter(|a| &a.benchmark == b && &a.direction == d)
             .collect();
+        aggs.sort_by_key(|a| (rank(&a.model), ada_rank(&a.ada)));
+        let chance = aggs.first().map_or(0.0, |a| a.chance);
         let _ = write!(
             out,
-            "<h2>{} &mdash; {}</h2><table><tr><th>model</th><th>ADA</th><th>seeds</th><th>top-1 mean</th><th>std</th></tr>",
+            "<h2>{} &mdash; {}</h2><table><tr><th>model</th><th>ADA</th><th>seeds</th>\
+             <th>target top-1</th><th>source val</th><th>DG gap</th><th>chance</th></tr>",
             esc(b),
             esc(d)
         );
         let mut deviations: Vec<&String> = Vec::new();
         for a in &aggs {
+            let pm = |x: Option<(f64, f64)>| {
+                x.map_or("—".to_string(), |(m, s)| format!("{m:.2} ± {s:.2}"))
+            };
             let _ = write!(
                 out,
-                "<tr><td>{}{}</td><td>{}</td><td>{}</td><td>{:.2}</td><td>{:.2}</td></tr>",
+                "<tr><td>{}{}</td><td>{}</td><td>{}</td><td>{:.2} ± {:.2}</td><td>{}</td><td>{}</td><td>{:.1}</td></tr>",
                 esc(&display_model(&a.model)),
                 if a.deviations.is_empty() { "" } else { " †" },
                 esc(&a.ada),
                 a.seeds,
                 a.mean,
-                a.std
+                a.std,
+                pm(a.source_val),
+                pm(a.gap),
+                a.chance
             );
-            for d in &a.deviations {
-                if !deviations.contains(&d) {
-                    deviations.push(d);
+            for dv in &a.deviations {
+                if !deviations.contains(&dv) {
+                    deviations.push(dv);
                 }
             }
         }
         let _ = write!(out, "</table>");
         if !deviations.is_empty() {
             let _ = write!(out, "<p>† Deviates from the paper's protocol:</p><ul>");
-            for d in deviations {
-                let _ = write!(out, "<li>{}</li>", esc(d));
+            for dv in deviations {
+                let _ = write!(out, "<li>{}</li>", esc(dv));
             }
             let _ = write!(out, "</ul>");
         }
-        // Bar chart.
-        let (w, h, pad) = (60.0 * aggs.len() as f64 + 60.0, 240.0, 30.0);
-        let _ = write!(
-            out,
-            "<svg width=\"{w}\" height=\"{}\" role=\"img\" aria-label=\"top-1 per model\">",
-            h + 60.0
-        );
-        let _ = write!(
-            out,
-            "<line x1=\"{pad}\" y1=\"{h}\" x2=\"{w}\" y2=\"{h}\" stroke=\"#333\"/>"
-        );
-        for (i, a) in aggs.iter().enumerate() {
-            let x = pad + 10.0 + 60.0 * i as f64;
-            let bh = a.mean / 100.0 * (h - 20.0);
-            let colour = if a.ada == "none" {
-                "#7aa6d6"
-            } else {
-                "#e39b4f"
-            };
-            let _ = write!(
-                out,
-                "<rect x=\"{x}\" y=\"{:.1}\" width=\"40\" height=\"{bh:.1}\" fill=\"{colour}\"><title>{} {}: {:.2} ± {:.2}</title></rect>",
-                h - bh,
-                esc(&a.model),
-                esc(&a.ada),
-                a.mean,
-                a.std
-            );
-            let (lo, hi) = (
-                (a.mean - a.std).max(0.0) / 100.0 * (h - 20.0),
-                (a.mean + a.std).min(100.0) / 100.0 * (h - 20.0),
-            );
-            let _ = write!(
-                out,
-                "<line x1=\"{0}\" x2=\"{0}\" y1=\"{1:.1}\" y2=\"{2:.1}\" stroke=\"#000\"/>",
-                x + 20.0,
-                h - lo,
-                h - hi
-            );
-            let _ = write!(
-                out,
-                "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\" text-anchor=\"middle\">{}</text>",
-                x + 20.0,
-                h + 14.0,
-                esc(&display_model(&a.model))
-            );
-            let _ = write!(
-                out,
-                "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"9\" text-anchor=\"middle\">{}</text>",
-                x + 20.0,
-                h + 26.0,
-                esc(&a.ada)
-            );
-            let _ = write!(
-                out,
-                "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"9\" text-anchor=\"middle\">{:.1}</text>",
-                x + 20.0,
-                h - bh - 4.0,
-                a.mean
-            );
+        let _ = write!(out, "<div class=\"charts\">");
+        let bars: Vec<(String, String, f64, Option<f64>, &str)> = aggs
+            .iter()
+            .map(|a| {
+                (
+                    display_model(&a.model),
+                    a.ada.clone(),
+                    a.mean,
+                    Some(a.std),
+                    if a.ada == "none" {
+                        "#7aa6d6"
+                    } else {
+                        "#e39b4f"
+                    },
+                )
+            })
+            .collect();
+        out.push_str(&bar_chart(
+            &bars,
+            chance,
+            "target top-1, mean ± std over seeds",
+        ));
+        // The paper's numbers beside this run's, where the paper has the variant.
+        let mut paper_bars = Vec::new();
+        for a in &aggs {
+            if let Some(p) = paper_reference(b, &a.model, &a.ada)
+                && let Some((w, with)) = p.values.get(d.as_str())
+            {
+                let paper = if a.ada == "none" { Some(*w) } else { *with };
+                if let Some(pv) = paper {
+                    let sub = if a.ada == "none" { "" } else { a.ada.as_str() };
+                    paper_bars.push((
+                        display_model(&a.model),
+                        format!("{sub} paper"),
+                        pv,
+                        None,
+                        "#aaaaaa",
+                    ));
+                    paper_bars.push((
+                        display_model(&a.model),
+                        format!("{sub} run"),
+                        a.mean,
+                        Some(a.std),
+                        "#e39b4f",
+                    ));
+                }
+            }
         }
-        let _ = write!(out, "</svg>");
-        // Confusion matrix of the best run of this direction.
+        if !paper_bars.is_empty() {
+            out.push_str(&bar_chart(&paper_bars, chance, "paper vs this run"));
+        }
+        let _ = write!(out, "</div>");
+        // The best run of this direction: per-class accuracy and confusion matrix.
         if let Some(best) = lb
             .runs
             .iter()
@@ -758,8 +1051,60 @@ pub fn render_html(lb: &Leaderboard) -> String {
             .max_by(|x, y| x.top1.total_cmp(&y.top1))
         {
             let classes = lb.classes.get(b).cloned().unwrap_or_default();
+            let name = |i: usize| {
+                classes
+                    .get(i)
+                    .cloned()
+                    .unwrap_or_else(|| format!("class {i}"))
+            };
             let n = best.confusion.len();
-            let cell = 22.0;
+            let _ = write!(
+                out,
+                "<h3>Best run: {} + {} seed {} ({:.2} %)</h3><div class=\"charts\">",
+                esc(&display_model(&best.model)),
+                esc(&best.ada),
+                best.seed,
+                best.top1
+            );
+            // Per-class accuracy, horizontal bars.
+            let (lw, bw, row) = (130.0, 200.0, 16.0);
+            let _ = write!(
+                out,
+                "<svg width=\"{:.0}\" height=\"{:.0}\" font-family=\"sans-serif\" role=\"img\" \
+                 aria-label=\"per-class accuracy\"><text x=\"0\" y=\"12\" font-size=\"12\">per-class top-1 (%)</text>",
+                lw + bw + 40.0,
+                24.0 + row * n as f64 + 8.0
+            );
+            for (i, pc) in best.per_class.iter().enumerate() {
+                let yy = 20.0 + row * i as f64;
+                let v = pc.unwrap_or(0.0);
+                let _ = write!(
+                    out,
+                    "<text x=\"{0:.0}\" y=\"{1:.1}\" font-size=\"10\" text-anchor=\"end\">{2}</text>\
+                     <rect x=\"{3:.0}\" y=\"{4:.1}\" width=\"{5:.1}\" height=\"12\" fill=\"#7aa6d6\"/>\
+                     <text x=\"{6:.1}\" y=\"{1:.1}\" font-size=\"9\">{7}</text>",
+                    lw - 4.0,
+                    yy + 10.0,
+                    esc(&name(i)),
+                    lw,
+                    yy,
+                    v / 100.0 * bw,
+                    lw + v / 100.0 * bw + 3.0,
+                    pc.map_or("no clips".to_string(), |v| format!("{v:.0}"))
+                );
+            }
+            if chance > 0.0 {
+                let _ = write!(
+                    out,
+                    "<line x1=\"{0:.1}\" x2=\"{0:.1}\" y1=\"18\" y2=\"{1:.1}\" stroke=\"#c00\" stroke-dasharray=\"4 3\"/>",
+                    lw + chance / 100.0 * bw,
+                    20.0 + row * n as f64
+                );
+            }
+            let _ = write!(out, "</svg>");
+            // Confusion matrix: rows true class, columns predicted class.
+            let cell = 20.0;
+            let (left, top) = (140.0, 110.0);
             let max = best
                 .confusion
                 .iter()
@@ -770,35 +1115,62 @@ pub fn render_html(lb: &Leaderboard) -> String {
                 .max(1);
             let _ = write!(
                 out,
-                "<p>Confusion matrix of the best run ({} {} seed {}, {:.2}%): rows true, columns predicted.</p>",
-                esc(&best.model),
-                esc(&best.ada),
-                best.seed,
-                best.top1
+                "<svg width=\"{:.0}\" height=\"{:.0}\" font-family=\"sans-serif\" role=\"img\" \
+                 aria-label=\"confusion matrix\"><text x=\"{:.1}\" y=\"12\" font-size=\"11\" \
+                 text-anchor=\"middle\">predicted class</text><text x=\"12\" y=\"{:.1}\" font-size=\"11\" \
+                 text-anchor=\"middle\" transform=\"rotate(-90 12 {:.1})\">true class</text>",
+                // Room for the last rotated column label.
+                left + cell * n as f64 + 80.0,
+                top + cell * n as f64 + 10.0,
+                left + cell * n as f64 / 2.0,
+                top + cell * n as f64 / 2.0,
+                top + cell * n as f64 / 2.0
             );
-            let size = 120.0 + cell * n as f64;
-            let _ = write!(out, "<svg width=\"{size}\" height=\"{size}\">");
-            for (i, row) in best.confusion.iter().enumerate() {
-                let name = classes.get(i).map(String::as_str).unwrap_or("");
+            for j in 0..n {
+                let (x, yy) = (left + cell * j as f64 + cell / 2.0, top - 4.0);
                 let _ = write!(
                     out,
-                    "<text x=\"115\" y=\"{:.1}\" font-size=\"9\" text-anchor=\"end\">{}</text>",
-                    14.0 + cell * i as f64,
-                    esc(name)
+                    "<text x=\"{x:.1}\" y=\"{yy:.1}\" font-size=\"9\" transform=\"rotate(-60 {x:.1} {yy:.1})\">{}</text>",
+                    esc(&name(j))
                 );
-                for (j, &v) in row.iter().enumerate() {
+            }
+            for (i, r) in best.confusion.iter().enumerate() {
+                let _ = write!(
+                    out,
+                    "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"9\" text-anchor=\"end\">{}</text>",
+                    left - 4.0,
+                    top + cell * i as f64 + 13.0,
+                    esc(&name(i))
+                );
+                for (j, &v) in r.iter().enumerate() {
                     let shade = 255 - (200 * v / max) as u8;
                     let _ = write!(
                         out,
-                        "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{cell}\" height=\"{cell}\" fill=\"rgb({shade},{shade},255)\"><title>{} -> {}: {v}</title></rect>",
-                        120.0 + cell * j as f64,
-                        cell * i as f64,
-                        esc(name),
-                        esc(classes.get(j).map(String::as_str).unwrap_or(""))
+                        "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{cell}\" height=\"{cell}\" \
+                         fill=\"rgb({shade},{shade},255)\" stroke=\"#fff\"><title>{} -> {}: {v}</title></rect>",
+                        left + cell * j as f64,
+                        top + cell * i as f64,
+                        esc(&name(i)),
+                        esc(&name(j))
                     );
+                    if v > 0 {
+                        let _ = write!(
+                            out,
+                            "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"8\" text-anchor=\"middle\">{v}</text>",
+                            left + cell * j as f64 + cell / 2.0,
+                            top + cell * i as f64 + 13.0
+                        );
+                    }
                 }
             }
-            let _ = write!(out, "</svg>");
+            let _ = write!(out, "</svg></div>");
+        }
+    }
+    let summary = summary(lb);
+    if !summary.is_empty() {
+        let _ = write!(out, "<h2>Summary</h2>");
+        for line in summary {
+            let _ = write!(out, "<p>{}</p>", esc(&line));
         }
     }
     let _ = writeln!(
@@ -831,6 +1203,8 @@ mod tests {
             member_mean_top1: None,
             ada_method: String::new(),
             deviations: Vec::new(),
+            source_val_top1: Some((top1 + 40.0).min(100.0)),
+            chance: 100.0 / 12.0,
         }
     }
 
@@ -1005,6 +1379,10 @@ mod tests {
             classes: BTreeMap::new(),
             aggregates: aggregate(&runs),
             runs,
+            model_notes: BTreeMap::from([(
+                "ucf_hmdb".to_string(),
+                BTreeMap::from([("tsn".to_string(), "order-blind".to_string())]),
+            )]),
         };
         let md = render_markdown(&lb);
         let expected = "\
@@ -1033,7 +1411,22 @@ Data fingerprint `0123456789abcdef`.
 - TRN + ada_star: the arrow compares an ensemble of 4 models with ADA (one per gamma) against 1 model without, so it mixes ADA with ensembling; the \"mean of members\" row compares single models; train the cells without ADA with --ensemble-size 4 for a like-for-like comparison.
 - † Deviates from the paper's protocol, so the paper rows are a reference, not a like-for-like comparison:
   - no pretrained weights
+- TSN: order-blind
 
+In-domain (source-validation) and target top-1 (%), and the DG gap between them, mean ± std over seeds:
+
+| Model | ADA | Direction | Source val | Target | DG gap | Chance |
+|---|---|---|---|---|---|---|
+| TSN | none | ucf->hmdb | 91.00 ± 1.41 | 51.00 ± 1.41 | 40.00 ± 0.00 | 8.33 |
+| TSN | none | hmdb->ucf | 100.00 ± 0.00 | 70.00 ± 0.00 | 30.00 ± 0.00 | 8.33 |
+| TSN | ada | ucf->hmdb | 89.00 ± 0.00 | 49.00 ± 0.00 | 40.00 ± 0.00 | 8.33 |
+| TSN | ada | hmdb->ucf | 100.00 ± 0.00 | 71.00 ± 0.00 | 29.00 ± 0.00 | 8.33 |
+| TRN | none | ucf->hmdb | 92.00 ± 0.00 | 52.00 ± 0.00 | 40.00 ± 0.00 | 8.33 |
+| TRN | ada | ucf->hmdb | 94.00 ± 0.00 | 54.00 ± 0.00 | 40.00 ± 0.00 | 8.33 |
+| TRN | ada_star | ucf->hmdb | 93.00 ± 0.00 | 53.00 ± 0.00 | 40.00 ± 0.00 | 8.33 |
+| APN | none | ucf->hmdb | 95.00 ± 0.00 | 55.00 ± 0.00 | 40.00 ± 0.00 | 8.33 |
+
+Summary (ucf_hmdb): best TSN, 60.50 % mean target top-1 over its directions; ADA effect, points, mean over (direction, seed) pairs [95 % CI]: TSN + ada -1.00 [-5.97, +3.97]; TRN + ada +2.00 (one pair: no interval); TRN + ada_star +1.00 (one pair: no interval).
 ";
         assert_eq!(md, expected, "\n{md}");
         let csv = render_csv(&lb);
@@ -1045,5 +1438,18 @@ Data fingerprint `0123456789abcdef`.
                 && !html.contains("https://")
                 && !html.contains("<script src")
         );
+        // Labelled axes, the chance line, per-class bars, paper vs this run.
+        for needle in [
+            "predicted class",
+            "true class",
+            "top-1 (%)",
+            "chance 8.3",
+            "per-class top-1 (%)",
+            "paper vs this run",
+            "<th>source val</th><th>DG gap</th><th>chance</th>",
+            "Summary (ucf_hmdb)",
+        ] {
+            assert!(html.contains(needle), "{needle}");
+        }
     }
 }

@@ -71,10 +71,18 @@ struct RawManifest {
     #[serde(default)]
     reference: String,
     segments: u32,
+    #[serde(default = "yes")]
+    horizontal_flip: bool,
+    #[serde(default)]
+    model_notes: BTreeMap<String, String>,
     domains: Vec<RawDomain>,
     directions: Vec<RawDirection>,
     split: RawSplit,
     classes: Vec<RawClass>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Deserialize)]
@@ -170,6 +178,13 @@ pub struct Manifest {
     pub reference: String,
     /// Number of temporal segments M the paper uses on this benchmark.
     pub segments: u32,
+    /// Whether training may flip clips horizontally (`false` where left and right tell
+    /// classes apart: Something-Something, as TRN's and TSM's code have it; the synthetic
+    /// benchmark's motion classes).
+    pub horizontal_flip: bool,
+    /// Notes on models that leaderboards print beside their rows (model name -> text), e.g.
+    /// the ceiling of an order-blind model on a benchmark whose classes differ only in order.
+    pub model_notes: BTreeMap<String, String>,
     /// Domains in manifest order.
     pub domains: Vec<Domain>,
     /// Directions in manifest order.
@@ -385,6 +400,8 @@ impl Manifest {
             description: raw.description,
             reference: raw.reference,
             segments: raw.segments,
+            horizontal_flip: raw.horizontal_flip,
+            model_notes: raw.model_notes,
             domains: raw
                 .domains
                 .into_iter()

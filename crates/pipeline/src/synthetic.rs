@@ -4,10 +4,10 @@
 //! *signature*: two consecutive moves (e.g. right then up). The other two sub-actions are
 //! "hold" (the object stays, jittering by a pixel). Domains differ in:
 //! - appearance: `source` draws a light square on a flat dark background; `target` draws a
-//!   coloured disc on a striped background with pixel noise;
+//!   disc of a random bright hue on low-contrast stripes with pixel noise;
 //! - time (the paper's temporal domain shift): in `source` the signature comes first (early
-//!   onset) at normal speed; in `target` it comes last (late onset), faster (the moves cover
-//!   the same distance in fewer frames), with a random extra hold before it.
+//!   onset) at normal speed; in `target` it starts after a random lead-in hold of 6-14 frames
+//!   and is faster (the moves cover the same distance in fewer frames).
 //!
 //! So the order of two adjacent moves (a local relation) identifies the class in both
 //! domains, while "what happens at the start of the clip" (a global cue) misleads across
@@ -53,9 +53,9 @@ pub const DOMAINS: [&str; 2] = ["source", "target"];
 /// Benchmark size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scale {
-    /// 16 clips per class and domain (the default `vdg bench run`).
+    /// 48 clips per class and domain (the default `vdg bench run`).
     Small,
-    /// 60 clips per class and domain.
+    /// 120 clips per class and domain.
     Full,
     /// 4 clips per class and domain (tests).
     Tiny,
@@ -66,8 +66,8 @@ impl Scale {
     pub fn clips(self) -> u32 {
         match self {
             Scale::Tiny => 4,
-            Scale::Small => 16,
-            Scale::Full => 60,
+            Scale::Small => 48,
+            Scale::Full => 120,
         }
     }
 
@@ -110,15 +110,14 @@ pub fn clip_frames(domain: &str, class: usize, index: u32, seed: u64) -> Vec<Vec
     // Sub-action schedule: (move, frames).
     let travel = 14.0f32; // pixels per move
     let schedule: Vec<(Move, u32)> = if target {
-        // Late onset, faster moves, with a random extra hold first.
-        let fast = 5 + rng.random_range(0..2);
-        let lead = FRAMES - 2 * fast;
-        let first_hold = rng.random_range(lead / 3..=2 * lead / 3);
+        // Later onset after a random lead-in hold, faster moves, a shorter hold after.
+        let fast = 6 + rng.random_range(0..2);
+        let lead = rng.random_range(6..=14);
         vec![
-            (Move::Hold, first_hold),
-            (Move::Hold, lead - first_hold),
+            (Move::Hold, lead),
             (a, fast),
             (b, fast),
+            (Move::Hold, FRAMES - lead - 2 * fast),
         ]
     } else {
         let slow = 8;
@@ -141,11 +140,15 @@ pub fn clip_frames(domain: &str, class: usize, index: u32, seed: u64) -> Vec<Vec
     let mut x = rng.random_range(lo_x.min(hi_x)..=hi_x.max(lo_x));
     let mut y = rng.random_range(lo_y.min(hi_y)..=hi_y.max(lo_y));
     let colour: [u8; 3] = if target {
-        [
-            rng.random_range(150..255),
-            rng.random_range(40..120),
-            rng.random_range(40..200),
-        ]
+        // A random hue as bright as the source's object, so the object stays the salient
+        // thing in the frame (appearance shift, not a vanishing object).
+        let mut c = [
+            rng.random_range(120..=255),
+            rng.random_range(120..=255),
+            rng.random_range(120..=255),
+        ];
+        c[rng.random_range(0..3)] = 255;
+        c
     } else {
         let g = rng.random_range(200..255);
         [g, g, g]
@@ -193,13 +196,13 @@ fn draw(
                 colour
             } else if target {
                 let band = ((px + py) as u32 / stripe).is_multiple_of(2);
-                if band { [70, 90, 60] } else { [40, 50, 80] }
+                if band { [55, 60, 45] } else { [30, 35, 55] }
             } else {
                 [30, 30, 30]
             };
             if target {
                 for c in &mut p {
-                    *c = (i32::from(*c) + rng.random_range(-20..=20)).clamp(0, 255) as u8;
+                    *c = (i32::from(*c) + rng.random_range(-12..=12)).clamp(0, 255) as u8;
                 }
             }
             buf[i..i + 3].copy_from_slice(&p);

@@ -71,6 +71,9 @@ pub struct Metrics {
     pub targets: BTreeMap<String, TargetMetrics>,
     /// Selection rule used (flagged when it looked at target labels).
     pub selection: Selection,
+    /// Clips in the source-validation split (0: the `source_val_top1` values mean nothing).
+    #[serde(default)]
+    pub source_val_clips: usize,
 }
 
 /// One member in `metrics.json`.
@@ -102,6 +105,7 @@ pub fn predict(
         input_size,
         train: false,
         batch_size,
+        flip: false,
         seed: 0,
     };
     let mut out = Vec::with_capacity(set.len());

@@ -46,8 +46,8 @@ pub struct View {
     pub flip: bool,
 }
 
-/// The training view: multi-scale crop at a fixed offset, random flip.
-pub fn train_view(w: usize, h: usize, input: usize, rng: &mut impl Rng) -> View {
+/// The training view: multi-scale crop at a fixed offset, random flip when `flip` allows.
+pub fn train_view(w: usize, h: usize, input: usize, flip: bool, rng: &mut impl Rng) -> View {
     let base = w.min(h) as f64;
     let sizes: Vec<usize> = CROP_SCALES
         .iter()
@@ -76,7 +76,7 @@ pub fn train_view(w: usize, h: usize, input: usize, rng: &mut impl Rng) -> View 
         y: y as f64,
         w: cw as f64,
         h: ch as f64,
-        flip: rng.random_bool(0.5),
+        flip: flip && rng.random_bool(0.5),
     }
 }
 

@@ -48,6 +48,20 @@ pub struct ClipSet {
     pub videos: Vec<VideoRow>,
     /// Width of the cached features when `dir` is a feature cache (`features.json`).
     pub feature_dim: Option<usize>,
+    /// Every frame's JPEG of the videos read so far, while they fit in
+    /// [`FRAME_CACHE_BYTES`] (shared by clones: the loader thread and later epochs).
+    cache: std::sync::Arc<std::sync::Mutex<FrameCache>>,
+}
+
+/// Bytes of JPEG frames a [`ClipSet`] keeps in memory after reading them once (small
+/// benchmarks, the synthetic one among them, then never reopen a shard; larger ones read
+/// from the shards as before once the budget is spent).
+pub const FRAME_CACHE_BYTES: usize = 256 << 20;
+
+#[derive(Debug, Default)]
+struct FrameCache {
+    videos: std::collections::HashMap<usize, std::sync::Arc<Vec<Vec<u8>>>>,
+    bytes: usize,
 }
 
 impl ClipSet {
@@ -66,7 +80,50 @@ impl ClipSet {
             dir: dir.to_owned(),
             videos,
             feature_dim,
+            cache: Default::default(),
         })
+    }
+
+    /// The JPEGs of frames `idx` of video `index` (stored from shard row `first`): from the
+    /// cache, or read whole from the shard and cached while the budget lasts.
+    fn frames(&self, index: usize, shard: u32, first: u64, idx: &[u32]) -> Result<Vec<Vec<u8>>> {
+        let cached = self
+            .cache
+            .lock()
+            .ok()
+            .and_then(|c| c.videos.get(&index).cloned());
+        let all = match cached {
+            Some(all) => all,
+            None => {
+                let path = frames_path(&self.dir, shard);
+                let full = self
+                    .cache
+                    .lock()
+                    .map_or(true, |c| c.bytes >= FRAME_CACHE_BYTES);
+                if full {
+                    return Ok(read_frames_at(&path, first, idx)?);
+                }
+                let n = self.videos[index].num_frames;
+                let every: Vec<u32> = (0..n).collect();
+                let all = std::sync::Arc::new(read_frames_at(&path, first, &every)?);
+                if let Ok(mut c) = self.cache.lock() {
+                    c.bytes += all.iter().map(Vec::len).sum::<usize>();
+                    c.videos.insert(index, all.clone());
+                }
+                all
+            }
+        };
+        idx.iter()
+            .map(|&i| {
+                all.get(i as usize).cloned().ok_or_else(|| {
+                    Error::Config(format!(
+                        "{}: frame {i} past its {} frames",
+                        self.videos[index].video_id,
+                        all.len()
+                    ))
+                })
+            })
+            .collect()
     }
 
     /// Number of clips.
@@ -91,6 +148,8 @@ pub struct LoaderConfig {
     pub train: bool,
     /// Clips per batch.
     pub batch_size: usize,
+    /// Training may flip clips horizontally (the benchmark's manifest says).
+    pub flip: bool,
     /// Seed of every random choice.
     pub seed: u64,
 }
@@ -194,7 +253,7 @@ pub fn load_clip(
         }
         return Ok(out);
     }
-    let frames = read_frames_at(&frames_path(&set.dir, shard), first, &idx)?;
+    let frames = set.frames(index, shard, first, &idx)?;
     let s = cfg.input_size;
     let n = idx.len();
     let mut out = vec![0f32; n * 3 * s * s];
@@ -207,7 +266,7 @@ pub fn load_clip(
         })?;
         let vw = *view.get_or_insert_with(|| {
             if cfg.train {
-                train_view(w, h, s, &mut rng)
+                train_view(w, h, s, cfg.flip, &mut rng)
             } else {
                 eval_view(w, h, s)
             }
@@ -345,7 +404,7 @@ mod tests {
     fn views_stay_inside_the_frame() {
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         for _ in 0..200 {
-            let v = train_view(341, 256, 224, &mut rng);
+            let v = train_view(341, 256, 224, true, &mut rng);
             assert!(
                 v.x >= 0.0 && v.y >= 0.0 && v.x + v.w <= 341.0 && v.y + v.h <= 256.0,
                 "{v:?}"

@@ -122,6 +122,10 @@ pub struct TrainConfig {
     /// Image ADA: epochs per stage (default: epochs / (K + 1)).
     #[serde(default)]
     pub ada_phase_interval: Option<usize>,
+    /// Training flips clips horizontally (off where the manifest says left and right tell
+    /// classes apart).
+    #[serde(default = "default_flip")]
+    pub horizontal_flip: bool,
     /// Models without ADA: members of one seed each, combined by `ensemble` like ADA's
     /// gamma-ensemble, for a like-for-like comparison (default 1).
     #[serde(default = "default_ensemble_size")]
@@ -130,6 +134,10 @@ pub struct TrainConfig {
 
 fn default_phases() -> usize {
     image_ada::DEFAULT_PHASES
+}
+
+fn default_flip() -> bool {
+    true
 }
 
 fn default_ensemble_size() -> usize {
@@ -212,6 +220,7 @@ impl TrainConfig {
             ada_space: AdaSpace::Pixels,
             ada_phases: image_ada::DEFAULT_PHASES,
             ada_phase_interval: None,
+            horizontal_flip: true,
             ensemble_size: 1,
         }
     }
@@ -574,6 +583,7 @@ pub fn train_with(
             input_size: cfg.input_size,
             train: true,
             batch_size: cfg.batch_size,
+            flip: cfg.horizontal_flip,
             seed: streams.data,
         };
         let ada_cfg = AdaConfig {
@@ -756,6 +766,7 @@ pub fn train_with(
         members,
         targets: targets_out,
         selection: cfg.selection,
+        source_val_clips: val_set.len(),
     };
     let json = serde_json::to_vec_pretty(&metrics).map_err(|e| Error::Config(e.to_string()))?;
     vdg_data::atomic::AtomicFile::write_all(&spec.out.join("metrics.json"), &json)?;
