@@ -235,3 +235,45 @@ fn bench_list_names_benchmarks_directions_and_models() {
         assert!(s.contains(needle), "{needle}: {s}");
     }
 }
+
+/// `--oracle` adds, per direction and model, a run trained on the target domain's own train
+/// split and tested on its val split, shown as the direction's upper bound.
+#[test]
+fn oracle_rows_train_and_test_on_the_target_domain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("bench");
+    let o = run(&[
+        "bench",
+        "run",
+        "--out",
+        out.to_str().unwrap(),
+        "--scale",
+        "tiny",
+        "--seeds",
+        "1",
+        "--epochs",
+        "1",
+        "--models",
+        "trn",
+        "--ada",
+        "none",
+        "--oracle",
+        "-q",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let dir = out.join("runs/synthetic/source_to_target/trn/oracle-target/seed-0");
+    let config = std::fs::read_to_string(dir.join("config.toml")).unwrap();
+    assert!(config.contains("oracle = \"target\""), "{config}");
+    let metrics: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("metrics.json")).unwrap()).unwrap();
+    // Tested on the target's val split only: fewer clips than the whole domain (24).
+    let clips = metrics["targets"]["target"]["clips"].as_u64().unwrap();
+    assert!(clips > 0 && clips < 24, "{clips}");
+    let md = std::fs::read_to_string(out.join("leaderboard.md")).unwrap();
+    assert!(
+        md.contains("| TRN (oracle: trained and tested on the target) |"),
+        "{md}"
+    );
+    // The oracle is not an ADA variant: no "TRN + oracle" row, no ADA effect for it.
+    assert!(!md.contains("TRN + oracle"), "{md}");
+}

@@ -106,6 +106,10 @@ pub struct TrainArgs {
     /// Image ADA: epochs between maximisation phases (default: epochs / (K + 1)).
     #[arg(long)]
     pub ada_phase_interval: Option<usize>,
+    /// An oracle run, the upper bound of a direction: train on the target domain DOMAIN's own
+    /// `train` split (epoch selected on its `val` split) and test on its `val` split (no ADA).
+    #[arg(long, value_name = "DOMAIN")]
+    pub oracle: Option<String>,
     /// Continue the run in --out from its last checkpoint.
     #[arg(long)]
     pub resume: bool,
@@ -133,6 +137,9 @@ pub struct RunRecord {
     /// such runs and never show a paper row as comparable to them without the mark.
     #[serde(default)]
     pub deviations: Vec<String>,
+    /// For an oracle run, the target domain it trained and tested on.
+    #[serde(default)]
+    pub oracle: Option<String>,
     /// The resolved training configuration.
     pub train: TrainConfig,
 }
@@ -394,12 +401,35 @@ pub fn resolve(a: &TrainArgs, git_revision: &str) -> Result<(RunRecord, RunSpec)
         direction: dir.to_string(),
         ada_method,
         deviations,
+        oracle: a.oracle.clone(),
         train: c,
+    };
+    let (source, targets, target_split) = match &a.oracle {
+        None => (dir.source.clone(), dir.targets.clone(), None),
+        Some(t) => {
+            if !dir.targets.contains(t) {
+                bail!(
+                    "--oracle {t}: direction {dir} has targets {}",
+                    dir.targets.join(", ")
+                );
+            }
+            if a.ada != AdaVariant::None {
+                bail!("an oracle run (--oracle) trains without ADA; drop --ada");
+            }
+            if record.train.selection != Selection::Last {
+                bail!(
+                    "an oracle run tests on the target's val split, so it cannot select its \
+                     epoch there: add --selection last"
+                );
+            }
+            (t.clone(), vec![t.clone()], Some("val".to_string()))
+        }
     };
     let spec = RunSpec {
         data,
-        source: dir.source.clone(),
-        targets: dir.targets.clone(),
+        source,
+        targets,
+        target_split,
         classes: manifest.classes.iter().map(|c| c.name.clone()).collect(),
         out: a.out.clone(),
     };

@@ -144,6 +144,10 @@ pub struct BenchRunArgs {
     /// code's oracle; marked in reports), last.
     #[arg(long)]
     selection: Option<String>,
+    /// Also train, per direction and model, on each target domain's own train split and test
+    /// on its val split: the oracle row, an upper bound for the direction.
+    #[arg(long)]
+    oracle: bool,
     /// A TOML file with any of these settings (a whole paper table, say).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -214,6 +218,8 @@ pub struct BenchConfig {
     pub allow_random_init: bool,
     /// Model selection.
     pub selection: Option<String>,
+    /// Oracle rows.
+    pub oracle: bool,
 }
 
 impl BenchConfig {
@@ -249,6 +255,7 @@ impl BenchConfig {
             ada_phase_interval: None,
             allow_random_init: false,
             selection: None,
+            oracle: false,
         }
     }
 }
@@ -304,7 +311,8 @@ fn resolve_config(a: &BenchRunArgs) -> Result<BenchConfig> {
             ada_phases,
             ada_phase_interval,
             allow_random_init,
-            selection
+            selection,
+            oracle
         );
     }
     macro_rules! flag {
@@ -313,6 +321,9 @@ fn resolve_config(a: &BenchRunArgs) -> Result<BenchConfig> {
     flag!(models, ada, directions, seeds, device, scale, protocol);
     if a.allow_random_init {
         c.allow_random_init = true;
+    }
+    if a.oracle {
+        c.oracle = true;
     }
     macro_rules! opt {
         ($($f:ident),*) => { $( if a.$f.is_some() { c.$f = a.$f.clone(); } )* };
@@ -455,53 +466,79 @@ pub fn run_matrix(a: &BenchRunArgs, host: &Host<'_>) -> Result<MatrixOutcome> {
             }
             for ada in variants {
                 for seed in 0..cfg.seeds {
-                    specs.push((d.clone(), model, ada, seed));
+                    specs.push((d.clone(), model, ada, seed, None::<String>));
+                }
+            }
+            // The oracle: trained and tested on each target domain's own splits.
+            if cfg.oracle {
+                let targets = manifest
+                    .directions
+                    .iter()
+                    .find(|x| x.to_string() == d.replace(' ', ""))
+                    .map(|x| x.targets.clone())
+                    .with_context(|| {
+                        format!("benchmark {} has no direction {d:?}", cfg.benchmark)
+                    })?;
+                for t in targets {
+                    for seed in 0..cfg.seeds {
+                        specs.push((d.clone(), model, AdaVariant::None, seed, Some(t.clone())));
+                    }
                 }
             }
         }
     }
     // Every cell resolves (and passes the pretrained-weights rule) before any trains.
-    let cell_args =
-        |d: &str, model: ModelKind, ada: AdaVariant, seed: u64, dir: PathBuf| TrainArgs {
-            data: cfg.features.is_none().then(|| data.clone()),
-            features: cfg.features.clone(),
-            direction: d.to_string(),
-            model,
-            ada,
-            out: dir,
-            protocol: if cfg.protocol.is_empty() {
-                "paper".into()
-            } else {
-                cfg.protocol.clone()
-            },
-            backbone: if cfg.features.is_some() {
-                None
-            } else {
-                cfg.backbone.clone()
-            },
-            backbone_weights: cfg.backbone_weights.clone(),
-            epochs: cfg.epochs,
-            batch_size: cfg.batch_size,
-            lr: cfg.lr,
-            gammas: cfg.gammas.clone(),
-            ada_steps: cfg.ada_steps,
-            ensemble: None,
-            input_size: cfg.input_size,
-            feature_dim: cfg.feature_dim,
-            clip_frames: cfg.clip_frames,
-            clip_stride: cfg.clip_stride,
-            projection_dropout: cfg.projection_dropout,
-            selection: cfg.selection.clone(),
-            seed,
-            device: cfg.device.clone(),
-            ensemble_size: cfg.ensemble_size,
-            ada_phases: cfg.ada_phases,
-            ada_phase_interval: cfg.ada_phase_interval,
-            resume: true,
-        };
-    for (d, model, ada, seed) in &specs {
+    let cell_args = |d: &str,
+                     model: ModelKind,
+                     ada: AdaVariant,
+                     seed: u64,
+                     oracle: Option<String>,
+                     dir: PathBuf| TrainArgs {
+        // An oracle tests on the target's val split: it takes the last epoch.
+        selection: if oracle.is_some() {
+            Some("last".into())
+        } else {
+            cfg.selection.clone()
+        },
+        oracle,
+        data: cfg.features.is_none().then(|| data.clone()),
+        features: cfg.features.clone(),
+        direction: d.to_string(),
+        model,
+        ada,
+        out: dir,
+        protocol: if cfg.protocol.is_empty() {
+            "paper".into()
+        } else {
+            cfg.protocol.clone()
+        },
+        backbone: if cfg.features.is_some() {
+            None
+        } else {
+            cfg.backbone.clone()
+        },
+        backbone_weights: cfg.backbone_weights.clone(),
+        epochs: cfg.epochs,
+        batch_size: cfg.batch_size,
+        lr: cfg.lr,
+        gammas: cfg.gammas.clone(),
+        ada_steps: cfg.ada_steps,
+        ensemble: None,
+        input_size: cfg.input_size,
+        feature_dim: cfg.feature_dim,
+        clip_frames: cfg.clip_frames,
+        clip_stride: cfg.clip_stride,
+        projection_dropout: cfg.projection_dropout,
+        seed,
+        device: cfg.device.clone(),
+        ensemble_size: cfg.ensemble_size,
+        ada_phases: cfg.ada_phases,
+        ada_phase_interval: cfg.ada_phase_interval,
+        resume: true,
+    };
+    for (d, model, ada, seed, oracle) in &specs {
         let (record, _) = resolve(
-            &cell_args(d, *model, *ada, *seed, out.join("check")),
+            &cell_args(d, *model, *ada, *seed, oracle.clone(), out.join("check")),
             host.git_revision,
         )?;
         if !cfg.allow_random_init
@@ -519,16 +556,19 @@ pub fn run_matrix(a: &BenchRunArgs, host: &Host<'_>) -> Result<MatrixOutcome> {
     let total = specs.len();
     let started = Instant::now();
     host.progress.start(total);
-    for (k, (d, model, ada, seed)) in specs.into_iter().enumerate() {
+    for (k, (d, model, ada, seed, oracle)) in specs.into_iter().enumerate() {
+        let variant = match &oracle {
+            Some(t) => format!("oracle-{t}"),
+            None => ada.name().to_string(),
+        };
         let rel = format!(
-            "runs/{}/{}/{}/{}/seed-{seed}",
+            "runs/{}/{}/{}/{variant}/seed-{seed}",
             cfg.benchmark,
             slug(&d),
             model.name(),
-            ada.name()
         );
         let dir = out.join(&rel);
-        let args = cell_args(&d, model, ada, seed, dir.clone());
+        let args = cell_args(&d, model, ada, seed, oracle, dir.clone());
         let (record, spec) = resolve(&args, host.git_revision)?;
         let config_path = dir.join("config.toml");
         if config_path.exists() {
@@ -641,7 +681,12 @@ pub fn collect(out: &Path, git_revision: &str) -> Result<Leaderboard> {
             benchmark: record.benchmark.clone(),
             direction: record.direction.clone(),
             model: record.train.model.name().into(),
-            ada: record.train.ada.name().into(),
+            // Oracle runs aggregate on their own (over seeds and target domains).
+            ada: if record.oracle.is_some() {
+                "oracle".into()
+            } else {
+                record.train.ada.name().into()
+            },
             seed: record.train.seed,
             top1: if total > 0 {
                 100.0 * f64::from(correct) / f64::from(total)

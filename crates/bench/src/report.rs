@@ -441,7 +441,7 @@ pub fn render_markdown(lb: &Leaderboard) -> String {
             };
             let mut variants: Vec<String> = aggs
                 .iter()
-                .filter(|a| a.model == *m && a.ada != "none")
+                .filter(|a| a.model == *m && a.ada != "none" && a.ada != "oracle")
                 .map(|a| a.ada.clone())
                 .collect();
             variants.sort_by_key(|v| ada_rank(v));
@@ -561,6 +561,42 @@ pub fn render_markdown(lb: &Leaderboard) -> String {
                 }
             }
         }
+        // Oracle rows: the upper bound of each direction.
+        for m in &models {
+            let oracle: Vec<&&Aggregate> = aggs
+                .iter()
+                .filter(|a| a.model == *m && a.ada == "oracle")
+                .collect();
+            if oracle.is_empty() {
+                continue;
+            }
+            let _ = write!(
+                out,
+                "| {} (oracle: trained and tested on the target) |",
+                display_model(m)
+            );
+            let mut vals = Vec::new();
+            for d in &dirs {
+                match oracle.iter().find(|a| &a.direction == d) {
+                    Some(a) => {
+                        let _ = write!(out, " {:.2} ± {:.2} |", a.mean, a.std);
+                        vals.push(a.mean);
+                    }
+                    None => {
+                        let _ = write!(out, " — |");
+                    }
+                }
+            }
+            if vals.len() == dirs.len() && !vals.is_empty() {
+                let _ = writeln!(
+                    out,
+                    " {:.2} |",
+                    vals.iter().sum::<f64>() / vals.len() as f64
+                );
+            } else {
+                let _ = writeln!(out, " — |");
+            }
+        }
         // The paper's rows for what was run.
         let mut papers: Vec<PaperRef> = Vec::new();
         for (m, v) in &shown {
@@ -631,7 +667,11 @@ pub fn render_markdown(lb: &Leaderboard) -> String {
             let _ = writeln!(out);
         }
         // In-domain accuracy, target accuracy and the gap between them, per cell.
-        let mut cells: Vec<&&Aggregate> = aggs.iter().filter(|a| a.source_val.is_some()).collect();
+        // (Oracle runs test on the split they were trained beside: no gap to show.)
+        let mut cells: Vec<&&Aggregate> = aggs
+            .iter()
+            .filter(|a| a.source_val.is_some() && a.ada != "oracle")
+            .collect();
         if !cells.is_empty() {
             cells.sort_by_key(|a| {
                 (
@@ -697,7 +737,11 @@ pub fn summary(lb: &Leaderboard) -> Vec<String> {
     for b in benchmarks {
         // Best (model, ada) by the mean of its per-direction means.
         let mut by_cell: BTreeMap<(&str, &str), Vec<f64>> = BTreeMap::new();
-        for a in lb.aggregates.iter().filter(|a| &a.benchmark == b) {
+        for a in lb
+            .aggregates
+            .iter()
+            .filter(|a| &a.benchmark == b && a.ada != "oracle")
+        {
             by_cell
                 .entry((a.model.as_str(), a.ada.as_str()))
                 .or_default()
@@ -733,7 +777,9 @@ pub fn summary(lb: &Leaderboard) -> Vec<String> {
             let mut variants: Vec<&str> = lb
                 .runs
                 .iter()
-                .filter(|r| &r.benchmark == b && r.model == m && r.ada != "none")
+                .filter(|r| {
+                    &r.benchmark == b && r.model == m && r.ada != "none" && r.ada != "oracle"
+                })
                 .map(|r| r.ada.as_str())
                 .collect();
             variants.sort_by_key(|v| ada_rank(v));
@@ -1366,6 +1412,8 @@ mod tests {
             ens(run("ucf->hmdb", "trn", "ada", 0, 54.0), 51.0),
             ens(run("ucf->hmdb", "trn", "ada_star", 0, 53.0), 50.5),
             dev(run("ucf->hmdb", "apn", "none", 0, 55.0)),
+            run("ucf->hmdb", "trn", "oracle", 0, 60.0),
+            run("ucf->hmdb", "trn", "oracle", 1, 62.0),
         ];
         let lb = Leaderboard {
             schema_version: LEADERBOARD_SCHEMA_VERSION,
@@ -1402,6 +1450,7 @@ Data fingerprint `0123456789abcdef`.
 | TRN + ada_star | 52.00 ± 0.00 / 53.00 ± 0.00 ↑ | — / — | — |
 | TRN + ada_star, mean of members | 52.00 ± 0.00 / 50.50 ± 0.00 ↓ | — / — | — |
 | APN † | 55.00 ± 0.00 / — | — / — | — |
+| TRN (oracle: trained and tested on the target) | 61.00 ± 1.41 | — | — |
 | TSN + ADA (paper, Table 1) | 51.68 / 51.61 ↓ | 68.80 / 68.50 ↓ | 60.24 / 60.05 ↓ |
 | TRN + ADA (paper, Table 2) | 52.83 / 53.28 ↑ | 70.13 / 70.36 ↑ | 61.48 / 61.82 ↑ |
 | TRN + ADA* (paper, Table 2) | 52.83 / 52.56 ↓ | 70.13 / 69.68 ↓ | 61.48 / 61.12 ↓ |

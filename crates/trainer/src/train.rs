@@ -288,6 +288,9 @@ pub struct RunSpec {
     pub source: String,
     /// Target domains.
     pub targets: Vec<String>,
+    /// Test only this source split of the targets (`val` for an oracle run, which trains
+    /// on the target domain's own `train` split); `None`: every target clip.
+    pub target_split: Option<String>,
     /// Class names by label.
     pub classes: Vec<String>,
     /// Run folder.
@@ -503,7 +506,11 @@ pub fn train_with(
         .map(|t| {
             Ok((
                 t.clone(),
-                ClipSet::open(&spec.data, std::slice::from_ref(t), None)?,
+                ClipSet::open(
+                    &spec.data,
+                    std::slice::from_ref(t),
+                    spec.target_split.as_deref(),
+                )?,
             ))
         })
         .collect::<Result<_>>()?;

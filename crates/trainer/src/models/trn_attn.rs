@@ -5,9 +5,11 @@
 //! Each scale's sampled relation features `g` (`[B, R, 256]`) pass through the attention
 //! block `T(g, g)`; `h` on every attended relation and the sums are TRN's. The attention
 //! width must equal TRN's bottleneck. Deviation: §5.3 applies the block to both the `g`
-//! and the `h` features; the `h` features are class scores (width C, which the block's heads
-//! need not divide), and the paper gives no width for that second block, so only `g` is
-//! attended here.
+//! and the `h` features. TRN's `h` features are per-relation class scores (width C), and the
+//! paper gives no setting for a block over them; a one-head block of width C over them was
+//! tried (2026-12-02) and stopped TRN-ATTN from fitting the 8-clip set of
+//! `tests::a_tiny_set_overfits_to_full_accuracy` in 150 steps (every other head fits it; the
+//! block's closing layer norm rescales the class scores), so only `g` is attended here.
 
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
