@@ -53,6 +53,23 @@ fn train_args<'a>(data: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str
     v
 }
 
+/// Starts `vdg train` into `out`, kills it (-9) as soon as `marker` exists under `out`, then
+/// finishes the run with `--resume`.
+fn kill_once_then_resume(data: &str, out: &Path, extra: &[&str], marker: &str) {
+    let o = out.to_str().unwrap();
+    let mut child = vdg().args(train_args(data, o, extra)).spawn().unwrap();
+    let started = Instant::now();
+    while !out.join(marker).exists() && started.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut resume_args = train_args(data, o, extra);
+    resume_args.push("--resume");
+    let r = run(&resume_args);
+    assert_eq!(r.status.code(), Some(0), "{}", text(&r));
+}
+
 #[test]
 fn train_writes_a_run_folder_and_resumes_after_kill_to_the_same_numbers() {
     let tmp = tempfile::tempdir().unwrap();
@@ -127,23 +144,10 @@ fn train_writes_a_run_folder_and_resumes_after_kill_to_the_same_numbers() {
 
     // Same arguments, killed (-9) once the first epoch's checkpoint exists, then resumed.
     let b = tmp.path().join("b");
-    let mut child = vdg()
-        .args(train_args(d, b.to_str().unwrap(), &extra))
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while !b.join("member-0/ckpt-000001").exists() && started.elapsed() < Duration::from_secs(120) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    let mut resume_args = train_args(d, b.to_str().unwrap(), &extra);
-    resume_args.push("--resume");
-    let o = run(&resume_args);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    kill_once_then_resume(d, &b, &extra, "member-0/ckpt-000001");
     assert_eq!(
-        std::fs::read(b.join("metrics.json")).unwrap(),
-        std::fs::read(a.join("metrics.json")).unwrap(),
+        std::fs::read_to_string(b.join("metrics.json")).unwrap(),
+        std::fs::read_to_string(a.join("metrics.json")).unwrap(),
         "resumed run differs from the uninterrupted one"
     );
     // Without --resume an existing run folder is refused; with other arguments too.
@@ -209,22 +213,7 @@ fn image_ada_grows_the_dataset_and_resumes_to_the_same_numbers() {
     assert!(!a.join("member-0/image-ada-phase-2.safetensors").exists());
 
     let b = tmp.path().join("b");
-    let mut child = vdg()
-        .args(train_args(d, b.to_str().unwrap(), &extra))
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while !b.join("member-0/image-ada-phase-1.safetensors").exists()
-        && started.elapsed() < Duration::from_secs(120)
-    {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    let mut resume_args = train_args(d, b.to_str().unwrap(), &extra);
-    resume_args.push("--resume");
-    let o = run(&resume_args);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    kill_once_then_resume(d, &b, &extra, "member-0/image-ada-phase-1.safetensors");
     assert_eq!(
         std::fs::read_to_string(b.join("metrics.json")).unwrap(),
         std::fs::read_to_string(a.join("metrics.json")).unwrap(),

@@ -11,6 +11,12 @@ mod train;
 
 use std::process::ExitCode;
 
+/// mimalloc instead of glibc's allocator: training allocates and frees many large tensors
+/// per step, which glibc serves with mmap/munmap (measured: over half of a small-CNN APN
+/// run's wall time was system time; BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{Parser, Subcommand};
 
 /// videodg: reproducible video domain generalization benchmarks.

@@ -165,6 +165,25 @@ pub fn deviations(c: &TrainConfig, benchmark: &str, features: bool) -> Vec<Strin
     if features {
         d.push("frozen backbone: trained on cached features, ADA in feature space".into());
     }
+    if c.model == ModelKind::TrnAttn {
+        d.push(
+            "TRN-ATTN attends the g features only (§5.3 also attends h; ARCHITECTURE.md says why)"
+                .into(),
+        );
+    }
+    if matches!(
+        c.ada_method(),
+        Ok(vdg_trainer::train::AdaMethod::Video {
+            minimisation: vdg_trainer::step::Minimisation::Sequential,
+            ..
+        })
+    ) {
+        d.push(
+            "ADA anchor R0 taken at the weights after line 5's update (Algorithm 1 takes it \
+             before), so the transport cost starts at exactly 0"
+                .into(),
+        );
+    }
     let resnet = matches!(c.backbone, BackboneKind::Resnet18 | BackboneKind::Resnet50);
     if c.backbone != BackboneKind::Resnet50 {
         d.push(format!("backbone {} (paper: ResNet-50)", c.backbone.name()));

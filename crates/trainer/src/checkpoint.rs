@@ -229,19 +229,19 @@ mod tests {
                 Tensor::full(v, (2, 3), &Device::Cpu).unwrap(),
             )])
         };
-        set(&vm, 1.0);
-        let (o1, s1) = (optim(10.0), state(1));
-        commit(
-            dir.path(),
-            &Commit {
+        // Epoch 1, committed whole: weights 1, momentum 10, the best so far.
+        let commit_epoch_1 = || {
+            set(&vm, 1.0);
+            let (o1, s1) = (optim(10.0), state(1));
+            let c = Commit {
                 vars: &vm,
                 optim: &o1,
                 improved: true,
                 state: &s1,
-            },
-            None,
-        )
-        .unwrap();
+            };
+            commit(dir.path(), &c, None).unwrap();
+        };
+        commit_epoch_1();
         for point in ["weights", "optim", "best", "state", "rename"] {
             set(&vm, 2.0);
             let (o2, s2) = (optim(20.0), state(2));
@@ -292,18 +292,7 @@ mod tests {
                 std::fs::remove_dir_all(dir.path().join("ckpt-000002")).unwrap();
             }
             if latest(dir.path()).unwrap().is_none() {
-                set(&vm, 1.0);
-                commit(
-                    dir.path(),
-                    &Commit {
-                        vars: &vm,
-                        optim: &o1,
-                        improved: true,
-                        state: &s1,
-                    },
-                    None,
-                )
-                .unwrap();
+                commit_epoch_1();
             }
         }
     }

@@ -320,8 +320,13 @@ mod tests {
         }
     }
 
-    /// Runs one iteration of `minimisation` from a fresh model; returns the parameters.
-    fn run(minimisation: Minimisation) -> (Vec<(String, Vec<f32>)>, IterationLosses) {
+    /// Runs `n` iterations of `minimisation` from a fresh model, the ascent on a detached
+    /// twin when `use_twin`; returns the parameters and the last iteration's losses.
+    fn run_iterations(
+        minimisation: Minimisation,
+        use_twin: bool,
+        n: usize,
+    ) -> (Vec<(String, Vec<f32>)>, IterationLosses) {
         let (vm, model) = apn(2);
         seed_dropout(9);
         let mut opt = SgdMomentum::from_varmap(&vm, SgdParams::default(), |_| true).unwrap();
@@ -335,43 +340,25 @@ mod tests {
             cfg: ada(1.0),
             minimisation,
         };
-        let l = iteration(
-            &model,
-            &mut up,
-            &x,
-            &y,
-            &step,
-            None,
-            At { epoch: 0, batch: 0 },
-        )
-        .unwrap();
-        (params(&vm), l)
+        let twin = || -> Result<VideoModel> { Ok(detached(&vm, 2)) };
+        let twin_ref: Option<Twin<'_>> = if use_twin { Some(&twin) } else { None };
+        let at = At { epoch: 0, batch: 0 };
+        let mut last = None;
+        for _ in 0..n {
+            last = Some(iteration(&model, &mut up, &x, &y, &step, twin_ref, at).unwrap());
+        }
+        (params(&vm), last.unwrap())
+    }
+
+    /// One iteration of `minimisation` from a fresh model.
+    fn run(minimisation: Minimisation) -> (Vec<(String, Vec<f32>)>, IterationLosses) {
+        run_iterations(minimisation, false, 1)
     }
 
     #[test]
     fn the_ascent_on_a_detached_twin_gives_the_same_iteration() {
-        let run_with = |use_twin: bool| {
-            let (vm, model) = apn(2);
-            seed_dropout(9);
-            let mut opt = SgdMomentum::from_varmap(&vm, SgdParams::default(), |_| true).unwrap();
-            let mut up = Updater {
-                opt: &mut opt,
-                clip_norm: 20.0,
-            };
-            let (x, y) = batch();
-            let step = AdaStep {
-                targets: AdaVariant::AdaStar.targets(ModelKind::Apn).unwrap(),
-                cfg: ada(1.0),
-                minimisation: Minimisation::Sequential,
-            };
-            let twin = || -> Result<VideoModel> { Ok(detached(&vm, 2)) };
-            let twin_ref: Option<Twin<'_>> = if use_twin { Some(&twin) } else { None };
-            let at = At { epoch: 0, batch: 0 };
-            iteration(&model, &mut up, &x, &y, &step, twin_ref, at).unwrap();
-            iteration(&model, &mut up, &x, &y, &step, twin_ref, at).unwrap();
-            params(&vm)
-        };
-        let (with, without) = (run_with(true), run_with(false));
+        let (with, _) = run_iterations(Minimisation::Sequential, true, 2);
+        let (without, _) = run_iterations(Minimisation::Sequential, false, 2);
         for ((name, a), (_, b)) in with.iter().zip(&without) {
             let diff = a
                 .iter()
