@@ -481,3 +481,43 @@ fn ntu_cameras_are_domains_and_performers_never_straddle_the_split() {
     );
     assert!(vids.iter().any(|v| v.split == "val") && vids.iter().any(|v| v.split == "train"));
 }
+
+/// `vdg prep synthetic` clears and regenerates only a `raw/` folder it made itself (marked
+/// from its first write on); a folder of the user's under that name is left untouched.
+#[test]
+fn synthetic_prep_never_deletes_a_folder_it_did_not_make() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("syn");
+    let raw = out.join("raw");
+    std::fs::create_dir_all(&raw).unwrap();
+    std::fs::write(raw.join("thesis.tex"), "precious").unwrap();
+    let o = prep(&["synthetic", "--out", s(&out), "--scale", "tiny", "-q"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("was not made by `vdg prep synthetic`"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        std::fs::read_to_string(raw.join("thesis.tex")).unwrap(),
+        "precious"
+    );
+    // Its own folder is regenerated when the options change (another seed).
+    let mine = tmp.path().join("mine");
+    let o = prep(&["synthetic", "--out", s(&mine), "--scale", "tiny", "-q"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = prep(&[
+        "synthetic",
+        "--out",
+        s(&mine),
+        "--scale",
+        "tiny",
+        "--seed",
+        "3",
+        "--force",
+        "-q",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let marker = std::fs::read_to_string(mine.join("raw/.vdg-synthetic")).unwrap();
+    assert!(marker.contains("seed=3"), "{marker}");
+}

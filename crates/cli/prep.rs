@@ -204,8 +204,27 @@ fn ensure_synthetic(
         return Ok(());
     }
     if raw.exists() {
+        // Only a folder this command made (it carries the marker from the first write on,
+        // an interrupted generation included) is cleared; anything else is the user's.
+        let empty = std::fs::read_dir(raw)
+            .with_context(|| format!("reading {}", raw.display()))?
+            .next()
+            .is_none();
+        if !marker.exists() && !empty {
+            bail!(
+                "{} exists and was not made by `vdg prep synthetic` (no {} in it); it is left \
+                 untouched: remove it yourself or choose another --out",
+                raw.display(),
+                marker
+                    .file_name()
+                    .map_or("marker".into(), |n| n.to_string_lossy())
+            );
+        }
         std::fs::remove_dir_all(raw).with_context(|| format!("clearing {}", raw.display()))?;
     }
+    std::fs::create_dir_all(raw).with_context(|| format!("creating {}", raw.display()))?;
+    // Claim the folder before writing into it.
+    vdg_data::atomic::AtomicFile::write_all(&marker, b"generating\n")?;
     tracing::info!(
         "generating the synthetic clips ({scale_name}, seed {seed}) into {}",
         raw.display()
