@@ -521,3 +521,63 @@ fn synthetic_prep_never_deletes_a_folder_it_did_not_make() {
     let marker = std::fs::read_to_string(mine.join("raw/.vdg-synthetic")).unwrap();
     assert!(marker.contains("seed=3"), "{marker}");
 }
+
+/// A panic while decoding one video makes that video a failed row naming its file; a panic
+/// in the shard writer stops the run with an error. Neither hangs (injected through the
+/// debug build's `VDG_INJECT_PANIC` hook).
+#[test]
+fn panics_in_a_worker_or_the_writer_never_hang_a_prep() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clean = tmp.path().join("clean");
+    let o = prep(&["synthetic", "--out", s(&clean), "--scale", "tiny", "-q"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let rows =
+        vdg_data::shard::read_videos_table(&clean.join(vdg_data::shard::VIDEOS_FILE)).unwrap();
+    let victim = rows[5].video_id.clone();
+    let run_with = |stage: &str, out: &Path| {
+        let mut child = vdg()
+            .args([
+                "prep",
+                "synthetic",
+                "--out",
+                s(out),
+                "--scale",
+                "tiny",
+                "-q",
+            ])
+            .env("VDG_INJECT_PANIC", format!("{stage}:{victim}"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if started.elapsed() > std::time::Duration::from_secs(120) {
+                let _ = child.kill();
+                panic!("prep with a {stage} panic hung");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        child.wait_with_output().unwrap()
+    };
+    // Decoder: that video fails, named with its file; every other one is stored.
+    let out = tmp.path().join("decode");
+    let o = run_with("decode", &out);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let rows = vdg_data::shard::read_videos_table(&out.join(vdg_data::shard::VIDEOS_FILE)).unwrap();
+    for r in &rows {
+        if r.video_id == victim {
+            assert_eq!(r.status, vdg_data::VideoStatus::Failed);
+            let e = r.error.clone().unwrap_or_default();
+            assert!(e.contains("decoding panicked") && e.contains(".avi"), "{e}");
+        } else {
+            assert_eq!(r.status, vdg_data::VideoStatus::Ok, "{}", r.video_id);
+        }
+    }
+    // Writer: an error, not a hang, and no prep.json claiming completion.
+    let out = tmp.path().join("writer");
+    let o = run_with("writer", &out);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("shard writer panicked"), "{}", text(&o));
+    assert!(!out.join(vdg_data::shard::PREP_FILE).exists());
+}

@@ -571,7 +571,21 @@ fn write_remaining(
 
     std::thread::scope(|ts| {
         let writer = ts.spawn(|| {
-            let r = write_in_order(plan, out, start, rx, rows, shards, &gate, progress);
+            // A panic in the writer must stop the run with an error, not leave the workers
+            // waiting for a position that never comes.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                write_in_order(plan, out, start, rx, rows, shards, &gate, progress)
+            }))
+            .unwrap_or_else(|p| {
+                Err(Error::Io {
+                    path: out.to_owned(),
+                    source: std::io::Error::other(format!(
+                        "the shard writer panicked ({}); shards completed before it are kept, \
+                         rerun to resume",
+                        panic_message(&p)
+                    )),
+                })
+            });
             if r.is_err() {
                 stop.store(true, Ordering::SeqCst);
                 if let Ok(mut st) = gate.state.lock() {
@@ -607,7 +621,8 @@ fn write_remaining(
                                 return;
                             }
                         }
-                        let done = process_unit(&plan.items[range.clone()], &plan.options);
+                        let items = &plan.items[range.clone()];
+                        let done = process_unit_guarded(items, &plan.options);
                         for (k, (row, frames)) in done.into_iter().enumerate() {
                             if tx.send((range.start + k, Done { row, frames })).is_err() {
                                 return;
@@ -661,6 +676,7 @@ fn write_in_order(
                 unreachable!("shard writer was just created")
             };
             if row.status == VideoStatus::Ok {
+                injected_panic("writer", &row.video_id);
                 let first = writer.write_video(&row.video_id, &frames)?;
                 row.shard = Some(writer.index());
                 row.first_row = Some(first);
@@ -684,6 +700,56 @@ fn write_in_order(
         }
     }
     Ok(())
+}
+
+/// The text of a caught panic.
+fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
+}
+
+/// Test hook, honoured by debug builds only: `VDG_INJECT_PANIC=<stage>:<video id>` makes
+/// `stage` (`decode` or `writer`) panic on that video, so tests can check that a panic never
+/// hangs a run nor passes silently.
+fn injected_panic(stage: &str, video_id: &str) {
+    #[cfg(debug_assertions)]
+    if std::env::var("VDG_INJECT_PANIC").is_ok_and(|v| v == format!("{stage}:{video_id}")) {
+        panic!("injected panic at {stage} of {video_id}");
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = (stage, video_id);
+}
+
+/// [`process_unit`], with a panic in decoding turned into failed rows naming the files.
+fn process_unit_guarded(
+    items: &[PlanItem],
+    opts: &ContentOptions,
+) -> Vec<(VideoRow, Vec<EncodedFrame>)> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        for it in items {
+            injected_panic("decode", &it.row.video_id);
+        }
+        process_unit(items, opts)
+    }))
+    .unwrap_or_else(|p| {
+        let msg = panic_message(&p);
+        items
+            .iter()
+            .map(|it| {
+                let mut row = it.row.clone();
+                fail(
+                    &mut row,
+                    format!(
+                        "{}: decoding panicked ({msg}); marked failed",
+                        it.abs_path.display()
+                    ),
+                );
+                (row, Vec::new())
+            })
+            .collect()
+    })
 }
 
 fn finish_shard(
