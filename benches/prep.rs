@@ -251,6 +251,64 @@ fn bench_pku(c: &mut Criterion) {
             assert_eq!(s.record.counts.frames, clip_frames);
         })
     });
+    g.finish();
+
+    // Several recordings of many clips each (PKU-MMD's shape, smaller frames): the job runner
+    // must decode recordings in parallel.
+    let multi = tmp.path().join("pku4");
+    std::fs::create_dir_all(multi.join("RGB_VIDEO")).unwrap();
+    std::fs::create_dir_all(multi.join("Label")).unwrap();
+    let mut multi_frames = 0u64;
+    for r in 1..=4u32 {
+        let name = format!("{r:04}-L");
+        write_pattern_video(
+            &multi.join(format!("RGB_VIDEO/{name}.avi")),
+            "mpeg4",
+            640,
+            360,
+            30,
+            600,
+            r,
+        )
+        .unwrap();
+        // 20 intervals of 25 frames, 5 frames apart.
+        let label: String = (0..20u64)
+            .map(|k| format!("{},{},{},1\n", 1 + k % 7, k * 30, k * 30 + 24))
+            .collect();
+        multi_frames += 20 * 25;
+        std::fs::write(multi.join(format!("Label/{name}.txt")), label).unwrap();
+    }
+    let multi_scan = vdg_pipeline::scan::scan_pku_mmd(&multi, None, 0).unwrap();
+    let multi_out = tmp.path().join("out4");
+    let mut g = c.benchmark_group("pku_4_recordings_x_20_clips");
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(20));
+    g.warm_up_time(Duration::from_secs(2));
+    g.throughput(Throughput::Elements(multi_frames));
+    for jobs in [1usize, 2] {
+        g.bench_function(format!("vdg_prep_jobs{jobs}"), |b| {
+            b.iter(|| {
+                let _ = std::fs::remove_dir_all(&multi_out);
+                let plan =
+                    build_plan(&manifest, &[&multi_scan], &ContentOptions::default()).unwrap();
+                let quiet = |_: &PrepEvent<'_>| {};
+                let s = run_prep(
+                    &plan,
+                    &multi_out,
+                    &RunOptions { jobs, force: false },
+                    &quiet,
+                )
+                .unwrap();
+                assert_eq!(s.record.counts.frames, multi_frames);
+            })
+        });
+    }
+    g.finish();
+    let mut g = c.benchmark_group("pku_1080p_intervals");
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(20));
+    g.warm_up_time(Duration::from_secs(2));
+    g.throughput(Throughput::Elements(clip_frames));
     // The same clips cut the naive way: decode the recording from its start for each interval.
     g.bench_function("decode_once_per_interval", |b| {
         b.iter(|| {

@@ -549,6 +549,8 @@ fn write_remaining(
     } else {
         run.jobs
     };
+    // Backpressure counts units, not videos: a PKU-MMD recording is one unit of ~20 clips,
+    // and a window of clips let only one recording decode at a time whatever `jobs` was.
     let window = 2 * jobs;
     // Units from the resume position on (a resumed unit may start mid-recording).
     let units: Vec<std::ops::Range<usize>> = plan
@@ -606,12 +608,12 @@ fn write_remaining(
                         }
                         let u = next.fetch_add(1, Ordering::SeqCst);
                         let Some(range) = units.get(u) else { return };
-                        // Backpressure: stay within `window` videos of the writer.
+                        // Backpressure: stay within `window` units of the one the writer is in.
                         {
                             let Ok(mut st) = gate.state.lock() else {
                                 return;
                             };
-                            while range.start >= st.0 + window && !st.1 {
+                            while u >= units.partition_point(|r| r.end <= st.0) + window && !st.1 {
                                 st = match gate.cv.wait(st) {
                                     Ok(s) => s,
                                     Err(_) => return,
