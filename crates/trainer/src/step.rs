@@ -237,16 +237,20 @@ mod tests {
 
     /// APN on cached 8-d features with dropout on everywhere (projection 0.5, attention 0.2).
     fn apn(seed: u64) -> (VarMap, VideoModel) {
-        let dev = Device::Cpu;
         let vm = VarMap::new();
-        let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+        let model = apn_on(VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu), seed);
+        seeded_init(&vm, seed).unwrap();
+        (vm, model)
+    }
+
+    /// The model of [`apn`] on the variables of `vb`.
+    fn apn_on(vb: VarBuilder, seed: u64) -> VideoModel {
         let mut cfg = ModelConfig::tiny();
         cfg.segments = 4;
         cfg.attention.dropout = 0.2;
         let backbone = Backbone::cached(8, cfg.feature_dim, 0.5, vb.pp("backbone")).unwrap();
         let head = build_head(ModelKind::Apn, &cfg, 3, seed, vb.pp("head")).unwrap();
-        seeded_init(&vm, seed).unwrap();
-        (vm, VideoModel::frames(backbone, head, ModelKind::Apn))
+        VideoModel::frames(backbone, head, ModelKind::Apn)
     }
 
     fn params(vm: &VarMap) -> Vec<(String, Vec<f32>)> {
@@ -378,13 +382,10 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
             .collect();
-        let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
-        let mut cfg = ModelConfig::tiny();
-        cfg.segments = 4;
-        cfg.attention.dropout = 0.2;
-        let backbone = Backbone::cached(8, cfg.feature_dim, 0.5, vb.pp("backbone")).unwrap();
-        let head = build_head(ModelKind::Apn, &cfg, 3, seed, vb.pp("head")).unwrap();
-        VideoModel::frames(backbone, head, ModelKind::Apn)
+        apn_on(
+            VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
+            seed,
+        )
     }
 
     /// Algorithm 1 written out by hand, with `level2_logits` choosing the classifier line 13
