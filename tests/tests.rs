@@ -10,6 +10,10 @@ mod util;
 // `vdg prep ucf-hmdb`: read-back, failures, determinism, resume, errors.
 mod prep_ucf_hmdb;
 
+// `vdg prep` on real-world files and folders: remuxed H.264, cut copies, partial
+// downloads, wrong paths, hand-edited prep.json.
+mod prep_real_world;
+
 // `vdg prep ssv2`, `pku-mmd`, `ntu`: their layouts, annotations and bad cases.
 mod prep_other;
 

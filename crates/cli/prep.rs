@@ -100,6 +100,7 @@ impl SyntheticArgs {
                 manifest: None,
                 shard_size: 512 << 20,
                 strict_frame_count: false,
+                strict: false,
                 force: false,
             },
         }
@@ -137,10 +138,14 @@ pub struct CommonPrep {
     /// bytes, or with a unit: 200KiB, 512MiB, 1GiB.
     #[arg(long, default_value = "512MiB", value_parser = parse_size, value_name = "SIZE")]
     shard_size: u64,
-    /// Fail a video on any shortfall against the frame count its container declares
-    /// (default tolerance: max(2 frames, 2 %)).
+    /// Fail a video on any shortfall (over half a frame) against the duration its container
+    /// declares (default tolerance: max(2 frames, 2 %)).
     #[arg(long)]
     strict_frame_count: bool,
+    /// Stop (exit 2) when a manifest class has no videos in a domain (a partial download),
+    /// instead of naming it in the summary and prep.json.
+    #[arg(long)]
+    strict: bool,
     /// Replace an existing prep of other inputs or options in --out.
     #[arg(long)]
     force: bool,
@@ -327,6 +332,44 @@ fn prep_with(
         strict_frame_count: c.strict_frame_count,
     };
     let plan = build_plan(manifest, scans, &options)?;
+    let empty = plan.empty_domains();
+    if !empty.is_empty() {
+        let lines: Vec<String> = empty
+            .iter()
+            .map(|d| {
+                let searched = scans
+                    .iter()
+                    .find(|s| s.dataset == d.dataset)
+                    .map_or_else(|| "?".into(), |s| s.root.display().to_string());
+                format!(
+                    "domain {:?} ({}) has no videos of the benchmark: searched {searched}, \
+                     expected {}",
+                    d.name,
+                    d.dataset,
+                    expected_layout(&d.dataset)
+                )
+            })
+            .collect();
+        bail!(
+            "{}\n(check the path; a benchmark needs videos in every domain)",
+            lines.join("\n")
+        );
+    }
+    let empty_classes = plan.empty_classes();
+    if !empty_classes.is_empty() {
+        if c.strict {
+            bail!(
+                "--strict: {} manifest class(es) have no videos: {} (a partial download?)",
+                empty_classes.len(),
+                empty_classes.join(", ")
+            );
+        }
+        tracing::warn!(
+            "{} manifest class(es) have no videos (named again at the end and in prep.json): {}",
+            empty_classes.len(),
+            empty_classes.join(", ")
+        );
+    }
     for (domain, class, native) in &plan.missing_natives {
         tracing::warn!(
             "{}: classes.{class}.native.{domain}: class folder {native:?} is not in the raw data",
@@ -375,6 +418,19 @@ fn prep_with(
     })
 }
 
+/// Where a dataset's videos are expected, for "no videos" errors.
+fn expected_layout(dataset: &str) -> &'static str {
+    match dataset {
+        "ucf101" => "UCF-101/<Class>/v_<Class>_gGG_cCC.avi (the folder or its parent)",
+        "hmdb51" => "hmdb51/<class>/<clip>.avi (the folder or its parent)",
+        "ssv2" => "<id>.webm files named by the annotation's ids",
+        "pku_mmd" => "RGB_VIDEO/NNNN-{L,M,R}.avi with label files for them",
+        "ntu" => "SsssCcccPpppRrrrAaaa_rgb.avi files",
+        "synthetic" => "<domain>/<class>/<clip>.avi made by vdg prep synthetic",
+        _ => "the layout its scanner reads",
+    }
+}
+
 fn print_summary(s: &PrepSummary, out: &Path, unreadable: usize, quiet: bool) {
     let r = &s.record;
     let c = &r.counts;
@@ -385,7 +441,7 @@ fn print_summary(s: &PrepSummary, out: &Path, unreadable: usize, quiet: bool) {
             c.planned,
             c.frames,
             r.shards.len(),
-            &r.fingerprint[..16]
+            r.fingerprint.get(..16).unwrap_or(&r.fingerprint)
         );
     } else if !quiet {
         let resumed = if s.resumed_videos > 0 {
@@ -433,6 +489,14 @@ fn print_summary(s: &PrepSummary, out: &Path, unreadable: usize, quiet: bool) {
     }
     if unreadable > 0 {
         eprintln!("{unreadable} path(s) could not be read (see the warnings above)");
+    }
+    if !c.empty_classes.is_empty() {
+        eprintln!(
+            "{} manifest class(es) have no videos (recorded in prep.json; --strict makes this \
+             an error): {}",
+            c.empty_classes.len(),
+            c.empty_classes.join(", ")
+        );
     }
 }
 

@@ -216,7 +216,8 @@ impl Manifest {
     /// Loads and checks a manifest file.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        Self::from_toml(&text, path)
+        // A byte-order mark (Windows editors) is not TOML.
+        Self::from_toml(text.strip_prefix('\u{feff}').unwrap_or(&text), path)
     }
 
     /// Parses and checks manifest text; `origin` is used in error messages.
@@ -570,6 +571,16 @@ label = 0
 name = "x"
 native = { a = ["X"], b = ["x"] }
 "#;
+
+    #[test]
+    fn a_manifest_file_with_a_byte_order_mark_and_crlf_loads() {
+        let d = tempfile::tempdir().unwrap();
+        let text = include_str!("../../../manifests/ucf_hmdb.toml").replace('\n', "\r\n");
+        let p = d.path().join("m.toml");
+        std::fs::write(&p, format!("\u{feff}{text}\r\n\r\n")).unwrap();
+        let m = Manifest::load(&p).unwrap();
+        assert_eq!(m.classes.len(), 12);
+    }
 
     #[test]
     fn builtin_ucf_hmdb_matches_dataset_facts() {

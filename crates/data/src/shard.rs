@@ -20,8 +20,8 @@ use std::sync::Arc;
 
 use arrow_array::builder::{Float64Builder, Int64Builder, StringBuilder, UInt32Builder};
 use arrow_array::{
-    Array, ArrayRef, BinaryArray, FixedSizeListArray, Float32Array, Float64Array, Int32Array,
-    Int64Array, RecordBatch, StringArray, UInt32Array,
+    Array, ArrayRef, BinaryArray, BooleanArray, FixedSizeListArray, Float32Array, Float64Array,
+    Int32Array, Int64Array, RecordBatch, StringArray, UInt32Array,
 };
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use parquet::arrow::ArrowWriter;
@@ -36,7 +36,7 @@ use crate::atomic::{AtomicFile, Committed, HashingWriter};
 use crate::error::{Error, Result};
 
 /// Version of the shard and videos-table layout; bumped on any incompatible change.
-pub const SHARD_SCHEMA_VERSION: u32 = 1;
+pub const SHARD_SCHEMA_VERSION: u32 = 2;
 /// Name of the videos table in a prepared folder.
 pub const VIDEOS_FILE: &str = "videos.parquet";
 /// Name of the summary written last by prep.
@@ -137,6 +137,22 @@ pub struct VideoRow {
     pub source_height: Option<u32>,
     /// Decoded duration: frames / source fps.
     pub duration_secs: Option<f64>,
+    /// YUV to RGB matrix the frames were converted with (`bt601`, `bt709`, ...).
+    #[serde(default)]
+    pub colour_matrix: Option<String>,
+    /// Range of the source's YUV: `limited` (16-235) or `full`.
+    #[serde(default)]
+    pub colour_range: Option<String>,
+    /// The source did not tag its matrix; it was assumed from the height (BT.709 from 720
+    /// lines up, BT.601 below).
+    #[serde(default)]
+    pub colour_assumed: Option<bool>,
+    /// Sample (pixel) aspect ratio of the source; stored frames have square pixels.
+    #[serde(default)]
+    pub sample_aspect: Option<f64>,
+    /// Clockwise rotation applied from the source's display matrix (0, 90, 180, 270).
+    #[serde(default)]
+    pub rotation: Option<u32>,
     /// Frame shard holding the frames.
     pub shard: Option<u32>,
     /// Row of the first frame within that shard.
@@ -224,6 +240,11 @@ pub fn videos_schema() -> SchemaRef {
             f("source_width", UInt32, true),
             f("source_height", UInt32, true),
             f("duration_secs", Float64, true),
+            f("colour_matrix", Utf8, true),
+            f("colour_range", Utf8, true),
+            f("colour_assumed", Boolean, true),
+            f("sample_aspect", Float64, true),
+            f("rotation", UInt32, true),
             f("shard", UInt32, true),
             f("first_row", Int64, true),
         ],
@@ -603,6 +624,15 @@ pub fn write_videos_table(path: &Path, rows: &[VideoRow]) -> Result<Committed> {
         u32c(&|r| r.source_width),
         u32c(&|r| r.source_height),
         f64c(&|r| r.duration_secs),
+        opt_s(&|r| r.colour_matrix.as_deref()),
+        opt_s(&|r| r.colour_range.as_deref()),
+        Arc::new(
+            rows.iter()
+                .map(|r| r.colour_assumed)
+                .collect::<BooleanArray>(),
+        ) as ArrayRef,
+        f64c(&|r| r.sample_aspect),
+        u32c(&|r| r.rotation),
         u32c(&|r| r.shard),
         i64c(&|r| r.first_row.map(|v| v as i64)),
     ];
@@ -667,6 +697,11 @@ pub fn read_videos_table(path: &Path) -> Result<Vec<VideoRow>> {
             (l("file_bytes")?, l("declared_frames")?, l("first_row")?);
         let (fps, sfps, dur) = (f("fps")?, f("source_fps")?, f("duration_secs")?);
         let (clip_start, clip_end) = (l("clip_start")?, l("clip_end")?);
+        let (matrix, range, rotation) = (s("colour_matrix")?, s("colour_range")?, u("rotation")?);
+        let (assumed, sar) = (
+            column::<BooleanArray>(path, &b, "colour_assumed")?,
+            f("sample_aspect")?,
+        );
         for i in 0..b.num_rows() {
             let os = |a: &StringArray| opt(a, i, |a, i| a.value(i).to_owned());
             rows.push(VideoRow {
@@ -701,6 +736,11 @@ pub fn read_videos_table(path: &Path) -> Result<Vec<VideoRow>> {
                 source_width: opt(sw, i, |a, i| a.value(i)),
                 source_height: opt(sh, i, |a, i| a.value(i)),
                 duration_secs: opt(dur, i, |a, i| a.value(i)),
+                colour_matrix: os(matrix),
+                colour_range: os(range),
+                colour_assumed: opt(assumed, i, |a, i| a.value(i)),
+                sample_aspect: opt(sar, i, |a, i| a.value(i)),
+                rotation: opt(rotation, i, |a, i| a.value(i)),
                 shard: opt(shard, i, |a, i| a.value(i)),
                 first_row: opt(first_row, i, |a, i| a.value(i) as u64),
             });
@@ -904,6 +944,11 @@ mod tests {
             source_width: None,
             source_height: Some(240),
             duration_secs: Some(0.12),
+            colour_matrix: Some("bt601".into()),
+            colour_range: Some("limited".into()),
+            colour_assumed: Some(true),
+            sample_aspect: Some(1.0),
+            rotation: Some(0),
             shard: Some(0),
             first_row: Some(0),
         }

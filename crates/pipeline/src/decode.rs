@@ -1,9 +1,14 @@
 //! In-process decoding through ffmpeg-next: every frame, counted, resized, as packed RGB.
 //!
-//! Frame counts come from decoding, never from the container alone, and are compared with
-//! what the container declares: FFmpeg ends a truncated AVI early without any error, so a
-//! shortfall against the declared count is the only sign of it. Packets are read with
-//! `Packet::read` rather than the packet iterator, which ends silently on read errors.
+//! Frame counts come from decoding, never from the container alone. Whether a file is
+//! complete is judged from evidence in the stream, not from one header field: FFmpeg ends
+//! a truncated AVI, MP4 or WebM early without any error, so the decoded span (timestamps,
+//! or frames over the frame rate) is compared with every duration the container declares
+//! that is known to be exact for it (see [`declared_durations`]); a damaged last packet is
+//! reported with it. A declared frame *count* is not such a truth: an AVI's header counts
+//! time-base ticks (H.264 remuxed into AVI declares about twice its frames) and an MP4's
+//! counts samples an edit list may cut. Packets are read with `Packet::read` rather than
+//! the packet iterator, which ends silently on read errors.
 
 use std::path::Path;
 
@@ -12,15 +17,16 @@ use ffmpeg::software::scaling::{Context as Scaler, Flags};
 use ffmpeg::util::frame::video::Video as VideoFrame;
 use ffmpeg_next as ffmpeg;
 
+use crate::colour::{Colour, rotate_rgb, rotation_of_display_matrix};
 use crate::error::DecodeError;
 
 /// Default short side of stored frames, in pixels (smaller videos are never upscaled).
 pub const DEFAULT_SHORT_SIDE: u32 = 256;
 
-/// A decoded video may fall this far short of the container's declared frame count before it
-/// counts as truncated: `max(DEFAULT_FRAME_SHORTFALL_ABS, declared * DEFAULT_FRAME_SHORTFALL_FRAC)`.
-/// Real AVI headers are occasionally off by a frame or two (packed B-frames); truncation loses
-/// far more.
+/// A decoded video may fall this far short of the container's declared duration before it
+/// counts as truncated: `max(DEFAULT_FRAME_SHORTFALL_ABS frames,
+/// DEFAULT_FRAME_SHORTFALL_FRAC x declared)`. Real AVI headers are occasionally off by a
+/// frame or two (packed B-frames); truncation loses far more.
 pub const DEFAULT_FRAME_SHORTFALL_ABS: u64 = 2;
 /// See [`DEFAULT_FRAME_SHORTFALL_ABS`].
 pub const DEFAULT_FRAME_SHORTFALL_FRAC: f64 = 0.02;
@@ -35,6 +41,26 @@ pub fn init() {
     });
 }
 
+/// Versions of the libraries that decide the bytes prep writes: FFmpeg's (as loaded at run
+/// time) and libjpeg-turbo's (as built against). They are part of the prep fingerprint, so
+/// a resume never mixes shards from two decoders.
+pub fn library_versions() -> std::collections::BTreeMap<String, String> {
+    let v = |n: u32| format!("{}.{}.{}", n >> 16, (n >> 8) & 0xff, n & 0xff);
+    std::collections::BTreeMap::from([
+        ("libavutil".to_owned(), v(ffmpeg::util::version())),
+        ("libavcodec".to_owned(), v(ffmpeg::codec::version())),
+        ("libavformat".to_owned(), v(ffmpeg::format::version())),
+        (
+            "libswscale".to_owned(),
+            v(ffmpeg::software::scaling::version()),
+        ),
+        (
+            "libjpeg-turbo".to_owned(),
+            env!("VDG_LIBTURBOJPEG_VERSION").to_owned(),
+        ),
+    ])
+}
+
 /// How frames are resized and how much of the file is read.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DecodeOptions {
@@ -46,6 +72,9 @@ pub struct DecodeOptions {
     /// Stop once this many frames are decoded (the rest of the file is not needed). The
     /// truncation check then only applies if the file ends before that.
     pub stop_after_frames: Option<u64>,
+    /// The caller needs the source frame rate (to thin frames with `--max-fps`): a file
+    /// whose frame rate can be neither read nor derived fails instead of being kept whole.
+    pub require_rate: bool,
 }
 
 impl Default for DecodeOptions {
@@ -54,6 +83,7 @@ impl Default for DecodeOptions {
             short_side: DEFAULT_SHORT_SIDE,
             strict_frame_count: false,
             stop_after_frames: None,
+            require_rate: false,
         }
     }
 }
@@ -90,9 +120,15 @@ pub struct DecodeStats {
     pub kept_frames: u32,
     /// Whether the whole file was read (false when `stop_after_frames` ended it early).
     pub reached_end: bool,
-    /// Frame count declared by the container, when it declares one.
+    /// Frame count declared by the container, when it declares one (informational: see the
+    /// module docs for why it does not decide truncation).
     pub declared_frames: Option<u64>,
-    /// Source frame rate.
+    /// The longest duration the container declares in a form exact for it, in seconds.
+    pub declared_secs: Option<f64>,
+    /// The span the decoded frames cover, in seconds (0 when the rate and timestamps are
+    /// both unknown).
+    pub decoded_secs: f64,
+    /// Source frame rate (0 when neither declared nor derivable).
     pub source_fps: f64,
     /// Source size.
     pub source_width: u32,
@@ -102,8 +138,45 @@ pub struct DecodeStats {
     pub width: u32,
     /// Output size.
     pub height: u32,
+    /// The colour matrix and range the frames were converted with (of the first frame).
+    pub colour: Option<Colour>,
+    /// Sample (pixel) aspect ratio of the source; frames are resampled to square pixels.
+    pub sample_aspect: f64,
+    /// Clockwise rotation applied, from the stream's display matrix (0, 90, 180, 270).
+    pub rotation: u32,
     /// Non-fatal problems (decoder errors on some packets).
     pub warning: Option<String>,
+}
+
+/// The size frames are stored at: the source `w x h` with its sample aspect ratio made
+/// square (the width stretched or the height, whichever grows) and its rotation applied,
+/// then [`output_size`]. Returns the stored size and the size the scaler produces
+/// (before rotation).
+pub fn stored_size(
+    w: u32,
+    h: u32,
+    sar: f64,
+    rotation: u32,
+    short_side: u32,
+) -> ((u32, u32), (u32, u32)) {
+    let (mut dw, mut dh) = (w, h);
+    if sar.is_finite() && sar > 0.0 && (sar - 1.0).abs() > 1e-6 {
+        if sar > 1.0 {
+            dw = ((w as f64 * sar).round() as u32).max(1);
+        } else {
+            dh = ((h as f64 / sar).round() as u32).max(1);
+        }
+    }
+    if rotation % 180 == 90 {
+        std::mem::swap(&mut dw, &mut dh);
+    }
+    let out = output_size(dw, dh, short_side);
+    let scaled = if rotation % 180 == 90 {
+        (out.1, out.0)
+    } else {
+        out
+    };
+    (out, scaled)
 }
 
 /// Output size for a source of `w x h`: shorter side at most `short_side`, aspect kept.
@@ -136,15 +209,158 @@ fn is_eagain(e: &ffmpeg::Error) -> bool {
     matches!(e, ffmpeg::Error::Other { errno } if *errno == ffmpeg::util::error::EAGAIN)
 }
 
+fn positive(r: ffmpeg::Rational) -> Option<f64> {
+    (r.numerator() > 0 && r.denominator() > 0).then(|| f64::from(r))
+}
+
+/// The frame rate of a stream as `av_guess_frame_rate` picks it: the real base rate
+/// (`r_frame_rate`) unless it is implausibly high while the average is plausible. The
+/// average alone misleads: H.264 remuxed into AVI averages ticks, not frames (50 for 25).
+pub fn guess_frame_rate(r_frame_rate: ffmpeg::Rational, avg_frame_rate: ffmpeg::Rational) -> f64 {
+    match (positive(r_frame_rate), positive(avg_frame_rate)) {
+        (Some(r), Some(avg)) if r > 210.0 && avg < 70.0 => avg,
+        (Some(r), _) => r,
+        (None, Some(avg)) => avg,
+        (None, None) => 0.0,
+    }
+}
+
+/// A duration a container declares, and where it says so.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Declared {
+    /// Seconds.
+    pub secs: f64,
+    /// Where it comes from, for messages (`"the AVI header"`).
+    pub source: &'static str,
+    /// A container-wide duration of a file with other streams, which may outlast the video:
+    /// only a large shortfall against it counts.
+    pub loose: bool,
+}
+
+/// Parses Matroska's per-track `DURATION` tag (`HH:MM:SS.nnnnnnnnn`), as FFmpeg's muxer and
+/// others write it.
+pub fn parse_tag_duration(text: &str) -> Option<f64> {
+    let mut parts = text.trim().split(':');
+    let h: f64 = parts.next()?.parse().ok()?;
+    let m: f64 = parts.next()?.parse().ok()?;
+    let s: f64 = parts.next()?.parse().ok()?;
+    if parts.next().is_some() || h < 0.0 || m < 0.0 || s < 0.0 {
+        return None;
+    }
+    let secs = h * 3600.0 + m * 60.0 + s;
+    (secs.is_finite() && secs > 0.0).then_some(secs)
+}
+
+/// What a container says about the video stream's length.
+#[derive(Debug, Clone, Default)]
+pub struct ContainerFacts<'a> {
+    /// FFmpeg's demuxer name (`avi`, `matroska,webm`, `mov,mp4,m4a,3gp,3g2,mj2`).
+    pub format_name: &'a str,
+    /// Streams in the file.
+    pub nb_streams: usize,
+    /// The stream's duration, in seconds.
+    pub stream_secs: Option<f64>,
+    /// The stream's declared frame count.
+    pub frames: Option<u64>,
+    /// The stream's time base, in seconds.
+    pub time_base: f64,
+    /// Matroska's per-track `DURATION` tag, in seconds.
+    pub tag_secs: Option<f64>,
+    /// The container's duration, in seconds.
+    pub container_secs: Option<f64>,
+    /// The frame rate.
+    pub fps: f64,
+}
+
+/// Every duration the container declares for the video stream that is exact for that
+/// container:
+/// - the stream duration (an MP4's honours its edit list; an AVI's is rebuilt from what is
+///   present when the index is gone, so it is not enough on its own);
+/// - for AVI, the header's length, which counts time-base ticks (`frames x time_base`) from
+///   time 0;
+/// - Matroska/WebM's per-track `DURATION` tag, else the segment duration (loose when the
+///   file has other streams, which may be longer than the video);
+/// - a frame count over the frame rate, only where nothing else is declared.
+///
+/// AVI and Matroska durations run from time 0, so a stream that starts late declares its
+/// gap too: every declaration is compared with the time the last decoded frame ends
+/// (never less than the span the decoded frames cover).
+pub fn declared_durations(c: &ContainerFacts<'_>) -> Vec<Declared> {
+    let is = |name: &str| c.format_name.split(',').any(|n| n == name);
+    let mut out = Vec::new();
+    let mut push = |secs: f64, source: &'static str, loose: bool| {
+        if secs.is_finite() && secs > 0.0 {
+            out.push(Declared {
+                secs,
+                source,
+                loose,
+            });
+        }
+    };
+    if let Some(s) = c.stream_secs {
+        push(s, "the stream duration", false);
+    }
+    if is("avi")
+        && let Some(n) = c.frames
+    {
+        push(n as f64 * c.time_base, "the AVI header", false);
+    }
+    if let Some(s) = c.tag_secs {
+        push(s, "the track's DURATION tag", false);
+    }
+    if c.stream_secs.is_none()
+        && c.tag_secs.is_none()
+        && let Some(s) = c.container_secs
+    {
+        push(s, "the container duration", c.nb_streams > 1);
+    }
+    if c.stream_secs.is_none()
+        && c.tag_secs.is_none()
+        && c.container_secs.is_none()
+        && c.fps > 0.0
+        && let Some(n) = c.frames
+    {
+        push(n as f64 / c.fps, "the declared frame count", false);
+    }
+    out
+}
+
+/// Sends a packet with `send`; when the decoder answers EAGAIN (its output is full),
+/// drains it with `drain` and sends again, so no packet is ever dropped. Any other send
+/// error is returned inside `Ok`; a drain error as `Err`.
+pub fn send_with_retry<T, S, D, E>(
+    ctx: &mut T,
+    mut send: S,
+    mut drain: D,
+) -> Result<Result<(), ffmpeg::Error>, E>
+where
+    S: FnMut(&mut T) -> Result<(), ffmpeg::Error>,
+    D: FnMut(&mut T) -> Result<(), E>,
+{
+    for _ in 0..64 {
+        match send(ctx) {
+            Err(e) if is_eagain(&e) => drain(ctx)?,
+            r => return Ok(r),
+        }
+    }
+    Ok(Err(ffmpeg::Error::Other {
+        errno: ffmpeg::util::error::EAGAIN,
+    }))
+}
+
 struct Converter {
     scaler: Scaler,
     src: (Pixel, u32, u32),
     out: VideoFrame,
+    rotated: Vec<u8>,
 }
 
 /// Decodes every frame of `path` in order; frames for which `select(index, source_fps)`
 /// is true are resized, converted to RGB and handed to `on_frame` (the others cost only
 /// their decoding).
+///
+/// Every frame is scaled to the output size of the first: a stream whose resolution
+/// changes part-way keeps one size (a warning says so).
 ///
 /// An error from `on_frame` stops decoding and is returned as [`DecodeError::Sink`].
 pub fn decode_video<S, F>(
@@ -159,6 +375,10 @@ where
 {
     init();
     let mut ictx = ffmpeg::format::input(path).map_err(|e| DecodeError::Open(e.to_string()))?;
+    let nb_streams = ictx.nb_streams() as usize;
+    let format_name = ictx.format().name().to_owned();
+    let container_secs = (ictx.duration() > 0)
+        .then(|| ictx.duration() as f64 / f64::from(ffmpeg::ffi::AV_TIME_BASE));
     let stream = ictx
         .streams()
         .best(ffmpeg::media::Type::Video)
@@ -166,19 +386,36 @@ where
     let stream_index = stream.index();
     let declared = u64::try_from(stream.frames()).ok().filter(|&n| n > 0);
     let time_base = f64::from(stream.time_base());
-    let rate = {
-        let avg = stream.avg_frame_rate();
-        if avg.numerator() > 0 && avg.denominator() > 0 {
-            f64::from(avg)
-        } else {
-            let r = stream.rate();
-            if r.numerator() > 0 && r.denominator() > 0 {
-                f64::from(r)
-            } else {
-                0.0
-            }
-        }
-    };
+    let stream_secs = (stream.duration() > 0).then(|| stream.duration() as f64 * time_base);
+    let tag_duration = stream
+        .metadata()
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("DURATION"))
+        .and_then(|(_, v)| parse_tag_duration(v));
+    let rotation = stream
+        .side_data()
+        .find(|d| d.kind() == ffmpeg::codec::packet::side_data::Type::DisplayMatrix)
+        .and_then(|d| rotation_of_display_matrix(d.data()))
+        .unwrap_or(0);
+    let mut rate = guess_frame_rate(stream.rate(), stream.avg_frame_rate());
+    if rate <= 0.0
+        && let (Some(n), Some(secs)) = (declared, stream_secs.or(container_secs))
+    {
+        rate = n as f64 / secs;
+    }
+    if opts.require_rate && rate <= 0.0 {
+        return Err(DecodeError::NoFrameRate);
+    }
+    let declared_list = declared_durations(&ContainerFacts {
+        format_name: &format_name,
+        nb_streams,
+        stream_secs,
+        frames: declared,
+        time_base,
+        tag_secs: tag_duration,
+        container_secs,
+        fps: rate,
+    });
     let mut cctx = ffmpeg::codec::context::Context::from_parameters(stream.parameters())
         .map_err(|e| DecodeError::Codec(e.to_string()))?;
     // One decoding thread per video: prep runs one video per core.
@@ -188,22 +425,43 @@ where
         .video()
         .map_err(|e| DecodeError::Codec(e.to_string()))?;
 
-    let mut conv: Option<Converter> = None;
-    let mut decoded: u64 = 0;
-    let mut kept: u32 = 0;
-    let mut out_size = (0u32, 0u32);
-    let mut src_size = (0u32, 0u32);
+    struct State {
+        conv: Option<Converter>,
+        decoded: u64,
+        kept: u32,
+        out_size: (u32, u32),
+        src_size: (u32, u32),
+        scaled_size: (u32, u32),
+        first_ts: Option<f64>,
+        last_ts: Option<f64>,
+        resized: Option<String>,
+        colour: Option<Colour>,
+        sar: f64,
+    }
+    let mut st = State {
+        conv: None,
+        decoded: 0,
+        kept: 0,
+        out_size: (0, 0),
+        src_size: (0, 0),
+        scaled_size: (0, 0),
+        first_ts: None,
+        last_ts: None,
+        resized: None,
+        colour: None,
+        sar: 1.0,
+    };
     let mut packet_errors = 0u32;
     let mut first_packet_error: Option<String> = None;
     let mut read_error: Option<String> = None;
+    // The last packet of the stream was cut short or failed to decode.
+    let mut tail_damage: Option<String> = None;
+    // Latest packet time: frames of H.264 in AVI carry none of their own.
+    let mut last_packet_ts: Option<f64> = None;
     let mut frame = VideoFrame::empty();
 
     let mut drain = |decoder: &mut ffmpeg::decoder::Video,
-                     conv: &mut Option<Converter>,
-                     decoded: &mut u64,
-                     kept: &mut u32,
-                     out_size: &mut (u32, u32),
-                     src_size: &mut (u32, u32)|
+                     st: &mut State|
      -> Result<(), DecodeError> {
         loop {
             match decoder.receive_frame(&mut frame) {
@@ -212,53 +470,94 @@ where
                 Err(ffmpeg::Error::Eof) => return Ok(()),
                 Err(e) => return Err(DecodeError::Decode(e.to_string())),
             }
-            let i = *decoded;
-            *decoded += 1;
-            if !select(i, rate) {
-                continue;
+            let i = st.decoded;
+            st.decoded += 1;
+            let time_secs = frame.timestamp().map(|t| t as f64 * time_base);
+            if let Some(t) = time_secs {
+                st.first_ts.get_or_insert(t);
+                st.last_ts = Some(st.last_ts.map_or(t, |l: f64| l.max(t)));
             }
             let (fw, fh, fmt) = (frame.width(), frame.height(), frame.format());
             if fw == 0 || fh == 0 {
                 return Err(DecodeError::Decode(format!("frame {i} has size {fw}x{fh}")));
             }
-            if conv.as_ref().is_none_or(|c| c.src != (fmt, fw, fh)) {
-                let (ow, oh) = output_size(fw, fh, opts.short_side);
-                let scaler = Scaler::get(fmt, fw, fh, Pixel::RGB24, ow, oh, Flags::BILINEAR)
+            if st.src_size.0 == 0 {
+                st.src_size = (fw, fh);
+                let sar = frame.aspect_ratio();
+                st.sar = if sar.numerator() > 0 && sar.denominator() > 0 {
+                    f64::from(sar)
+                } else {
+                    1.0
+                };
+                (st.out_size, st.scaled_size) =
+                    stored_size(fw, fh, st.sar, rotation, opts.short_side);
+                st.colour = Some(Colour::of(
+                    frame.color_space(),
+                    frame.color_range(),
+                    fmt,
+                    fh,
+                ));
+            } else if st.resized.is_none() && (fw, fh) != st.src_size {
+                st.resized = Some(format!(
+                    "resolution changes at frame {i} from {}x{} to {fw}x{fh}; every frame is \
+                     scaled to {}x{}",
+                    st.src_size.0, st.src_size.1, st.out_size.0, st.out_size.1
+                ));
+            }
+            if !select(i, rate) {
+                continue;
+            }
+            if st.conv.as_ref().is_none_or(|c| c.src != (fmt, fw, fh)) {
+                let (ow, oh) = st.scaled_size;
+                let mut scaler = Scaler::get(fmt, fw, fh, Pixel::RGB24, ow, oh, Flags::BILINEAR)
                     .map_err(|e| DecodeError::Decode(format!("scaler {fw}x{fh} {fmt:?}: {e}")))?;
-                *conv = Some(Converter {
+                if let Some(c) = st.colour {
+                    c.apply(&mut scaler).map_err(DecodeError::Decode)?;
+                }
+                st.conv = Some(Converter {
                     scaler,
                     src: (fmt, fw, fh),
                     out: VideoFrame::empty(),
+                    rotated: Vec::new(),
                 });
-                if src_size.0 == 0 {
-                    *src_size = (fw, fh);
-                    *out_size = (ow, oh);
-                }
             }
-            let Some(c) = conv.as_mut() else {
+            let Some(c) = st.conv.as_mut() else {
                 return Err(DecodeError::Decode("no scaler".into()));
             };
             c.scaler
                 .run(&frame, &mut c.out)
                 .map_err(|e| DecodeError::Decode(format!("scaling frame {i}: {e}")))?;
-            let time_secs = frame.timestamp().map(|t| t as f64 * time_base);
-            on_frame(&RgbFrame {
-                source_frame: i as u32,
-                time_secs,
-                width: c.out.width(),
-                height: c.out.height(),
-                stride: c.out.stride(0),
-                rgb: c.out.data(0),
-            })
-            .map_err(DecodeError::Sink)?;
-            *kept += 1;
+            let frame_out = if rotation == 0 {
+                RgbFrame {
+                    source_frame: i as u32,
+                    time_secs,
+                    width: c.out.width(),
+                    height: c.out.height(),
+                    stride: c.out.stride(0),
+                    rgb: c.out.data(0),
+                }
+            } else {
+                let (w, h) = (c.out.width() as usize, c.out.height() as usize);
+                let (rgb, rw, rh) = rotate_rgb(c.out.data(0), w, h, c.out.stride(0), rotation);
+                c.rotated = rgb;
+                RgbFrame {
+                    source_frame: i as u32,
+                    time_secs,
+                    width: rw as u32,
+                    height: rh as u32,
+                    stride: rw * 3,
+                    rgb: &c.rotated,
+                }
+            };
+            on_frame(&frame_out).map_err(DecodeError::Sink)?;
+            st.kept += 1;
         }
     };
 
     let mut packet = ffmpeg::Packet::empty();
     let mut stopped_early = false;
     loop {
-        if opts.stop_after_frames.is_some_and(|n| decoded >= n) {
+        if opts.stop_after_frames.is_some_and(|n| st.decoded >= n) {
             stopped_early = true;
             break;
         }
@@ -274,35 +573,36 @@ where
         if packet.stream() != stream_index {
             continue;
         }
-        match decoder.send_packet(&packet) {
+        if packet.size() > 0
+            && let Some(t) = packet.pts().or(packet.dts())
+        {
+            let t = t as f64 * time_base;
+            last_packet_ts = Some(last_packet_ts.map_or(t, |l| l.max(t)));
+        }
+        tail_damage = packet
+            .is_corrupt()
+            .then(|| "the last packet is cut short".to_owned());
+        let sent = send_with_retry(
+            &mut (&mut decoder, &mut st),
+            |(d, _)| d.send_packet(&packet),
+            |(d, s)| drain(d, s),
+        )?;
+        match sent {
             Ok(()) => {}
-            Err(e) if is_eagain(&e) => {}
             Err(e) => {
-                // A damaged packet: FFmpeg's own tools log and go on; so do we, and the frame
-                // count check below decides whether too much was lost.
+                // A damaged packet: FFmpeg's own tools log and go on; so do we, and the
+                // duration check below decides whether too much was lost.
                 packet_errors += 1;
                 first_packet_error.get_or_insert_with(|| e.to_string());
+                tail_damage = Some(format!("the last packet fails to decode ({e})"));
             }
         }
-        drain(
-            &mut decoder,
-            &mut conv,
-            &mut decoded,
-            &mut kept,
-            &mut out_size,
-            &mut src_size,
-        )?;
+        drain(&mut decoder, &mut st)?;
     }
     let _ = decoder.send_eof();
-    drain(
-        &mut decoder,
-        &mut conv,
-        &mut decoded,
-        &mut kept,
-        &mut out_size,
-        &mut src_size,
-    )?;
+    drain(&mut decoder, &mut st)?;
 
+    let decoded = st.decoded;
     if decoded == 0 {
         let why = read_error
             .or(first_packet_error)
@@ -310,40 +610,95 @@ where
             .unwrap_or_default();
         return Err(DecodeError::NoFrames(why));
     }
-    if let Some(d) = declared.filter(|_| !stopped_early) {
-        let tolerance = if opts.strict_frame_count {
-            0
-        } else {
-            DEFAULT_FRAME_SHORTFALL_ABS.max((d as f64 * DEFAULT_FRAME_SHORTFALL_FRAC) as u64)
+    let interval = if rate > 0.0 { 1.0 / rate } else { 0.0 };
+    let by_count = decoded as f64 * interval;
+    let by_time = match (st.first_ts, st.last_ts) {
+        (Some(a), Some(b)) if b >= a => b - a + interval,
+        _ => 0.0,
+    };
+    let decoded_secs = by_count.max(by_time);
+    // When the last frame ends, counted from time 0.
+    let decoded_end = st
+        .last_ts
+        .into_iter()
+        .chain(last_packet_ts)
+        .fold(decoded_secs, |e, t| e.max(t + interval));
+    let declared_secs = declared_list
+        .iter()
+        .filter(|d| !d.loose)
+        .map(|d| d.secs)
+        .fold(None, |m: Option<f64>, s| Some(m.map_or(s, |m| m.max(s))));
+    if !stopped_early && decoded_secs > 0.0 {
+        let tolerance = |d: &Declared| {
+            let base = if opts.strict_frame_count {
+                0.5 * interval
+            } else {
+                (DEFAULT_FRAME_SHORTFALL_ABS as f64 * interval)
+                    .max(d.secs * DEFAULT_FRAME_SHORTFALL_FRAC)
+            };
+            if d.loose {
+                base.max(1.0).max(0.1 * d.secs)
+            } else {
+                base
+            }
         };
-        if decoded + tolerance < d {
-            let mut msg = format!("decoded {decoded} of {d} frames the container declares");
+        if let Some(d) = declared_list
+            .iter()
+            .filter(|d| decoded_end + tolerance(d) < d.secs)
+            .max_by(|a, b| a.secs.total_cmp(&b.secs))
+        {
+            let mut msg = format!(
+                "decoded {decoded} frames ending at {decoded_end:.2} s of the {:.2} s {} declares",
+                d.secs, d.source
+            );
+            if let Some(t) = &tail_damage {
+                msg.push_str(&format!("; {t}"));
+            }
             if let Some(e) = read_error.as_ref().or(first_packet_error.as_ref()) {
                 msg.push_str(&format!("; first error: {e}"));
             }
             return Err(DecodeError::Truncated(msg));
         }
     }
+    if !stopped_early
+        && declared_list.is_empty()
+        && let Some(t) = &tail_damage
+    {
+        // Nothing declared to measure against: a damaged tail is the only evidence.
+        return Err(DecodeError::Truncated(format!(
+            "{t} after {decoded} frames, and the container declares no duration"
+        )));
+    }
     if let Some(e) = read_error {
         return Err(DecodeError::Read(format!("after {decoded} frames: {e}")));
     }
-    let warning = (packet_errors > 0).then(|| {
-        format!(
-            "{packet_errors} packet(s) failed to decode (first: {}); frame count still matches",
+    let mut warnings = Vec::new();
+    if packet_errors > 0 {
+        warnings.push(format!(
+            "{packet_errors} packet(s) failed to decode (first: {}); the decoded duration \
+             still matches",
             first_packet_error.unwrap_or_default()
-        )
-    });
+        ));
+    } else if let Some(t) = &tail_damage {
+        warnings.push(format!("{t}; the decoded duration still matches"));
+    }
+    warnings.extend(st.resized);
     Ok(DecodeStats {
         decoded_frames: decoded as u32,
-        kept_frames: kept,
+        kept_frames: st.kept,
         reached_end: !stopped_early,
         declared_frames: declared,
+        declared_secs,
+        decoded_secs,
         source_fps: rate,
-        source_width: src_size.0,
-        source_height: src_size.1,
-        width: out_size.0,
-        height: out_size.1,
-        warning,
+        source_width: st.src_size.0,
+        source_height: st.src_size.1,
+        width: st.out_size.0,
+        height: st.out_size.1,
+        colour: st.colour,
+        sample_aspect: st.sar,
+        rotation,
+        warning: (!warnings.is_empty()).then(|| warnings.join("; ")),
     })
 }
 
@@ -372,5 +727,205 @@ mod tests {
         assert_eq!(kept, 120);
         assert!((0..50).all(|i| keep_frame(i, 25.0, None)));
         assert!((0..50).all(|i| keep_frame(i, 25.0, Some(30.0))));
+    }
+
+    use crate::encode::{VideoWriter, pattern_frame, remux, write_pattern_video};
+
+    fn decode_all(path: &Path) -> Result<DecodeStats, DecodeError> {
+        decode_video(path, &DecodeOptions::default(), |_, _| false, |_| Ok(()))
+    }
+
+    /// The first `frac` of `src`'s bytes, as a download or copy cut short leaves it.
+    fn cut(src: &Path, frac: f64) -> std::path::PathBuf {
+        let bytes = std::fs::read(src).unwrap();
+        let dst = src.with_file_name(format!(
+            "cut-{}",
+            src.file_name().unwrap().to_string_lossy()
+        ));
+        std::fs::write(&dst, &bytes[..(bytes.len() as f64 * frac) as usize]).unwrap();
+        dst
+    }
+
+    /// A clean H.264 stream with B-frames (100 frames at 25 fps) in `ext`: NUT stores the
+    /// encoder's packets as they are (Annex B, as AVI needs them), Matroska as MP4 needs.
+    fn h264_source(dir: &Path, ext: &str) -> std::path::PathBuf {
+        let p = dir.join(format!("clean.{ext}"));
+        let mut w = VideoWriter::create_with_b_frames(&p, "libx264", 96, 64, 25, 2).unwrap();
+        for t in 0..100 {
+            w.write_rgb(&pattern_frame(96, 64, t, 3)).unwrap();
+        }
+        w.finish().unwrap();
+        p
+    }
+
+    #[test]
+    fn h264_remuxed_into_avi_is_complete_and_its_cut_copy_is_truncated() {
+        let d = tempfile::tempdir().unwrap();
+        let avi = d.path().join("remux.avi");
+        remux(&h264_source(d.path(), "nut"), &avi, 0.0).unwrap();
+        let s = decode_all(&avi).unwrap();
+        assert_eq!(s.decoded_frames, 100);
+        // The trap: the header counts time-base ticks, about twice the frames.
+        assert!(s.declared_frames.unwrap() >= 190, "{s:?}");
+        assert_eq!(s.source_fps, 25.0, "the average rate counts ticks too");
+        assert!((s.decoded_secs - 4.0).abs() < 1e-6, "{s:?}");
+        assert!(s.warning.is_none(), "{s:?}");
+        let err = decode_all(&cut(&avi, 0.6)).unwrap_err();
+        assert!(
+            matches!(&err, DecodeError::Truncated(m) if m.contains("AVI header")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn webm_cut_where_the_demuxer_sees_a_clean_end_is_truncated() {
+        let d = tempfile::tempdir().unwrap();
+        let webm = d.path().join("clip.webm");
+        write_pattern_video(&webm, "libvpx-vp9", 96, 64, 25, 100, 1).unwrap();
+        let s = decode_all(&webm).unwrap();
+        assert_eq!((s.decoded_frames, s.declared_frames), (100, None));
+        let err = decode_all(&cut(&webm, 0.6)).unwrap_err();
+        assert!(matches!(err, DecodeError::Truncated(_)), "{err}");
+    }
+
+    #[test]
+    fn mp4_edit_list_that_drops_frames_is_complete_and_a_cut_copy_is_not() {
+        let d = tempfile::tempdir().unwrap();
+        let src = h264_source(d.path(), "mkv");
+        // Moving every timestamp 1 s earlier gives the first 25 frames negative times: the
+        // MP4 muxer writes an edit list that starts the presentation at 0, and the sample
+        // table still counts all 100.
+        let mp4 = d.path().join("edit.mp4");
+        remux(&src, &mp4, 1.0).unwrap();
+        let s = decode_all(&mp4).unwrap();
+        assert!(s.decoded_frames < 100, "{s:?}");
+        assert_eq!(s.declared_frames, Some(100));
+        assert!(s.warning.is_none(), "{s:?}");
+        // A plain MP4 with its index in front, cut short: the index still declares 4 s.
+        let mp4 = d.path().join("plain.mp4");
+        remux(&src, &mp4, 0.0).unwrap();
+        assert_eq!(decode_all(&mp4).unwrap().decoded_frames, 100);
+    }
+
+    #[test]
+    fn a_late_start_is_not_a_shortfall() {
+        let d = tempfile::tempdir().unwrap();
+        let (nut, mkv) = (h264_source(d.path(), "nut"), h264_source(d.path(), "mkv"));
+        for ext in ["mkv", "mp4", "avi"] {
+            let late = d.path().join(format!("late.{ext}"));
+            let src = if ext == "avi" { &nut } else { &mkv };
+            remux(src, &late, -1.5).unwrap();
+            let s = decode_all(&late).unwrap_or_else(|e| panic!("{ext}: {e}"));
+            assert_eq!(s.decoded_frames, 100, "{ext}");
+        }
+    }
+
+    #[test]
+    fn a_mid_stream_resolution_change_keeps_the_first_size_and_says_so() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a.h264"), d.path().join("b.h264"));
+        write_pattern_video(&a, "libx264", 96, 64, 25, 20, 1).unwrap();
+        write_pattern_video(&b, "libx264", 64, 96, 25, 20, 2).unwrap();
+        let joined = d.path().join("joined.h264");
+        let mut bytes = std::fs::read(&a).unwrap();
+        bytes.extend(std::fs::read(&b).unwrap());
+        std::fs::write(&joined, bytes).unwrap();
+        let mut sizes = std::collections::BTreeSet::new();
+        let s = decode_video(
+            &joined,
+            &DecodeOptions::default(),
+            |_, _| true,
+            |f| {
+                sizes.insert((f.width, f.height));
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(s.decoded_frames, 40);
+        assert_eq!(sizes.into_iter().collect::<Vec<_>>(), [(96, 64)]);
+        let w = s.warning.unwrap_or_default();
+        assert!(w.contains("resolution changes at frame 20"), "{w}");
+    }
+
+    #[test]
+    fn send_with_retry_drains_and_resends_on_eagain() {
+        let eagain = || ffmpeg::Error::Other {
+            errno: ffmpeg::util::error::EAGAIN,
+        };
+        // (sends tried, drains done); the decoder takes the packet once drained twice.
+        let mut st = (0u32, 0u32);
+        let r = send_with_retry(
+            &mut st,
+            |s| {
+                s.0 += 1;
+                if s.1 < 2 { Err(eagain()) } else { Ok(()) }
+            },
+            |s| {
+                s.1 += 1;
+                Ok::<(), ()>(())
+            },
+        );
+        assert_eq!(r, Ok(Ok(())));
+        assert_eq!(st, (3, 2));
+        // A real error is handed back, not retried.
+        let r = send_with_retry(
+            &mut (),
+            |_| Err(ffmpeg::Error::InvalidData),
+            |_| Ok::<(), ()>(()),
+        );
+        assert_eq!(r, Ok(Err(ffmpeg::Error::InvalidData)));
+    }
+
+    #[test]
+    fn frame_rate_guess_and_declared_durations() {
+        use ffmpeg::Rational as R;
+        assert_eq!(guess_frame_rate(R(25, 1), R(50, 1)), 25.0);
+        assert_eq!(guess_frame_rate(R(90000, 1), R(30, 1)), 30.0);
+        assert_eq!(guess_frame_rate(R(0, 1), R(24, 1)), 24.0);
+        assert_eq!(guess_frame_rate(R(0, 1), R(0, 0)), 0.0);
+        assert_eq!(parse_tag_duration("00:01:02.500000000"), Some(62.5));
+        assert_eq!(parse_tag_duration("garbage"), None);
+        // AVI: the header counts time-base ticks; an MKV tag beats the segment duration.
+        let facts = |format_name, nb_streams| ContainerFacts {
+            format_name,
+            nb_streams,
+            time_base: 0.02,
+            fps: 25.0,
+            ..ContainerFacts::default()
+        };
+        let avi = declared_durations(&ContainerFacts {
+            stream_secs: Some(2.4),
+            frames: Some(200),
+            ..facts("avi", 1)
+        });
+        assert!(
+            avi.iter()
+                .any(|d| d.secs == 4.0 && d.source == "the AVI header")
+        );
+        let mkv = declared_durations(&ContainerFacts {
+            tag_secs: Some(5.5),
+            container_secs: Some(6.0),
+            ..facts("matroska,webm", 2)
+        });
+        assert_eq!(mkv.len(), 1);
+        assert!(!mkv[0].loose);
+        let loose = declared_durations(&ContainerFacts {
+            container_secs: Some(6.0),
+            ..facts("matroska,webm", 2)
+        });
+        assert!(loose[0].loose);
+        // A frame count only counts where nothing else is declared.
+        let mp4 = declared_durations(&ContainerFacts {
+            stream_secs: Some(2.9),
+            frames: Some(100),
+            container_secs: Some(2.9),
+            ..facts("mov,mp4,m4a,3gp,3g2,mj2", 1)
+        });
+        assert_eq!(mp4.len(), 1);
+        let bare = declared_durations(&ContainerFacts {
+            frames: Some(100),
+            ..facts("h264", 1)
+        });
+        assert_eq!(bare[0].secs, 4.0);
     }
 }

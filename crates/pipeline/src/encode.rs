@@ -40,6 +40,19 @@ impl VideoWriter {
     /// Creates `path` (container from its extension) encoded with the FFmpeg encoder named
     /// `codec` (`mpeg4`, `libvpx-vp9`, `libx264`, `mjpeg`, ...) at `fps` frames per second.
     pub fn create(path: &Path, codec: &str, width: u32, height: u32, fps: u32) -> Result<Self> {
+        Self::create_with_b_frames(path, codec, width, height, fps, 0)
+    }
+
+    /// [`VideoWriter::create`] with up to `b_frames` consecutive B-frames (reordered
+    /// frames, as real H.264 and MPEG-4 files have).
+    pub fn create_with_b_frames(
+        path: &Path,
+        codec: &str,
+        width: u32,
+        height: u32,
+        fps: u32,
+        b_frames: u32,
+    ) -> Result<Self> {
         init();
         let mut octx = ffmpeg::format::output(path).map_err(|e| ff(path, "output", e))?;
         let global_header = octx
@@ -70,7 +83,7 @@ impl VideoWriter {
         enc.set_time_base(time_base);
         enc.set_frame_rate(Some(ffmpeg::Rational(fps as i32, 1)));
         enc.set_gop(12);
-        enc.set_max_b_frames(0);
+        enc.set_max_b_frames(b_frames as usize);
         // About one bit per pixel: 320x240 at 25 fps gives 1.9 Mbit/s, like UCF101 clips.
         enc.set_bit_rate((width * height) as usize * fps as usize);
         if global_header {
@@ -171,6 +184,66 @@ impl VideoWriter {
             .write_trailer()
             .map_err(|e| ff(&self.path, "write trailer", e))
     }
+}
+
+/// Copies the video stream of `src` into `dst` (container from its extension) without
+/// re-encoding, every timestamp moved `shift_secs` earlier (negative: later). This makes the
+/// files real collections are full of: H.264 remuxed into AVI, an MP4 whose edit list cuts
+/// its first frames (a positive shift gives them negative times), a stream that starts late.
+pub fn remux(src: &Path, dst: &Path, shift_secs: f64) -> Result<()> {
+    init();
+    let mut ictx = ffmpeg::format::input(src).map_err(|e| ff(src, "open", e))?;
+    let ist = ictx
+        .streams()
+        .best(ffmpeg::media::Type::Video)
+        .ok_or_else(|| Error::Encode {
+            path: src.to_owned(),
+            message: "no video stream".into(),
+        })?;
+    let (ist_index, ist_tb) = (ist.index(), ist.time_base());
+    let (rate, avg) = (ist.rate(), ist.avg_frame_rate());
+    let mut octx = ffmpeg::format::output(dst).map_err(|e| ff(dst, "output", e))?;
+    let mut ost = octx
+        .add_stream(ffmpeg::encoder::find(ffmpeg::codec::Id::None))
+        .map_err(|e| ff(dst, "add stream", e))?;
+    ost.set_parameters(ist.parameters());
+    ost.set_rate(rate);
+    ost.set_avg_frame_rate(avg);
+    // AVI counts time in frames of its time base; FFmpeg's own stream copy gives H.264 two
+    // ticks a frame (hence the doubled frame count such files declare).
+    let is_avi = dst
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("avi"));
+    if is_avi && rate.numerator() > 0 {
+        ost.set_time_base(ffmpeg::Rational(rate.denominator(), 2 * rate.numerator()));
+    } else {
+        ost.set_time_base(ist_tb);
+    }
+    octx.write_header()
+        .map_err(|e| ff(dst, "write header", e))?;
+    let ost_tb = octx.stream(0).map(|s| s.time_base()).unwrap_or(ist_tb);
+    let shift = (shift_secs * f64::from(ist_tb).recip()).round() as i64;
+    let mut packet = ffmpeg::Packet::empty();
+    loop {
+        match packet.read(&mut ictx) {
+            Ok(()) => {}
+            Err(ffmpeg::Error::Eof) => break,
+            Err(e) => return Err(ff(src, "read", e)),
+        }
+        if packet.stream() != ist_index {
+            continue;
+        }
+        packet.set_pts(packet.pts().map(|t| t - shift));
+        packet.set_dts(packet.dts().map(|t| t - shift));
+        packet.rescale_ts(ist_tb, ost_tb);
+        packet.set_position(-1);
+        packet.set_stream(0);
+        packet
+            .write_interleaved(&mut octx)
+            .map_err(|e| ff(dst, "write packet", e))?;
+    }
+    octx.write_trailer()
+        .map_err(|e| ff(dst, "write trailer", e))
 }
 
 /// A deterministic test pattern: a gradient background with a square that moves with `t`.

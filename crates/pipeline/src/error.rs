@@ -21,7 +21,11 @@ pub enum DecodeError {
     /// Not a single frame could be decoded.
     #[error("no frames could be decoded{0}")]
     NoFrames(String),
-    /// Far fewer frames than the container declares: truncated or damaged.
+    /// `--max-fps` was asked for, but the file neither declares a frame rate nor has what
+    /// it takes to derive one.
+    #[error("the file declares no frame rate and none can be derived, so --max-fps cannot thin it")]
+    NoFrameRate,
+    /// The decoded frames cover far less than the container declares: truncated or damaged.
     #[error("truncated or damaged: {0}")]
     Truncated(String),
     /// Reading the file failed part-way.

@@ -5,12 +5,14 @@
 //! - [`plan`]: [`plan::build_plan`] maps them through a benchmark manifest to labels,
 //!   domains and source splits, and fingerprints the result.
 //! - [`decode`]: in-process FFmpeg decoding (ffmpeg-next) with frame counting, resize and
-//!   truncation checks; [`jpeg`]: JPEG encoding.
+//!   truncation checks; [`colour`]: colour matrix, range, sample aspect and rotation;
+//!   [`jpeg`]: JPEG encoding.
 //! - [`prep`]: [`prep::run_prep`], the resumable, deterministic job runner.
 //! - [`encode`]: writing videos (tests, samples, synthetic data).
 //!
 //! This is the only videodg crate that links FFmpeg.
 
+pub mod colour;
 pub mod decode;
 pub mod encode;
 pub mod error;

@@ -82,7 +82,9 @@ pub struct Plan {
     pub ignored: Vec<Ignored>,
     /// `(domain, class, native)` of manifest classes with no folder in the raw data.
     pub missing_natives: Vec<(String, String, String)>,
-    /// SHA-256 over tool version, manifest, options and every planned row.
+    /// Versions of FFmpeg's libraries and libjpeg-turbo ([`crate::decode::library_versions`]).
+    pub libraries: BTreeMap<String, String>,
+    /// SHA-256 over tool and library versions, manifest, options and every planned row.
     pub fingerprint: String,
 }
 
@@ -198,6 +200,11 @@ pub fn build_plan(manifest: &Manifest, scans: &[&Scan], options: &ContentOptions
                     source_width: None,
                     source_height: None,
                     duration_secs: None,
+                    colour_matrix: None,
+                    colour_range: None,
+                    colour_assumed: None,
+                    sample_aspect: None,
+                    rotation: None,
                     shard: None,
                     first_row: None,
                 },
@@ -231,7 +238,8 @@ pub fn build_plan(manifest: &Manifest, scans: &[&Scan], options: &ContentOptions
     for (it, s) in items.iter_mut().zip(splits) {
         it.row.source_split = s.as_str().to_owned();
     }
-    let fingerprint = plan_fingerprint(manifest, options, &items);
+    let libraries = crate::decode::library_versions();
+    let fingerprint = plan_fingerprint(manifest, options, &libraries, &items);
     let units = units_of(&items);
     Ok(Plan {
         manifest: manifest.clone(),
@@ -241,6 +249,7 @@ pub fn build_plan(manifest: &Manifest, scans: &[&Scan], options: &ContentOptions
         skipped_out_of_benchmark: skipped,
         ignored,
         missing_natives,
+        libraries,
         fingerprint,
     })
 }
@@ -264,17 +273,53 @@ pub fn units_of(items: &[PlanItem]) -> Vec<std::ops::Range<usize>> {
 }
 
 impl Plan {
+    /// Manifest domains with no planned video at all (a wrong path, an empty download).
+    pub fn empty_domains(&self) -> Vec<&vdg_data::manifest::Domain> {
+        self.manifest
+            .domains
+            .iter()
+            .filter(|d| !self.items.iter().any(|it| it.row.domain == d.name))
+            .collect()
+    }
+
+    /// `"<domain>/<class>"` of every manifest class that maps native classes in a domain
+    /// but has no planned video there (a partial download), in manifest order.
+    pub fn empty_classes(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for d in &self.manifest.domains {
+            for c in &self.manifest.classes {
+                let mapped = c.native.get(&d.name).is_some_and(|n| !n.is_empty());
+                let has = self
+                    .items
+                    .iter()
+                    .any(|it| it.row.domain == d.name && it.row.label == c.label);
+                if mapped && !has {
+                    out.push(format!("{}/{}", d.name, c.name));
+                }
+            }
+        }
+        out
+    }
+
     /// Paths passed over at or above `severity`.
     pub fn ignored_at_least(&self, severity: Severity) -> impl Iterator<Item = &Ignored> {
         self.ignored.iter().filter(move |i| i.severity >= severity)
     }
 }
 
-fn plan_fingerprint(manifest: &Manifest, options: &ContentOptions, items: &[PlanItem]) -> String {
+fn plan_fingerprint(
+    manifest: &Manifest,
+    options: &ContentOptions,
+    libraries: &BTreeMap<String, String>,
+    items: &[PlanItem],
+) -> String {
     let mut h = Sha256::new();
     h.update(b"videodg-plan\0");
     h.update(env!("CARGO_PKG_VERSION").as_bytes());
     h.update(b"\0");
+    for (k, v) in libraries {
+        h.update(format!("{k}={v}\0").as_bytes());
+    }
     h.update(vdg_data::shard::SHARD_SCHEMA_VERSION.to_le_bytes());
     h.update(manifest.text.as_bytes());
     h.update(b"\0");

@@ -93,8 +93,11 @@ pub struct PrepRecord {
     pub manifest_toml: String,
     /// Content options.
     pub options: serde_json::Value,
-    /// Fingerprint of the plan (inputs, manifest, options, tool version).
+    /// Fingerprint of the plan (inputs, manifest, options, tool and library versions).
     pub plan_fingerprint: String,
+    /// FFmpeg's and libjpeg-turbo's versions the frames were made with.
+    #[serde(default)]
+    pub libraries: BTreeMap<String, String>,
     /// Counts.
     pub counts: PrepCounts,
     /// Videos that failed, with the reason.
@@ -123,6 +126,10 @@ pub struct PrepCounts {
     pub skipped_out_of_benchmark: BTreeMap<String, u64>,
     /// Planned videos per domain and source split (`"ucf/train"`).
     pub per_domain_split: BTreeMap<String, u64>,
+    /// `"<domain>/<class>"` of manifest classes with no video in that domain (a partial
+    /// download).
+    #[serde(default)]
+    pub empty_classes: Vec<String>,
 }
 
 /// A failed video.
@@ -241,6 +248,24 @@ pub fn run_prep(
             });
         }
         if rec.plan_fingerprint != plan.fingerprint && !run.force {
+            if rec.libraries != plan.libraries {
+                let show = |m: &BTreeMap<String, String>| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k} {v}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                return Err(Error::OutputMismatch {
+                    path: out.to_owned(),
+                    message: format!(
+                        "was prepared with other decoding libraries ({}) than this vdg uses ({}); \
+                         resuming would mix frames from both. Rerun with --force to redo it, \
+                         or choose another --out",
+                        show(&rec.libraries),
+                        show(&plan.libraries)
+                    ),
+                });
+            }
             return Err(mismatch("this folder"));
         }
         // Same plan but files missing or changed: rebuild from whatever shards still verify.
@@ -344,6 +369,7 @@ fn make_record(
     let mut counts = PrepCounts {
         planned: rows.len() as u64,
         skipped_out_of_benchmark: plan.skipped_out_of_benchmark.clone(),
+        empty_classes: plan.empty_classes(),
         ..PrepCounts::default()
     };
     let mut failed = Vec::new();
@@ -382,6 +408,7 @@ fn make_record(
         manifest_toml: m.text.clone(),
         options: serde_json::to_value(&plan.options).unwrap_or_default(),
         plan_fingerprint: plan.fingerprint.clone(),
+        libraries: plan.libraries.clone(),
         counts,
         failed,
         shards,
@@ -401,13 +428,18 @@ fn fill_ok(row: &mut VideoRow, s: &DecodeStats, fps: f64, kept: u32, decoded_in_
     row.num_frames = kept;
     row.decoded_frames = decoded_in_clip as u32;
     row.declared_frames = s.declared_frames;
-    row.fps = Some(fps);
-    row.source_fps = Some(s.source_fps);
+    row.fps = (fps > 0.0).then_some(fps);
+    row.source_fps = (s.source_fps > 0.0).then_some(s.source_fps);
     row.width = Some(s.width);
     row.height = Some(s.height);
     row.source_width = Some(s.source_width);
     row.source_height = Some(s.source_height);
     row.duration_secs = (s.source_fps > 0.0).then(|| decoded_in_clip as f64 / s.source_fps);
+    row.colour_matrix = s.colour.map(|c| c.matrix.name().to_owned());
+    row.colour_range = s.colour.map(|c| c.range_name().to_owned());
+    row.colour_assumed = s.colour.map(|c| c.assumed);
+    row.sample_aspect = Some(s.sample_aspect);
+    row.rotation = Some(s.rotation);
     row.warning = s.warning.clone();
 }
 
@@ -455,6 +487,7 @@ pub fn process_unit(
         short_side: opts.short_side,
         strict_frame_count: opts.strict_frame_count,
         stop_after_frames: last.checked_add(1),
+        require_rate: opts.max_fps.is_some(),
     };
     let max_fps = opts.max_fps;
     let wants = |i: u64, fps: f64, &(_, start, end): &(usize, u64, u64)| {

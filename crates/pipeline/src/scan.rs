@@ -115,6 +115,15 @@ pub struct Scan {
     pub ignored: Vec<Ignored>,
 }
 
+/// Reads an annotation file as text, without the byte-order mark Windows editors write.
+pub(crate) fn read_text(path: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    Ok(match text.strip_prefix('\u{feff}') {
+        Some(rest) => rest.to_owned(),
+        None => text,
+    })
+}
+
 /// `root/<name>` when the user pointed at the folder above the dataset's own folder.
 pub(crate) fn resolve_root(root: &Path, inner: &str) -> Result<PathBuf> {
     let meta = std::fs::metadata(root).map_err(|e| Error::io(root, e))?;
@@ -147,7 +156,10 @@ pub fn scan_class_folders(
         root: root.clone(),
         ..Scan::default()
     };
+    // Datasets are often symlinked from shared storage: links are followed, and a link
+    // back up the tree is reported (walkdir detects the loop), never walked forever.
     for entry in WalkDir::new(&root)
+        .follow_links(true)
         .min_depth(1)
         .max_depth(2)
         .sort_by_file_name()
@@ -361,5 +373,45 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("/no/such/hmdb"), "{err}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn symlinked_class_folders_are_followed_and_a_loop_is_reported() {
+        let d = tempfile::tempdir().unwrap();
+        // The real files live elsewhere (shared storage); the dataset folder links to them.
+        let store = d.path().join("store/Biking");
+        std::fs::create_dir_all(&store).unwrap();
+        std::fs::write(store.join("v_Biking_g01_c01.avi"), b"x").unwrap();
+        let root = d.path().join("UCF-101");
+        std::fs::create_dir_all(root.join("Archery")).unwrap();
+        std::os::unix::fs::symlink(&store, root.join("Biking")).unwrap();
+        std::fs::write(root.join("Archery/v_Archery_g01_c01.avi"), b"x").unwrap();
+        std::os::unix::fs::symlink(
+            d.path().join("store/Biking/v_Biking_g01_c01.avi"),
+            root.join("Archery/v_Archery_g02_c01.avi"),
+        )
+        .unwrap();
+        let s = scan_ucf101(&root).unwrap();
+        let rel: Vec<&str> = s.videos.iter().map(|v| v.rel_path.as_str()).collect();
+        assert_eq!(
+            rel,
+            [
+                "Archery/v_Archery_g01_c01.avi",
+                "Archery/v_Archery_g02_c01.avi",
+                "Biking/v_Biking_g01_c01.avi"
+            ]
+        );
+        // A link back up the tree: reported as an error, the scan still ends.
+        std::os::unix::fs::symlink(&root, root.join("Archery/loop")).unwrap();
+        let s = scan_ucf101(&root).unwrap();
+        assert_eq!(s.videos.len(), 3);
+        assert!(
+            s.ignored
+                .iter()
+                .any(|i| i.severity == Severity::Error && i.reason.contains("loop")),
+            "{:?}",
+            s.ignored
+        );
     }
 }

@@ -56,6 +56,7 @@ pub fn scan_ntu(root: &Path) -> Result<Scan> {
         ..Scan::default()
     };
     for entry in WalkDir::new(&root)
+        .follow_links(true)
         .min_depth(1)
         .max_depth(3)
         .sort_by_file_name()

@@ -101,7 +101,7 @@ pub fn scan_pku_mmd(root: &Path, labels: Option<&Path>, frame_base: u64) -> Resu
             .extension()
             .and_then(|e| e.to_str())
             .unwrap_or_default()
-            .to_owned();
+            .to_ascii_lowercase();
         if ext != "txt" && ext != "label" {
             scan.ignored.push(Ignored::new(
                 path,
@@ -154,7 +154,7 @@ pub fn scan_pku_mmd(root: &Path, labels: Option<&Path>, frame_base: u64) -> Resu
         let Some((seq, view)) = parse_stem(stem) else {
             continue;
         };
-        let text = std::fs::read_to_string(label_path).map_err(|e| Error::io(label_path, e))?;
+        let text = super::read_text(label_path)?;
         let label_name = format!(
             "{label_dir_name}/{}",
             label_path
@@ -307,6 +307,33 @@ mod tests {
         assert_eq!(
             s1.videos[0].clip.as_ref().map(|c| (c.start, c.end)),
             Some((9, 19))
+        );
+    }
+
+    #[test]
+    fn hand_edited_label_files_parse() {
+        // A byte-order mark, CRLF, an upper-case extension, extra columns and trailing blank
+        // lines: every row is kept.
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("RGB_VIDEO")).unwrap();
+        std::fs::create_dir_all(d.path().join("Label")).unwrap();
+        std::fs::write(d.path().join("RGB_VIDEO/0001-L.AVI"), b"v").unwrap();
+        std::fs::write(
+            d.path().join("Label/0001-L.TXT"),
+            "\u{feff}8,10,20,1\r\n13,40,50,2,extra,columns\r\n\r\n\n  \n",
+        )
+        .unwrap();
+        let s = scan_pku_mmd(d.path(), None, 0).unwrap();
+        let clips: Vec<(String, u64)> = s
+            .videos
+            .iter()
+            .map(|v| (v.native_class.clone(), v.clip.as_ref().unwrap().start))
+            .collect();
+        assert_eq!(clips, [("8".into(), 10), ("13".into(), 40)]);
+        assert!(
+            s.ignored.iter().all(|i| i.severity == Severity::Note),
+            "{:?}",
+            s.ignored
         );
     }
 }

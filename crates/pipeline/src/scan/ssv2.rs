@@ -26,7 +26,7 @@ fn find(dir: &Path, names: &[&str]) -> Result<PathBuf> {
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = super::read_text(path)?;
     serde_json::from_str(&text).map_err(|e| Error::Layout {
         path: path.to_owned(),
         message: format!("not valid JSON: {e}"),
@@ -151,4 +151,34 @@ pub fn scan_ssv2(videos: &Path, labels: &Path, keep: impl Fn(&str) -> bool) -> R
     }
     scan.videos = found.into_values().collect();
     Ok(scan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn annotation_with_a_byte_order_mark_and_unknown_fields_reads() {
+        let d = tempfile::tempdir().unwrap();
+        let bom = "\u{feff}";
+        std::fs::write(
+            d.path().join("labels.json"),
+            format!("{bom}{{\"Pushing something\": \"0\", \"Pulling something\": \"1\"}}\r\n"),
+        )
+        .unwrap();
+        std::fs::write(
+            d.path().join("train.json"),
+            format!(
+                "{bom}[{{\"id\": \"7\", \"template\": \"Pushing [something]\", \"placeholders\": [], \"new\": 1}}]\r\n\r\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(d.path().join("validation.json"), "[]").unwrap();
+        std::fs::write(d.path().join("7.webm"), b"v").unwrap();
+        let s = scan_ssv2(d.path(), d.path(), |_| true).unwrap();
+        assert_eq!(s.classes.len(), 2);
+        assert_eq!(s.videos.len(), 1);
+        assert_eq!(s.videos[0].native_class, "Pushing something");
+        assert!(s.videos[0].pre_error.is_none());
+    }
 }

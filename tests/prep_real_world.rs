@@ -1,0 +1,233 @@
+//! `vdg prep` on files and folders as users have them: H.264 remuxed into AVI, copies cut
+//! short, partial downloads, wrong paths, hand-edited `prep.json`.
+
+use std::path::Path;
+
+use arrow_array::{Array, BooleanArray, StringArray, UInt32Array};
+use vdg_pipeline::encode::{VideoWriter, pattern_frame, remux, write_pattern_video};
+
+use crate::util::*;
+
+fn prep(ucf: &Path, hmdb: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "prep",
+        "ucf-hmdb",
+        "--ucf101",
+        ucf.to_str().unwrap(),
+        "--hmdb51",
+        hmdb.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+/// UCF-101 with Biking as H.264 remuxed into AVI (no re-encoding) plus a copy of it cut
+/// short, and PullUps as MPEG-4; hmdb51 with two ride_bike clips. Every other manifest
+/// class has no videos (a partial download).
+fn partial_layout(root: &Path) {
+    let ucf = root.join("UCF-101");
+    std::fs::create_dir_all(ucf.join("Biking")).unwrap();
+    let nut = root.join("h264.nut");
+    let mut w = VideoWriter::create_with_b_frames(&nut, "libx264", W, H, 25, 2).unwrap();
+    for t in 0..50 {
+        w.write_rgb(&pattern_frame(W, H, t, 5)).unwrap();
+    }
+    w.finish().unwrap();
+    let avi = ucf.join("Biking/v_Biking_g01_c01.avi");
+    remux(&nut, &avi, 0.0).unwrap();
+    std::fs::remove_file(&nut).unwrap();
+    let bytes = std::fs::read(&avi).unwrap();
+    std::fs::write(
+        ucf.join("Biking/v_Biking_g02_c01.avi"),
+        &bytes[..bytes.len() * 6 / 10],
+    )
+    .unwrap();
+    for g in 1..=2 {
+        let p = ucf.join(format!("PullUps/v_PullUps_g{g:02}_c01.avi"));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        write_pattern_video(&p, "mpeg4", W, H, 25, 20, g).unwrap();
+    }
+    for (i, film) in ["Alpha", "Beta"].iter().enumerate() {
+        let p = root.join(format!(
+            "hmdb51/ride_bike/{film}_ride_bike_f_cm_np1_fr_med_{i}.avi"
+        ));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        write_pattern_video(&p, "mpeg4", W, H, 30, 20, 10 + i as u32).unwrap();
+    }
+}
+
+#[test]
+fn h264_in_avi_is_kept_its_cut_copy_fails_and_empty_classes_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let raw = tmp.path().join("raw");
+    partial_layout(&raw);
+    let out = tmp.path().join("out");
+
+    // --strict: the partial download stops the run before anything is written.
+    let o = prep(&raw, &raw, &out, &["--strict"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("ucf/climb") && err.contains("hmdb/walk"),
+        "{}",
+        text(&o)
+    );
+    assert!(!out.join("prep.json").exists());
+
+    let o = prep(&raw, &raw, &out, &[]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "the cut copy failed\n{}",
+        text(&o)
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    // Named at the end of the run, not only in warnings at the start.
+    let tail = err
+        .rsplit("failed and were recorded")
+        .next()
+        .unwrap_or_default();
+    assert!(
+        tail.contains("have no videos") && tail.contains("ucf/climb"),
+        "{}",
+        text(&o)
+    );
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("prep.json")).unwrap()).unwrap();
+    let empty: Vec<&str> = rec["counts"]["empty_classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(
+        empty.contains(&"ucf/climb") && empty.contains(&"hmdb/pullup"),
+        "{empty:?}"
+    );
+    assert!(!empty.contains(&"ucf/ride_bike") && !empty.contains(&"ucf/pullup"));
+    assert!(
+        rec["libraries"]["libavcodec"].as_str().is_some(),
+        "{}",
+        rec["libraries"]
+    );
+
+    let vids = videos(&out);
+    let by_id = |id: &str| vids.iter().find(|v| v.video_id == id).unwrap();
+    let good = by_id("ucf101/Biking/v_Biking_g01_c01.avi");
+    assert_eq!(
+        (good.status.as_str(), good.num_frames),
+        ("ok", 50),
+        "{:?}",
+        good.error
+    );
+    let cut = by_id("ucf101/Biking/v_Biking_g02_c01.avi");
+    assert_eq!(cut.status, "failed");
+    assert!(
+        cut.error.as_deref().unwrap_or("").contains("truncated"),
+        "{:?}",
+        cut.error
+    );
+
+    // Colour and geometry are recorded for every stored video (read back independently).
+    for b in batches(&out.join("videos.parquet")) {
+        let status = col::<StringArray>(&b, "status");
+        let matrix = col::<StringArray>(&b, "colour_matrix");
+        let range = col::<StringArray>(&b, "colour_range");
+        let assumed = col::<BooleanArray>(&b, "colour_assumed");
+        let rotation = col::<UInt32Array>(&b, "rotation");
+        for i in 0..b.num_rows() {
+            if status.value(i) != "ok" {
+                assert!(matrix.is_null(i));
+                continue;
+            }
+            // Untagged SD sources: BT.601, limited range, assumed.
+            assert_eq!(
+                (
+                    matrix.value(i),
+                    range.value(i),
+                    assumed.value(i),
+                    rotation.value(i)
+                ),
+                ("bt601", "limited", true, 0)
+            );
+        }
+    }
+}
+
+#[test]
+fn a_wrong_dataset_path_stops_the_run_naming_what_was_searched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let raw = tmp.path().join("raw");
+    partial_layout(&raw);
+    // An existing folder that holds no UCF-101 layout (the user pointed one level too high
+    // or at the wrong download).
+    let wrong = tmp.path().join("downloads");
+    std::fs::create_dir_all(wrong.join("UCF101_extracted_elsewhere")).unwrap();
+    let out = tmp.path().join("out");
+    let o = prep(&wrong, &raw, &out, &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("domain \"ucf\"")
+            && err.contains(wrong.to_str().unwrap())
+            && err.contains("expected UCF-101/<Class>/"),
+        "{}",
+        text(&o)
+    );
+    assert!(!out.join("prep.json").exists());
+}
+
+#[test]
+fn a_hand_edited_prep_json_never_panics_and_other_libraries_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let raw = tmp.path().join("raw");
+    partial_layout(&raw);
+    let out = tmp.path().join("out");
+    assert_eq!(prep(&raw, &raw, &out, &[]).status.code(), Some(1));
+    let path = out.join("prep.json");
+    let mut rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+
+    // A short fingerprint string (it used to be sliced to 16 bytes).
+    rec["fingerprint"] = "ab".into();
+    std::fs::write(&path, serde_json::to_vec(&rec).unwrap()).unwrap();
+    let o = prep(&raw, &raw, &out, &[]);
+    assert!(
+        !String::from_utf8_lossy(&o.stderr).contains("panicked"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("up to date"),
+        "{}",
+        text(&o)
+    );
+
+    // Made with other FFmpeg libraries: resuming is refused, naming both.
+    rec["libraries"]["libavcodec"] = "0.0.1".into();
+    rec["plan_fingerprint"] = "made-elsewhere".into();
+    std::fs::write(&path, serde_json::to_vec(&rec).unwrap()).unwrap();
+    let before = outputs(&out);
+    let o = prep(&raw, &raw, &out, &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("other decoding libraries") && err.contains("libavcodec 0.0.1"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(outputs(&out), before, "a refused run changes nothing");
+    assert_eq!(prep(&raw, &raw, &out, &["--force"]).status.code(), Some(1));
+
+    // Not JSON at all: a clear error, no panic.
+    std::fs::write(&path, b"{ not json").unwrap();
+    let o = prep(&raw, &raw, &out, &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        !String::from_utf8_lossy(&o.stderr).contains("panicked"),
+        "{}",
+        text(&o)
+    );
+}
