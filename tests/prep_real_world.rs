@@ -49,6 +49,17 @@ fn partial_layout(root: &Path) {
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         write_pattern_video(&p, "mpeg4", W, H, 25, 20, g).unwrap();
     }
+    // A name outside UCF101's v_<Class>_gGG_cCC pattern: kept, in a group of its own, counted.
+    write_pattern_video(
+        &ucf.join("PullUps/pullups extra.avi"),
+        "mpeg4",
+        W,
+        H,
+        25,
+        20,
+        7,
+    )
+    .unwrap();
     for (i, film) in ["Alpha", "Beta"].iter().enumerate() {
         let p = root.join(format!(
             "hmdb51/ride_bike/{film}_ride_bike_f_cm_np1_fr_med_{i}.avi"
@@ -111,6 +122,12 @@ fn h264_in_avi_is_kept_its_cut_copy_fails_and_empty_classes_are_named() {
         rec["libraries"]["libavcodec"].as_str().is_some(),
         "{}",
         rec["libraries"]
+    );
+    assert_eq!(rec["counts"]["ungrouped"]["ucf101"], 1, "{}", rec["counts"]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("did not parse into a split group"),
+        "{}",
+        text(&o)
     );
 
     let vids = videos(&out);

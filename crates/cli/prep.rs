@@ -476,6 +476,17 @@ fn print_summary(s: &PrepSummary, out: &Path, unreadable: usize, quiet: bool) {
                 sk.join(", ")
             );
         }
+        if !c.ungrouped.is_empty() {
+            let u: Vec<String> = c
+                .ungrouped
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            println!(
+                "  names that did not parse into a split group (each kept alone): {}",
+                u.join(", ")
+            );
+        }
         println!("  fingerprint {}", r.fingerprint);
     }
     if !r.failed.is_empty() {

@@ -62,6 +62,8 @@ pub struct PlanItem {
     pub pre_error: Option<String>,
     /// Key of its split group: items sharing it stay on one side.
     pub split_group: Option<String>,
+    /// A side the dataset fixes (PKU-MMD's cross-subject lists).
+    pub fixed_split: Option<vdg_data::SourceSplit>,
 }
 
 /// Everything prep will write, decided before any decoding.
@@ -82,6 +84,9 @@ pub struct Plan {
     pub ignored: Vec<Ignored>,
     /// `(domain, class, native)` of manifest classes with no folder in the raw data.
     pub missing_natives: Vec<(String, String, String)>,
+    /// Planned videos, per dataset, whose names did not parse into the split group their
+    /// layout defines (each is then a group of its own).
+    pub ungrouped: BTreeMap<String, u64>,
     /// Versions of FFmpeg's libraries and libjpeg-turbo ([`crate::decode::library_versions`]).
     pub libraries: BTreeMap<String, String>,
     /// SHA-256 over tool and library versions, manifest, options and every planned row.
@@ -143,6 +148,7 @@ pub fn build_plan(manifest: &Manifest, scans: &[&Scan], options: &ContentOptions
     let mut items = Vec::new();
     let mut skipped: BTreeMap<String, u64> = BTreeMap::new();
     let mut ignored = Vec::new();
+    let mut ungrouped: BTreeMap<String, u64> = BTreeMap::new();
     for scan in scans {
         ignored.extend(scan.ignored.iter().cloned());
         for (k, n) in &scan.skipped {
@@ -162,6 +168,9 @@ pub fn build_plan(manifest: &Manifest, scans: &[&Scan], options: &ContentOptions
                     v.dataset, v.rel_path, c.start, c.end, v.native_class
                 ),
             };
+            if scan.has_groups && v.group.is_none() {
+                *ungrouped.entry(v.dataset.clone()).or_default() += 1;
+            }
             let split_group = v.group.as_ref().map(|g| {
                 if scan.groups_span_classes {
                     format!("{}/{g}", domain.name)
@@ -174,6 +183,7 @@ pub fn build_plan(manifest: &Manifest, scans: &[&Scan], options: &ContentOptions
                 clip: v.clip.clone(),
                 pre_error: v.pre_error.clone(),
                 split_group,
+                fixed_split: v.fixed_split,
                 row: VideoRow {
                     video_id,
                     dataset: v.dataset.clone(),
@@ -232,6 +242,7 @@ pub fn build_plan(manifest: &Manifest, scans: &[&Scan], options: &ContentOptions
             key: &it.row.video_id,
             stratum: &strata[i],
             group: items[i].split_group.as_deref(),
+            fixed: items[i].fixed_split,
         })
         .collect();
     let splits = assign_splits(&split_items, &rule, options.seed);
@@ -249,6 +260,7 @@ pub fn build_plan(manifest: &Manifest, scans: &[&Scan], options: &ContentOptions
         skipped_out_of_benchmark: skipped,
         ignored,
         missing_natives,
+        ungrouped,
         libraries,
         fingerprint,
     })

@@ -130,6 +130,10 @@ pub struct PrepCounts {
     /// download).
     #[serde(default)]
     pub empty_classes: Vec<String>,
+    /// Videos, per dataset, whose names did not parse into their layout's split group (each
+    /// formed a group of its own).
+    #[serde(default)]
+    pub ungrouped: BTreeMap<String, u64>,
 }
 
 /// A failed video.
@@ -370,6 +374,7 @@ fn make_record(
         planned: rows.len() as u64,
         skipped_out_of_benchmark: plan.skipped_out_of_benchmark.clone(),
         empty_classes: plan.empty_classes(),
+        ungrouped: plan.ungrouped.clone(),
         ..PrepCounts::default()
     };
     let mut failed = Vec::new();

@@ -43,6 +43,9 @@ pub struct RawVideo {
     pub clip: Option<Clip>,
     /// Known before decoding that this entry cannot be prepared (its file is missing...).
     pub pre_error: Option<String>,
+    /// A side the dataset itself fixes (PKU-MMD's official cross-subject lists), which the
+    /// split then keeps.
+    pub fixed_split: Option<vdg_data::SourceSplit>,
 }
 
 /// An annotated interval of a recording: source frames `start..=end`.
@@ -109,6 +112,9 @@ pub struct Scan {
     /// A group spans classes (an NTU performer, a PKU-MMD sequence), rather than being
     /// defined within one class (UCF101's `gNN`).
     pub groups_span_classes: bool,
+    /// The layout names split groups; a video whose name does not parse into one is
+    /// counted (it then forms a group of its own).
+    pub has_groups: bool,
     /// Annotated videos of classes the scanner was told to leave out.
     pub skipped: BTreeMap<String, u64>,
     /// Paths passed over.
@@ -244,6 +250,7 @@ pub fn scan_class_folders(
                     view: None,
                     clip: None,
                     pre_error: None,
+                    fixed_split: None,
                 });
             }
         }
@@ -299,13 +306,17 @@ pub fn scan_synthetic(root: &Path) -> Result<Scan> {
 /// Scans an unpacked UCF101 (`UCF-101/<Class>/v_<Class>_gGG_cCC.avi`); `root` may be the
 /// `UCF-101` folder or the folder holding it.
 pub fn scan_ucf101(root: &Path) -> Result<Scan> {
-    scan_class_folders(root, "UCF-101", "ucf101", ucf101_group)
+    let mut s = scan_class_folders(root, "UCF-101", "ucf101", ucf101_group)?;
+    s.has_groups = true;
+    Ok(s)
 }
 
 /// Scans an unpacked HMDB51 (`hmdb51/<class>/<clip>.avi`); `root` may be the `hmdb51`
 /// folder or the folder holding it.
 pub fn scan_hmdb51(root: &Path) -> Result<Scan> {
-    scan_class_folders(root, "hmdb51", "hmdb51", hmdb51_group)
+    let mut s = scan_class_folders(root, "hmdb51", "hmdb51", hmdb51_group)?;
+    s.has_groups = true;
+    Ok(s)
 }
 
 #[cfg(test)]

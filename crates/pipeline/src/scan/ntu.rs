@@ -53,6 +53,7 @@ pub fn scan_ntu(root: &Path) -> Result<Scan> {
         classes: (1..=120).map(|a| format!("A{a:03}")).collect(),
         classes_complete: true,
         groups_span_classes: true,
+        has_groups: true,
         ..Scan::default()
     };
     for entry in WalkDir::new(&root)
@@ -123,6 +124,7 @@ pub fn scan_ntu(root: &Path) -> Result<Scan> {
             view: Some(name.camera),
             clip: None,
             pre_error: None,
+            fixed_split: None,
         });
     }
     Ok(scan)

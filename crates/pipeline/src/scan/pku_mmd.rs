@@ -30,6 +30,52 @@ fn list_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(v)
 }
 
+/// The official cross-subject split, `<root>/Split/cross-subject.txt` ("Training videos:",
+/// a line of comma-separated `NNNN-V` names, "Validation videos:", another): name -> side.
+/// Subjects are not in the file names, so this list is what keeps a subject on one side.
+/// Without it, a warning says subjects may straddle the split (grouped by sequence only).
+fn read_cross_subject(
+    root: &Path,
+    scan: &mut Scan,
+) -> Result<BTreeMap<String, vdg_data::SourceSplit>> {
+    use vdg_data::SourceSplit;
+    let path = ["Split", "split"]
+        .iter()
+        .map(|d| root.join(d).join("cross-subject.txt"))
+        .find(|p| p.is_file());
+    let Some(path) = path else {
+        scan.ignored.push(Ignored::new(
+            root.join("Split/cross-subject.txt"),
+            "missing: without the official cross-subject list a subject can be on both \
+             sides of the train/val split (videos are grouped by sequence only)",
+            Severity::Warning,
+        ));
+        return Ok(BTreeMap::new());
+    };
+    let text = super::read_text(&path)?;
+    let mut out = BTreeMap::new();
+    let mut side = None;
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let lower = line.to_ascii_lowercase();
+        if lower.starts_with("training") {
+            side = Some(SourceSplit::Train);
+        } else if lower.starts_with("validation") || lower.starts_with("testing") {
+            side = Some(SourceSplit::Val);
+        } else if let Some(s) = side {
+            for name in line.split([',', ' ', '\t']).filter(|n| !n.is_empty()) {
+                out.insert(name.to_owned(), s);
+            }
+        } else {
+            scan.ignored.push(Ignored::new(
+                &path,
+                format!("names before a \"Training videos:\" line: {line:.40}"),
+                Severity::Warning,
+            ));
+        }
+    }
+    Ok(out)
+}
+
 /// Scans PKU-MMD under `root` (holding `RGB_VIDEO/` and a label folder), with label files
 /// from `labels` when given. `frame_base` is the index of the first frame in the label
 /// rows (0 or 1); stored clip ranges are 0-based.
@@ -62,6 +108,7 @@ pub fn scan_pku_mmd(root: &Path, labels: Option<&Path>, frame_base: u64) -> Resu
         classes: (1..=PKU_ACTIONS).map(|a| a.to_string()).collect(),
         classes_complete: true,
         groups_span_classes: true,
+        has_groups: true,
         ..Scan::default()
     };
     let mut videos: BTreeMap<String, (PathBuf, u64)> = BTreeMap::new();
@@ -137,6 +184,7 @@ pub fn scan_pku_mmd(root: &Path, labels: Option<&Path>, frame_base: u64) -> Resu
             ));
         }
     }
+    let xsub = read_cross_subject(&root, &mut scan)?;
     let label_dir_name = label_dir
         .file_name()
         .and_then(|n| n.to_str())
@@ -231,6 +279,7 @@ pub fn scan_pku_mmd(root: &Path, labels: Option<&Path>, frame_base: u64) -> Resu
                     source: format!("{label_name} line {line_no}"),
                 }),
                 pre_error: None,
+                fixed_split: xsub.get(stem).or_else(|| xsub.get(seq)).copied(),
             });
         }
     }
@@ -331,9 +380,49 @@ mod tests {
             .collect();
         assert_eq!(clips, [("8".into(), 10), ("13".into(), 40)]);
         assert!(
-            s.ignored.iter().all(|i| i.severity == Severity::Note),
+            s.ignored
+                .iter()
+                .all(|i| i.severity == Severity::Note || i.reason.contains("cross-subject")),
             "{:?}",
             s.ignored
         );
+    }
+
+    #[test]
+    fn the_official_cross_subject_list_fixes_the_sides() {
+        use vdg_data::SourceSplit;
+        let d = tempfile::tempdir().unwrap();
+        for dir in ["RGB_VIDEO", "Label", "Split"] {
+            std::fs::create_dir_all(d.path().join(dir)).unwrap();
+        }
+        for stem in ["0002-L", "0002-M", "0003-L", "0004-R"] {
+            std::fs::write(d.path().join(format!("RGB_VIDEO/{stem}.avi")), b"v").unwrap();
+            std::fs::write(d.path().join(format!("Label/{stem}.txt")), "8,10,20,1\n").unwrap();
+        }
+        // Without the list: a warning, no fixed sides.
+        let s = scan_pku_mmd(d.path(), None, 0).unwrap();
+        assert!(s.videos.iter().all(|v| v.fixed_split.is_none()));
+        assert!(s.ignored.iter().any(|i| i.reason.contains("cross-subject")));
+        std::fs::write(
+            d.path().join("Split/cross-subject.txt"),
+            "Training videos:\r\n0002-L, 0002-M, 0004-R,\r\nValidation videos:\r\n0003-L,\r\n",
+        )
+        .unwrap();
+        let s = scan_pku_mmd(d.path(), None, 0).unwrap();
+        let sides: Vec<(&str, Option<SourceSplit>)> = s
+            .videos
+            .iter()
+            .map(|v| (v.rel_path.as_str(), v.fixed_split))
+            .collect();
+        assert_eq!(
+            sides,
+            [
+                ("RGB_VIDEO/0002-L.avi", Some(SourceSplit::Train)),
+                ("RGB_VIDEO/0002-M.avi", Some(SourceSplit::Train)),
+                ("RGB_VIDEO/0003-L.avi", Some(SourceSplit::Val)),
+                ("RGB_VIDEO/0004-R.avi", Some(SourceSplit::Train)),
+            ]
+        );
+        assert!(!s.ignored.iter().any(|i| i.reason.contains("cross-subject")));
     }
 }

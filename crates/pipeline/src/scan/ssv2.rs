@@ -145,6 +145,7 @@ pub fn scan_ssv2(videos: &Path, labels: &Path, keep: impl Fn(&str) -> bool) -> R
                     view: None,
                     clip: None,
                     pre_error,
+                    fixed_split: None,
                 },
             );
         }
