@@ -520,6 +520,38 @@ fn synthetic_prep_never_deletes_a_folder_it_did_not_make() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let marker = std::fs::read_to_string(mine.join("raw/.vdg-synthetic")).unwrap();
     assert!(marker.contains("seed=3"), "{marker}");
+    // While another run holds the folder's lock, raw/ is not touched (not even a folder
+    // this command made and would regenerate for another seed).
+    let lock = std::fs::File::create(mine.join(".vdg-prep.lock")).unwrap();
+    lock.try_lock().unwrap();
+    let before = std::fs::read_dir(mine.join("raw/source"))
+        .map(|d| d.count())
+        .ok();
+    let o = prep(&[
+        "synthetic",
+        "--out",
+        s(&mine),
+        "--scale",
+        "tiny",
+        "--seed",
+        "4",
+        "--force",
+        "-q",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("lock"), "{}", text(&o));
+    let marker = std::fs::read_to_string(mine.join("raw/.vdg-synthetic")).unwrap();
+    assert!(
+        marker.contains("seed=3"),
+        "raw/ was regenerated under a held lock: {marker}"
+    );
+    assert_eq!(
+        std::fs::read_dir(mine.join("raw/source"))
+            .map(|d| d.count())
+            .ok(),
+        before
+    );
+    drop(lock);
 }
 
 /// A panic while decoding one video makes that video a failed row naming its file; a panic

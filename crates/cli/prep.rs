@@ -10,7 +10,9 @@ use clap::{Args, Subcommand};
 use indicatif::ProgressBar;
 use vdg_data::{Manifest, VideoStatus};
 use vdg_pipeline::plan::{ContentOptions, DEFAULT_JPEG_QUALITY, build_plan};
-use vdg_pipeline::prep::{PrepEvent, PrepSummary, Progress, RunOptions, run_prep};
+use vdg_pipeline::prep::{
+    OutputLock, PrepEvent, PrepSummary, Progress, RunOptions, lock_output, run_prep_locked,
+};
 use vdg_pipeline::scan::{
     Scan, Severity, scan_hmdb51, scan_ntu, scan_pku_mmd, scan_ssv2, scan_synthetic, scan_ucf101,
 };
@@ -292,10 +294,14 @@ pub fn run(cmd: PrepCommand, quiet: bool) -> Result<ExitCode> {
                     format!("unknown scale {:?}; known: tiny, small, full", args.scale)
                 })?;
             let raw = args.common.out.join("raw");
-            ensure_synthetic(&raw, scale, &args.scale, args.common.seed)?;
             let manifest = load_manifest("synthetic", &args.common.manifest)?;
+            // Lock the output folder before touching raw/ in it: two runs must never
+            // generate or clear the same clips at once.
+            let lock = lock_output(&args.common.out)
+                .with_context(|| format!("preparing {}", args.common.out.display()))?;
+            ensure_synthetic(&raw, scale, &args.scale, args.common.seed)?;
             let scan = scan_synthetic(&raw).context("scanning the synthetic clips")?;
-            prep_with(&manifest, &[&scan], &args.common, quiet)
+            prep_with_lock(&manifest, &[&scan], &args.common, quiet, Some(lock))
         }
         PrepCommand::Ntu { videos, common } => {
             let manifest = load_manifest("ntu", &common.manifest)?;
@@ -310,6 +316,16 @@ fn prep_with(
     scans: &[&Scan],
     c: &CommonPrep,
     quiet: bool,
+) -> Result<ExitCode> {
+    prep_with_lock(manifest, scans, c, quiet, None)
+}
+
+fn prep_with_lock(
+    manifest: &Manifest,
+    scans: &[&Scan],
+    c: &CommonPrep,
+    quiet: bool,
+    lock: Option<OutputLock>,
 ) -> Result<ExitCode> {
     if c.short_side == 0 {
         bail!("--short-side must be at least 1");
@@ -406,7 +422,11 @@ fn prep_with(
         jobs: c.jobs.unwrap_or(0),
         force: c.force,
     };
-    let result = run_prep(&plan, &c.out, &run, &reporter);
+    let lock = match lock {
+        Some(l) => l,
+        None => lock_output(&c.out).with_context(|| format!("preparing {}", c.out.display()))?,
+    };
+    let result = run_prep_locked(&plan, &lock, &run, &reporter);
     reporter.finish();
     let summary = result.with_context(|| format!("preparing {}", c.out.display()))?;
     print_summary(&summary, &c.out, problems.len(), quiet);

@@ -156,15 +156,25 @@ pub struct PrepSummary {
     pub record: PrepRecord,
 }
 
-struct Lock {
+/// The exclusive lock on an output folder (an OS file lock, released when dropped or when
+/// the process dies), held while anything in the folder is written or removed.
+#[derive(Debug)]
+pub struct OutputLock {
     _file: File,
+    dir: PathBuf,
 }
 
-fn lock(dir: &Path) -> Result<Lock> {
+/// Creates `dir` if needed and locks it; another `vdg` writing there gives
+/// [`Error::Locked`].
+pub fn lock_output(dir: &Path) -> Result<OutputLock> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let path = dir.join(LOCK_FILE);
     let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
     match file.try_lock() {
-        Ok(()) => Ok(Lock { _file: file }),
+        Ok(()) => Ok(OutputLock {
+            _file: file,
+            dir: dir.to_owned(),
+        }),
         Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked { path }),
         Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&path, e)),
     }
@@ -211,13 +221,26 @@ fn is_complete(dir: &Path, rec: &PrepRecord) -> bool {
     rec.shards.iter().all(size_ok) && size_ok(&rec.videos_table)
 }
 
-/// Runs (or resumes, or confirms) the prep of `plan` into `out`.
+/// Runs (or resumes, or confirms) the prep of `plan` into `out`, locking it first.
 pub fn run_prep(
     plan: &Plan,
     out: &Path,
     run: &RunOptions,
     progress: &dyn Progress,
 ) -> Result<PrepSummary> {
+    let lock = lock_output(out)?;
+    run_prep_locked(plan, &lock, run, progress)
+}
+
+/// [`run_prep`] into the folder `lock` holds (for callers that write there first, as
+/// `vdg prep synthetic` generates its raw clips under the same lock).
+pub fn run_prep_locked(
+    plan: &Plan,
+    lock: &OutputLock,
+    run: &RunOptions,
+    progress: &dyn Progress,
+) -> Result<PrepSummary> {
+    let out = lock.dir.as_path();
     if plan.items.is_empty() {
         return Err(Error::Layout {
             path: out.to_owned(),
@@ -227,8 +250,6 @@ pub fn run_prep(
             ),
         });
     }
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let _lock = lock(out)?;
     let prep_path = out.join(PREP_FILE);
     let (existing, tmps) = list_outputs(out)?;
     for t in &tmps {
