@@ -56,7 +56,17 @@ fn prep_once(manifest: &Manifest, scan: &Scan, out: &Path, jobs: usize) {
     let _ = std::fs::remove_dir_all(out);
     let plan = build_plan(manifest, &[scan], &ContentOptions::default()).unwrap();
     let quiet = |_: &PrepEvent<'_>| {};
-    let s = run_prep(&plan, out, &RunOptions { jobs, force: false }, &quiet).unwrap();
+    let s = run_prep(
+        &plan,
+        out,
+        &RunOptions {
+            jobs,
+            force: false,
+            retry_failed: false,
+        },
+        &quiet,
+    )
+    .unwrap();
     assert_eq!(s.record.counts.frames, u64::from(CLIPS * FRAMES));
 }
 
@@ -244,6 +254,7 @@ fn bench_pku(c: &mut Criterion) {
                 &RunOptions {
                     jobs: 1,
                     force: false,
+                    retry_failed: false,
                 },
                 &quiet,
             )
@@ -295,7 +306,11 @@ fn bench_pku(c: &mut Criterion) {
                 let s = run_prep(
                     &plan,
                     &multi_out,
-                    &RunOptions { jobs, force: false },
+                    &RunOptions {
+                        jobs,
+                        force: false,
+                        retry_failed: false,
+                    },
                     &quiet,
                 )
                 .unwrap();

@@ -173,6 +173,7 @@ fn loader(c: &mut Criterion) {
         &vdg_pipeline::prep::RunOptions {
             jobs: 0,
             force: false,
+            retry_failed: false,
         },
         &quiet,
     )

@@ -248,3 +248,120 @@ fn a_hand_edited_prep_json_never_panics_and_other_libraries_are_refused() {
         text(&o)
     );
 }
+
+/// Asserts two prepared folders hold the same files byte for byte, naming any that differ.
+fn assert_same_outputs(a: &Path, b: &Path) {
+    let (x, y) = (outputs(a), outputs(b));
+    let names =
+        |m: &std::collections::BTreeMap<String, Vec<u8>>| m.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(names(&x), names(&y));
+    let differ: Vec<&String> = x.keys().filter(|k| x[*k] != y[*k]).collect();
+    assert!(
+        differ.is_empty(),
+        "{} and {} differ in {differ:?}",
+        a.display(),
+        b.display()
+    );
+}
+
+#[test]
+fn changed_inputs_and_retried_failures_are_redone_and_match_a_fresh_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = write_layout(&tmp.path().join("raw"));
+    let root = layout.root.as_path();
+    let out = tmp.path().join("out");
+    // Small shards, so a redo in the middle keeps the shards before it.
+    let small = ["--shard-size", "20KiB", "--jobs", "2"];
+    assert_eq!(prep(root, root, &out, &small).status.code(), Some(1));
+
+    // A re-download replaces the truncated file: only it is decoded again.
+    let rel = "hmdb51/ride_bike/Omega_ride_bike_f_cm_np1_fr_med_9.avi";
+    write_pattern_video(&root.join(rel), "mpeg4", W, H, 30, 15, 77).unwrap();
+    let o = prep(root, root, &out, &small);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "other failures remain\n{}",
+        text(&o)
+    );
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains("1 changed on disk, 0 failed before"),
+        "{}",
+        text(&o)
+    );
+    let v = videos(&out);
+    let row = v.iter().find(|v| v.video_id == rel).unwrap();
+    assert_eq!((row.status.as_str(), row.num_frames), ("ok", 15));
+    assert!(!out.join(".vdg-reuse").exists());
+    // Byte for byte what a fresh run on today's files writes.
+    let fresh = tmp.path().join("fresh");
+    assert_eq!(prep(root, root, &fresh, &small).status.code(), Some(1));
+    assert_same_outputs(&out, &fresh);
+
+    // Only the modification time changes: that video is redone, the bytes stay the same.
+    let touched = root.join("UCF-101/Biking/v_Biking_g02_c01.avi");
+    std::fs::File::options()
+        .write(true)
+        .open(&touched)
+        .unwrap()
+        .set_modified(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1 << 30))
+        .unwrap();
+    let o = prep(root, root, &out, &small);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("1 changed on disk"),
+        "{}",
+        text(&o)
+    );
+    let o = prep(root, root, &out, &small);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("up to date"),
+        "{}",
+        text(&o)
+    );
+
+    // A transient failure (an injected panic stands in for an I/O error): kept as failed on
+    // a plain rerun, redone with --retry-failed.
+    let victim = "ucf101/PullUps/v_PullUps_g03_c02.avi";
+    let flaky = tmp.path().join("flaky");
+    let mut args = vec![
+        "prep".to_owned(),
+        "ucf-hmdb".into(),
+        "--ucf101".into(),
+        root.to_str().unwrap().into(),
+        "--hmdb51".into(),
+        root.to_str().unwrap().into(),
+        "--out".into(),
+        flaky.to_str().unwrap().into(),
+    ];
+    args.extend(small.iter().map(|s| s.to_string()));
+    let o = vdg()
+        .args(&args)
+        .env("VDG_INJECT_PANIC", format!("decode:{victim}"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let failed = |dir: &Path| {
+        videos(dir)
+            .into_iter()
+            .find(|v| v.video_id == victim)
+            .unwrap()
+            .status
+    };
+    assert_eq!(failed(&flaky), "failed");
+    let o = prep(root, root, &flaky, &small);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("up to date"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(failed(&flaky), "failed");
+    let mut retry = small.to_vec();
+    retry.push("--retry-failed");
+    let o = prep(root, root, &flaky, &retry);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_eq!(failed(&flaky), "ok");
+    let fresh_now = tmp.path().join("fresh-now");
+    assert_eq!(prep(root, root, &fresh_now, &small).status.code(), Some(1));
+    assert_same_outputs(&flaky, &fresh_now);
+}

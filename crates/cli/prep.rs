@@ -103,6 +103,7 @@ impl SyntheticArgs {
                 shard_size: 512 << 20,
                 strict_frame_count: false,
                 strict: false,
+                retry_failed: false,
                 force: false,
             },
         }
@@ -148,6 +149,11 @@ pub struct CommonPrep {
     /// instead of naming it in the summary and prep.json.
     #[arg(long)]
     strict: bool,
+    /// Redo the videos recorded as failed (a transient I/O error, a fixed file) and keep
+    /// the rest; videos whose file changed on disk (size or modification time) are redone
+    /// on any rerun.
+    #[arg(long)]
+    retry_failed: bool,
     /// Replace an existing prep of other inputs or options in --out.
     #[arg(long)]
     force: bool,
@@ -421,6 +427,7 @@ fn prep_with_lock(
     let run = RunOptions {
         jobs: c.jobs.unwrap_or(0),
         force: c.force,
+        retry_failed: c.retry_failed,
     };
     let lock = match lock {
         Some(l) => l,
@@ -464,11 +471,18 @@ fn print_summary(s: &PrepSummary, out: &Path, unreadable: usize, quiet: bool) {
             r.fingerprint.get(..16).unwrap_or(&r.fingerprint)
         );
     } else if !quiet {
-        let resumed = if s.resumed_videos > 0 {
+        let mut resumed = if s.resumed_videos > 0 {
             format!(" ({} resumed from an earlier run)", s.resumed_videos)
         } else {
             String::new()
         };
+        if s.copied_videos > 0 || s.changed_inputs > 0 || s.retried_failed > 0 {
+            resumed.push_str(&format!(
+                "; redone: {} changed on disk, {} failed before; {} decoded, {} copied from \
+                 the earlier shards",
+                s.changed_inputs, s.retried_failed, s.decoded_videos, s.copied_videos
+            ));
+        }
         println!(
             "prepared {}: {} videos{resumed}, {} ok, {} failed, {} frames in {} shards -> {}",
             r.benchmark,

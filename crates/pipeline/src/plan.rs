@@ -89,7 +89,8 @@ pub struct Plan {
     pub ungrouped: BTreeMap<String, u64>,
     /// Versions of FFmpeg's libraries and libjpeg-turbo ([`crate::decode::library_versions`]).
     pub libraries: BTreeMap<String, String>,
-    /// SHA-256 over tool and library versions, manifest, options and every planned row.
+    /// SHA-256 over tool and library versions, manifest, options and every planned row
+    /// (ids, labels, domains, groups, splits; not file sizes, see `inputs.json`).
     pub fingerprint: String,
 }
 
@@ -353,9 +354,8 @@ fn plan_fingerprint(
             h.update(b"\0");
         }
         h.update(r.label.to_le_bytes());
-        h.update(r.file_bytes.to_le_bytes());
-        h.update(it.pre_error.as_deref().unwrap_or("").as_bytes());
-        h.update(b"\0");
+        // Not the file's size or whether it is missing: a changed input redoes its video
+        // on rerun (prep.rs, `inputs.json`) instead of refusing the folder.
     }
     vdg_data::atomic::hex(&h.finalize())
 }

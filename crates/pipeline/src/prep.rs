@@ -31,6 +31,15 @@ use crate::plan::{ContentOptions, Plan, PlanItem};
 /// Name of the lock file held while prep writes a folder.
 pub const LOCK_FILE: &str = ".vdg-prep.lock";
 
+/// Each input's size and modification time at the last complete run, so a rerun redoes the
+/// videos whose file changed (kept out of the fingerprinted outputs: copying a dataset
+/// changes modification times, not frames).
+pub const INPUTS_FILE: &str = "inputs.json";
+
+/// Where shards are moved while a rerun rebuilds from them: videos that need no redoing
+/// are copied from here rather than decoded again. Removed when the run completes.
+pub const REUSE_DIR: &str = ".vdg-reuse";
+
 /// Options that do not change what is written.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -38,6 +47,9 @@ pub struct RunOptions {
     pub jobs: usize,
     /// Discard an existing prep of other inputs or options instead of refusing.
     pub force: bool,
+    /// Redo the videos recorded as failed (a transient I/O error, a replaced file); the
+    /// others are kept.
+    pub retry_failed: bool,
 }
 
 /// Progress reported by [`run_prep`]; the CLI turns these into bars or log lines.
@@ -152,6 +164,14 @@ pub struct PrepSummary {
     pub up_to_date: bool,
     /// Videos taken from complete shards of an interrupted run.
     pub resumed_videos: u64,
+    /// Videos decoded by this run.
+    pub decoded_videos: u64,
+    /// Videos copied from the shards of an earlier run rather than decoded again.
+    pub copied_videos: u64,
+    /// Videos redone because their input file changed on disk.
+    pub changed_inputs: u64,
+    /// Videos redone because they had failed and `retry_failed` was asked.
+    pub retried_failed: u64,
     /// The record written (or found) in `prep.json`.
     pub record: PrepRecord,
 }
@@ -221,6 +241,82 @@ fn is_complete(dir: &Path, rec: &PrepRecord) -> bool {
     rec.shards.iter().all(size_ok) && size_ok(&rec.videos_table)
 }
 
+/// A file's modification time in nanoseconds since the epoch, when the OS reports one.
+fn mtime_ns(path: &Path) -> Option<i64> {
+    let t = std::fs::metadata(path).ok()?.modified().ok()?;
+    let d = t.duration_since(std::time::UNIX_EPOCH).ok()?;
+    i64::try_from(d.as_nanos()).ok()
+}
+
+type Identities = BTreeMap<String, (u64, Option<i64>)>;
+
+fn read_inputs(out: &Path) -> Identities {
+    std::fs::read(out.join(INPUTS_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// Why a recorded row must be redone for the current plan item, if it must.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Redo {
+    Changed,
+    Failed,
+}
+
+struct Staleness<'a> {
+    recorded: Identities,
+    now: Vec<Option<i64>>,
+    plan: &'a Plan,
+    retry_failed: bool,
+}
+
+impl Staleness<'_> {
+    fn of(&self, pos: usize, row: &VideoRow) -> Option<Redo> {
+        let item = &self.plan.items[pos];
+        let recorded_mtime = self.recorded.get(&row.video_id).and_then(|r| r.1);
+        if row.file_bytes != item.row.file_bytes
+            || recorded_mtime.is_some_and(|m| self.now[pos] != Some(m))
+        {
+            return Some(Redo::Changed);
+        }
+        (self.retry_failed && row.status == VideoStatus::Failed).then_some(Redo::Failed)
+    }
+}
+
+/// A video of an earlier run's shard that can be copied instead of decoded.
+struct Reusable {
+    shard: PathBuf,
+    row: VideoRow,
+}
+
+/// Shards moved into [`REUSE_DIR`], by video id.
+fn reusable(out: &Path) -> Result<BTreeMap<String, Reusable>> {
+    let dir = out.join(REUSE_DIR);
+    let mut map = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(map);
+    };
+    let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    paths.sort();
+    for path in paths {
+        // A shard that no longer reads is simply not reused.
+        let Ok(meta) = shard::read_shard_meta(&path) else {
+            continue;
+        };
+        for row in meta.videos {
+            map.insert(
+                row.video_id.clone(),
+                Reusable {
+                    shard: path.clone(),
+                    row,
+                },
+            );
+        }
+    }
+    Ok(map)
+}
+
 /// Runs (or resumes, or confirms) the prep of `plan` into `out`, locking it first.
 pub fn run_prep(
     plan: &Plan,
@@ -264,13 +360,31 @@ pub fn run_prep_locked(
         ),
     };
     let mut wipe = run.force;
+    let stale = Staleness {
+        recorded: read_inputs(out),
+        now: plan.items.iter().map(|it| mtime_ns(&it.abs_path)).collect(),
+        plan,
+        retry_failed: run.retry_failed,
+    };
     if let Some(rec) = read_record(&prep_path) {
         if rec.plan_fingerprint == plan.fingerprint && is_complete(out, &rec) && !run.force {
-            return Ok(PrepSummary {
-                up_to_date: true,
-                resumed_videos: rec.counts.planned,
-                record: rec,
-            });
+            let rows = shard::read_videos_table(&out.join(VIDEOS_FILE))?;
+            let fresh = rows.len() == plan.items.len()
+                && rows
+                    .iter()
+                    .enumerate()
+                    .all(|(i, r)| stale.of(i, r).is_none());
+            if fresh {
+                return Ok(PrepSummary {
+                    up_to_date: true,
+                    resumed_videos: rec.counts.planned,
+                    decoded_videos: 0,
+                    copied_videos: 0,
+                    changed_inputs: 0,
+                    retried_failed: 0,
+                    record: rec,
+                });
+            }
         }
         if rec.plan_fingerprint != plan.fingerprint && !run.force {
             if rec.libraries != plan.libraries {
@@ -293,7 +407,8 @@ pub fn run_prep_locked(
             }
             return Err(mismatch("this folder"));
         }
-        // Same plan but files missing or changed: rebuild from whatever shards still verify.
+        // Same plan but outputs missing, inputs changed or failures to retry: rebuild from
+        // whatever shards still verify and hold nothing to redo.
         remove(&prep_path)?;
         remove(&out.join(VIDEOS_FILE))?;
     } else if prep_path.exists() && !run.force {
@@ -307,8 +422,14 @@ pub fn run_prep_locked(
     // Resume from complete shards.
     let mut rows: Vec<VideoRow> = Vec::with_capacity(plan.items.len());
     let mut shards: Vec<ShardInfo> = Vec::new();
+    let (mut changed, mut retried) = (0u64, 0u64);
     if !wipe {
+        let mut keep = true;
         for (expected, (&index, path)) in existing.iter().enumerate() {
+            if !keep {
+                move_to_reuse(out, path)?;
+                continue;
+            }
             if index as usize != expected {
                 return Err(Error::OutputMismatch {
                     path: path.clone(),
@@ -328,6 +449,18 @@ pub fn run_prep_locked(
             if !fits {
                 return Err(mismatch(&format!("{}", path.display())));
             }
+            if meta
+                .videos
+                .iter()
+                .enumerate()
+                .any(|(k, r)| stale.of(pos + k, r).is_some())
+            {
+                // Something in it must be redone: it and every later shard are rebuilt, their
+                // other videos copied rather than decoded again.
+                keep = false;
+                move_to_reuse(out, path)?;
+                continue;
+            }
             let bytes = std::fs::metadata(path)
                 .map_err(|e| Error::io(path, e))?
                 .len();
@@ -346,8 +479,29 @@ pub fn run_prep_locked(
         }
         remove(&prep_path)?;
         remove(&out.join(VIDEOS_FILE))?;
+        remove(&out.join(INPUTS_FILE))?;
+        remove_reuse(out)?;
         wipe = false;
     }
+    // What the earlier shards hold that needs no redoing.
+    let mut reuse = reusable(out)?;
+    reuse.retain(|id, r| {
+        let pos = plan
+            .items
+            .binary_search_by(|it| it.row.video_id.as_str().cmp(id))
+            .ok();
+        match pos.map(|p| (p, stale.of(p, &r.row))) {
+            Some((p, None)) if p >= rows.len() => true,
+            Some((p, Some(why))) if p >= rows.len() => {
+                match why {
+                    Redo::Changed => changed += 1,
+                    Redo::Failed => retried += 1,
+                }
+                false
+            }
+            _ => false,
+        }
+    });
     debug_assert!(!wipe);
     let resumed = rows.len() as u64;
     progress.event(&PrepEvent::Started {
@@ -357,9 +511,19 @@ pub fn run_prep_locked(
     for r in &rows {
         progress.event(&PrepEvent::VideoDone { row: r });
     }
+    let (mut decoded, mut copied) = (0u64, 0u64);
     if rows.len() < plan.items.len() {
         let start = rows.len();
-        write_remaining(plan, out, run, start, &mut rows, &mut shards, progress)?;
+        (decoded, copied) = write_remaining(
+            plan,
+            out,
+            run,
+            start,
+            &reuse,
+            &mut rows,
+            &mut shards,
+            progress,
+        )?;
     }
 
     // The videos table, then prep.json, last.
@@ -377,12 +541,52 @@ pub fn run_prep_locked(
         path: prep_path.clone(),
         source: std::io::Error::other(e),
     })?;
+    let inputs: Identities = plan
+        .items
+        .iter()
+        .zip(&stale.now)
+        .map(|(it, m)| (it.row.video_id.clone(), (it.row.file_bytes, *m)))
+        .collect();
+    let inputs_json = serde_json::to_vec(&inputs).map_err(|e| Error::Io {
+        path: out.join(INPUTS_FILE),
+        source: std::io::Error::other(e),
+    })?;
+    AtomicFile::write_all(&out.join(INPUTS_FILE), &inputs_json)?;
     AtomicFile::write_all(&prep_path, &json)?;
+    remove_reuse(out)?;
     Ok(PrepSummary {
         up_to_date: false,
         resumed_videos: resumed,
+        decoded_videos: decoded,
+        copied_videos: copied,
+        changed_inputs: changed,
+        retried_failed: retried,
         record,
     })
+}
+
+/// Moves a shard into [`REUSE_DIR`] under a name no earlier move used.
+fn move_to_reuse(out: &Path, shard_path: &Path) -> Result<()> {
+    let dir = out.join(REUSE_DIR);
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let n = std::fs::read_dir(&dir)
+        .map_err(|e| Error::io(&dir, e))?
+        .count();
+    let name = shard_path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let to = dir.join(format!("{n:05}-{name}"));
+    std::fs::rename(shard_path, &to).map_err(|e| Error::io(shard_path, e))
+}
+
+fn remove_reuse(out: &Path) -> Result<()> {
+    let dir = out.join(REUSE_DIR);
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(&dir, e)),
+    }
 }
 
 fn make_record(
@@ -594,15 +798,20 @@ struct Gate {
     cv: Condvar,
 }
 
+/// Decodes (or copies from `reuse`) and writes every video from `start` on; returns how many
+/// were decoded and how many copied.
+#[allow(clippy::too_many_arguments)]
 fn write_remaining(
     plan: &Plan,
     out: &Path,
     run: &RunOptions,
     start: usize,
+    reuse: &BTreeMap<String, Reusable>,
     rows: &mut Vec<VideoRow>,
     shards: &mut Vec<ShardInfo>,
     progress: &dyn Progress,
-) -> Result<()> {
+) -> Result<(u64, u64)> {
+    let (decoded, copied) = (AtomicUsize::new(0), AtomicUsize::new(0));
     let jobs = if run.jobs == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     } else {
@@ -660,6 +869,7 @@ fn write_remaining(
             for _ in 0..jobs {
                 let tx = tx.clone();
                 let (next, gate, stop, units) = (&next, &gate, &stop, &units);
+                let (decoded, copied) = (&decoded, &copied);
                 s.spawn(move |_| {
                     loop {
                         if stop.load(Ordering::SeqCst) {
@@ -683,7 +893,16 @@ fn write_remaining(
                             }
                         }
                         let items = &plan.items[range.clone()];
-                        let done = process_unit_guarded(items, &plan.options);
+                        let done = match copy_unit(items, reuse) {
+                            Some(d) => {
+                                copied.fetch_add(d.len(), Ordering::Relaxed);
+                                d
+                            }
+                            None => {
+                                decoded.fetch_add(items.len(), Ordering::Relaxed);
+                                process_unit_guarded(items, &plan.options)
+                            }
+                        };
                         for (k, (row, frames)) in done.into_iter().enumerate() {
                             if tx.send((range.start + k, Done { row, frames })).is_err() {
                                 return;
@@ -698,7 +917,32 @@ fn write_remaining(
             Ok(r) => r,
             Err(p) => std::panic::resume_unwind(p),
         }
-    })
+    })?;
+    Ok((decoded.into_inner() as u64, copied.into_inner() as u64))
+}
+
+/// The unit's videos as an earlier run stored them, when every one of them can be copied
+/// (and every copy reads back); `None` means decode the unit.
+fn copy_unit(
+    items: &[PlanItem],
+    reuse: &BTreeMap<String, Reusable>,
+) -> Option<Vec<(VideoRow, Vec<EncodedFrame>)>> {
+    let mut out = Vec::with_capacity(items.len());
+    for it in items {
+        let r = reuse.get(&it.row.video_id)?;
+        let frames = match (r.row.status, r.row.first_row) {
+            (VideoStatus::Ok, Some(first)) => {
+                shard::read_video_frames(&r.shard, first, r.row.num_frames).ok()?
+            }
+            (VideoStatus::Ok, None) => return None,
+            (VideoStatus::Failed, _) => Vec::new(),
+        };
+        let mut row = r.row.clone();
+        row.shard = None;
+        row.first_row = None;
+        out.push((row, frames));
+    }
+    Some(out)
 }
 
 #[allow(clippy::too_many_arguments)]
