@@ -61,8 +61,7 @@ fn prep_once(manifest: &Manifest, scan: &Scan, out: &Path, jobs: usize) {
         out,
         &RunOptions {
             jobs,
-            force: false,
-            retry_failed: false,
+            ..Default::default()
         },
         &quiet,
     )
@@ -253,8 +252,7 @@ fn bench_pku(c: &mut Criterion) {
                 &out,
                 &RunOptions {
                     jobs: 1,
-                    force: false,
-                    retry_failed: false,
+                    ..Default::default()
                 },
                 &quiet,
             )
@@ -308,8 +306,7 @@ fn bench_pku(c: &mut Criterion) {
                     &multi_out,
                     &RunOptions {
                         jobs,
-                        force: false,
-                        retry_failed: false,
+                        ..Default::default()
                     },
                     &quiet,
                 )

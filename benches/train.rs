@@ -172,8 +172,7 @@ fn loader(c: &mut Criterion) {
         &out,
         &vdg_pipeline::prep::RunOptions {
             jobs: 0,
-            force: false,
-            retry_failed: false,
+            ..Default::default()
         },
         &quiet,
     )

@@ -2,6 +2,7 @@
 //! short, partial downloads, wrong paths, hand-edited `prep.json`.
 
 use std::path::Path;
+use std::time::Duration;
 
 use arrow_array::{Array, BooleanArray, StringArray, UInt32Array};
 use vdg_pipeline::encode::{VideoWriter, pattern_frame, remux, write_pattern_video};
@@ -364,4 +365,146 @@ fn changed_inputs_and_retried_failures_are_redone_and_match_a_fresh_run() {
     let fresh_now = tmp.path().join("fresh-now");
     assert_eq!(prep(root, root, &fresh_now, &small).status.code(), Some(1));
     assert_same_outputs(&flaky, &fresh_now);
+}
+
+/// Runs `vdg prep ucf-hmdb` on `root` into `out` through `bash -c`, after `shell` (limits,
+/// traps), so the limits apply to vdg alone.
+fn prep_under(shell: &str, root: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut cmd = std::process::Command::new("bash");
+    cmd.arg("-c")
+        .arg(format!("{shell}; exec \"$0\" \"$@\""))
+        .arg(env!("CARGO_BIN_EXE_vdg"))
+        .args(["prep", "ucf-hmdb", "--ucf101"])
+        .arg(root)
+        .arg("--hmdb51")
+        .arg(root)
+        .arg("--out")
+        .arg(out)
+        .args(extra);
+    cmd.output().unwrap()
+}
+
+#[test]
+fn a_full_disk_stops_the_run_naming_the_file_and_a_rerun_gives_the_same_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = write_layout(&tmp.path().join("raw"));
+    let root = layout.root.as_path();
+    let opts = ["--shard-size", "40KiB", "--jobs", "2"];
+    let reference = tmp.path().join("ref");
+    assert_eq!(prep(root, root, &reference, &opts).status.code(), Some(1));
+    // No file may grow past 24 KiB: the first shard fills the "disk" part-way (EFBIG, as
+    // ENOSPC would; SIGXFSZ is ignored so the write fails instead of killing vdg).
+    let full = tmp.path().join("full");
+    let o = prep_under("trap '' XFSZ; ulimit -f 24", root, &full, &opts);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("frames-00000.parquet") && err.contains("File too large"),
+        "{}",
+        text(&o)
+    );
+    assert!(!full.join("prep.json").exists());
+    let o = prep(root, root, &full, &opts);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_same_outputs(&full, &reference);
+}
+
+#[test]
+fn sigterm_mid_run_keeps_complete_shards_and_a_rerun_gives_the_same_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = write_layout(&tmp.path().join("raw"));
+    let root = layout.root.as_path();
+    let opts = ["--shard-size", "20KiB", "--jobs", "1"];
+    let reference = tmp.path().join("ref");
+    assert_eq!(prep(root, root, &reference, &opts).status.code(), Some(1));
+    // Twice: once after the first shard, once after the third.
+    for shards_done in [1usize, 3] {
+        let out = tmp.path().join(format!("term-{shards_done}"));
+        let child = vdg()
+            .args(["prep", "ucf-hmdb", "--ucf101"])
+            .arg(root)
+            .arg("--hmdb51")
+            .arg(root)
+            .arg("--out")
+            .arg(&out)
+            .args(opts)
+            // Debug builds only: the writer waits 40 ms before each video, so the run is
+            // still writing when the signal comes.
+            .env("VDG_INJECT_DELAY_MS", "40")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let shard = out.join(format!("frames-{:05}.parquet", shards_done - 1));
+        let t0 = std::time::Instant::now();
+        while !shard.exists() && t0.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let o = child.wait_with_output().unwrap();
+        assert_eq!(o.status.code(), Some(130), "{}", text(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("interrupted by a signal") && err.contains("Rerun"),
+            "{}",
+            text(&o)
+        );
+        assert!(!out.join("prep.json").exists());
+        assert!(shard.exists(), "complete shards are kept");
+        let o = prep(root, root, &out, &opts);
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains("resumed"),
+            "{}",
+            text(&o)
+        );
+        assert_same_outputs(&out, &reference);
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn a_read_only_output_folder_is_a_clear_error_and_nothing_changes() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = write_layout(&tmp.path().join("raw"));
+    let root = layout.root.as_path();
+    let out = tmp.path().join("out");
+    assert_eq!(prep(root, root, &out, &[]).status.code(), Some(1));
+    let before = outputs(&out);
+    // Read-only for everyone; root ignores permission bits, so as root the run is made as
+    // `nobody` (which can still read the inputs and the binary).
+    let chmod = |p: &Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    chmod(tmp.path(), 0o755);
+    chmod(&out, 0o555);
+    let as_root = std::fs::metadata(&out).unwrap().uid() == 0;
+    let run_ro = |extra: &[&str]| {
+        let mut cmd = vdg();
+        cmd.args(["prep", "ucf-hmdb", "--ucf101"])
+            .arg(root)
+            .arg("--hmdb51")
+            .arg(root)
+            .arg("--out")
+            .arg(&out)
+            .args(extra);
+        if as_root {
+            cmd.uid(65534).gid(65534);
+        }
+        cmd.output().unwrap()
+    };
+    let o = run_ro(&["--retry-failed"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(out.to_str().unwrap()) && err.contains("ermission denied"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(outputs(&out), before, "a refused run changes nothing");
+    chmod(&out, 0o755);
 }

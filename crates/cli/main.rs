@@ -65,7 +65,14 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             logging::suspend(|| eprintln!("error: {e:#}"));
-            ExitCode::from(2)
+            let interrupted = e.chain().any(|c| {
+                matches!(
+                    c.downcast_ref::<vdg_pipeline::Error>(),
+                    Some(vdg_pipeline::Error::Interrupted { .. })
+                )
+            });
+            // 130: stopped by a signal (as shells report Ctrl-C); 2: any other fatal error.
+            ExitCode::from(if interrupted { 130 } else { 2 })
         }
     }
 }

@@ -424,10 +424,21 @@ fn prep_with_lock(
         plan.skipped_out_of_benchmark.values().sum::<u64>()
     );
     let reporter = Reporter::new(quiet);
+    // SIGINT (Ctrl-C) and SIGTERM (a batch scheduler's preemption) stop the run at the next
+    // video with a message; complete shards stay and a rerun resumes.
+    let interrupt = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // A second signal while stopping ends the process at once.
+        signal_hook::flag::register_conditional_shutdown(sig, 130, interrupt.clone())
+            .context("installing the signal handler")?;
+        signal_hook::flag::register(sig, interrupt.clone())
+            .context("installing the signal handler")?;
+    }
     let run = RunOptions {
         jobs: c.jobs.unwrap_or(0),
         force: c.force,
         retry_failed: c.retry_failed,
+        interrupt: Some(interrupt),
     };
     let lock = match lock {
         Some(l) => l,

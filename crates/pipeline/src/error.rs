@@ -68,6 +68,17 @@ pub enum Error {
         /// What differs, and what to do.
         message: String,
     },
+    /// A signal (SIGINT, SIGTERM) asked the run to stop; complete shards are kept.
+    #[error(
+        "{path}: interrupted by a signal; {shards} complete shard(s) kept, the shard being \
+         written was dropped. Rerun the same command to resume"
+    )]
+    Interrupted {
+        /// The output folder.
+        path: PathBuf,
+        /// Complete shards in it.
+        shards: usize,
+    },
     /// Another prep is writing to the same output folder.
     #[error("{path}: another vdg prep is writing to this folder (lock held)")]
     Locked {

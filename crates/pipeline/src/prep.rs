@@ -41,7 +41,7 @@ pub const INPUTS_FILE: &str = "inputs.json";
 pub const REUSE_DIR: &str = ".vdg-reuse";
 
 /// Options that do not change what is written.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct RunOptions {
     /// Worker threads (0 = one per core).
     pub jobs: usize,
@@ -50,6 +50,9 @@ pub struct RunOptions {
     /// Redo the videos recorded as failed (a transient I/O error, a replaced file); the
     /// others are kept.
     pub retry_failed: bool,
+    /// Set (by a signal handler) to stop the run at the next video: complete shards stay,
+    /// and the run ends with [`Error::Interrupted`].
+    pub interrupt: Option<std::sync::Arc<AtomicBool>>,
 }
 
 /// Progress reported by [`run_prep`]; the CLI turns these into bars or log lines.
@@ -844,7 +847,17 @@ fn write_remaining(
             // A panic in the writer must stop the run with an error, not leave the workers
             // waiting for a position that never comes.
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                write_in_order(plan, out, start, rx, rows, shards, &gate, progress)
+                write_in_order(
+                    plan,
+                    out,
+                    start,
+                    rx,
+                    rows,
+                    shards,
+                    &gate,
+                    progress,
+                    run.interrupt.as_deref(),
+                )
             }))
             .unwrap_or_else(|p| {
                 Err(Error::Io {
@@ -955,6 +968,7 @@ fn write_in_order(
     shards: &mut Vec<ShardInfo>,
     gate: &Gate,
     progress: &dyn Progress,
+    interrupt: Option<&AtomicBool>,
 ) -> Result<()> {
     let total = plan.items.len();
     let mut pending: BTreeMap<usize, Done> = BTreeMap::new();
@@ -968,6 +982,13 @@ fn write_in_order(
             });
         };
         pending.insert(i, done);
+        if interrupt.is_some_and(|f| f.load(Ordering::SeqCst)) {
+            // The shard being written is dropped (its temporary file is removed on rerun).
+            return Err(Error::Interrupted {
+                path: out.to_owned(),
+                shards: shards.len(),
+            });
+        }
         while let Some(Done { mut row, frames }) = pending.remove(&pos) {
             if current.is_none() {
                 let index = shards.len() as u32;
@@ -980,6 +1001,7 @@ fn write_in_order(
             let Some((writer, _, shard_rows)) = current.as_mut() else {
                 unreachable!("shard writer was just created")
             };
+            injected_delay();
             if row.status == VideoStatus::Ok {
                 injected_panic("writer", &row.video_id);
                 let first = writer.write_video(&row.video_id, &frames)?;
@@ -1025,6 +1047,18 @@ fn injected_panic(stage: &str, video_id: &str) {
     }
     #[cfg(not(debug_assertions))]
     let _ = (stage, video_id);
+}
+
+/// Test hook, honoured by debug builds only: `VDG_INJECT_DELAY_MS=<ms>` makes the writer
+/// wait that long before each video, so tests can signal a run while it is writing.
+fn injected_delay() {
+    #[cfg(debug_assertions)]
+    if let Some(ms) = std::env::var("VDG_INJECT_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
 }
 
 /// [`process_unit`], with a panic in decoding turned into failed rows naming the files.
