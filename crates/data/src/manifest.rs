@@ -744,4 +744,26 @@ native = { a = ["X"], b = ["x"] }
             vec![("y".to_string(), "Y2".to_string())]
         );
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(64))]
+
+        #[test]
+        fn any_text_loads_or_errs_without_panic(text in ".{0,300}") {
+            let _ = Manifest::from_toml(&text, Path::new("prop.toml"));
+        }
+
+        #[test]
+        fn a_damaged_real_manifest_loads_or_errs_without_panic(
+            edits in proptest::collection::vec((0usize..4000, proptest::char::any()), 1..6)
+        ) {
+            let mut text: Vec<char> = include_str!("../../../manifests/ucf_hmdb.toml").chars().collect();
+            for (at, c) in edits {
+                let at = at % text.len();
+                text[at] = c;
+            }
+            let text: String = text.into_iter().collect();
+            let _ = Manifest::from_toml(&text, Path::new("prop.toml"));
+        }
+    }
 }

@@ -13,10 +13,10 @@ use crate::error::{Error, Result};
 
 mod ntu;
 mod pku_mmd;
-mod ssv2;
+pub mod ssv2;
 
 pub use ntu::{parse_ntu_name, scan_ntu};
-pub use pku_mmd::{PKU_ACTIONS, scan_pku_mmd};
+pub use pku_mmd::{LabelRow, PKU_ACTIONS, parse_label_rows, scan_pku_mmd};
 pub use ssv2::scan_ssv2;
 
 /// File extensions treated as videos.

@@ -152,4 +152,17 @@ mod tests {
         assert!(parse_ntu_name("S001X002P003R002A013_rgb").is_none());
         assert!(parse_ntu_name("video_rgb").is_none());
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_stem_parses_without_panic_and_names_round_trip(stem in ".{0,30}", n in (1u32..999, 1u32..999, 1u32..999, 1u32..999, 1u32..999)) {
+            if let Some(p) = parse_ntu_name(&stem) {
+                let joined = format!("{}{}{}{}{}", p.setup, p.camera, p.performer, p.replication, p.action);
+                proptest::prop_assert_eq!(joined.as_str(), stem.strip_suffix("_rgb").unwrap_or(&stem));
+            }
+            let name = format!("S{:03}C{:03}P{:03}R{:03}A{:03}_rgb", n.0, n.1, n.2, n.3, n.4);
+            let p = parse_ntu_name(&name).unwrap();
+            proptest::prop_assert_eq!(p.performer, format!("P{:03}", n.2));
+        }
+    }
 }

@@ -14,6 +14,84 @@ pub const PKU_ACTIONS: u32 = 51;
 /// Label folder names tried under the root, in order.
 const LABEL_DIRS: [&str; 3] = ["Label", "Train_Label_PKU_final", "label"];
 
+/// One usable row of a PKU-MMD label file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabelRow {
+    /// Action id, 1..=[`PKU_ACTIONS`].
+    pub action: u32,
+    /// First frame, 0-based.
+    pub start: u64,
+    /// Last frame, 0-based, inclusive (`>= start`).
+    pub end: u64,
+    /// 1-based line number in the file.
+    pub line: usize,
+}
+
+/// Parses the text of a label file (`action,start,end,confidence` rows; commas, spaces or
+/// tabs between fields; extra fields ignored) with frame numbers counted from
+/// `frame_base`. Returns the usable rows and, for every other non-blank line, its number
+/// and why it was skipped. Never panics, whatever the text (fuzzed: FUZZING.md).
+pub fn parse_label_rows(text: &str, frame_base: u64) -> (Vec<LabelRow>, Vec<(usize, String)>) {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let (mut rows, mut problems) = (Vec::new(), Vec::new());
+    let mut seen = BTreeSet::new();
+    for (n, line) in text.lines().enumerate() {
+        let line_no = n + 1;
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let fields: Vec<&str> = line
+            .split([',', ' ', '\t'])
+            .filter(|f| !f.is_empty())
+            .collect();
+        if fields.len() < 3 {
+            problems.push((
+                line_no,
+                format!("expected action,start,end,confidence, got {line:?}"),
+            ));
+            continue;
+        }
+        let (Ok(action), Ok(start), Ok(end)) = (
+            fields[0].parse::<u32>(),
+            fields[1].parse::<u64>(),
+            fields[2].parse::<u64>(),
+        ) else {
+            problems.push((line_no, format!("fields are not integers: {line:?}")));
+            continue;
+        };
+        if !(1..=PKU_ACTIONS).contains(&action) {
+            problems.push((
+                line_no,
+                format!("unknown action id {action} (PKU-MMD has 1..{PKU_ACTIONS})"),
+            ));
+            continue;
+        }
+        if start > end {
+            problems.push((line_no, format!("start {start} is after end {end}")));
+            continue;
+        }
+        if start < frame_base {
+            problems.push((
+                line_no,
+                format!("start {start} is before the first frame ({frame_base})"),
+            ));
+            continue;
+        }
+        if !seen.insert((action, start, end)) {
+            problems.push((line_no, format!("duplicate of an earlier row: {line:?}")));
+            continue;
+        }
+        rows.push(LabelRow {
+            action,
+            start: start - frame_base,
+            end: end - frame_base,
+            line: line_no,
+        });
+    }
+    (rows, problems)
+}
+
 /// `NNNN-V` -> (sequence, view).
 fn parse_stem(stem: &str) -> Option<(&str, &str)> {
     let (seq, view) = stem.split_once('-')?;
@@ -210,73 +288,27 @@ pub fn scan_pku_mmd(root: &Path, labels: Option<&Path>, frame_base: u64) -> Resu
                 .and_then(|n| n.to_str())
                 .unwrap_or_default()
         );
-        let mut seen = BTreeSet::new();
-        for (n, line) in text.lines().enumerate() {
-            let line_no = n + 1;
-            let line = line.trim();
-            if line.is_empty() {
-                continue;
-            }
-            let warn = |scan: &mut Scan, why: String| {
-                scan.ignored.push(Ignored::new(
-                    label_path,
-                    format!("line {line_no}: {why}"),
-                    Severity::Warning,
-                ));
-            };
-            let fields: Vec<&str> = line
-                .split([',', ' ', '\t'])
-                .filter(|f| !f.is_empty())
-                .collect();
-            if fields.len() < 3 {
-                warn(
-                    &mut scan,
-                    format!("expected action,start,end,confidence, got {line:?}"),
-                );
-                continue;
-            }
-            let (Ok(action), Ok(start), Ok(end)) = (
-                fields[0].parse::<u32>(),
-                fields[1].parse::<u64>(),
-                fields[2].parse::<u64>(),
-            ) else {
-                warn(&mut scan, format!("fields are not integers: {line:?}"));
-                continue;
-            };
-            if !(1..=PKU_ACTIONS).contains(&action) {
-                warn(
-                    &mut scan,
-                    format!("unknown action id {action} (PKU-MMD has 1..{PKU_ACTIONS})"),
-                );
-                continue;
-            }
-            if start > end {
-                warn(&mut scan, format!("start {start} is after end {end}"));
-                continue;
-            }
-            if start < frame_base {
-                warn(
-                    &mut scan,
-                    format!("start {start} is before the first frame ({frame_base})"),
-                );
-                continue;
-            }
-            if !seen.insert((action, start, end)) {
-                warn(&mut scan, format!("duplicate of an earlier row: {line:?}"));
-                continue;
-            }
+        let (rows, problems) = parse_label_rows(&text, frame_base);
+        for (line_no, why) in problems {
+            scan.ignored.push(Ignored::new(
+                label_path,
+                format!("line {line_no}: {why}"),
+                Severity::Warning,
+            ));
+        }
+        for r in rows {
             scan.videos.push(RawVideo {
                 dataset: "pku_mmd".into(),
-                native_class: action.to_string(),
+                native_class: r.action.to_string(),
                 rel_path: format!("RGB_VIDEO/{stem}.avi"),
                 abs_path: video_path.clone(),
                 group: Some(seq.to_owned()),
                 file_bytes: *bytes,
                 view: Some(view.to_owned()),
                 clip: Some(Clip {
-                    start: start - frame_base,
-                    end: end - frame_base,
-                    source: format!("{label_name} line {line_no}"),
+                    start: r.start,
+                    end: r.end,
+                    source: format!("{label_name} line {}", r.line),
                 }),
                 pre_error: None,
                 fixed_split: xsub.get(stem).or_else(|| xsub.get(seq)).copied(),
@@ -424,5 +456,34 @@ mod tests {
             ]
         );
         assert!(!s.ignored.iter().any(|i| i.reason.contains("cross-subject")));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_label_text_parses_without_panic(text in ".{0,400}") {
+            let (rows, problems) = parse_label_rows(&text, 1);
+            for r in &rows {
+                proptest::prop_assert!((1..=PKU_ACTIONS).contains(&r.action) && r.start <= r.end);
+            }
+            proptest::prop_assert!(rows.len() + problems.len() <= text.lines().count());
+        }
+
+        #[test]
+        fn written_rows_read_back(rows in proptest::collection::vec((1u32..=51, 0u64..100_000, 0u64..500, 1u8..=2), 0..30), crlf: bool) {
+            let nl = if crlf { "\r\n" } else { "\n" };
+            let text: String = rows
+                .iter()
+                .map(|(a, s, len, c)| format!("{a},{s},{},{c}{nl}", s + len))
+                .collect();
+            let (got, _) = parse_label_rows(&text, 0);
+            let mut want: Vec<(u32, u64, u64)> = Vec::new();
+            for (a, s, len, _) in &rows {
+                if !want.contains(&(*a, *s, s + len)) {
+                    want.push((*a, *s, s + len));
+                }
+            }
+            let got: Vec<(u32, u64, u64)> = got.iter().map(|r| (r.action, r.start, r.end)).collect();
+            proptest::prop_assert_eq!(got, want);
+        }
     }
 }

@@ -25,12 +25,59 @@ fn find(dir: &Path, names: &[&str]) -> Result<PathBuf> {
         })
 }
 
-fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = super::read_text(path)?;
-    serde_json::from_str(&text).map_err(|e| Error::Layout {
-        path: path.to_owned(),
-        message: format!("not valid JSON: {e}"),
-    })
+fn parse_json(text: &str) -> std::result::Result<serde_json::Value, String> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))
+}
+
+/// The class names of `labels.json` (an object mapping names to indices).
+pub fn parse_labels(text: &str) -> std::result::Result<BTreeSet<String>, String> {
+    match parse_json(text)? {
+        serde_json::Value::Object(m) => Ok(m.keys().cloned().collect()),
+        _ => Err("expected an object mapping class names to indices".into()),
+    }
+}
+
+/// Whether `id` can name a video file: SSv2 ids are numbers; letters, `-` and `_` are
+/// allowed too, anything that could leave the video folder (`/`, `..`) is not.
+pub fn is_safe_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// The entries of `train.json` / `validation.json` (an array of `{id, template, ...}`):
+/// each `(id, class)`, or why entry `i` is unusable. Never panics, whatever the text
+/// (fuzzed: FUZZING.md).
+pub fn parse_entries(
+    text: &str,
+) -> std::result::Result<Vec<std::result::Result<(String, String), String>>, String> {
+    let serde_json::Value::Array(entries) = parse_json(text)? else {
+        return Err("expected an array of {id, template, ...} objects".into());
+    };
+    Ok(entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let id = match e.get("id") {
+                Some(serde_json::Value::String(s)) => s.clone(),
+                Some(serde_json::Value::Number(n)) => n.to_string(),
+                _ => return Err(format!("entry {i}: no id")),
+            };
+            if !is_safe_id(&id) {
+                return Err(format!(
+                    "entry {i}: id {:?} is not a file name",
+                    id.chars().take(40).collect::<String>()
+                ));
+            }
+            let Some(template) = e.get("template").and_then(|t| t.as_str()) else {
+                return Err(format!("entry {i} (id {id}): no template"));
+            };
+            Ok((id, template_class(template)))
+        })
+        .collect())
 }
 
 /// The class of an annotation entry: its `template` with the square brackets removed.
@@ -50,15 +97,11 @@ pub fn scan_ssv2(videos: &Path, labels: &Path, keep: impl Fn(&str) -> bool) -> R
         });
     }
     let labels_path = find(labels, &LABELS)?;
-    let classes: BTreeSet<String> = match read_json(&labels_path)? {
-        serde_json::Value::Object(m) => m.keys().cloned().collect(),
-        _ => {
-            return Err(Error::Layout {
-                path: labels_path,
-                message: "expected an object mapping class names to indices".into(),
-            });
-        }
-    };
+    let classes =
+        parse_labels(&super::read_text(&labels_path)?).map_err(|message| Error::Layout {
+            path: labels_path.clone(),
+            message,
+        })?;
     let mut scan = Scan {
         dataset: "ssv2".into(),
         root: videos.clone(),
@@ -70,34 +113,20 @@ pub fn scan_ssv2(videos: &Path, labels: &Path, keep: impl Fn(&str) -> bool) -> R
     let mut found: BTreeMap<String, RawVideo> = BTreeMap::new();
     for names in SPLITS {
         let path = find(labels, &names)?;
-        let serde_json::Value::Array(entries) = read_json(&path)? else {
-            return Err(Error::Layout {
-                path,
-                message: "expected an array of {id, template, ...} objects".into(),
-            });
-        };
-        for (i, e) in entries.iter().enumerate() {
-            let id = match e.get("id") {
-                Some(serde_json::Value::String(s)) => s.clone(),
-                Some(serde_json::Value::Number(n)) => n.to_string(),
-                _ => {
-                    scan.ignored.push(Ignored::new(
-                        &path,
-                        format!("entry {i}: no id"),
-                        Severity::Warning,
-                    ));
+        let entries =
+            parse_entries(&super::read_text(&path)?).map_err(|message| Error::Layout {
+                path: path.clone(),
+                message,
+            })?;
+        for (i, e) in entries.into_iter().enumerate() {
+            let (id, class) = match e {
+                Ok(e) => e,
+                Err(why) => {
+                    scan.ignored
+                        .push(Ignored::new(&path, why, Severity::Warning));
                     continue;
                 }
             };
-            let Some(template) = e.get("template").and_then(|t| t.as_str()) else {
-                scan.ignored.push(Ignored::new(
-                    &path,
-                    format!("entry {i} (id {id}): no template"),
-                    Severity::Warning,
-                ));
-                continue;
-            };
-            let class = template_class(template);
             if !scan.classes.contains(&class) {
                 scan.ignored.push(Ignored::new(
                     &path,
@@ -181,5 +210,25 @@ mod tests {
         assert_eq!(s.videos.len(), 1);
         assert_eq!(s.videos[0].native_class, "Pushing something");
         assert!(s.videos[0].pre_error.is_none());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_annotation_text_parses_without_panic(text in ".{0,300}") {
+            let _ = parse_labels(&text);
+            if let Ok(entries) = parse_entries(&text) {
+                for (id, _) in entries.into_iter().flatten() {
+                    proptest::prop_assert!(is_safe_id(&id));
+                }
+            }
+        }
+
+        #[test]
+        fn ids_that_could_leave_the_folder_are_refused(id in "[a-z0-9./]{1,12}") {
+            let text = format!("[{{\"id\": {id:?}, \"template\": \"Pushing [something]\"}}]");
+            let entries = parse_entries(&text).unwrap();
+            let ok = entries[0].is_ok();
+            proptest::prop_assert_eq!(ok, !id.contains('/') && !id.contains('.'));
+        }
     }
 }
