@@ -508,3 +508,33 @@ fn a_read_only_output_folder_is_a_clear_error_and_nothing_changes() {
     assert_eq!(outputs(&out), before, "a refused run changes nothing");
     chmod(&out, 0o755);
 }
+
+#[test]
+fn frames_spilled_to_disk_give_the_same_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = write_layout(&tmp.path().join("raw"));
+    let root = layout.root.as_path();
+    let reference = tmp.path().join("ref");
+    assert_eq!(prep(root, root, &reference, &[]).status.code(), Some(1));
+    // A budget of 3 frames a unit: every video longer than that goes through a spill file.
+    let spilled = tmp.path().join("spilled");
+    let o = vdg()
+        .args(["prep", "ucf-hmdb", "--ucf101"])
+        .arg(root)
+        .arg("--hmdb51")
+        .arg(root)
+        .arg("--out")
+        .arg(&spilled)
+        .args(["--jobs", "2"])
+        .env("VDG_MEMORY_FRAMES", "3")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_same_outputs(&spilled, &reference);
+    let left: Vec<_> = std::fs::read_dir(&spilled)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().contains("tmp"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -403,9 +403,29 @@ impl FrameShardWriter {
     /// Appends one video's frames as a run of rows starting a new row group; returns the row
     /// of its first frame.
     pub fn write_video(&mut self, video_id: &str, frames: &[EncodedFrame]) -> Result<u64> {
-        for (chunk_no, chunk) in frames.chunks(FRAMES_PER_BATCH).enumerate() {
+        self.write_video_iter(video_id, frames.iter().cloned().map(Ok))
+    }
+
+    /// [`Self::write_video`] from an iterator, holding at most one batch of frames at a
+    /// time (a long video streamed from a spill file); the bytes written are the same. An
+    /// error from the iterator stops the write and is returned (the shard is then unusable).
+    pub fn write_video_iter(
+        &mut self,
+        video_id: &str,
+        frames: impl Iterator<Item = Result<EncodedFrame>>,
+    ) -> Result<u64> {
+        let mut total = 0usize;
+        let mut chunk: Vec<EncodedFrame> = Vec::with_capacity(FRAMES_PER_BATCH);
+        let mut frames = frames.peekable();
+        while frames.peek().is_some() {
+            chunk.clear();
+            for f in frames.by_ref().take(FRAMES_PER_BATCH) {
+                chunk.push(f?);
+            }
             let n = chunk.len();
-            let base = (chunk_no * FRAMES_PER_BATCH) as i32;
+            let base = total as i32;
+            total += n;
+            let chunk = &chunk;
             let ids = StringArray::from(vec![video_id; n]);
             let idx = Int32Array::from_iter_values((0..n as i32).map(|i| base + i));
             let src = Int32Array::from_iter_values(chunk.iter().map(|f| f.source_frame as i32));
@@ -419,7 +439,7 @@ impl FrameShardWriter {
                 Arc::new(img),
             ])?;
         }
-        self.inner.end_video(frames.len())
+        self.inner.end_video(total)
     }
 
     /// Writes the footer with `meta`, syncs and renames the shard into place.

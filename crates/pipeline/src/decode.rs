@@ -554,13 +554,16 @@ where
         }
     };
 
-    let mut packet = ffmpeg::Packet::empty();
     let mut stopped_early = false;
     loop {
         if opts.stop_after_frames.is_some_and(|n| st.decoded >= n) {
             stopped_early = true;
             break;
         }
+        // A new packet each time: ffmpeg-next's `Packet::read` does not unreference the
+        // packet it reads into, so reusing one leaked every packet's data (memory grew with
+        // the file: 200 MB for a 20-minute clip).
+        let mut packet = ffmpeg::Packet::empty();
         match packet.read(&mut ictx) {
             Ok(()) => {}
             Err(ffmpeg::Error::Eof) => break,

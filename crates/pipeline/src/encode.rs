@@ -223,8 +223,9 @@ pub fn remux(src: &Path, dst: &Path, shift_secs: f64) -> Result<()> {
         .map_err(|e| ff(dst, "write header", e))?;
     let ost_tb = octx.stream(0).map(|s| s.time_base()).unwrap_or(ist_tb);
     let shift = (shift_secs * f64::from(ist_tb).recip()).round() as i64;
-    let mut packet = ffmpeg::Packet::empty();
     loop {
+        // A new packet each time (`Packet::read` does not unreference the old one).
+        let mut packet = ffmpeg::Packet::empty();
         match packet.read(&mut ictx) {
             Ok(()) => {}
             Err(ffmpeg::Error::Eof) => break,

@@ -12,6 +12,7 @@
 //!
 //! This is the only videodg crate that links FFmpeg.
 
+pub mod buffer;
 pub mod colour;
 pub mod decode;
 pub mod encode;

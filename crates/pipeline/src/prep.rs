@@ -24,6 +24,7 @@ use vdg_data::shard::{
 };
 use vdg_data::{EncodedFrame, ShardMeta, VideoRow, VideoStatus};
 
+use crate::buffer::{DEFAULT_MEMORY_FRAMES, FrameBuffer};
 use crate::decode::{DecodeOptions, DecodeStats, decode_video, keep_frame};
 use crate::error::{Error, Result};
 use crate::plan::{ContentOptions, Plan, PlanItem};
@@ -653,7 +654,7 @@ fn make_record(
 /// A decoded, encoded video on its way to the writer.
 struct Done {
     row: VideoRow,
-    frames: Vec<EncodedFrame>,
+    frames: FrameBuffer,
 }
 
 fn fill_ok(row: &mut VideoRow, s: &DecodeStats, fps: f64, kept: u32, decoded_in_clip: u64) {
@@ -690,13 +691,23 @@ fn kept_fps(source_fps: f64, max_fps: Option<f64>) -> f64 {
 
 /// Decodes and JPEG-encodes one unit of the plan: a single video, or every clip of one
 /// recording in a single decoding pass. Never fails: a bad video becomes a failed row.
+/// The unit holds at most `memory_frames` frames in memory; past that its buffers spill to
+/// anonymous files in `spill_dir` ([`crate::buffer`]).
 pub fn process_unit(
     items: &[PlanItem],
     opts: &ContentOptions,
-) -> Vec<(VideoRow, Vec<EncodedFrame>)> {
-    let mut out: Vec<(VideoRow, Vec<EncodedFrame>)> = items
+    spill_dir: &Path,
+    memory_frames: usize,
+) -> Vec<(VideoRow, FrameBuffer)> {
+    let budget = std::sync::Arc::new(AtomicUsize::new(0));
+    let mut out: Vec<(VideoRow, FrameBuffer)> = items
         .iter()
-        .map(|it| (it.row.clone(), Vec::new()))
+        .map(|it| {
+            (
+                it.row.clone(),
+                FrameBuffer::new(budget.clone(), memory_frames, spill_dir),
+            )
+        })
         .collect();
     for (o, it) in out.iter_mut().zip(items) {
         if let Some(e) = &it.pre_error {
@@ -749,7 +760,7 @@ pub fn process_unit(
                     source_frame: f.source_frame,
                     time_secs: f.time_secs,
                     jpeg: jpeg.clone(),
-                });
+                })?;
             }
             Ok(())
         },
@@ -761,9 +772,15 @@ pub fn process_unit(
             for &(i, start, end) in &wanted {
                 let (row, frames) = &mut out[i];
                 // Frames were pushed for any frame in the clip; keep those its own thinning keeps.
-                frames.retain(|f| {
-                    keep_frame(u64::from(f.source_frame) - start, s.source_fps, max_fps)
-                });
+                if max_fps.is_some()
+                    && let Err(e) = frames.retain(|f| {
+                        keep_frame(u64::from(f.source_frame) - start, s.source_fps, max_fps)
+                    })
+                {
+                    frames.clear();
+                    fail(row, e);
+                    continue;
+                }
                 match &items[i].clip {
                     None => {
                         let kept = frames.len() as u32;
@@ -913,7 +930,7 @@ fn write_remaining(
                             }
                             None => {
                                 decoded.fetch_add(items.len(), Ordering::Relaxed);
-                                process_unit_guarded(items, &plan.options)
+                                process_unit_guarded(items, &plan.options, out)
                             }
                         };
                         for (k, (row, frames)) in done.into_iter().enumerate() {
@@ -939,7 +956,7 @@ fn write_remaining(
 fn copy_unit(
     items: &[PlanItem],
     reuse: &BTreeMap<String, Reusable>,
-) -> Option<Vec<(VideoRow, Vec<EncodedFrame>)>> {
+) -> Option<Vec<(VideoRow, FrameBuffer)>> {
     let mut out = Vec::with_capacity(items.len());
     for it in items {
         let r = reuse.get(&it.row.video_id)?;
@@ -953,7 +970,7 @@ fn copy_unit(
         let mut row = r.row.clone();
         row.shard = None;
         row.first_row = None;
-        out.push((row, frames));
+        out.push((row, FrameBuffer::from_vec(frames)));
     }
     Some(out)
 }
@@ -1004,11 +1021,22 @@ fn write_in_order(
             injected_delay();
             if row.status == VideoStatus::Ok {
                 injected_panic("writer", &row.video_id);
-                let first = writer.write_video(&row.video_id, &frames)?;
+                let spill = |e: String| Error::Io {
+                    path: out.to_owned(),
+                    source: std::io::Error::other(format!("{}: {e}", row.video_id)),
+                };
+                let frames = frames.into_frames().map_err(spill)?.map(|f| {
+                    f.map_err(|e| vdg_data::Error::Io {
+                        path: out.to_owned(),
+                        source: std::io::Error::other(e),
+                    })
+                });
+                let first = writer.write_video_iter(&row.video_id, frames)?;
                 row.shard = Some(writer.index());
                 row.first_row = Some(first);
+            } else {
+                drop(frames);
             }
-            drop(frames);
             progress.event(&PrepEvent::VideoDone { row: &row });
             shard_rows.push(row.clone());
             rows.push(row);
@@ -1065,12 +1093,13 @@ fn injected_delay() {
 fn process_unit_guarded(
     items: &[PlanItem],
     opts: &ContentOptions,
-) -> Vec<(VideoRow, Vec<EncodedFrame>)> {
+    spill_dir: &Path,
+) -> Vec<(VideoRow, FrameBuffer)> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         for it in items {
             injected_panic("decode", &it.row.video_id);
         }
-        process_unit(items, opts)
+        process_unit(items, opts, spill_dir, memory_frames())
     }))
     .unwrap_or_else(|p| {
         let msg = panic_message(&p);
@@ -1085,10 +1114,20 @@ fn process_unit_guarded(
                         it.abs_path.display()
                     ),
                 );
-                (row, Vec::new())
+                (row, FrameBuffer::from_vec(Vec::new()))
             })
             .collect()
     })
+}
+
+/// Frames a unit may hold in memory: [`DEFAULT_MEMORY_FRAMES`], or `VDG_MEMORY_FRAMES` (for
+/// tests and for machines with little memory).
+fn memory_frames() -> usize {
+    std::env::var("VDG_MEMORY_FRAMES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n: &usize| n > 0)
+        .unwrap_or(DEFAULT_MEMORY_FRAMES)
 }
 
 fn finish_shard(
