@@ -5,8 +5,13 @@ use crate::util::*;
 
 /// A prepared tiny UCF-HMDB sample (generated clips, the real layout).
 pub(crate) fn prepared(root: &Path) -> PathBuf {
+    prepared_with(root, 2)
+}
+
+/// The UCF-HMDB sample with `clips` clips per native class, prepared under `root`.
+fn prepared_with(root: &Path, clips: u32) -> PathBuf {
     let raw = root.join("raw");
-    vdg_pipeline::sample::write_ucf_hmdb_sample(&raw, 2, 10).unwrap();
+    vdg_pipeline::sample::write_ucf_hmdb_sample(&raw, clips, 10).unwrap();
     let out = root.join("prep");
     let r = raw.to_str().unwrap();
     let o = run(&[
@@ -343,10 +348,13 @@ fn bad_training_inputs_are_clear_errors() {
         "{}",
         text(&o)
     );
-    // No validation clips in the source domain: selecting on them is an error naming the
-    // domain, never a silent "epoch 1".
+    // No validation clips in the source domain (one clip a class: every class is one group,
+    // all on the train side): selecting on them is an error naming the domain, never a
+    // silent "epoch 1".
+    let one = prepared_with(&tmp.path().join("one-clip"), 1);
+    let one = one.to_str().unwrap();
     let o6 = out("noval");
-    let mut args = train_args(d, &o6, &["--model", "tsn", "--epochs", "1"]);
+    let mut args = train_args(one, &o6, &["--model", "tsn", "--epochs", "1"]);
     let sel = args.iter().position(|a| *a == "--selection").unwrap();
     args[sel + 1] = "source_val";
     let o = run(&args);

@@ -85,9 +85,9 @@ pub fn hash_unit(seed: u64, key: &str) -> f64 {
 /// to val when the seeded hash of its key falls below the val fraction, so adding or
 /// removing a file moves no other group: a re-download that gains one clip keeps every
 /// other clip where it was. Fractions are therefore met on average, not exactly. A stratum
-/// left with one side empty (few groups, unlucky hashes) gets one group moved: the one whose
-/// hash is nearest the threshold (only then does a stratum's assignment depend on its other
-/// groups).
+/// of one group keeps it for training; one of several left with a side empty (unlucky
+/// hashes) gets one group moved: the one whose hash is nearest the threshold (only in these
+/// cases does a stratum's assignment depend on its other groups).
 ///
 /// Without `group_aware` (the released code's clip-level lists), each stratum gets exactly
 /// [`train_count`] training items: the clips with the lowest hashes go to val.
@@ -129,7 +129,12 @@ pub fn assign_splits(items: &[SplitItem<'_>], rule: &SplitRule, seed: u64) -> Ve
         let mut gs: Vec<&str> = idx.iter().map(|&i| key_of(i)).collect();
         gs.sort_unstable();
         gs.dedup();
-        if gs.len() < 2 || val_fraction <= 0.0 || val_fraction >= 1.0 {
+        if gs.len() == 1 {
+            // A class with one group keeps it for training, as the exact-count rules do.
+            val.insert(gs[0], false);
+            continue;
+        }
+        if val_fraction <= 0.0 || val_fraction >= 1.0 {
             continue;
         }
         let n_val = gs.iter().filter(|g| val[*g]).count();
@@ -246,6 +251,20 @@ mod tests {
         }
         let frac = va_all as f64 / (tr_all + va_all) as f64;
         assert!((0.15..=0.45).contains(&frac), "overall val fraction {frac}");
+    }
+
+    #[test]
+    fn a_class_of_one_group_trains_on_it() {
+        for seed in 0..30 {
+            let it = [SplitItem {
+                key: "only",
+                stratum: "s",
+                group: Some("g"),
+                fixed: None,
+            }];
+            let s = assign_splits(&it, &rule(0.7, true, Rounding::Nearest), seed);
+            assert_eq!(s, [SourceSplit::Train], "seed {seed}");
+        }
     }
 
     #[test]

@@ -233,7 +233,7 @@ mod tests {
     fn frame(i: u32) -> EncodedFrame {
         EncodedFrame {
             source_frame: i,
-            time_secs: (i % 3 != 0).then(|| f64::from(i) / 25.0),
+            time_secs: (!i.is_multiple_of(3)).then(|| f64::from(i) / 25.0),
             jpeg: vec![i as u8; (i as usize % 7) * 100 + 1],
         }
     }

@@ -48,12 +48,13 @@ pub fn is_safe_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// One annotation entry: `(id, class)`, or why it is unusable.
+pub type Entry = std::result::Result<(String, String), String>;
+
 /// The entries of `train.json` / `validation.json` (an array of `{id, template, ...}`):
 /// each `(id, class)`, or why entry `i` is unusable. Never panics, whatever the text
 /// (fuzzed: FUZZING.md).
-pub fn parse_entries(
-    text: &str,
-) -> std::result::Result<Vec<std::result::Result<(String, String), String>>, String> {
+pub fn parse_entries(text: &str) -> std::result::Result<Vec<Entry>, String> {
     let serde_json::Value::Array(entries) = parse_json(text)? else {
         return Err("expected an array of {id, template, ...} objects".into());
     };
