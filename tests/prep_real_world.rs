@@ -538,3 +538,96 @@ fn frames_spilled_to_disk_give_the_same_bytes() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// `vdg prep --part I/N` as a job array runs it (N processes at once), then `vdg prep
+/// merge`: the same bytes as one machine, and the merge decodes nothing.
+#[test]
+fn parts_merged_give_the_bytes_of_one_machine() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = write_layout(&tmp.path().join("raw"));
+    let root = layout.root.as_path();
+    let opts = ["--shard-size", "30KiB", "--jobs", "1"];
+    let whole = tmp.path().join("whole");
+    assert_eq!(prep(root, root, &whole, &opts).status.code(), Some(1));
+    for n in [1u32, 3, 64] {
+        let parts: Vec<std::path::PathBuf> = (0..n)
+            .map(|i| tmp.path().join(format!("parts-{n}/part-{i}")))
+            .collect();
+        let children: Vec<_> = parts
+            .iter()
+            .enumerate()
+            .map(|(i, dir)| {
+                vdg()
+                    .args(["prep", "ucf-hmdb", "--ucf101"])
+                    .arg(root)
+                    .arg("--hmdb51")
+                    .arg(root)
+                    .arg("--out")
+                    .arg(dir)
+                    .args(opts)
+                    .args(["--part", &format!("{i}/{n}"), "-q"])
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for c in children {
+            let o = c.wait_with_output().unwrap();
+            assert!(matches!(o.status.code(), Some(0 | 1)), "{}", text(&o));
+        }
+        // The parts hold every video once.
+        let total: usize = parts.iter().map(|p| videos(p).len()).sum();
+        assert_eq!(total, videos(&whole).len());
+        let merged = tmp.path().join(format!("merged-{n}"));
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "prep".into(),
+            "merge".into(),
+            "--out".into(),
+            merged.clone().into(),
+        ];
+        // Any order.
+        args.extend(parts.iter().rev().map(|p| p.clone().into_os_string()));
+        let o = vdg().args(&args).output().unwrap();
+        assert_eq!(
+            o.status.code(),
+            Some(1),
+            "the failed videos stay failed\n{}",
+            text(&o)
+        );
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(stdout.contains(" 0 decoded, 42 copied"), "{}", text(&o));
+        assert_same_outputs(&merged, &whole);
+    }
+    // A missing part, and a part of another prep, are refused by name.
+    let p3: Vec<std::path::PathBuf> = (0..3)
+        .map(|i| tmp.path().join(format!("parts-3/part-{i}")))
+        .collect();
+    let o = vdg()
+        .args(["prep", "merge", "--out"])
+        .arg(tmp.path().join("m-missing"))
+        .arg(&p3[0])
+        .arg(&p3[2])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("1/3"),
+        "{}",
+        text(&o)
+    );
+    let o = vdg()
+        .args(["prep", "merge", "--out"])
+        .arg(tmp.path().join("m-foreign"))
+        .arg(&p3[0])
+        .arg(&p3[1])
+        .arg(tmp.path().join("parts-1/part-0"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("another prep"),
+        "{}",
+        text(&o)
+    );
+}

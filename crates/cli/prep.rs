@@ -11,7 +11,8 @@ use indicatif::ProgressBar;
 use vdg_data::{Manifest, VideoStatus};
 use vdg_pipeline::plan::{ContentOptions, DEFAULT_JPEG_QUALITY, build_plan};
 use vdg_pipeline::prep::{
-    OutputLock, PrepEvent, PrepSummary, Progress, RunOptions, lock_output, run_prep_locked,
+    OutputLock, PrepEvent, PrepSummary, Progress, RunOptions, lock_output, merge_parts,
+    run_prep_locked,
 };
 use vdg_pipeline::scan::{
     Scan, Severity, scan_hmdb51, scan_ntu, scan_pku_mmd, scan_ssv2, scan_synthetic, scan_ucf101,
@@ -74,6 +75,22 @@ pub enum PrepCommand {
     /// The embedded synthetic benchmark: generates its clips (into <out>/raw) and prepares
     /// them (manifests/synthetic.toml). No download.
     Synthetic(SyntheticArgs),
+    /// Merge the folders of `--part 0/N` .. `--part N-1/N` runs into one prepared folder,
+    /// byte-identical to a single-machine prep; copies frames, never decodes.
+    Merge {
+        /// Output folder of the merged prep.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// The part folders (all N of them, in any order).
+        #[arg(required = true, value_name = "PART_DIR")]
+        parts: Vec<PathBuf>,
+        /// Copying threads (default: all cores). Does not change the output.
+        #[arg(long, short = 'j', value_name = "N")]
+        jobs: Option<usize>,
+        /// Replace an existing prep of other inputs in --out.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// `vdg prep synthetic`'s own options.
@@ -104,6 +121,7 @@ impl SyntheticArgs {
                 strict_frame_count: false,
                 strict: false,
                 retry_failed: false,
+                part: None,
                 force: false,
             },
         }
@@ -154,9 +172,31 @@ pub struct CommonPrep {
     /// on any rerun.
     #[arg(long)]
     retry_failed: bool,
+    /// Decode only part I of N of the plan (0-based; balanced by file bytes, whole
+    /// recordings together) into --out, for a job array; `vdg prep merge` joins the parts.
+    #[arg(long, value_name = "I/N", value_parser = parse_part)]
+    part: Option<(u32, u32)>,
     /// Replace an existing prep of other inputs or options in --out.
     #[arg(long)]
     force: bool,
+}
+
+fn parse_part(s: &str) -> std::result::Result<(u32, u32), String> {
+    let (i, n) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?}: expected I/N, as 0/4"))?;
+    let (i, n): (u32, u32) = (
+        i.trim()
+            .parse()
+            .map_err(|_| format!("{s:?}: I is not a number"))?,
+        n.trim()
+            .parse()
+            .map_err(|_| format!("{s:?}: N is not a number"))?,
+    );
+    if n == 0 || i >= n {
+        return Err(format!("{s:?}: I must be 0..N-1 and N at least 1"));
+    }
+    Ok((i, n))
 }
 
 #[derive(Debug, Subcommand)]
@@ -309,6 +349,30 @@ pub fn run(cmd: PrepCommand, quiet: bool) -> Result<ExitCode> {
             let scan = scan_synthetic(&raw).context("scanning the synthetic clips")?;
             prep_with_lock(&manifest, &[&scan], &args.common, quiet, Some(lock))
         }
+        PrepCommand::Merge {
+            out,
+            parts,
+            jobs,
+            force,
+        } => {
+            let lock =
+                lock_output(&out).with_context(|| format!("merging into {}", out.display()))?;
+            let reporter = Reporter::new(quiet);
+            let run = RunOptions {
+                jobs: jobs.unwrap_or(0),
+                force,
+                ..RunOptions::default()
+            };
+            let result = merge_parts(&parts, &lock, &run, &reporter);
+            reporter.finish();
+            let summary = result.with_context(|| format!("merging into {}", out.display()))?;
+            print_summary(&summary, &out, 0, quiet);
+            Ok(if summary.record.counts.failed > 0 {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
         PrepCommand::Ntu { videos, common } => {
             let manifest = load_manifest("ntu", &common.manifest)?;
             let scan = scan_ntu(&videos).context("scanning NTU RGB+D")?;
@@ -392,6 +456,18 @@ fn prep_with_lock(
             empty_classes.join(", ")
         );
     }
+    let plan = match c.part {
+        Some((i, n)) => {
+            let p = plan.part(i, n)?;
+            tracing::info!(
+                "part {i}/{n}: {} of the {} videos (balanced by file bytes)",
+                p.items.len(),
+                plan.items.len()
+            );
+            p
+        }
+        None => plan,
+    };
     for (domain, class, native) in &plan.missing_natives {
         tracing::warn!(
             "{}: classes.{class}.native.{domain}: class folder {native:?} is not in the raw data",
@@ -487,11 +563,16 @@ fn print_summary(s: &PrepSummary, out: &Path, unreadable: usize, quiet: bool) {
         } else {
             String::new()
         };
-        if s.copied_videos > 0 || s.changed_inputs > 0 || s.retried_failed > 0 {
+        if s.changed_inputs > 0 || s.retried_failed > 0 {
             resumed.push_str(&format!(
-                "; redone: {} changed on disk, {} failed before; {} decoded, {} copied from \
-                 the earlier shards",
-                s.changed_inputs, s.retried_failed, s.decoded_videos, s.copied_videos
+                "; redone: {} changed on disk, {} failed before",
+                s.changed_inputs, s.retried_failed
+            ));
+        }
+        if s.copied_videos > 0 {
+            resumed.push_str(&format!(
+                "; {} decoded, {} copied from earlier shards",
+                s.decoded_videos, s.copied_videos
             ));
         }
         println!(

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use vdg_data::split::{SplitItem, assign_splits};
 use vdg_data::{Manifest, VideoRow, VideoStatus};
@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::scan::{Clip, Ignored, Scan, Severity};
 
 /// Options that change what prep writes (all of them go into the plan fingerprint).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ContentOptions {
     /// Shorter side of stored frames (never upscaled).
     pub short_side: u32,
@@ -89,6 +89,8 @@ pub struct Plan {
     pub ungrouped: BTreeMap<String, u64>,
     /// Versions of FFmpeg's libraries and libjpeg-turbo ([`crate::decode::library_versions`]).
     pub libraries: BTreeMap<String, String>,
+    /// This plan is part `index` of `count` of a larger one (`vdg prep --part`).
+    pub part: Option<PartInfo>,
     /// SHA-256 over tool and library versions, manifest, options and every planned row
     /// (ids, labels, domains, groups, splits; not file sizes, see `inputs.json`).
     pub fingerprint: String,
@@ -263,8 +265,149 @@ pub fn build_plan(manifest: &Manifest, scans: &[&Scan], options: &ContentOptions
         missing_natives,
         ungrouped,
         libraries,
+        part: None,
         fingerprint,
     })
+}
+
+/// Which part of a larger plan a part plan is (`vdg prep --part I/N`), as `prep.json`
+/// records it for `vdg prep merge`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartInfo {
+    /// 0-based part index.
+    pub index: u32,
+    /// Number of parts.
+    pub count: u32,
+    /// Fingerprint of the whole plan.
+    pub whole_fingerprint: String,
+    /// Videos in the whole plan.
+    pub whole_videos: u64,
+    /// Videos in this part.
+    pub videos: u64,
+}
+
+/// The units of `plan` that part `index` of `count` decodes: units (whole recordings
+/// stay together) are dealt out largest first (by file bytes, then id) to the part with the
+/// fewest bytes so far, so parts take about equal work whatever the order of the files.
+/// Same plan, same assignment, on every machine.
+pub fn part_units(plan: &Plan, count: u32) -> Vec<u32> {
+    let bytes = |u: &std::ops::Range<usize>| -> u64 {
+        // A recording's clips share one file: count it once.
+        plan.items[u.start].row.file_bytes.max(1)
+    };
+    let mut order: Vec<usize> = (0..plan.units.len()).collect();
+    order.sort_by(|&a, &b| {
+        bytes(&plan.units[b])
+            .cmp(&bytes(&plan.units[a]))
+            .then_with(|| {
+                plan.items[plan.units[a].start]
+                    .row
+                    .video_id
+                    .cmp(&plan.items[plan.units[b].start].row.video_id)
+            })
+    });
+    let mut load = vec![0u64; count.max(1) as usize];
+    let mut owner = vec![0u32; plan.units.len()];
+    for u in order {
+        let (k, _) = load
+            .iter()
+            .enumerate()
+            .min_by_key(|(k, l)| (**l, *k))
+            .unwrap_or((0, &0));
+        load[k] += bytes(&plan.units[u]);
+        owner[u] = k as u32;
+    }
+    owner
+}
+
+impl Plan {
+    /// Part `index` of `count` of this plan ([`part_units`]): its videos in plan order,
+    /// split, labelled and fingerprinted as in the whole plan, so `vdg prep merge` of all
+    /// the parts writes what one machine would.
+    pub fn part(&self, index: u32, count: u32) -> Result<Plan> {
+        if count == 0 || index >= count {
+            return Err(Error::Layout {
+                path: self.manifest.origin.clone(),
+                message: format!("--part {index}/{count}: the index must be below the count"),
+            });
+        }
+        let owner = part_units(self, count);
+        let mut items = Vec::new();
+        for (u, range) in self.units.iter().enumerate() {
+            if owner[u] == index {
+                items.extend(self.items[range.clone()].iter().cloned());
+            }
+        }
+        let units = units_of(&items);
+        let mut h = Sha256::new();
+        h.update(b"videodg-part\0");
+        h.update(self.fingerprint.as_bytes());
+        h.update(format!("\0{index}/{count}\0").as_bytes());
+        for it in &items {
+            h.update(it.row.video_id.as_bytes());
+            h.update(b"\0");
+        }
+        Ok(Plan {
+            part: Some(PartInfo {
+                index,
+                count,
+                whole_fingerprint: self.fingerprint.clone(),
+                whole_videos: self.items.len() as u64,
+                videos: items.len() as u64,
+            }),
+            fingerprint: vdg_data::atomic::hex(&h.finalize()),
+            items,
+            units,
+            ..self.clone()
+        })
+    }
+
+    /// The whole plan again from the rows that its parts wrote (for `vdg prep merge`): same
+    /// items, units and fingerprint as the plan they were cut from, without the raw files.
+    pub fn from_rows(
+        manifest: Manifest,
+        options: ContentOptions,
+        libraries: BTreeMap<String, String>,
+        mut rows: Vec<VideoRow>,
+        skipped_out_of_benchmark: BTreeMap<String, u64>,
+        ungrouped: BTreeMap<String, u64>,
+    ) -> Plan {
+        rows.sort_by(|a, b| a.video_id.cmp(&b.video_id));
+        let items: Vec<PlanItem> = rows
+            .into_iter()
+            .map(|row| PlanItem {
+                // Only to group a recording's clips into one unit, as the scan did.
+                abs_path: std::path::PathBuf::from(format!("{}/{}", row.dataset, row.rel_path)),
+                clip: match (row.clip_start, row.clip_end) {
+                    (Some(start), Some(end)) => Some(Clip {
+                        start,
+                        end,
+                        source: String::new(),
+                    }),
+                    _ => None,
+                },
+                pre_error: None,
+                split_group: None,
+                fixed_split: None,
+                row,
+            })
+            .collect();
+        let fingerprint = plan_fingerprint(&manifest, &options, &libraries, &items);
+        let units = units_of(&items);
+        Plan {
+            manifest,
+            options,
+            items,
+            units,
+            skipped_out_of_benchmark,
+            ignored: Vec::new(),
+            missing_natives: Vec::new(),
+            ungrouped,
+            libraries,
+            part: None,
+            fingerprint,
+        }
+    }
 }
 
 /// Groups consecutive clips of one recording into one unit; every other item is its own.

@@ -27,7 +27,7 @@ use vdg_data::{EncodedFrame, ShardMeta, VideoRow, VideoStatus};
 use crate::buffer::{DEFAULT_MEMORY_FRAMES, FrameBuffer};
 use crate::decode::{DecodeOptions, DecodeStats, decode_video, keep_frame};
 use crate::error::{Error, Result};
-use crate::plan::{ContentOptions, Plan, PlanItem};
+use crate::plan::{ContentOptions, PartInfo, Plan, PlanItem};
 
 /// Name of the lock file held while prep writes a folder.
 pub const LOCK_FILE: &str = ".vdg-prep.lock";
@@ -114,6 +114,9 @@ pub struct PrepRecord {
     /// FFmpeg's and libjpeg-turbo's versions the frames were made with.
     #[serde(default)]
     pub libraries: BTreeMap<String, String>,
+    /// Which part of a larger plan this folder holds (`vdg prep --part`), if it is one.
+    #[serde(default)]
+    pub part: Option<PartInfo>,
     /// Counts.
     pub counts: PrepCounts,
     /// Videos that failed, with the reason.
@@ -294,14 +297,18 @@ struct Reusable {
     row: VideoRow,
 }
 
-/// Shards moved into [`REUSE_DIR`], by video id.
-fn reusable(out: &Path) -> Result<BTreeMap<String, Reusable>> {
-    let dir = out.join(REUSE_DIR);
+/// Shards moved into [`REUSE_DIR`], and the frame shards of `sources` (merged part
+/// folders), by video id.
+fn reusable(out: &Path, sources: &[PathBuf]) -> Result<BTreeMap<String, Reusable>> {
     let mut map = BTreeMap::new();
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return Ok(map);
-    };
-    let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    let mut paths: Vec<PathBuf> = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(out.join(REUSE_DIR)) {
+        paths.extend(entries.filter_map(|e| e.ok().map(|e| e.path())));
+    }
+    for dir in sources {
+        let (shards, _) = list_outputs(dir)?;
+        paths.extend(shards.into_values());
+    }
     paths.sort();
     for path in paths {
         // A shard that no longer reads is simply not reused.
@@ -340,8 +347,138 @@ pub fn run_prep_locked(
     run: &RunOptions,
     progress: &dyn Progress,
 ) -> Result<PrepSummary> {
+    run_locked(plan, lock, run, progress, None)
+}
+
+/// Merges the folders of `vdg prep --part 0/N .. N-1/N` into `lock`'s folder: checks that
+/// they are the finished parts of one plan, rebuilds that plan from their rows and writes it
+/// by copying every video's frames from them, never decoding. The frame shards and
+/// `videos.parquet` are byte-identical to a prep of the whole plan on one machine; an
+/// interrupted merge resumes like a prep.
+pub fn merge_parts(
+    parts: &[PathBuf],
+    lock: &OutputLock,
+    run: &RunOptions,
+    progress: &dyn Progress,
+) -> Result<PrepSummary> {
+    let bad = |path: &Path, message: String| Error::OutputMismatch {
+        path: path.to_owned(),
+        message,
+    };
+    let mut recs: Vec<(PrepRecord, PartInfo)> = Vec::new();
+    for dir in parts {
+        let rec = read_record(&dir.join(PREP_FILE)).ok_or_else(|| {
+            bad(
+                dir,
+                "has no readable prep.json: not a finished `vdg prep --part` folder (rerun that \
+                 part; it resumes)"
+                    .into(),
+            )
+        })?;
+        let Some(part) = rec.part.clone() else {
+            return Err(bad(dir, "is a whole prep, not a `--part` folder".into()));
+        };
+        if !is_complete(dir, &rec) {
+            return Err(bad(
+                dir,
+                "is missing shards its prep.json lists; rerun that part".into(),
+            ));
+        }
+        recs.push((rec, part));
+    }
+    let Some((first, first_part)) = recs.first().cloned() else {
+        return Err(bad(&lock.dir, "no part folders to merge".into()));
+    };
+    let mut seen = vec![false; first_part.count as usize];
+    for ((rec, part), dir) in recs.iter().zip(parts) {
+        if part.whole_fingerprint != first_part.whole_fingerprint
+            || part.count != first_part.count
+            || rec.libraries != first.libraries
+        {
+            return Err(bad(
+                dir,
+                format!(
+                    "is a part of another prep than {} (other inputs, options, part count or \
+                     libraries)",
+                    parts[0].display()
+                ),
+            ));
+        }
+        match seen.get_mut(part.index as usize) {
+            Some(s) if !*s => *s = true,
+            _ => {
+                return Err(bad(
+                    dir,
+                    format!("part {}/{} is given twice", part.index, part.count),
+                ));
+            }
+        }
+    }
+    let missing: Vec<String> = seen
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| !**s)
+        .map(|(i, _)| format!("{i}/{}", first_part.count))
+        .collect();
+    if !missing.is_empty() {
+        return Err(bad(
+            &lock.dir,
+            format!("part(s) {} are missing from the merge", missing.join(", ")),
+        ));
+    }
+    let mut rows = Vec::new();
+    let mut inputs = Identities::new();
+    for dir in parts {
+        rows.extend(shard::read_videos_table(&dir.join(VIDEOS_FILE))?);
+        inputs.extend(read_inputs(dir));
+    }
+    let manifest =
+        vdg_data::Manifest::from_toml(&first.manifest_toml, Path::new(&first.manifest_origin))?;
+    let options: ContentOptions = serde_json::from_value(first.options.clone())
+        .map_err(|e| bad(&parts[0], format!("prep.json options do not read: {e}")))?;
+    let plan = Plan::from_rows(
+        manifest,
+        options,
+        first.libraries.clone(),
+        rows,
+        first.counts.skipped_out_of_benchmark.clone(),
+        first.counts.ungrouped.clone(),
+    );
+    if plan.fingerprint != first_part.whole_fingerprint
+        || plan.items.len() as u64 != first_part.whole_videos
+    {
+        return Err(bad(
+            &lock.dir,
+            "the parts' rows do not make up the plan they were cut from (a part was redone \
+             with other inputs?); rerun the parts"
+                .into(),
+        ));
+    }
+    run_locked(
+        &plan,
+        lock,
+        run,
+        progress,
+        Some(MergeSources { parts, inputs }),
+    )
+}
+
+/// Where a merge copies from: the part folders, and the inputs their runs recorded.
+struct MergeSources<'a> {
+    parts: &'a [PathBuf],
+    inputs: Identities,
+}
+
+fn run_locked(
+    plan: &Plan,
+    lock: &OutputLock,
+    run: &RunOptions,
+    progress: &dyn Progress,
+    merge: Option<MergeSources<'_>>,
+) -> Result<PrepSummary> {
     let out = lock.dir.as_path();
-    if plan.items.is_empty() {
+    // A part may be empty (more parts than recordings); a whole plan may not.
+    if plan.items.is_empty() && plan.part.is_none() {
         return Err(Error::Layout {
             path: out.to_owned(),
             message: format!(
@@ -366,7 +503,16 @@ pub fn run_prep_locked(
     let mut wipe = run.force;
     let stale = Staleness {
         recorded: read_inputs(out),
-        now: plan.items.iter().map(|it| mtime_ns(&it.abs_path)).collect(),
+        now: match &merge {
+            // A merge never looks at the raw files (they may be on other machines): the
+            // parts recorded them.
+            Some(m) => plan
+                .items
+                .iter()
+                .map(|it| m.inputs.get(&it.row.video_id).and_then(|i| i.1))
+                .collect(),
+            None => plan.items.iter().map(|it| mtime_ns(&it.abs_path)).collect(),
+        },
         plan,
         retry_failed: run.retry_failed,
     };
@@ -488,7 +634,8 @@ pub fn run_prep_locked(
         wipe = false;
     }
     // What the earlier shards hold that needs no redoing.
-    let mut reuse = reusable(out)?;
+    let parts: &[PathBuf] = merge.as_ref().map_or(&[], |m| m.parts);
+    let mut reuse = reusable(out, parts)?;
     reuse.retain(|id, r| {
         let pos = plan
             .items
@@ -524,6 +671,7 @@ pub fn run_prep_locked(
             run,
             start,
             &reuse,
+            merge.is_some(),
             &mut rows,
             &mut shards,
             progress,
@@ -602,7 +750,12 @@ fn make_record(
     let mut counts = PrepCounts {
         planned: rows.len() as u64,
         skipped_out_of_benchmark: plan.skipped_out_of_benchmark.clone(),
-        empty_classes: plan.empty_classes(),
+        // A part lacks most classes by design; the whole plan's are named at merge.
+        empty_classes: if plan.part.is_none() {
+            plan.empty_classes()
+        } else {
+            Vec::new()
+        },
         ungrouped: plan.ungrouped.clone(),
         ..PrepCounts::default()
     };
@@ -643,6 +796,7 @@ fn make_record(
         options: serde_json::to_value(&plan.options).unwrap_or_default(),
         plan_fingerprint: plan.fingerprint.clone(),
         libraries: plan.libraries.clone(),
+        part: plan.part.clone(),
         counts,
         failed,
         shards,
@@ -827,11 +981,14 @@ fn write_remaining(
     run: &RunOptions,
     start: usize,
     reuse: &BTreeMap<String, Reusable>,
+    copy_only: bool,
     rows: &mut Vec<VideoRow>,
     shards: &mut Vec<ShardInfo>,
     progress: &dyn Progress,
 ) -> Result<(u64, u64)> {
     let (decoded, copied) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    // A merge that cannot copy a video stops with this error rather than decoding it.
+    let copy_error: Mutex<Option<Error>> = Mutex::new(None);
     let jobs = if run.jobs == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     } else {
@@ -899,7 +1056,7 @@ fn write_remaining(
             for _ in 0..jobs {
                 let tx = tx.clone();
                 let (next, gate, stop, units) = (&next, &gate, &stop, &units);
-                let (decoded, copied) = (&decoded, &copied);
+                let (decoded, copied, copy_error) = (&decoded, &copied, &copy_error);
                 s.spawn(move |_| {
                     loop {
                         if stop.load(Ordering::SeqCst) {
@@ -928,6 +1085,20 @@ fn write_remaining(
                                 copied.fetch_add(d.len(), Ordering::Relaxed);
                                 d
                             }
+                            None if copy_only => {
+                                if let Ok(mut e) = copy_error.lock() {
+                                    e.get_or_insert_with(|| Error::OutputMismatch {
+                                        path: out.to_owned(),
+                                        message: format!(
+                                            "{}: no part folder holds a readable copy of it; \
+                                             rerun its part, then merge again",
+                                            items[0].row.video_id
+                                        ),
+                                    });
+                                }
+                                stop.store(true, Ordering::SeqCst);
+                                return;
+                            }
                             None => {
                                 decoded.fetch_add(items.len(), Ordering::Relaxed);
                                 process_unit_guarded(items, &plan.options, out)
@@ -947,7 +1118,13 @@ fn write_remaining(
             Ok(r) => r,
             Err(p) => std::panic::resume_unwind(p),
         }
-    })?;
+    })
+    .map_err(
+        |e| match copy_error.lock().ok().and_then(|mut c| c.take()) {
+            Some(copy) => copy,
+            None => e,
+        },
+    )?;
     Ok((decoded.into_inner() as u64, copied.into_inner() as u64))
 }
 
