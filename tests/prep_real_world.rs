@@ -631,3 +631,73 @@ fn parts_merged_give_the_bytes_of_one_machine() {
         text(&o)
     );
 }
+
+/// The shipped Slurm job files, run as a 3-task array would run them (three processes at
+/// once with the array's environment), then the merge job: the bytes of one machine. The
+/// dry run prints each task's command.
+#[test]
+fn the_slurm_job_files_prep_in_parts_and_merge() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = write_layout(&tmp.path().join("raw"));
+    let root = layout.root.to_str().unwrap();
+    let whole = tmp.path().join("whole");
+    let opts = ["--shard-size", "30KiB"];
+    assert_eq!(
+        prep(&layout.root, &layout.root, &whole, &opts)
+            .status
+            .code(),
+        Some(1)
+    );
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let parts = tmp.path().join("parts");
+    let merged = tmp.path().join("merged");
+    let job = |script: &str, index: Option<u32>| {
+        let mut c = std::process::Command::new("bash");
+        c.arg(repo.join("deploy/slurm").join(script))
+            .env("VDG", env!("CARGO_BIN_EXE_vdg"))
+            .env(
+                "BENCHMARK_ARGS",
+                format!("ucf-hmdb --ucf101 {root} --hmdb51 {root}"),
+            )
+            .env("PREP_OPTIONS", opts.join(" "))
+            .env("PARTS", &parts)
+            .env("OUT", &merged)
+            .env("SLURM_ARRAY_TASK_COUNT", "3")
+            .env("SLURM_CPUS_PER_TASK", "1")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        if let Some(i) = index {
+            c.env("SLURM_ARRAY_TASK_ID", i.to_string());
+        }
+        c
+    };
+    let tasks: Vec<_> = (0..3)
+        .map(|i| job("prep.sbatch", Some(i)).spawn().unwrap())
+        .collect();
+    for t in tasks {
+        let o = t.wait_with_output().unwrap();
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "a task with failed videos succeeds\n{}",
+            text(&o)
+        );
+    }
+    let o = job("merge.sbatch", None).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_same_outputs(&merged, &whole);
+
+    let o = std::process::Command::new("bash")
+        .arg(repo.join("deploy/slurm/submit-prep.sh"))
+        .args(["2", "/o", "/p", "--", "ntu", "--videos", "/d"])
+        .env("DRY_RUN", "1")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let printed = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        printed.contains("prep ntu --videos /d --out /p/part-1 --part 1/2")
+            && printed.contains("prep merge --out /o"),
+        "{printed}"
+    );
+}
