@@ -1,3 +1,5 @@
+use std::path::Path;
+
 use crate::util::*;
 
 fn bench(out: &str, extra: &[&str]) -> std::process::Output {
@@ -276,4 +278,92 @@ fn oracle_rows_train_and_test_on_the_target_domain() {
     );
     // The oracle is not an ADA variant: no "TRN + oracle" row, no ADA effect for it.
     assert!(!md.contains("TRN + oracle"), "{md}");
+}
+
+/// `vdg bench plan`, then two workers on the shared folder with `--part`, then `vdg bench
+/// report`: every cell runs once, with the numbers a single `vdg bench run` gives.
+#[test]
+fn bench_plan_parts_and_report_match_one_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let common = [
+        "--scale", "tiny", "--seeds", "1", "--epochs", "1", "--models", "tsn", "-q",
+    ];
+    let with = |cmd: &str, out: &Path, extra: &[&str]| {
+        let mut c = vdg();
+        c.args(["bench", cmd, "--out"])
+            .arg(out)
+            .args(common)
+            .args(extra);
+        c
+    };
+    let single = tmp.path().join("single");
+    let o = with("run", &single, &[]).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+
+    let shared = tmp.path().join("shared");
+    // Workers before the plan: refused (the data is made once, by the plan).
+    let o = with("run", &shared, &["--part", "0/2"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("vdg bench plan"), "{}", text(&o));
+    let o = with("plan", &shared, &[]).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let plan: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(shared.join("plan.json")).unwrap()).unwrap();
+    let cells = plan.as_array().unwrap().len();
+    assert_eq!(cells, 4, "2 directions x (none, ada) x 1 seed");
+    // One cell alone first: the report names the three others as missing.
+    let o = with("run", &shared, &["--cell", "2"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = vdg()
+        .args(["bench", "report"])
+        .arg(&shared)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("3 cell(s)") && out.contains("cell 0:"),
+        "{out}"
+    );
+    assert!(!out.contains("cell 2:"), "{out}");
+    // Two workers at once, as an array of two would run them.
+    let workers: Vec<_> = (0..2)
+        .map(|i| {
+            with("run", &shared, &["--part", &format!("{i}/2")])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for w in workers {
+        let o = w.wait_with_output().unwrap();
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    }
+    let o = vdg()
+        .args(["bench", "report"])
+        .arg(&shared)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("every cell"),
+        "{}",
+        text(&o)
+    );
+    // Same numbers as the single run, cell by cell.
+    for c in plan.as_array().unwrap() {
+        let run = c["run"].as_str().unwrap();
+        let metrics = |root: &Path| -> serde_json::Value {
+            let mut m: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(root.join(run).join("metrics.json")).unwrap(),
+            )
+            .unwrap();
+            // Timings are not results.
+            if let Some(o) = m.as_object_mut() {
+                o.retain(|k, _| !k.contains("secs") && !k.contains("time"));
+            }
+            m
+        };
+        assert_eq!(metrics(&shared), metrics(&single), "{run}");
+    }
 }

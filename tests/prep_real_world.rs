@@ -700,4 +700,24 @@ fn the_slurm_job_files_prep_in_parts_and_merge() {
             && printed.contains("prep merge --out /o"),
         "{printed}"
     );
+    // The bench array: plan, one `--part` per task, report.
+    let o = std::process::Command::new("bash")
+        .arg(repo.join("deploy/slurm/submit-bench.sh"))
+        .args(["2", "/b", "--", "--scale", "tiny"])
+        .env("DRY_RUN", "1")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let printed = String::from_utf8_lossy(&o.stdout);
+    let lines: Vec<&str> = printed.lines().collect();
+    assert_eq!(lines.len(), 4, "{printed}");
+    assert!(
+        lines[0].contains("bench plan --out /b --scale tiny"),
+        "{printed}"
+    );
+    assert!(
+        lines[2].contains("bench run --out /b --part 1/2 --scale tiny"),
+        "{printed}"
+    );
+    assert!(lines[3].contains("bench report /b"), "{printed}");
 }

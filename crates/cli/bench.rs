@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use anyhow::{Result, bail};
 use clap::Subcommand;
 use vdg_bench::matrix::{
-    BenchProgress, BenchRunArgs, Host, REPORT_FILES, collect, run_matrix, write_reports,
+    BenchProgress, BenchRunArgs, Host, PLAN_FILE, REPORT_FILES, collect, missing_cells,
+    plan_matrix, run_matrix, write_reports,
 };
 use vdg_bench::report;
 use vdg_data::Manifest;
@@ -19,6 +20,10 @@ pub enum BenchCommand {
     /// Run the matrix (default: the embedded synthetic benchmark, TSN/TRN/APN without and
     /// with ADA, 3 seeds, small CNN, CPU), then write and print the leaderboard.
     Run(Box<BenchRunArgs>),
+    /// Prepare the data, check every cell and write the numbered cell list (`plan.json`)
+    /// without training: run it once, then start workers with `vdg bench run --cell K` or
+    /// `--part I/N` (same options) on the shared folder, and `vdg bench report` at the end.
+    Plan(Box<BenchRunArgs>),
     /// List the benchmarks, their directions, and the models.
     List,
     /// Re-render the leaderboard from the run folders of a bench output folder.
@@ -56,6 +61,41 @@ pub fn run(cmd: BenchCommand, quiet: bool) -> Result<ExitCode> {
             let lb = collect(&dir, env!("VDG_GIT_REV"))?;
             write_reports(&dir, &lb)?;
             print!("{}", report::render_markdown(&lb));
+            if let Some(missing) = missing_cells(&dir)? {
+                if missing.is_empty() {
+                    println!(
+                        "every cell of {} has finished",
+                        dir.join(PLAN_FILE).display()
+                    );
+                } else {
+                    println!(
+                        "{} cell(s) of {} have not finished (the leaderboard leaves them out):",
+                        missing.len(),
+                        dir.join(PLAN_FILE).display()
+                    );
+                    for c in &missing {
+                        println!("  cell {}: {}", c.cell, c.run);
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        BenchCommand::Plan(a) => {
+            let bar = Bar(None);
+            let host = Host {
+                git_revision: env!("VDG_GIT_REV"),
+                prepare_synthetic: &prepare_synthetic,
+                progress: &bar,
+            };
+            let outcome = plan_matrix(&a, &host)?;
+            println!(
+                "{} cells planned in {} (cells 0..{}); start workers with `vdg bench run \
+                 --cell K` or `--part I/N` and the same options, then `vdg bench report {}`",
+                outcome.cells,
+                outcome.out.join(PLAN_FILE).display(),
+                outcome.cells.saturating_sub(1),
+                outcome.out.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         BenchCommand::Run(a) => bench_run(&a, quiet),
@@ -100,13 +140,24 @@ fn bench_run(a: &BenchRunArgs, quiet: bool) -> Result<ExitCode> {
     }
     crate::logging::set_bar(None);
     let outcome = outcome?;
+    let Some(leaderboard) = &outcome.leaderboard else {
+        println!(
+            "{} of the {} cells ran or were done in {:.0} s; when every worker has finished, \
+             `vdg bench report {}` writes the leaderboard",
+            outcome.ran,
+            outcome.cells,
+            outcome.wall_secs,
+            outcome.out.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    };
     if quiet {
         // The one-line summary per benchmark is printed even with -q.
-        for line in report::summary(&outcome.leaderboard) {
+        for line in report::summary(leaderboard) {
             println!("{line}");
         }
     } else {
-        print!("{}", report::render_markdown(&outcome.leaderboard));
+        print!("{}", report::render_markdown(leaderboard));
     }
     println!(
         "{} runs in {:.0} s; reports: {}",

@@ -174,29 +174,11 @@ pub struct CommonPrep {
     retry_failed: bool,
     /// Decode only part I of N of the plan (0-based; balanced by file bytes, whole
     /// recordings together) into --out, for a job array; `vdg prep merge` joins the parts.
-    #[arg(long, value_name = "I/N", value_parser = parse_part)]
+    #[arg(long, value_name = "I/N", value_parser = vdg_data::parse_part)]
     part: Option<(u32, u32)>,
     /// Replace an existing prep of other inputs or options in --out.
     #[arg(long)]
     force: bool,
-}
-
-fn parse_part(s: &str) -> std::result::Result<(u32, u32), String> {
-    let (i, n) = s
-        .split_once('/')
-        .ok_or_else(|| format!("{s:?}: expected I/N, as 0/4"))?;
-    let (i, n): (u32, u32) = (
-        i.trim()
-            .parse()
-            .map_err(|_| format!("{s:?}: I is not a number"))?,
-        n.trim()
-            .parse()
-            .map_err(|_| format!("{s:?}: N is not a number"))?,
-    );
-    if n == 0 || i >= n {
-        return Err(format!("{s:?}: I must be 0..N-1 and N at least 1"));
-    }
-    Ok((i, n))
 }
 
 #[derive(Debug, Subcommand)]

@@ -24,7 +24,9 @@
 //!     progress: &Silent,
 //! };
 //! let outcome = run_matrix(&cli.run, &host)?;
-//! print!("{}", vdg_bench::report::render_markdown(&outcome.leaderboard));
+//! if let Some(lb) = &outcome.leaderboard {
+//!     print!("{}", vdg_bench::report::render_markdown(lb));
+//! }
 //! # Ok::<(), anyhow::Error>(())
 //! ```
 

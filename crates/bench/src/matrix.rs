@@ -46,8 +46,11 @@ impl BenchProgress for Silent {
 /// What [`run_matrix`] did.
 #[derive(Debug)]
 pub struct MatrixOutcome {
-    /// The leaderboard of every finished run under the output folder.
-    pub leaderboard: Leaderboard,
+    /// The leaderboard of every finished run under the output folder; `None` when only
+    /// some cells ran (`--cell`, `--part`) or only the plan was written.
+    pub leaderboard: Option<Leaderboard>,
+    /// Cells this invocation ran or found done.
+    pub ran: usize,
     /// Cells in the matrix.
     pub cells: usize,
     /// Wall time in seconds.
@@ -59,6 +62,14 @@ pub struct MatrixOutcome {
 /// Options of `vdg bench run`; a `--config` TOML file may set any of them (flags win).
 #[derive(Debug, Args, Default)]
 pub struct BenchRunArgs {
+    /// Run only these cells (their numbers in `plan.json`, written by `vdg bench plan`);
+    /// repeat or comma-separate. The leaderboard is then left to `vdg bench report`.
+    #[arg(long, value_delimiter = ',', value_name = "K")]
+    pub cell: Vec<usize>,
+    /// Run only part I of N of the cells (0-based, cells dealt round-robin), for a job
+    /// array or one worker per GPU. The leaderboard is then left to `vdg bench report`.
+    #[arg(long, value_name = "I/N", value_parser = vdg_data::parse_part)]
+    pub part: Option<(u32, u32)>,
     /// Benchmark name (see `vdg bench list`).
     #[arg(long)]
     benchmark: Option<String>,
@@ -384,7 +395,59 @@ fn slug(direction: &str) -> String {
 /// Runs (or resumes) the matrix `a` describes and writes the four reports; a changed
 /// configuration is refused unless `--force`.
 pub fn run_matrix(a: &BenchRunArgs, host: &Host<'_>) -> Result<MatrixOutcome> {
+    matrix(a, host, false)
+}
+
+/// The plan of a bench: prepares the data, checks every cell, writes `bench.toml` and
+/// `plan.json` (the numbered cell list `--cell` and `--part` select from) and trains
+/// nothing. Run it once before starting workers on a shared folder.
+pub fn plan_matrix(a: &BenchRunArgs, host: &Host<'_>) -> Result<MatrixOutcome> {
+    matrix(a, host, true)
+}
+
+/// `plan.json`: the numbered cells of a bench.
+pub const PLAN_FILE: &str = "plan.json";
+
+/// One cell of `plan.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlannedCell {
+    /// Its number (`--cell K`).
+    pub cell: usize,
+    /// Its run folder, relative to the bench folder.
+    pub run: String,
+    /// Direction.
+    pub direction: String,
+    /// Model.
+    pub model: String,
+    /// ADA variant, or `oracle-<target>`.
+    pub variant: String,
+    /// Seed.
+    pub seed: u64,
+}
+
+/// Cells of `plan.json` in `out` whose run folder has no finished run.
+pub fn missing_cells(out: &Path) -> Result<Option<Vec<PlannedCell>>> {
+    let path = out.join(PLAN_FILE);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(None);
+    };
+    let cells: Vec<PlannedCell> =
+        serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))?;
+    Ok(Some(
+        cells
+            .into_iter()
+            .filter(|c| {
+                let dir = out.join(&c.run);
+                !(dir.join("metrics.json").exists() && dir.join("bench.json").exists())
+            })
+            .collect(),
+    ))
+}
+
+fn matrix(a: &BenchRunArgs, host: &Host<'_>, plan_only: bool) -> Result<MatrixOutcome> {
     let cfg = resolve_config(a)?;
+    // Only some cells: other workers share the folder, so nothing common is made here.
+    let partial = !a.cell.is_empty() || a.part.is_some();
     let out = a.out.clone().unwrap_or_else(|| PathBuf::from("bench-out"));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let cfg_path = out.join("bench.toml");
@@ -404,6 +467,13 @@ pub fn run_matrix(a: &BenchRunArgs, host: &Host<'_>) -> Result<MatrixOutcome> {
         (None, Some(d), _) => d.clone(),
         (None, None, "synthetic") => {
             let d = out.join("data").join("synthetic");
+            if partial && !d.join(vdg_data::shard::PREP_FILE).exists() {
+                bail!(
+                    "{} has no prepared data: run `vdg bench plan` with the same options once \
+                     before starting workers with --cell or --part",
+                    out.display()
+                );
+            }
             if !d.join(vdg_data::shard::PREP_FILE).exists() {
                 tracing::info!(
                     "preparing the synthetic benchmark ({}) in {}",
@@ -411,8 +481,10 @@ pub fn run_matrix(a: &BenchRunArgs, host: &Host<'_>) -> Result<MatrixOutcome> {
                     d.display()
                 );
             }
-            (host.prepare_synthetic)(&d, &cfg.scale)
-                .context("preparing the synthetic benchmark")?;
+            if !partial {
+                (host.prepare_synthetic)(&d, &cfg.scale)
+                    .context("preparing the synthetic benchmark")?;
+            }
             d
         }
         (None, None, other) => {
@@ -554,20 +626,82 @@ pub fn run_matrix(a: &BenchRunArgs, host: &Host<'_>) -> Result<MatrixOutcome> {
     // The configuration is recorded once every cell has passed its checks.
     vdg_data::atomic::AtomicFile::write_all(&cfg_path, text.as_bytes())?;
     let total = specs.len();
-    let started = Instant::now();
-    host.progress.start(total);
-    for (k, (d, model, ada, seed, oracle)) in specs.into_iter().enumerate() {
-        let variant = match &oracle {
-            Some(t) => format!("oracle-{t}"),
-            None => ada.name().to_string(),
-        };
-        let rel = format!(
-            "runs/{}/{}/{}/{variant}/seed-{seed}",
-            cfg.benchmark,
-            slug(&d),
-            model.name(),
+    let planned: Vec<PlannedCell> = specs
+        .iter()
+        .enumerate()
+        .map(|(k, (d, model, ada, seed, oracle))| {
+            let variant = match oracle {
+                Some(t) => format!("oracle-{t}"),
+                None => ada.name().to_string(),
+            };
+            PlannedCell {
+                cell: k,
+                run: format!(
+                    "runs/{}/{}/{}/{variant}/seed-{seed}",
+                    cfg.benchmark,
+                    slug(d),
+                    model.name(),
+                ),
+                direction: d.clone(),
+                model: model.name().to_owned(),
+                variant,
+                seed: *seed,
+            }
+        })
+        .collect();
+    vdg_data::atomic::AtomicFile::write_all(
+        &out.join(PLAN_FILE),
+        serde_json::to_string_pretty(&planned)?.as_bytes(),
+    )?;
+    if plan_only {
+        return Ok(MatrixOutcome {
+            leaderboard: None,
+            ran: 0,
+            cells: total,
+            wall_secs: 0.0,
+            out,
+        });
+    }
+    if let Some(k) = a.cell.iter().find(|&&k| k >= total) {
+        bail!(
+            "--cell {k}: the plan has cells 0..{} (see {PLAN_FILE})",
+            total - 1
         );
+    }
+    let selected = |k: usize| {
+        (a.cell.is_empty() || a.cell.contains(&k))
+            && a.part.is_none_or(|(i, n)| k % n as usize == i as usize)
+    };
+    let started = Instant::now();
+    let mine = (0..total).filter(|&k| selected(k)).count();
+    host.progress.start(mine);
+    let mut ran = 0;
+    let locks = out.join(".locks");
+    for (k, (d, model, ada, seed, oracle)) in specs.into_iter().enumerate() {
+        if !selected(k) {
+            continue;
+        }
+        let rel = planned[k].run.clone();
         let dir = out.join(&rel);
+        // Two workers never train the same cell: the second one skips it.
+        std::fs::create_dir_all(&locks).with_context(|| format!("creating {}", locks.display()))?;
+        let lock_path = locks.join(format!("cell-{k}.lock"));
+        let lock = std::fs::File::create(&lock_path)
+            .with_context(|| format!("creating {}", lock_path.display()))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                tracing::info!(
+                    "[{}/{total}] {rel}: running in another worker; skipped",
+                    k + 1
+                );
+                continue;
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("locking {}", lock_path.display()));
+            }
+        }
+        ran += 1;
         let args = cell_args(&d, model, ada, seed, oracle, dir.clone());
         let (record, spec) = resolve(&args, host.git_revision)?;
         let config_path = dir.join("config.toml");
@@ -613,10 +747,20 @@ pub fn run_matrix(a: &BenchRunArgs, host: &Host<'_>) -> Result<MatrixOutcome> {
         )?;
         host.progress.cell_done();
     }
+    if partial {
+        return Ok(MatrixOutcome {
+            leaderboard: None,
+            ran,
+            cells: total,
+            wall_secs: started.elapsed().as_secs_f64(),
+            out,
+        });
+    }
     let leaderboard = collect(&out, host.git_revision)?;
     write_reports(&out, &leaderboard)?;
     Ok(MatrixOutcome {
-        leaderboard,
+        leaderboard: Some(leaderboard),
+        ran,
         cells: total,
         wall_secs: started.elapsed().as_secs_f64(),
         out,

@@ -29,3 +29,22 @@ pub use error::{Error, Result};
 pub use manifest::{Manifest, SplitRule};
 pub use shard::{EncodedFrame, ShardMeta, VideoRow, VideoStatus};
 pub use split::SourceSplit;
+
+/// Parses a `--part I/N` value: part I (0-based) of N, for job arrays.
+pub fn parse_part(s: &str) -> std::result::Result<(u32, u32), String> {
+    let (i, n) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?}: expected I/N, as 0/4"))?;
+    let i: u32 = i
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: I is not a number"))?;
+    let n: u32 = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: N is not a number"))?;
+    if n == 0 || i >= n {
+        return Err(format!("{s:?}: I must be 0..N-1 and N at least 1"));
+    }
+    Ok((i, n))
+}
