@@ -227,7 +227,13 @@ pub fn frames(dir: &Path) -> BTreeMap<String, Vec<(i32, Vec<u8>)>> {
         for b in batches(&p) {
             let ids = col::<StringArray>(&b, "video_id");
             let idx = col::<Int32Array>(&b, "frame_index");
-            let img = col::<BinaryArray>(&b, "image");
+            // Version 3: `image` is Hugging Face's {bytes, path} struct.
+            let img = col::<arrow_array::StructArray>(&b, "image")
+                .column_by_name("bytes")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<BinaryArray>()
+                .unwrap();
             for i in 0..b.num_rows() {
                 out.entry(ids.value(i).to_owned())
                     .or_default()

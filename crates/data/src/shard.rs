@@ -36,7 +36,7 @@ use crate::atomic::{AtomicFile, Committed, HashingWriter};
 use crate::error::{Error, Result};
 
 /// Version of the shard and videos-table layout; bumped on any incompatible change.
-pub const SHARD_SCHEMA_VERSION: u32 = 2;
+pub const SHARD_SCHEMA_VERSION: u32 = 3;
 /// Name of the videos table in a prepared folder.
 pub const VIDEOS_FILE: &str = "videos.parquet";
 /// Name of the summary written last by prep.
@@ -195,18 +195,51 @@ fn schema_metadata(kind: &str) -> HashMap<String, String> {
     ])
 }
 
-/// Arrow schema of frame shards.
+/// The fields of the `image` struct: Hugging Face `datasets`' Image layout.
+fn image_fields() -> arrow_schema::Fields {
+    arrow_schema::Fields::from(vec![
+        Field::new("bytes", DataType::Binary, true),
+        Field::new("path", DataType::Utf8, true),
+    ])
+}
+
+/// The `huggingface` schema metadata `datasets` reads to give the columns their features
+/// (so `load_dataset("parquet", ...)` yields decoded images, no cast).
+pub const HF_FRAMES_FEATURES: &str = r#"{"info":{"features":{"video_id":{"dtype":"string","_type":"Value"},"frame_index":{"dtype":"int32","_type":"Value"},"source_frame":{"dtype":"int32","_type":"Value"},"time_secs":{"dtype":"float64","_type":"Value"},"image":{"_type":"Image"}}}}"#;
+
+/// Arrow schema of frame shards (version 3): the JPEG in `image.bytes`, a struct of
+/// `bytes` and `path` as Hugging Face `datasets` stores images. Versions 1 and 2 stored it
+/// as a plain binary `image` column; readers take both.
 pub fn frames_schema() -> SchemaRef {
+    let mut meta = schema_metadata("frames");
+    meta.insert("huggingface".to_owned(), HF_FRAMES_FEATURES.to_owned());
     Arc::new(Schema::new_with_metadata(
         vec![
             Field::new("video_id", DataType::Utf8, false),
             Field::new("frame_index", DataType::Int32, false),
             Field::new("source_frame", DataType::Int32, false),
             Field::new("time_secs", DataType::Float64, true),
-            Field::new("image", DataType::Binary, false),
+            // Nullable as `datasets` declares it (it matches fields exactly, nullability
+            // included, before it applies the `huggingface` features); never null here.
+            Field::new("image", DataType::Struct(image_fields()), true),
         ],
-        schema_metadata("frames"),
+        meta,
     ))
+}
+
+/// The JPEG bytes column of a frame batch: `image.bytes` (version 3) or `image` (1, 2).
+pub fn image_bytes<'a>(path: &Path, batch: &'a RecordBatch) -> Result<&'a BinaryArray> {
+    let col = batch
+        .column_by_name("image")
+        .ok_or_else(|| Error::bad_shard(path, "no image column"))?;
+    if let Some(b) = col.as_any().downcast_ref::<BinaryArray>() {
+        return Ok(b);
+    }
+    col.as_any()
+        .downcast_ref::<arrow_array::StructArray>()
+        .and_then(|s| s.column_by_name("bytes"))
+        .and_then(|c| c.as_any().downcast_ref::<BinaryArray>())
+        .ok_or_else(|| Error::bad_shard(path, "image column is neither binary nor {bytes, path}"))
 }
 
 /// Arrow schema of `videos.parquet`.
@@ -380,7 +413,7 @@ impl FrameShardWriter {
     pub fn create(dir: &Path, index: u32, max_row_group_bytes: usize) -> Result<Self> {
         let path = dir.join(frames_file_name(index));
         Ok(FrameShardWriter {
-            inner: ShardFile::create(&path, frames_schema(), "image", max_row_group_bytes)?,
+            inner: ShardFile::create(&path, frames_schema(), "image.bytes", max_row_group_bytes)?,
             index,
         })
     }
@@ -430,7 +463,15 @@ impl FrameShardWriter {
             let idx = Int32Array::from_iter_values((0..n as i32).map(|i| base + i));
             let src = Int32Array::from_iter_values(chunk.iter().map(|f| f.source_frame as i32));
             let t = Float64Array::from_iter(chunk.iter().map(|f| f.time_secs));
-            let img = BinaryArray::from_iter_values(chunk.iter().map(|f| f.jpeg.as_slice()));
+            let bytes = BinaryArray::from_iter_values(chunk.iter().map(|f| f.jpeg.as_slice()));
+            let img = arrow_array::StructArray::new(
+                image_fields(),
+                vec![
+                    Arc::new(bytes) as ArrayRef,
+                    Arc::new(StringArray::new_null(n)) as ArrayRef,
+                ],
+                None,
+            );
             self.inner.write(vec![
                 Arc::new(ids),
                 Arc::new(idx),
@@ -717,11 +758,21 @@ pub fn read_videos_table(path: &Path) -> Result<Vec<VideoRow>> {
             (l("file_bytes")?, l("declared_frames")?, l("first_row")?);
         let (fps, sfps, dur) = (f("fps")?, f("source_fps")?, f("duration_secs")?);
         let (clip_start, clip_end) = (l("clip_start")?, l("clip_end")?);
-        let (matrix, range, rotation) = (s("colour_matrix")?, s("colour_range")?, u("rotation")?);
-        let (assumed, sar) = (
-            column::<BooleanArray>(path, &b, "colour_assumed")?,
-            f("sample_aspect")?,
-        );
+        // Columns added in version 2: absent from version-1 tables, read as nulls.
+        let optional = |n: &str| b.column_by_name(n).is_some();
+        let matrix = optional("colour_matrix")
+            .then(|| s("colour_matrix"))
+            .transpose()?;
+        let range = optional("colour_range")
+            .then(|| s("colour_range"))
+            .transpose()?;
+        let rotation = optional("rotation").then(|| u("rotation")).transpose()?;
+        let assumed = optional("colour_assumed")
+            .then(|| column::<BooleanArray>(path, &b, "colour_assumed"))
+            .transpose()?;
+        let sar = optional("sample_aspect")
+            .then(|| f("sample_aspect"))
+            .transpose()?;
         for i in 0..b.num_rows() {
             let os = |a: &StringArray| opt(a, i, |a, i| a.value(i).to_owned());
             rows.push(VideoRow {
@@ -756,11 +807,11 @@ pub fn read_videos_table(path: &Path) -> Result<Vec<VideoRow>> {
                 source_width: opt(sw, i, |a, i| a.value(i)),
                 source_height: opt(sh, i, |a, i| a.value(i)),
                 duration_secs: opt(dur, i, |a, i| a.value(i)),
-                colour_matrix: os(matrix),
-                colour_range: os(range),
-                colour_assumed: opt(assumed, i, |a, i| a.value(i)),
-                sample_aspect: opt(sar, i, |a, i| a.value(i)),
-                rotation: opt(rotation, i, |a, i| a.value(i)),
+                colour_matrix: matrix.and_then(os),
+                colour_range: range.and_then(os),
+                colour_assumed: assumed.and_then(|a| opt(a, i, |a, i| a.value(i))),
+                sample_aspect: sar.and_then(|a| opt(a, i, |a, i| a.value(i))),
+                rotation: rotation.and_then(|a| opt(a, i, |a, i| a.value(i))),
                 shard: opt(shard, i, |a, i| a.value(i)),
                 first_row: opt(first_row, i, |a, i| a.value(i) as u64),
             });
@@ -801,7 +852,7 @@ pub fn read_video_frames(path: &Path, row: u64, count: u32) -> Result<Vec<Encode
         let b = batch.map_err(|e| Error::arrow(path, e))?;
         let src = column::<Int32Array>(path, &b, "source_frame")?;
         let t = column::<Float64Array>(path, &b, "time_secs")?;
-        let img = column::<BinaryArray>(path, &b, "image")?;
+        let img = image_bytes(path, &b)?;
         for i in 0..b.num_rows() {
             out.push(EncodedFrame {
                 source_frame: src.value(i) as u32,
@@ -824,7 +875,7 @@ pub fn read_video_frames(path: &Path, row: u64, count: u32) -> Result<Vec<Encode
 /// Only the row groups and pages holding those rows are read.
 pub fn read_frames_at(path: &Path, first_row: u64, indices: &[u32]) -> Result<Vec<Vec<u8>>> {
     read_rows_at(path, first_row, indices, "image", &|b, out| {
-        let img = column::<BinaryArray>(path, b, "image")?;
+        let img = image_bytes(path, b)?;
         out.extend((0..b.num_rows()).map(|i| img.value(i).to_vec()));
         Ok(())
     })
@@ -1052,5 +1103,79 @@ mod tests {
         assert_eq!(parse_frames_file_name(&frames_file_name(42)), Some(42));
         assert_eq!(parse_frames_file_name("frames-1.parquet"), None);
         assert_eq!(parse_frames_file_name("frames-00001.parquet.tmp"), None);
+    }
+
+    /// Folders prepared by version 1 (a binary `image` column; a videos table without the
+    /// colour and geometry columns) still read.
+    #[test]
+    fn version_1_shards_and_tables_still_read() {
+        let d = tempfile::tempdir().unwrap();
+        // A frame shard as version 1 wrote it.
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("video_id", DataType::Utf8, false),
+            Field::new("frame_index", DataType::Int32, false),
+            Field::new("source_frame", DataType::Int32, false),
+            Field::new("time_secs", DataType::Float64, true),
+            Field::new("image", DataType::Binary, false),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(StringArray::from(vec!["v", "v", "v"])),
+                Arc::new(Int32Array::from(vec![0, 1, 2])),
+                Arc::new(Int32Array::from(vec![0, 2, 4])),
+                Arc::new(Float64Array::from(vec![Some(0.0), None, Some(0.16)])),
+                Arc::new(BinaryArray::from_iter_values([
+                    b"a".as_slice(),
+                    b"bb",
+                    b"ccc",
+                ])),
+            ],
+        )
+        .unwrap();
+        let p = d.path().join("frames-00000.parquet");
+        let mut w = ArrowWriter::try_new(File::create(&p).unwrap(), schema, None).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        let frames = read_video_frames(&p, 0, 3).unwrap();
+        assert_eq!(frames[2].jpeg, b"ccc");
+        assert_eq!(frames[1].time_secs, None);
+        assert_eq!(
+            read_frames_at(&p, 0, &[2, 0]).unwrap(),
+            [b"ccc".to_vec(), b"a".to_vec()]
+        );
+
+        // A videos table without the version-2 columns.
+        let full = d.path().join("full.parquet");
+        write_videos_table(&full, &[row("a", VideoStatus::Ok)]).unwrap();
+        let file = File::open(&full).unwrap();
+        let batches: Vec<RecordBatch> = ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap()
+            .map(|b| b.unwrap())
+            .collect();
+        let old_cols = [
+            "colour_matrix",
+            "colour_range",
+            "colour_assumed",
+            "sample_aspect",
+            "rotation",
+        ];
+        let b = &batches[0];
+        let keep: Vec<usize> = (0..b.num_columns())
+            .filter(|&c| !old_cols.contains(&b.schema().field(c).name().as_str()))
+            .collect();
+        let v1 = b.project(&keep).unwrap();
+        let old = d.path().join("videos-v1.parquet");
+        let mut w = ArrowWriter::try_new(File::create(&old).unwrap(), v1.schema(), None).unwrap();
+        w.write(&v1).unwrap();
+        w.close().unwrap();
+        let rows = read_videos_table(&old).unwrap();
+        assert_eq!(rows[0].video_id, "a");
+        assert_eq!(
+            (rows[0].colour_matrix.clone(), rows[0].rotation),
+            (None, None)
+        );
     }
 }
