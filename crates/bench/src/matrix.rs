@@ -623,8 +623,20 @@ fn matrix(a: &BenchRunArgs, host: &Host<'_>, plan_only: bool) -> Result<MatrixOu
             bail!("{problem}");
         }
     }
-    // The configuration is recorded once every cell has passed its checks.
-    vdg_data::atomic::AtomicFile::write_all(&cfg_path, text.as_bytes())?;
+    // The configuration is recorded once every cell has passed its checks. Workers on a
+    // shared folder (`--cell`, `--part`) write nothing common: the plan did, and they
+    // checked above that their configuration is the planned one.
+    if partial {
+        if !cfg_path.exists() || !out.join(PLAN_FILE).exists() {
+            bail!(
+                "{} has no plan: run `vdg bench plan` with the same options once before \
+                 starting workers with --cell or --part",
+                out.display()
+            );
+        }
+    } else {
+        vdg_data::atomic::AtomicFile::write_all(&cfg_path, text.as_bytes())?;
+    }
     let total = specs.len();
     let planned: Vec<PlannedCell> = specs
         .iter()
@@ -649,10 +661,12 @@ fn matrix(a: &BenchRunArgs, host: &Host<'_>, plan_only: bool) -> Result<MatrixOu
             }
         })
         .collect();
-    vdg_data::atomic::AtomicFile::write_all(
-        &out.join(PLAN_FILE),
-        serde_json::to_string_pretty(&planned)?.as_bytes(),
-    )?;
+    if !partial {
+        vdg_data::atomic::AtomicFile::write_all(
+            &out.join(PLAN_FILE),
+            serde_json::to_string_pretty(&planned)?.as_bytes(),
+        )?;
+    }
     if plan_only {
         return Ok(MatrixOutcome {
             leaderboard: None,

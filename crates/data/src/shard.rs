@@ -1111,13 +1111,16 @@ mod tests {
     fn version_1_shards_and_tables_still_read() {
         let d = tempfile::tempdir().unwrap();
         // A frame shard as version 1 wrote it.
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("video_id", DataType::Utf8, false),
-            Field::new("frame_index", DataType::Int32, false),
-            Field::new("source_frame", DataType::Int32, false),
-            Field::new("time_secs", DataType::Float64, true),
-            Field::new("image", DataType::Binary, false),
-        ]));
+        let schema = Arc::new(Schema::new_with_metadata(
+            vec![
+                Field::new("video_id", DataType::Utf8, false),
+                Field::new("frame_index", DataType::Int32, false),
+                Field::new("source_frame", DataType::Int32, false),
+                Field::new("time_secs", DataType::Float64, true),
+                Field::new("image", DataType::Binary, false),
+            ],
+            schema_metadata("frames"),
+        ));
         let batch = RecordBatch::try_new(
             schema.clone(),
             vec![
