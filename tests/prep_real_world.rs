@@ -721,3 +721,78 @@ fn the_slurm_job_files_prep_in_parts_and_merge() {
     );
     assert!(lines[3].contains("bench report /b"), "{printed}");
 }
+
+/// `vdg export lists`: the rawframe lists of mmaction2 and TSN/TRN/TSM, with the frames as
+/// JPEG folders those loaders read, byte for byte the JPEGs of the shards.
+#[test]
+fn export_lists_for_mmaction_and_trn_with_frame_folders() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = write_layout(&tmp.path().join("raw"));
+    let prepped = tmp.path().join("prep");
+    assert_eq!(
+        prep(&layout.root, &layout.root, &prepped, &[])
+            .status
+            .code(),
+        Some(1)
+    );
+    let vids = videos(&prepped);
+    let shard_frames = frames(&prepped);
+    let frames_dir = tmp.path().join("rawframes");
+    for format in ["trn", "mmaction"] {
+        let lists = tmp.path().join(format!("lists-{format}"));
+        let o = vdg()
+            .args(["export", "lists", "--data"])
+            .arg(&prepped)
+            .args(["--format", format, "--out"])
+            .arg(&lists)
+            .arg("--frames-dir")
+            .arg(&frames_dir)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+        assert!(
+            text(&o).contains("4 failed video(s) left out"),
+            "{}",
+            text(&o)
+        );
+        for domain in ["ucf", "hmdb"] {
+            for split in ["train", "val", "all"] {
+                let want: Vec<&Video> = vids
+                    .iter()
+                    .filter(|v| {
+                        v.status == "ok"
+                            && v.domain == domain
+                            && (split == "all" || v.split == split)
+                    })
+                    .collect();
+                let body =
+                    std::fs::read_to_string(lists.join(format!("ucf_hmdb_{domain}_{split}.txt")))
+                        .unwrap();
+                let lines: Vec<&str> = body.lines().collect();
+                assert_eq!(lines.len(), want.len(), "{format} {domain} {split}");
+                for (line, v) in lines.iter().zip(&want) {
+                    let parts: Vec<&str> = line.rsplitn(3, ' ').collect();
+                    let (label, n, dir) = (parts[0], parts[1], parts[2]);
+                    assert_eq!(label, v.label.to_string());
+                    assert_eq!(n, v.num_frames.to_string());
+                    let folder = if format == "trn" {
+                        std::path::PathBuf::from(dir)
+                    } else {
+                        frames_dir.join(dir)
+                    };
+                    assert_eq!(folder, frames_dir.join(&v.video_id), "{line}");
+                    // The loaders' template: img_00001.jpg .. img_NNNNN.jpg, the shard's JPEGs.
+                    for (i, (_, jpeg)) in shard_frames[&v.video_id].iter().enumerate() {
+                        let file = folder.join(format!("img_{:05}.jpg", i + 1));
+                        assert_eq!(&std::fs::read(&file).unwrap(), jpeg, "{}", file.display());
+                    }
+                    assert!(
+                        !folder
+                            .join(format!("img_{:05}.jpg", v.num_frames + 1))
+                            .exists()
+                    );
+                }
+            }
+        }
+    }
+}

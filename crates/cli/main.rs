@@ -4,6 +4,7 @@
 //! read; 2 = fatal error (nothing half-written is left under a final name).
 
 mod bench;
+mod export;
 mod features;
 mod logging;
 mod prep;
@@ -45,6 +46,9 @@ enum Command {
     Features(Box<features::FeaturesArgs>),
     /// Train a model on one direction of a prepared benchmark and test it on the targets.
     Train(Box<vdg_bench::cell::TrainArgs>),
+    /// Export a prepared folder for other code bases (mmaction2, TSN/TRN/TSM lists).
+    #[command(subcommand)]
+    Export(export::ExportCommand),
     /// Run a benchmark matrix and write leaderboards (`vdg bench run` with no arguments runs
     /// the embedded synthetic benchmark).
     #[command(subcommand)]
@@ -60,6 +64,7 @@ fn main() -> ExitCode {
         Command::Features(args) => features::run(*args, cli.quiet),
         Command::Train(args) => train::run(*args, cli.quiet),
         Command::Bench(cmd) => bench::run(cmd, cli.quiet),
+        Command::Export(cmd) => export::run(cmd),
     };
     match result {
         Ok(code) => code,

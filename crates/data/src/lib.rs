@@ -21,6 +21,7 @@
 
 pub mod atomic;
 pub mod error;
+pub mod export;
 pub mod manifest;
 pub mod shard;
 pub mod split;
