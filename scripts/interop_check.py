@@ -8,7 +8,7 @@ import polars as pl
 import pyarrow.parquet as pq
 from datasets import Image, load_dataset
 
-prep = sys.argv[1]
+prep, hf = sys.argv[1], sys.argv[2]
 frames = sorted(glob.glob(f"{prep}/frames-*.parquet"))
 videos = {v["video_id"]: v for v in pq.read_table(f"{prep}/videos.parquet").to_pylist()}
 ok = {k: v for k, v in videos.items() if v["status"] == "ok"}
@@ -40,6 +40,24 @@ n_polars = (
     .item()
 )
 assert n_duck == n_polars == want, (n_duck, n_polars, want)
+# `vdg export hf`: one config per domain, labels as a ClassLabel, same frames.
+from datasets import ClassLabel  # noqa: E402
+
+for domain in sorted({v["domain"] for v in ok.values()}):
+    dd = load_dataset(hf, domain)
+    label = dd["train"].features["label"]
+    assert isinstance(label, ClassLabel), dd["train"].features
+    for split, side in (("train", "train"), ("validation", "val")):
+        want_n = sum(
+            v["num_frames"] for v in ok.values() if v["domain"] == domain and v["source_split"] == side
+        )
+        if split not in dd:
+            assert want_n == 0, (domain, split, want_n)
+            continue
+        assert len(dd[split]) == want_n, (domain, split, len(dd[split]), want_n)
+        row = dd[split][0]
+        assert label.int2str(row["label"]) == ok[row["video_id"]]["label_name"]
+
 print(
     f"ok: datasets {len(ds)} frames as images; duckdb and polars {want} ucf/train frames "
     "with labels joined"

@@ -796,3 +796,91 @@ fn export_lists_for_mmaction_and_trn_with_frame_folders() {
         }
     }
 }
+
+/// `vdg export hf`: per domain and split, one row per frame with its label and domain joined
+/// in, the shards' JPEGs in `image.bytes`, and the `datasets` metadata (ClassLabel names in
+/// label order, Image) and dataset card that `load_dataset(<out>, "<domain>")` reads.
+#[test]
+fn export_hf_writes_labelled_frames_per_domain_and_split() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = write_layout(&tmp.path().join("raw"));
+    let prepped = tmp.path().join("prep");
+    assert_eq!(
+        prep(&layout.root, &layout.root, &prepped, &[])
+            .status
+            .code(),
+        Some(1)
+    );
+    let out = tmp.path().join("hf");
+    let o = vdg()
+        .args(["export", "hf", "--data"])
+        .arg(&prepped)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let vids = videos(&prepped);
+    let shard_frames = frames(&prepped);
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    for domain in ["ucf", "hmdb"] {
+        for (split, side) in [("train", "train"), ("validation", "val")] {
+            assert!(
+                card.contains(&format!("path: {domain}/{split}-*.parquet")),
+                "{card}"
+            );
+            let mut got: Vec<(String, i32, i64, Vec<u8>)> = Vec::new();
+            let file = out.join(format!("{domain}/{split}-00000.parquet"));
+            let schema = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+                std::fs::File::open(&file).unwrap(),
+            )
+            .unwrap()
+            .schema()
+            .clone();
+            let meta = schema.metadata().get("huggingface").cloned().unwrap();
+            assert!(
+                meta.contains(r#""_type":"ClassLabel""#) && meta.contains(r#""_type":"Image""#),
+                "{meta}"
+            );
+            for b in batches(&file) {
+                let ids = col::<StringArray>(&b, "video_id");
+                let idx = col::<arrow_array::Int32Array>(&b, "frame_index");
+                let label = col::<arrow_array::Int64Array>(&b, "label");
+                let img = col::<arrow_array::StructArray>(&b, "image")
+                    .column_by_name("bytes")
+                    .unwrap()
+                    .as_any()
+                    .downcast_ref::<arrow_array::BinaryArray>()
+                    .unwrap();
+                for i in 0..b.num_rows() {
+                    got.push((
+                        ids.value(i).to_owned(),
+                        idx.value(i),
+                        label.value(i),
+                        img.value(i).to_vec(),
+                    ));
+                }
+            }
+            let want: Vec<(String, i32, i64, Vec<u8>)> = vids
+                .iter()
+                .filter(|v| v.status == "ok" && v.domain == domain && v.split == side)
+                .flat_map(|v| {
+                    shard_frames[&v.video_id]
+                        .iter()
+                        .enumerate()
+                        .map(|(i, (_, jpeg))| {
+                            (
+                                v.video_id.clone(),
+                                i as i32,
+                                i64::from(v.label),
+                                jpeg.clone(),
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            assert_eq!(got.len(), want.len(), "{domain} {split}");
+            assert!(got == want, "{domain} {split}: rows differ");
+        }
+    }
+}

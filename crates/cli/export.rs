@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
-use vdg_data::export::{ListFormat, export_lists};
+use vdg_data::export::{ListFormat, export_hf, export_lists};
 
 #[derive(Debug, Subcommand)]
 pub enum ExportCommand {
@@ -27,6 +27,17 @@ pub enum ExportCommand {
         /// data_prefix).
         #[arg(long, value_name = "DIR")]
         frames_dir: Option<PathBuf>,
+    },
+    /// A Hugging Face `datasets` folder: one config per domain with `train` and
+    /// `validation` splits, one row per frame with its label (a ClassLabel) and domain
+    /// joined in: `load_dataset("<out>", "<domain>")`.
+    Hf {
+        /// A folder written by `vdg prep`.
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        /// The datasets folder to write.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
     },
 }
 
@@ -51,6 +62,18 @@ pub fn run(cmd: ExportCommand) -> Result<ExitCode> {
             if s.failed > 0 {
                 println!("{} failed video(s) left out of every list", s.failed);
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        ExportCommand::Hf { data, out } => {
+            let s = export_hf(&data, &out)
+                .with_context(|| format!("exporting {} for datasets", data.display()))?;
+            for (path, n) in &s.files {
+                println!("{n:>8} frames  {}", path.display());
+            }
+            println!(
+                "load it with datasets.load_dataset({:?}, \"<domain>\")",
+                out.display().to_string()
+            );
             Ok(ExitCode::SUCCESS)
         }
     }

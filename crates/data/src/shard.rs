@@ -185,7 +185,7 @@ pub struct EncodedFrame {
     pub jpeg: Vec<u8>,
 }
 
-fn schema_metadata(kind: &str) -> HashMap<String, String> {
+pub(crate) fn schema_metadata(kind: &str) -> HashMap<String, String> {
     HashMap::from([
         (
             "vdg.schema_version".to_owned(),
@@ -196,7 +196,7 @@ fn schema_metadata(kind: &str) -> HashMap<String, String> {
 }
 
 /// The fields of the `image` struct: Hugging Face `datasets`' Image layout.
-fn image_fields() -> arrow_schema::Fields {
+pub(crate) fn image_fields() -> arrow_schema::Fields {
     arrow_schema::Fields::from(vec![
         Field::new("bytes", DataType::Binary, true),
         Field::new("path", DataType::Utf8, true),
