@@ -1,0 +1,68 @@
+"""videodg_reader against vdg's own output on the same indices (run by scripts/interop-check).
+
+A sample is prepared with the ``vdg`` binary (``VDG``, default target/debug/vdg), its frames
+exported by vdg (``vdg export lists --frames-dir``: the Rust reader's bytes), and the Python
+reader must give the same JPEG bytes and labels for every video, at vdg's evaluation indices.
+"""
+
+import io
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from videodg_reader import VideoClips, read_frames, segment_indices
+
+REPO = Path(__file__).resolve().parents[2]
+VDG = os.environ.get("VDG", str(REPO / "target" / "debug" / "vdg"))
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vdg")
+    run = lambda *a: subprocess.run([VDG, *a], check=True, capture_output=True)  # noqa: E731
+    run("sample", "ucf-hmdb", "--out", str(root / "raw"), "--clips-per-class", "2", "--frames", "13")
+    run("prep", "ucf-hmdb", "--ucf101", str(root / "raw"), "--hmdb51", str(root / "raw"),
+        "--out", str(root / "prep"), "-q")
+    run("export", "lists", "--data", str(root / "prep"), "--format", "mmaction",
+        "--out", str(root / "lists"), "--frames-dir", str(root / "frames"))
+    return root
+
+
+def test_evaluation_indices_are_vdg_segment_centres():
+    # The values of vdg's own unit test (loader.rs, segment_sampling_follows_tsn).
+    assert segment_indices(100, 5, False) == [10, 30, 50, 70, 90]
+    assert segment_indices(3, 5, False) == [0] * 5
+    for seed in range(20):
+        import random
+        t = segment_indices(100, 5, True, random.Random(seed))
+        assert all(k * 20 <= i < k * 20 + 20 for k, i in enumerate(t))
+
+
+@pytest.mark.parametrize("domain", ["ucf", "hmdb"])
+def test_same_frames_and_labels_as_vdg(prepared, domain):
+    lists = {}
+    for line in (prepared / "lists" / f"ucf_hmdb_{domain}_all.txt").read_text().splitlines():
+        frame_dir, n, label = line.rsplit(" ", 2)
+        lists[frame_dir] = (int(n), int(label))
+    clips = VideoClips(prepared / "prep", domain=domain, num_segments=5)
+    assert len(clips) == len(lists)
+    for i, v in enumerate(clips.videos):
+        assert lists[v.video_id] == (v.num_frames, v.label)
+        idx = clips.indices(i)
+        ours = read_frames(prepared / "prep", v, idx)
+        for k, b in zip(idx, ours):
+            assert b == (prepared / "frames" / v.video_id / f"img_{k + 1:05d}.jpg").read_bytes()
+        images, label = clips[i]
+        assert label == v.label and len(images) == 5
+        assert images[0].size == Image.open(io.BytesIO(ours[0])).size
+
+
+def test_training_draws_are_seeded(prepared):
+    a = VideoClips(prepared / "prep", domain="ucf", split="train", train=True, seed=3)
+    b = VideoClips(prepared / "prep", domain="ucf", split="train", train=True, seed=3)
+    assert [a.indices(i) for i in range(len(a))] == [b.indices(i) for i in range(len(b))]
+    a.set_epoch(1)
+    assert any(a.indices(i) != b.indices(i) for i in range(len(a)))

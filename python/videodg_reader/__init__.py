@@ -1,0 +1,148 @@
+"""Read a folder written by ``vdg prep`` from Python, with pyarrow and Pillow only.
+
+``VideoClips`` is a map-style dataset (``len`` and indexing, as ``torch.utils.data.Dataset``
+expects; PyTorch itself is not needed) of one domain's videos, each item a TSN clip of
+``num_segments`` frames and the video's label::
+
+    from videodg_reader import VideoClips
+    clips = VideoClips("out", domain="ucf", split="train", num_segments=5, train=True)
+    images, label = clips[0]          # 5 PIL images, an int
+
+Frame indices follow vdg's own loader (``crates/trainer/src/loader.rs``,
+``segment_indices``): evaluation takes segment centres, ``int(tick / 2 + k * tick)`` with
+``tick = n / M`` (all 0 when ``n <= M``); training takes a random frame in each of ``M``
+equal segments (a sorted random subset when segments are shorter than a frame). Training
+draws come from Python's seeded ``random.Random``, not vdg's ChaCha stream: same
+distribution, other numbers.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import pyarrow.parquet as pq
+from PIL import Image
+
+__all__ = ["VideoClips", "Video", "segment_indices", "read_frames"]
+
+
+@dataclass(frozen=True)
+class Video:
+    """One prepared video (a row of ``videos.parquet``)."""
+
+    video_id: str
+    label: int
+    label_name: str
+    domain: str
+    split: str
+    num_frames: int
+    shard: int
+    first_row: int
+
+
+def segment_indices(n: int, m: int, train: bool, rng: Optional[random.Random] = None) -> List[int]:
+    """Frame indices of one TSN clip of ``m`` frames from a video of ``n``, as vdg samples."""
+    if n <= 0:
+        return [0] * m
+    if train:
+        rng = rng or random.Random(0)
+        avg = n // m
+        if avg > 0:
+            return [k * avg + rng.randrange(avg) for k in range(m)]
+        if n > m:
+            return sorted(rng.sample(range(n), m))
+        return [0] * m
+    if n > m:
+        tick = n / m
+        return [int(tick / 2.0 + k * tick) for k in range(m)]
+    return [0] * m
+
+
+def _image_bytes(column) -> list:
+    # Shard schema 3: `image` is {bytes, path} (Hugging Face's Image layout); 1 and 2: binary.
+    if hasattr(column.type, "num_fields"):
+        return column.combine_chunks().field("bytes").to_pylist()
+    return column.to_pylist()
+
+
+def read_frames(prep: Path, video: Video, indices: Sequence[int]) -> List[bytes]:
+    """The JPEG bytes of frames ``indices`` (within the video, any order, repeats allowed)."""
+    path = Path(prep) / f"frames-{video.shard:05d}.parquet"
+    f = pq.ParquetFile(path)
+    wanted = sorted({video.first_row + i for i in indices})
+    rows = {}
+    start = 0
+    for g in range(f.num_row_groups):
+        n = f.metadata.row_group(g).num_rows
+        inside = [r for r in wanted if start <= r < start + n]
+        if inside:
+            table = f.read_row_group(g, columns=["image"])
+            images = _image_bytes(table.column("image"))
+            for r in inside:
+                rows[r] = images[r - start]
+        start += n
+    return [rows[video.first_row + i] for i in indices]
+
+
+class VideoClips:
+    """TSN clips of the ok videos of one domain (and source split) of a prepared folder."""
+
+    def __init__(
+        self,
+        prep: str | Path,
+        domain: str,
+        split: Optional[str] = None,
+        num_segments: int = 5,
+        train: bool = False,
+        seed: int = 0,
+        transform: Optional[Callable[[Image.Image], object]] = None,
+    ) -> None:
+        self.prep = Path(prep)
+        self.num_segments = num_segments
+        self.train = train
+        self.seed = seed
+        self.transform = transform
+        rows = pq.read_table(self.prep / "videos.parquet").to_pylist()
+        self.videos: List[Video] = [
+            Video(
+                video_id=r["video_id"],
+                label=int(r["label"]),
+                label_name=r["label_name"],
+                domain=r["domain"],
+                split=r["source_split"],
+                num_frames=int(r["num_frames"]),
+                shard=int(r["shard"]),
+                first_row=int(r["first_row"]),
+            )
+            for r in rows
+            if r["status"] == "ok"
+            and r["num_frames"] > 0
+            and r["domain"] == domain
+            and (split is None or r["source_split"] == split)
+        ]
+        self._epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Training draws depend on (seed, epoch, item), like vdg's loader."""
+        self._epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def indices(self, i: int) -> List[int]:
+        """The frame indices item ``i`` reads."""
+        v = self.videos[i]
+        rng = random.Random(f"{self.seed}/{self._epoch}/{v.video_id}") if self.train else None
+        return segment_indices(v.num_frames, self.num_segments, self.train, rng)
+
+    def __getitem__(self, i: int) -> Tuple[list, int]:
+        v = self.videos[i]
+        frames = read_frames(self.prep, v, self.indices(i))
+        images = [Image.open(io.BytesIO(b)).convert("RGB") for b in frames]
+        if self.transform is not None:
+            images = [self.transform(im) for im in images]
+        return images, v.label
