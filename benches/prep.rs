@@ -340,5 +340,52 @@ fn bench_pku(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench, bench_pku);
+/// The loader's read path on an SSv2-shaped shard: 1,000 short videos in one shard (a
+/// row group each, a footer of about a megabyte), 5 frames sampled from each video in
+/// turn, as `vdg train` reads them (`read_frames_at`).
+fn bench_loader(c: &mut Criterion) {
+    use vdg_data::EncodedFrame;
+    use vdg_data::shard::{
+        DEFAULT_MAX_ROW_GROUP_BYTES, FrameShardWriter, ShardMeta, read_frames_at,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = FrameShardWriter::create(dir.path(), 0, DEFAULT_MAX_ROW_GROUP_BYTES).unwrap();
+    let (videos, frames) = (1000u32, 40u32);
+    let mut firsts = Vec::new();
+    for v in 0..videos {
+        let f: Vec<EncodedFrame> = (0..frames)
+            .map(|i| EncodedFrame {
+                source_frame: i,
+                time_secs: Some(f64::from(i) / 12.0),
+                jpeg: vec![(v + i) as u8; 3000],
+            })
+            .collect();
+        firsts.push(w.write_video(&format!("ssv2/{v}.webm"), &f).unwrap());
+    }
+    let path = dir.path().join(vdg_data::shard::frames_file_name(0));
+    w.finish(&ShardMeta {
+        schema_version: vdg_data::shard::SHARD_SCHEMA_VERSION,
+        plan_fingerprint: "bench".into(),
+        shard: 0,
+        first_position: 0,
+        videos: Vec::new(),
+    })
+    .unwrap();
+    let mut g = c.benchmark_group("loader_ssv2_shard_1000_videos");
+    g.throughput(Throughput::Elements(100));
+    g.bench_function("read_frames_at_100_clips_of_5", |b| {
+        let mut k = 0usize;
+        b.iter(|| {
+            for _ in 0..100 {
+                let first = firsts[k % firsts.len()];
+                k = k.wrapping_add(7919);
+                let got = read_frames_at(&path, first, &[4, 12, 20, 28, 36]).unwrap();
+                assert_eq!(got.len(), 5);
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench, bench_pku, bench_loader);
 criterion_main!(benches);

@@ -902,6 +902,50 @@ pub fn read_features_at(path: &Path, first_row: u64, indices: &[u32]) -> Result<
 
 type Extract<'a, T> = &'a dyn Fn(&RecordBatch, &mut Vec<T>) -> Result<()>;
 
+/// Shards whose parsed footers [`cached_metadata`] keeps (a training run reads a few at a
+/// time; an SSv2 shard's footer, ~1,000 row groups, is about a megabyte).
+const METADATA_CACHE_SHARDS: usize = 32;
+
+/// The parsed footer (with the page index) of the shard at `path`, parsed once per process
+/// and kept while the file keeps its size and modification time. The loader reads a few
+/// frames of one video per sample; parsing the whole footer each time was most of its cost.
+fn cached_metadata(path: &Path, file: &File) -> Result<ArrowReaderMetadata> {
+    use std::sync::{Mutex, OnceLock};
+    type Entry = (
+        PathBuf,
+        u64,
+        Option<std::time::SystemTime>,
+        ArrowReaderMetadata,
+    );
+    static CACHE: OnceLock<Mutex<Vec<Entry>>> = OnceLock::new();
+    let stat = file.metadata().map_err(|e| Error::io(path, e))?;
+    let (len, mtime) = (stat.len(), stat.modified().ok());
+    let cache = CACHE.get_or_init(|| Mutex::new(Vec::new()));
+    if let Ok(mut c) = cache.lock()
+        && let Some(k) = c
+            .iter()
+            .position(|e| e.0 == path && e.1 == len && e.2 == mtime)
+    {
+        // Most recently used last.
+        let e = c.remove(k);
+        let meta = e.3.clone();
+        c.push(e);
+        return Ok(meta);
+    }
+    // The offset index lets a read of 5 frames skip the pages of the others.
+    let options = parquet::arrow::arrow_reader::ArrowReaderOptions::new()
+        .with_offset_index_policy(parquet::file::metadata::PageIndexPolicy::Optional);
+    let meta = ArrowReaderMetadata::load(file, options).map_err(|e| Error::parquet(path, e))?;
+    if let Ok(mut c) = cache.lock() {
+        c.retain(|e| e.0 != path);
+        if c.len() >= METADATA_CACHE_SHARDS {
+            c.remove(0);
+        }
+        c.push((path.to_owned(), len, mtime, meta.clone()));
+    }
+    Ok(meta)
+}
+
 /// Rows `first_row + indices[i]` of `column`, in the order of `indices`; only the row groups
 /// and pages holding them are read.
 fn read_rows_at<T: Clone>(
@@ -920,8 +964,8 @@ fn read_rows_at<T: Clone>(
     wanted.sort_unstable();
     wanted.dedup();
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let builder =
-        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| Error::parquet(path, e))?;
+    let meta = cached_metadata(path, &file)?;
+    let builder = ParquetRecordBatchReaderBuilder::new_with_metadata(file, meta);
     // Row groups overlapping the wanted rows, and the selection relative to them.
     let mut groups = Vec::new();
     let mut selectors = Vec::new();
