@@ -367,3 +367,35 @@ fn bench_plan_parts_and_report_match_one_run() {
         assert_eq!(metrics(&shared), metrics(&single), "{run}");
     }
 }
+
+/// One Ctrl-C stops `vdg bench run` while it trains, after its own synthetic prep took over
+/// SIGINT for a while (the prep's handler must not outlive the prep).
+#[cfg(unix)]
+#[test]
+fn one_sigint_stops_a_bench_that_prepared_its_data() {
+    use std::os::unix::process::ExitStatusExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("b");
+    let child = vdg()
+        .args(["bench", "run", "--out"])
+        .arg(&out)
+        .args([
+            "--scale", "tiny", "--seeds", "3", "--epochs", "3", "--models", "tsn,apn", "-q",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Training has started once the first run folder is there.
+    let t0 = std::time::Instant::now();
+    while !out.join("runs").exists() && t0.elapsed() < std::time::Duration::from_secs(120) {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(out.join("runs").exists(), "training never started");
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.signal(), Some(2), "{}", text(&o));
+    assert!(!out.join("leaderboard.md").exists());
+}

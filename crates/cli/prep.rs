@@ -340,9 +340,11 @@ pub fn run(cmd: PrepCommand, quiet: bool) -> Result<ExitCode> {
             let lock =
                 lock_output(&out).with_context(|| format!("merging into {}", out.display()))?;
             let reporter = Reporter::new(quiet);
+            let stop = SignalStop::install()?;
             let run = RunOptions {
                 jobs: jobs.unwrap_or(0),
                 force,
+                interrupt: Some(stop.flag.clone()),
                 ..RunOptions::default()
             };
             let result = merge_parts(&parts, &lock, &run, &reporter);
@@ -482,21 +484,12 @@ fn prep_with_lock(
         plan.skipped_out_of_benchmark.values().sum::<u64>()
     );
     let reporter = Reporter::new(quiet);
-    // SIGINT (Ctrl-C) and SIGTERM (a batch scheduler's preemption) stop the run at the next
-    // video with a message; complete shards stay and a rerun resumes.
-    let interrupt = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        // A second signal while stopping ends the process at once.
-        signal_hook::flag::register_conditional_shutdown(sig, 130, interrupt.clone())
-            .context("installing the signal handler")?;
-        signal_hook::flag::register(sig, interrupt.clone())
-            .context("installing the signal handler")?;
-    }
+    let stop = SignalStop::install()?;
     let run = RunOptions {
         jobs: c.jobs.unwrap_or(0),
         force: c.force,
         retry_failed: c.retry_failed,
-        interrupt: Some(interrupt),
+        interrupt: Some(stop.flag.clone()),
     };
     let lock = match lock {
         Some(l) => l,
@@ -512,6 +505,53 @@ fn prep_with_lock(
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// SIGINT (Ctrl-C) and SIGTERM (a batch scheduler's preemption) stop a prep at the next
+/// video with a message (complete shards stay; a rerun resumes); a second signal ends the
+/// process at once. Only while a prep runs: outside one (a `vdg bench run` training after
+/// preparing its data), the signals keep their default action. The handlers are installed
+/// once per process (signal-hook cannot restore a default handler once replaced, so it
+/// emulates it while no prep is running).
+struct SignalStop {
+    flag: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    idle: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SignalStop {
+    fn install() -> Result<Self> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, OnceLock};
+        static FLAGS: OnceLock<std::io::Result<(Arc<AtomicBool>, Arc<AtomicBool>)>> =
+            OnceLock::new();
+        let flags = FLAGS.get_or_init(|| {
+            let (flag, idle) = (
+                Arc::new(AtomicBool::new(false)),
+                Arc::new(AtomicBool::new(true)),
+            );
+            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                // In order: a second signal during a prep exits; the first sets the flag;
+                // outside a prep the default action (terminate) runs.
+                signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone())?;
+                signal_hook::flag::register(sig, flag.clone())?;
+                signal_hook::flag::register_conditional_default(sig, idle.clone())?;
+            }
+            Ok((flag, idle))
+        });
+        let (flag, idle) = match flags {
+            Ok(f) => f.clone(),
+            Err(e) => anyhow::bail!("installing the signal handler: {e}"),
+        };
+        flag.store(false, Ordering::SeqCst);
+        idle.store(false, Ordering::SeqCst);
+        Ok(SignalStop { flag, idle })
+    }
+}
+
+impl Drop for SignalStop {
+    fn drop(&mut self) {
+        self.idle.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// Where a dataset's videos are expected, for "no videos" errors.
