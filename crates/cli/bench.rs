@@ -26,7 +26,8 @@ pub enum BenchCommand {
     Plan(Box<BenchRunArgs>),
     /// List the benchmarks, their directions, and the models.
     List,
-    /// Re-render the leaderboard from the run folders of a bench output folder.
+    /// Write the leaderboard from the finished run folders of a bench output folder, and
+    /// name the cells of its plan.json (if any) that have not finished.
     Report {
         /// The bench output folder.
         dir: PathBuf,
