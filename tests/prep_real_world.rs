@@ -722,19 +722,26 @@ fn the_slurm_job_files_prep_in_parts_and_merge() {
     assert!(lines[3].contains("bench report /b"), "{printed}");
 }
 
-/// `vdg export lists`: the rawframe lists of mmaction2 and TSN/TRN/TSM, with the frames as
-/// JPEG folders those loaders read, byte for byte the JPEGs of the shards.
-#[test]
-fn export_lists_for_mmaction_and_trn_with_frame_folders() {
-    let tmp = tempfile::tempdir().unwrap();
-    let layout = write_layout(&tmp.path().join("raw"));
-    let prepped = tmp.path().join("prep");
+/// The test layout (`write_layout`) under `root/raw`, prepared into `root/prep` (some of
+/// its videos fail by design: exit 1).
+fn prepared_layout(root: &Path) -> std::path::PathBuf {
+    let layout = write_layout(&root.join("raw"));
+    let prepped = root.join("prep");
     assert_eq!(
         prep(&layout.root, &layout.root, &prepped, &[])
             .status
             .code(),
         Some(1)
     );
+    prepped
+}
+
+/// `vdg export lists`: the rawframe lists of mmaction2 and TSN/TRN/TSM, with the frames as
+/// JPEG folders those loaders read, byte for byte the JPEGs of the shards.
+#[test]
+fn export_lists_for_mmaction_and_trn_with_frame_folders() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prepped = prepared_layout(tmp.path());
     let vids = videos(&prepped);
     let shard_frames = frames(&prepped);
     let frames_dir = tmp.path().join("rawframes");
@@ -803,14 +810,7 @@ fn export_lists_for_mmaction_and_trn_with_frame_folders() {
 #[test]
 fn export_hf_writes_labelled_frames_per_domain_and_split() {
     let tmp = tempfile::tempdir().unwrap();
-    let layout = write_layout(&tmp.path().join("raw"));
-    let prepped = tmp.path().join("prep");
-    assert_eq!(
-        prep(&layout.root, &layout.root, &prepped, &[])
-            .status
-            .code(),
-        Some(1)
-    );
+    let prepped = prepared_layout(tmp.path());
     let out = tmp.path().join("hf");
     let o = vdg()
         .args(["export", "hf", "--data"])
@@ -846,12 +846,7 @@ fn export_hf_writes_labelled_frames_per_domain_and_split() {
                 let ids = col::<StringArray>(&b, "video_id");
                 let idx = col::<arrow_array::Int32Array>(&b, "frame_index");
                 let label = col::<arrow_array::Int64Array>(&b, "label");
-                let img = col::<arrow_array::StructArray>(&b, "image")
-                    .column_by_name("bytes")
-                    .unwrap()
-                    .as_any()
-                    .downcast_ref::<arrow_array::BinaryArray>()
-                    .unwrap();
+                let img = image_bytes(&b);
                 for i in 0..b.num_rows() {
                     got.push((
                         ids.value(i).to_owned(),

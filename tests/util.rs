@@ -216,6 +216,17 @@ pub fn videos(dir: &Path) -> Vec<Video> {
     out
 }
 
+/// The JPEG bytes of a batch's `image` column: Hugging Face's `{bytes, path}` struct
+/// (shard schema 3, `vdg export hf`).
+pub fn image_bytes(b: &RecordBatch) -> &BinaryArray {
+    col::<arrow_array::StructArray>(b, "image")
+        .column_by_name("bytes")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<BinaryArray>()
+        .unwrap()
+}
+
 /// All frames of all shards: video id -> [(frame_index, jpeg)] in row order.
 pub fn frames(dir: &Path) -> BTreeMap<String, Vec<(i32, Vec<u8>)>> {
     let mut out: BTreeMap<String, Vec<(i32, Vec<u8>)>> = BTreeMap::new();
@@ -227,13 +238,7 @@ pub fn frames(dir: &Path) -> BTreeMap<String, Vec<(i32, Vec<u8>)>> {
         for b in batches(&p) {
             let ids = col::<StringArray>(&b, "video_id");
             let idx = col::<Int32Array>(&b, "frame_index");
-            // Version 3: `image` is Hugging Face's {bytes, path} struct.
-            let img = col::<arrow_array::StructArray>(&b, "image")
-                .column_by_name("bytes")
-                .unwrap()
-                .as_any()
-                .downcast_ref::<BinaryArray>()
-                .unwrap();
+            let img = image_bytes(&b);
             for i in 0..b.num_rows() {
                 out.entry(ids.value(i).to_owned())
                     .or_default()

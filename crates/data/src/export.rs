@@ -41,6 +41,13 @@ impl ListFormat {
     }
 }
 
+/// `prep.json` of a prepared folder, as JSON.
+fn read_prep_json(prep: &Path) -> Result<serde_json::Value> {
+    let path = prep.join(PREP_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Json { path, source: e })
+}
+
 /// The frame file name of 0-based frame `i` (`img_00001.jpg` for 0).
 pub fn frame_file_name(i: usize) -> String {
     format!("img_{:05}.jpg", i + 1)
@@ -68,11 +75,7 @@ pub fn export_lists(
     out: &Path,
     frames_dir: Option<&Path>,
 ) -> Result<ListsSummary> {
-    let record: serde_json::Value = {
-        let path = prep.join(PREP_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        serde_json::from_str(&text).map_err(|e| Error::Json { path, source: e })?
-    };
+    let record = read_prep_json(prep)?;
     let benchmark = record["benchmark"]
         .as_str()
         .unwrap_or("benchmark")
@@ -164,15 +167,11 @@ const HF_ROWS_PER_FILE: usize = 50_000;
 pub fn export_hf(prep: &Path, out: &Path) -> Result<HfSummary> {
     use std::sync::Arc;
 
-    use arrow_array::{ArrayRef, BinaryArray, Int32Array, Int64Array, StringArray, StructArray};
+    use arrow_array::{BinaryArray, Int32Array, Int64Array, StringArray};
     use arrow_schema::{DataType, Field, Schema};
     use parquet::arrow::ArrowWriter;
 
-    let record: serde_json::Value = {
-        let path = prep.join(PREP_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        serde_json::from_str(&text).map_err(|e| Error::Json { path, source: e })?
-    };
+    let record = read_prep_json(prep)?;
     let manifest = crate::Manifest::from_toml(
         record["manifest_toml"].as_str().unwrap_or_default(),
         &prep.join(PREP_FILE),
@@ -269,15 +268,9 @@ pub fn export_hf(prep: &Path, out: &Path) -> Result<HfSummary> {
             let Some((path, _, w, rows_in_file)) = open.as_mut() else {
                 unreachable!("a file was just opened")
             };
-            let bytes = BinaryArray::from_iter_values(frames.iter().map(|x| x.jpeg.as_slice()));
-            let image = StructArray::new(
-                crate::shard::image_fields(),
-                vec![
-                    Arc::new(bytes) as ArrayRef,
-                    Arc::new(StringArray::new_null(n)) as ArrayRef,
-                ],
-                None,
-            );
+            let image = crate::shard::image_array(BinaryArray::from_iter_values(
+                frames.iter().map(|x| x.jpeg.as_slice()),
+            ));
             let batch = arrow_array::RecordBatch::try_new(
                 schema.clone(),
                 vec![

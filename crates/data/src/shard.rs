@@ -227,6 +227,19 @@ pub fn frames_schema() -> SchemaRef {
     ))
 }
 
+/// An `image` column of `n` JPEGs in the `{bytes, path}` layout (paths null).
+pub(crate) fn image_array(bytes: BinaryArray) -> arrow_array::StructArray {
+    let n = bytes.len();
+    arrow_array::StructArray::new(
+        image_fields(),
+        vec![
+            Arc::new(bytes) as ArrayRef,
+            Arc::new(StringArray::new_null(n)) as ArrayRef,
+        ],
+        None,
+    )
+}
+
 /// The JPEG bytes column of a frame batch: `image.bytes` (version 3) or `image` (1, 2).
 pub fn image_bytes<'a>(path: &Path, batch: &'a RecordBatch) -> Result<&'a BinaryArray> {
     let col = batch
@@ -463,15 +476,9 @@ impl FrameShardWriter {
             let idx = Int32Array::from_iter_values((0..n as i32).map(|i| base + i));
             let src = Int32Array::from_iter_values(chunk.iter().map(|f| f.source_frame as i32));
             let t = Float64Array::from_iter(chunk.iter().map(|f| f.time_secs));
-            let bytes = BinaryArray::from_iter_values(chunk.iter().map(|f| f.jpeg.as_slice()));
-            let img = arrow_array::StructArray::new(
-                image_fields(),
-                vec![
-                    Arc::new(bytes) as ArrayRef,
-                    Arc::new(StringArray::new_null(n)) as ArrayRef,
-                ],
-                None,
-            );
+            let img = image_array(BinaryArray::from_iter_values(
+                chunk.iter().map(|f| f.jpeg.as_slice()),
+            ));
             self.inner.write(vec![
                 Arc::new(ids),
                 Arc::new(idx),
