@@ -290,6 +290,33 @@ fn every_model_trains_through_the_cli() {
         );
         assert!(out.join("metrics.json").exists());
     }
+    // Mixed precision: f16 trunk convolutions train on the CPU and are recorded as a
+    // deviation; bf16 (no CPU matrix product in candle) is a clear error, not a crash.
+    let out = tmp.path().join("tsn-f16");
+    let o = run(&train_args(
+        d,
+        out.to_str().unwrap(),
+        &["--model", "tsn", "--epochs", "1", "--precision", "f16"],
+    ));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let config = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(
+        config.contains("precision = \"f16\"")
+            && config.contains("mixed precision: trunk convolutions in f16"),
+        "{config}"
+    );
+    let out = tmp.path().join("tsn-bf16");
+    let o = run(&train_args(
+        d,
+        out.to_str().unwrap(),
+        &["--model", "tsn", "--epochs", "1", "--precision", "bf16"],
+    ));
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("bf16 needs a CUDA device"),
+        "{}",
+        text(&o)
+    );
     // A whole network needs a ResNet trunk: a clear error, not a panic.
     let out = tmp.path().join("tsm-small");
     let o = run(&train_args(
@@ -437,4 +464,49 @@ fn a_temporal_model_learns_the_source_far_above_chance() {
         best >= 60.0,
         "source-val top-1 {best:.1} % is not far above chance (16.7 %)"
     );
+}
+
+/// `vdg device`: parity and throughput run through the CLI on the CPU (the CPU half of
+/// scripts/gpu-check); asking a CPU build for CUDA is a clear error.
+#[test]
+fn device_checks_run_on_the_cpu_and_refuse_cuda_in_a_cpu_build() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("parity.json");
+    let o = run(&["device", "parity", "--out", json.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let rows: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 7, "every registered model");
+    for r in rows {
+        let e = r["logits_error"].as_f64().unwrap();
+        assert!(e > 0.0 && e < 1e-3, "{r}");
+    }
+    let json = tmp.path().join("throughput.json");
+    let o = run(&["device", "throughput", "--out", json.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let rows: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let works: Vec<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert!(r["per_second"].as_f64().unwrap() > 0.0, "{r}");
+            r["work"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(
+        works,
+        [
+            "apn_step_plain",
+            "apn_step_ada_star",
+            "resnet50_inference",
+            "i3d_train_step"
+        ]
+    );
+    #[cfg(not(feature = "cuda"))]
+    {
+        let o = run(&["device", "parity", "--device", "cuda"]);
+        assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+        assert!(text(&o).contains("scripts/setup --cuda"), "{}", text(&o));
+    }
 }

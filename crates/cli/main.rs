@@ -4,6 +4,7 @@
 //! read; 2 = fatal error (nothing half-written is left under a final name).
 
 mod bench;
+mod device;
 mod export;
 mod features;
 mod logging;
@@ -53,6 +54,9 @@ enum Command {
     /// the embedded synthetic benchmark).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Check a device (GPU) against the CPU, and measure its throughput.
+    #[command(subcommand)]
+    Device(device::DeviceCommand),
 }
 
 fn main() -> ExitCode {
@@ -65,6 +69,7 @@ fn main() -> ExitCode {
         Command::Train(args) => train::run(*args, cli.quiet),
         Command::Bench(cmd) => bench::run(cmd, cli.quiet),
         Command::Export(cmd) => export::run(cmd),
+        Command::Device(cmd) => device::run(cmd),
     };
     match result {
         Ok(code) => code,

@@ -99,6 +99,10 @@ pub struct TrainArgs {
     /// gamma-ensemble, for a like-for-like comparison with an ADA ensemble (default 1).
     #[arg(long)]
     pub ensemble_size: Option<usize>,
+    /// Mixed precision: the trunk's convolutions in bf16 or f16 (weights, BatchNorm, heads
+    /// and loss stay float32); default f32. Marked as a deviation.
+    #[arg(long, value_enum)]
+    pub precision: Option<vdg_trainer::train::Precision>,
     /// Image ADA (the baselines' `ada` under --protocol paper): maximisation phases K
     /// (default 2).
     #[arg(long)]
@@ -164,6 +168,12 @@ pub fn deviations(c: &TrainConfig, benchmark: &str, features: bool) -> Vec<Strin
     }
     if features {
         d.push("frozen backbone: trained on cached features, ADA in feature space".into());
+    }
+    if c.precision != vdg_trainer::train::Precision::F32 && !features {
+        d.push(format!(
+            "mixed precision: trunk convolutions in {} (paper: float32)",
+            c.precision.name()
+        ));
     }
     if c.model == ModelKind::TrnAttn {
         d.push(
@@ -397,6 +407,9 @@ pub fn resolve(a: &TrainArgs, git_revision: &str) -> Result<(RunRecord, RunSpec)
     }
     if let Some(v) = a.ada_phases {
         c.ada_phases = v;
+    }
+    if let Some(v) = a.precision {
+        c.precision = v;
     }
     if let Some(v) = a.ada_phase_interval {
         if v == 0 {

@@ -141,6 +141,9 @@ pub struct BenchRunArgs {
     /// ADA ensemble, for a like-for-like comparison (default 1).
     #[arg(long)]
     ensemble_size: Option<usize>,
+    /// Mixed precision for every cell: trunk convolutions in bf16 or f16 (default f32).
+    #[arg(long, value_enum)]
+    precision: Option<vdg_trainer::train::Precision>,
     /// Image ADA (the baselines' `ada` under the paper's protocol): maximisation phases K.
     #[arg(long)]
     ada_phases: Option<usize>,
@@ -221,6 +224,9 @@ pub struct BenchConfig {
     pub features: Option<PathBuf>,
     /// Members of a cell without ADA.
     pub ensemble_size: Option<usize>,
+    /// Trunk arithmetic of every cell (f32 when absent).
+    #[serde(default)]
+    pub precision: Option<vdg_trainer::train::Precision>,
     /// Image ADA phases.
     pub ada_phases: Option<usize>,
     /// Image ADA phase interval.
@@ -262,6 +268,7 @@ impl BenchConfig {
             backbone_weights: None,
             features: None,
             ensemble_size: None,
+            precision: None,
             ada_phases: None,
             ada_phase_interval: None,
             allow_random_init: false,
@@ -319,6 +326,7 @@ fn resolve_config(a: &BenchRunArgs) -> Result<BenchConfig> {
             backbone_weights,
             features,
             ensemble_size,
+            precision,
             ada_phases,
             ada_phase_interval,
             allow_random_init,
@@ -354,6 +362,7 @@ fn resolve_config(a: &BenchRunArgs) -> Result<BenchConfig> {
         backbone_weights,
         features,
         ensemble_size,
+        precision,
         ada_phases,
         ada_phase_interval,
         selection
@@ -604,6 +613,7 @@ fn matrix(a: &BenchRunArgs, host: &Host<'_>, plan_only: bool) -> Result<MatrixOu
         seed,
         device: cfg.device.clone(),
         ensemble_size: cfg.ensemble_size,
+        precision: cfg.precision,
         ada_phases: cfg.ada_phases,
         ada_phase_interval: cfg.ada_phase_interval,
         resume: true,

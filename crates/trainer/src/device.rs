@@ -28,15 +28,28 @@ pub fn device(name: &str) -> Result<Device> {
 
 #[cfg(feature = "cuda")]
 fn cuda(ordinal: usize) -> Result<Device> {
-    Device::new_cuda(ordinal)
-        .map_err(|e| Error::Device(format!("CUDA device {ordinal} is not available: {e}")))
+    Device::new_cuda(ordinal).map_err(|e| {
+        // The first line only: candle appends a backtrace when RUST_BACKTRACE is set.
+        let e = e.to_string();
+        let e = e.lines().next().unwrap_or_default();
+        let hint = if e.contains("STUB_LIBRARY") {
+            "this process loaded the link-time driver stub, not an NVIDIA driver \
+             (unset LD_LIBRARY_PATH on a GPU machine)"
+        } else {
+            "check that `nvidia-smi` lists the GPU and that the driver supports CUDA 13.0 \
+             (driver 580 or newer)"
+        };
+        Error::Device(format!(
+            "CUDA device {ordinal} is not available: {e}; {hint}"
+        ))
+    })
 }
 
 #[cfg(not(feature = "cuda"))]
 fn cuda(_ordinal: usize) -> Result<Device> {
     Err(Error::Device(
-        "this vdg was built without CUDA support; rebuild with `cargo build --release --features cuda` \
-         (needs the CUDA toolkit), or use --device cpu"
+        "this vdg was built without CUDA support; build the CUDA one with `scripts/setup --cuda` \
+         (README, \"Running on a GPU\"), or use --device cpu"
             .into(),
     ))
 }

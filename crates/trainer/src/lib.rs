@@ -39,6 +39,7 @@
 
 pub mod ada;
 pub mod checkpoint;
+pub mod devcheck;
 pub mod device;
 pub mod error;
 pub mod evaluate;

@@ -29,6 +29,51 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+thread_local! {
+    static AUTOCAST: std::cell::Cell<Option<DType>> = const { std::cell::Cell::new(None) };
+}
+
+/// While alive, float32 convolutions on this thread ([`conv2d`], [`conv3d`] and the small
+/// CNN's) compute in `dtype` (bf16 or f16): operands are cast down, the result is cast back
+/// to float32, and gradients flow to the float32 weights through the casts. Everything
+/// else (BatchNorm, pooling, heads, the loss) stays float32, like PyTorch's autocast.
+/// `None` leaves convolutions alone. Restores the previous setting when dropped.
+#[must_use = "the setting lasts as long as the guard"]
+pub struct Autocast(Option<DType>);
+
+impl Autocast {
+    /// Enters `dtype` for this thread's convolutions.
+    pub fn enter(dtype: Option<DType>) -> Self {
+        Autocast(AUTOCAST.with(|c| c.replace(dtype)))
+    }
+}
+
+impl Drop for Autocast {
+    fn drop(&mut self) {
+        AUTOCAST.with(|c| c.set(self.0));
+    }
+}
+
+/// The dtype convolutions on this thread compute in, if [`Autocast`] set one.
+pub fn autocast_dtype() -> Option<DType> {
+    AUTOCAST.with(|c| c.get())
+}
+
+/// Applies `f` to `(x, w)` in the autocast dtype when one is active and `x` is float32.
+pub fn autocast_conv(
+    x: &Tensor,
+    w: &Tensor,
+    f: impl FnOnce(&Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    match AUTOCAST.with(|c| c.get()) {
+        Some(dt) if dt != x.dtype() && x.dtype() == DType::F32 => {
+            let y = f(&x.to_dtype(dt)?, &w.to_dtype(dt)?)?;
+            Ok(y.to_dtype(DType::F32)?)
+        }
+        _ => f(x, w),
+    }
+}
+
 /// Stride, padding and dilation of a 3-D convolution, each `[t, h, w]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Conv3dConfig {
@@ -172,6 +217,9 @@ pub fn conv2d(
     stride: usize,
     dilation: usize,
 ) -> Result<Tensor> {
+    if AUTOCAST.with(|c| c.get()).is_some_and(|dt| dt != x.dtype()) && x.dtype() == DType::F32 {
+        return autocast_conv(x, w, |x, w| conv2d(x, w, padding, stride, dilation));
+    }
     let (co, ci, kh, kw) = w.dims4()?;
     if (kh != 1 || kw != 1) && x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
         let (n, c, h, wd) = x.dims4()?;
@@ -653,5 +701,65 @@ mod tests {
         })
         .unwrap();
         assert!(err < 1e-5, "max_pool2d: relative error {err}");
+    }
+
+    #[test]
+    fn autocast_computes_convolutions_in_half_precision_with_float32_gradients() {
+        let dev = Device::Cpu;
+        let x = seeded_randn(&[2, 8, 12, 12], 1, DType::F32, &dev).unwrap();
+        let w = candle_core::Var::from_tensor(
+            &seeded_randn(&[16, 8, 3, 3], 2, DType::F32, &dev).unwrap(),
+        )
+        .unwrap();
+        let full = conv2d(&x, &w, 1, 1, 1).unwrap();
+        let (half, grads) = {
+            let _g = Autocast::enter(Some(DType::F16));
+            let y = conv2d(&x, &w, 1, 1, 1).unwrap();
+            let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            (y, g)
+        };
+        // Outside the guard: float32 again, bit for bit the plain result.
+        assert_eq!(autocast_dtype(), None);
+        let again = conv2d(&x, &w, 1, 1, 1).unwrap();
+        assert_eq!(
+            (&again - &full)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
+        assert_eq!(half.dtype(), DType::F32);
+        let rel = |a: &Tensor, b: &Tensor| {
+            let d = (a - b)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let n = b
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            (d / n).sqrt()
+        };
+        // Computed in f16 (so not exact), and close to float32 (f16 keeps 11 bits).
+        let e = rel(&half, &full);
+        assert!(e > 0.0 && e < 5e-3, "{e}");
+        let gw = grads
+            .get(w.as_tensor())
+            .expect("the float32 weight gets a gradient");
+        assert_eq!(gw.dtype(), DType::F32);
+        let reference = full.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let e = rel(gw, reference.get(w.as_tensor()).unwrap());
+        assert!(e > 0.0 && e < 5e-3, "{e}");
     }
 }

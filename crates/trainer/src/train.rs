@@ -130,6 +130,43 @@ pub struct TrainConfig {
     /// gamma-ensemble, for a like-for-like comparison (default 1).
     #[serde(default = "default_ensemble_size")]
     pub ensemble_size: usize,
+    /// Arithmetic of the trunk's convolutions (mixed precision); float32 everywhere else.
+    #[serde(default)]
+    pub precision: Precision,
+}
+
+/// Arithmetic of the trunk's convolutions: `f32` (default), or `bf16` / `f16` mixed
+/// precision (float32 weights, BatchNorm, heads and loss; [`crate::nn3d::Autocast`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// float32 throughout.
+    #[default]
+    F32,
+    /// Trunk convolutions in bfloat16 (tensor cores on Ampere and newer).
+    Bf16,
+    /// Trunk convolutions in float16.
+    F16,
+}
+
+impl Precision {
+    /// The dtype trunk convolutions compute in (`None` for float32).
+    pub fn trunk_dtype(self) -> Option<DType> {
+        match self {
+            Precision::F32 => None,
+            Precision::Bf16 => Some(DType::BF16),
+            Precision::F16 => Some(DType::F16),
+        }
+    }
+
+    /// The name as the CLI and config files spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+            Precision::F16 => "f16",
+        }
+    }
 }
 
 fn default_phases() -> usize {
@@ -222,6 +259,7 @@ impl TrainConfig {
             ada_phase_interval: None,
             horizontal_flip: true,
             ensemble_size: 1,
+            precision: Precision::F32,
         }
     }
 
@@ -385,7 +423,8 @@ fn structure(
             )?,
         };
         let head = build_head(cfg.model, mc, classes, streams.subsets, vb.pp("head"))?;
-        Ok(VideoModel::frames(backbone, head, cfg.model))
+        Ok(VideoModel::frames(backbone, head, cfg.model)
+            .with_trunk_dtype(cfg.precision.trunk_dtype()))
     } else {
         if feature_dim.is_some() {
             return Err(Error::Config(format!(
@@ -395,7 +434,7 @@ fn structure(
             )));
         }
         let net = build_network(cfg.model, mc, cfg.backbone, classes, vb.pp("backbone"))?;
-        Ok(VideoModel::network(net, cfg.model))
+        Ok(VideoModel::network(net, cfg.model).with_trunk_dtype(cfg.precision.trunk_dtype()))
     }
 }
 
@@ -475,6 +514,13 @@ pub fn train_with(
     fault: FaultHook<'_>,
 ) -> Result<Metrics> {
     let device = crate::device::device(&cfg.device)?;
+    if cfg.precision == Precision::Bf16 && device.is_cpu() {
+        return Err(Error::Config(
+            "--precision bf16 needs a CUDA device: candle's CPU matrix product has no bfloat16 \
+             (use f16 on the CPU, or f32)"
+                .into(),
+        ));
+    }
     let classes = spec.classes.len();
     if cfg.epochs == 0 {
         return Err(Error::Config("epochs must be at least 1".into()));

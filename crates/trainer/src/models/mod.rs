@@ -512,6 +512,8 @@ pub struct VideoModel {
     body: Body,
     /// The kind.
     pub kind: ModelKind,
+    /// Mixed precision: the dtype the trunk's convolutions compute in ([`crate::nn3d::Autocast`]).
+    trunk_dtype: Option<candle_core::DType>,
 }
 
 impl VideoModel {
@@ -520,6 +522,7 @@ impl VideoModel {
         VideoModel {
             body: Body::Frames { backbone, head },
             kind,
+            trunk_dtype: None,
         }
     }
 
@@ -528,7 +531,15 @@ impl VideoModel {
         VideoModel {
             body: Body::Network(network),
             kind,
+            trunk_dtype: None,
         }
+    }
+
+    /// Runs the trunk's convolutions in `dtype` (bf16 or f16; `None`: float32), with float32
+    /// weights, BatchNorm, heads and loss: mixed precision.
+    pub fn with_trunk_dtype(mut self, dtype: Option<candle_core::DType>) -> Self {
+        self.trunk_dtype = dtype;
+        self
     }
 
     /// # Shapes
@@ -536,12 +547,18 @@ impl VideoModel {
     /// trunk, `clips` are features `[B, M, F]`.
     pub fn forward_t(&self, clips: &Tensor, train: bool) -> Result<HeadOutput> {
         match &self.body {
-            Body::Network(n) => n.forward_t(clips, train),
+            Body::Network(n) => {
+                let _autocast = crate::nn3d::Autocast::enter(self.trunk_dtype);
+                n.forward_t(clips, train)
+            }
             Body::Frames { backbone, head } => {
                 let dims = clips.dims();
                 let (b, m) = (dims[0], dims[1]);
                 let frames = clips.flatten(0, 1)?;
-                let feats = backbone.forward_t(&frames, train)?;
+                let feats = {
+                    let _autocast = crate::nn3d::Autocast::enter(self.trunk_dtype);
+                    backbone.forward_t(&frames, train)?
+                };
                 let d = feats.dim(1)?;
                 head.forward_t(&feats.reshape((b, m, d))?, train)
             }

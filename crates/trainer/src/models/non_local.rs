@@ -67,7 +67,12 @@ impl NonLocalBlock {
 
     /// # Shapes
     /// `x [B, T, C, H, W]` -> the same.
+    ///
+    /// Always float32, also under mixed precision: the softmax over `theta . phi` amplifies
+    /// the rounding of half-precision projections (`vdg device parity --precision f16`: the
+    /// gradients' error against float64 fell from 30 % to 16 % with the block in float32).
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let _float32 = crate::nn3d::Autocast::enter(None);
         let (b, t, c, h, w) = x.dims5()?;
         // [B, T, C', H, W] -> [B, T*H*W, C'].
         let flat = |y: &Tensor| -> Result<Tensor> {

@@ -92,7 +92,15 @@ impl ModuleT for SmallCnn {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let mut x = x.clone();
         for (conv, bn) in &self.convs {
-            x = bn.forward_t(&conv.forward(&x)?, train)?.relu()?;
+            let y = match crate::nn3d::autocast_dtype() {
+                // Mixed precision: the convolution in bf16/f16, BatchNorm in float32.
+                Some(dt) if dt != x.dtype() && x.dtype() == candle_core::DType::F32 => x
+                    .to_dtype(dt)?
+                    .conv2d(&conv.weight().to_dtype(dt)?, 1, 2, 1, 1)?
+                    .to_dtype(x.dtype())?,
+                _ => conv.forward(&x)?,
+            };
+            x = bn.forward_t(&y, train)?.relu()?;
         }
         // Average over a 2x2 grid of cells (the last cells absorb odd remainders).
         let (n, c, h, w) = x.dims4()?;

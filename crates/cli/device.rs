@@ -1,0 +1,117 @@
+//! `vdg device ...`: checks that a device computes what the CPU does, and how fast.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use vdg_data::atomic::AtomicFile;
+use vdg_trainer::devcheck::{Scale, parity, throughput};
+use vdg_trainer::train::Precision;
+
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// Every registered model on --device against a CPU float64 reference: one training
+    /// forward and backward on a fixed small batch, relative L2 errors of the logits and of
+    /// every parameter's gradient. Exit 1 when a model fails.
+    Parity {
+        /// `cpu` (float32 against float64: the rounding baseline) or `cuda[:N]`.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Trunk convolutions in f32 (tolerance 1e-3), or bf16/f16 mixed precision
+        /// (tolerance 5e-2; bf16 needs CUDA).
+        #[arg(long, value_enum, default_value = "f32")]
+        precision: Precision,
+        /// Also write the rows as JSON here.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Clips or frames per second of the APN step on cached features (plain and ADA*),
+    /// ResNet-50 inference and an I3D training step.
+    Throughput {
+        /// `cpu` or `cuda[:N]`.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// `paper` (224 x 224, I3D ResNet-50 on 32-frame clips; for GPUs) or `quick`
+        /// (small shapes, seconds on a CPU).
+        #[arg(long, default_value = "quick")]
+        scale: String,
+        /// Also write the rows as JSON here.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+}
+
+fn write_json<T: serde::Serialize>(out: Option<&PathBuf>, rows: &T) -> Result<()> {
+    if let Some(path) = out {
+        let bytes = serde_json::to_vec_pretty(rows)?;
+        AtomicFile::write_all(path, &bytes)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+pub fn run(cmd: DeviceCommand) -> Result<ExitCode> {
+    match cmd {
+        DeviceCommand::Parity {
+            device,
+            precision,
+            out,
+        } => {
+            let dev = vdg_trainer::device::device(&device)?;
+            let rows = parity(&dev, precision).context("parity check")?;
+            println!(
+                "{:<10} {:<10} {:>11} {:>11} {:>11}  {:<6} worst gradient",
+                "model", "backbone", "logits", "gradients", "worst grad", "result"
+            );
+            for r in &rows {
+                println!(
+                    "{:<10} {:<10} {:>11.3e} {:>11.3e} {:>11.3e}  {:<6} {}{}",
+                    r.model,
+                    r.backbone,
+                    r.logits_error,
+                    r.gradient_error,
+                    r.worst_gradient_error,
+                    if r.passed() { "ok" } else { "FAIL" },
+                    r.worst_parameter,
+                    if r.missing_gradients.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (no gradient: {})", r.missing_gradients.join(", "))
+                    }
+                );
+            }
+            write_json(out.as_ref(), &rows)?;
+            let failed = rows.iter().filter(|r| !r.passed()).count();
+            println!(
+                "{} of {} models within {:e} of the CPU float64 reference on {device} ({})",
+                rows.len() - failed,
+                rows.len(),
+                rows.first().map_or(0.0, |r| r.tolerance),
+                precision.name()
+            );
+            Ok(if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        DeviceCommand::Throughput { device, scale, out } => {
+            let dev = vdg_trainer::device::device(&device)?;
+            let scale = match scale.as_str() {
+                "paper" => Scale::Paper,
+                "quick" => Scale::Quick,
+                other => anyhow::bail!("unknown --scale {other:?}; known: paper, quick"),
+            };
+            let rows = throughput(&dev, scale).context("throughput")?;
+            for r in &rows {
+                println!(
+                    "{:<20} {:>10.1} {}/s  ({}; {} iterations on {})",
+                    r.work, r.per_second, r.unit, r.shapes, r.iterations, r.device
+                );
+            }
+            write_json(out.as_ref(), &rows)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
