@@ -317,15 +317,17 @@ pub fn throughput(device: &Device, scale: Scale) -> Result<Vec<ThroughputRow>> {
 
     // The APN head on 256-d features, B = 40, M = 5 (BENCHMARKS.md's shapes).
     let cfg = ModelConfig::default();
-    // As `vdg train --features` runs it: the projection of cached trunk features, the head.
+    // As `vdg train --features` runs it on a ResNet-50 cache: 2048-d trunk features, the
+    // projection to D (dropout 0.8), the head; the shapes of ../shared/peers/apn_torch.py's
+    // `apn-feat` configurations.
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, device);
     let head = build_head(ModelKind::Apn, &cfg, 12, 0, vb.pp("head"))?;
-    let projection = Backbone::cached(256, cfg.feature_dim, 0.5, vb.pp("backbone"))?;
+    let projection = Backbone::cached(2048, cfg.feature_dim, 0.8, vb.pp("backbone"))?;
     seeded_init(&vm, 0)?;
     let model = VideoModel::frames(projection, head, ModelKind::Apn);
     let mut opt = SgdMomentum::from_varmap(&vm, SgdParams::default(), |_| true)?;
-    let x = seeded_randn(&[40, 5, 256], 1, DType::F32, device)?;
+    let x = seeded_randn(&[40, 5, 2048], 1, DType::F32, device)?;
     let labels: Vec<u32> = (0..40u32).map(|i| i % 12).collect();
     let y = Tensor::new(labels.as_slice(), device)?;
     let ada = AdaStep {
@@ -344,7 +346,7 @@ pub fn throughput(device: &Device, scale: Scale) -> Result<Vec<ThroughputRow>> {
             .collect();
         let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
         let head = build_head(ModelKind::Apn, &cfg, 12, 0, vb.pp("head"))?;
-        let projection = Backbone::cached(256, cfg.feature_dim, 0.5, vb.pp("backbone"))?;
+        let projection = Backbone::cached(2048, cfg.feature_dim, 0.8, vb.pp("backbone"))?;
         Ok(VideoModel::frames(projection, head, ModelKind::Apn))
     };
     for (work, step) in [
@@ -363,7 +365,7 @@ pub fn throughput(device: &Device, scale: Scale) -> Result<Vec<ThroughputRow>> {
         rows.push(ThroughputRow {
             work: work.into(),
             device: name.clone(),
-            shapes: "B=40, M=5, D=256, FFN 1024, 12 classes".into(),
+            shapes: "B=40, M=5, 2048-d features, D=256, FFN 1024, 12 classes".into(),
             per_second: 40.0 / secs,
             unit: "clips".into(),
             iterations: n,

@@ -5,7 +5,9 @@
 //! differentiable primitives; `tests` checks each against finite differences.
 
 use candle_core::{D, DType, Module, ModuleT, Tensor};
-use candle_nn::{Linear, VarBuilder, linear};
+use candle_nn::VarBuilder;
+
+use crate::rowops::{Linear, linear};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -37,13 +39,10 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let n = x.dim(D::Minus1)?;
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let denom = (n.max(2) - 1) as f64;
-        let var = (xc.sqr()?.sum_keepdim(D::Minus1)? / denom)?;
-        let y = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        y.broadcast_mul(&self.gamma)?.broadcast_add(&self.beta)
+        let y = crate::rowops::normalize_last(x, self.eps).map_err(candle_core::Error::wrap)?;
+        // Gain and shift as row operations: their gradients are column sums in one pass.
+        let y = crate::rowops::mul_row(&y, &self.gamma).map_err(candle_core::Error::wrap)?;
+        crate::rowops::add_row(&y, &self.beta).map_err(candle_core::Error::wrap)
     }
 }
 

@@ -18,7 +18,9 @@
 use std::collections::BTreeMap;
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Linear, VarBuilder, linear};
+use candle_nn::VarBuilder;
+
+use crate::rowops::{Linear, linear};
 
 use super::{Head, HeadOutput, ModelConfig, SubsetSampler};
 use crate::error::{Error, Result};

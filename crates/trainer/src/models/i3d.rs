@@ -29,7 +29,9 @@
 use std::collections::BTreeMap;
 
 use candle_core::{Module, Tensor};
-use candle_nn::{BatchNorm, Linear, VarBuilder, batch_norm, linear};
+use candle_nn::{BatchNorm, VarBuilder, batch_norm};
+
+use crate::rowops::{Linear, linear};
 
 use super::blocks::BackboneKind;
 use super::blocks::resnet::ResNet;

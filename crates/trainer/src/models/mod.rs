@@ -581,7 +581,7 @@ pub(crate) fn select_segments(x: &Tensor, subset: &[usize]) -> Result<Tensor> {
 }
 
 /// A classifier `Linear` applied to `x`, for heads.
-pub(crate) fn classify(fc: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
+pub(crate) fn classify(fc: &crate::rowops::Linear, x: &Tensor) -> Result<Tensor> {
     Ok(fc.forward(x)?)
 }
 

@@ -13,7 +13,9 @@
 use std::collections::BTreeMap;
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Linear, VarBuilder, linear};
+use candle_nn::VarBuilder;
+
+use crate::rowops::{Linear, linear};
 
 use super::{Head, HeadOutput, ModelConfig, SubsetRule, SubsetSampler};
 use crate::error::Result;

@@ -6,7 +6,9 @@
 use std::collections::BTreeMap;
 
 use candle_core::Tensor;
-use candle_nn::{Linear, VarBuilder, linear};
+use candle_nn::VarBuilder;
+
+use crate::rowops::{Linear, linear};
 
 use super::{Head, HeadOutput, ModelConfig, classify};
 use crate::error::Result;

@@ -5,13 +5,12 @@
 pub mod resnet;
 
 use candle_core::{Module, ModuleT, Tensor};
-use candle_nn::{
-    BatchNorm, Conv2d, Conv2dConfig, Linear, VarBuilder, batch_norm, conv2d_no_bias, linear,
-};
+use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, VarBuilder, batch_norm, conv2d_no_bias};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::nn::dropout;
+use crate::rowops::{Linear, linear};
 
 /// The per-frame backbones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
