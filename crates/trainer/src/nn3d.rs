@@ -721,36 +721,18 @@ mod tests {
         // Outside the guard: float32 again, bit for bit the plain result.
         assert_eq!(autocast_dtype(), None);
         let again = conv2d(&x, &w, 1, 1, 1).unwrap();
-        assert_eq!(
-            (&again - &full)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap(),
-            0.0
-        );
+        let diff = (&again - &full).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
         assert_eq!(half.dtype(), DType::F32);
-        let rel = |a: &Tensor, b: &Tensor| {
-            let d = (a - b)
-                .unwrap()
-                .sqr()
+        let sq = |t: &Tensor| {
+            t.sqr()
                 .unwrap()
                 .sum_all()
                 .unwrap()
                 .to_scalar::<f32>()
-                .unwrap();
-            let n = b
-                .sqr()
                 .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            (d / n).sqrt()
         };
+        let rel = |a: &Tensor, b: &Tensor| (sq(&(a - b).unwrap()) / sq(b)).sqrt();
         // Computed in f16 (so not exact), and close to float32 (f16 keeps 11 bits).
         let e = rel(&half, &full);
         assert!(e > 0.0 && e < 5e-3, "{e}");

@@ -65,6 +65,23 @@ fn row_map<T: candle_core::WithDType>(x: &[T], v: &[T], f: impl Fn(T, T) -> T + 
     out
 }
 
+/// Applies `f` to a float32 or float64 storage's contiguous values (`$name` in errors).
+macro_rules! float_map {
+    ($s:expr, $l:expr, $name:expr, |$x:ident| $body:expr) => {
+        match $s {
+            CpuStorage::F32(v) => {
+                let $x = slice(v, $l)?;
+                CpuStorage::F32($body)
+            }
+            CpuStorage::F64(v) => {
+                let $x = slice(v, $l)?;
+                CpuStorage::F64($body)
+            }
+            _ => candle_core::bail!("{}: float32 or float64 only", $name),
+        }
+    };
+}
+
 fn slice<'a, T>(v: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
@@ -206,11 +223,7 @@ impl CustomOp1 for Normalize {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let n = *l.shape().dims().last().unwrap_or(&1);
-        let out = match s {
-            CpuStorage::F32(x) => CpuStorage::F32(normalize(slice(x, l)?, n, self.eps)),
-            CpuStorage::F64(x) => CpuStorage::F64(normalize(slice(x, l)?, n, self.eps)),
-            _ => candle_core::bail!("vdg-normalize-last: float32 or float64 only"),
-        };
+        let out = float_map!(s, l, self.name(), |x| normalize(x, n, self.eps));
         Ok((out, l.shape().clone()))
     }
 
@@ -269,11 +282,7 @@ impl CustomOp1 for ColSum {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let c = *l.shape().dims().last().unwrap_or(&1);
-        let out = match s {
-            CpuStorage::F32(x) => CpuStorage::F32(col_sum(slice(x, l)?, c)),
-            CpuStorage::F64(x) => CpuStorage::F64(col_sum(slice(x, l)?, c)),
-            _ => candle_core::bail!("vdg-col-sum: float32 or float64 only"),
-        };
+        let out = float_map!(s, l, self.name(), |x| col_sum(x, c));
         Ok((out, Shape::from(c)))
     }
 }
