@@ -217,9 +217,34 @@ pub fn conv2d(
     stride: usize,
     dilation: usize,
 ) -> Result<Tensor> {
+    conv2d_bias(x, w, None, padding, stride, dilation)
+}
+
+/// [`conv2d`] plus a per-channel `bias [C_out]`, added to the matrix product's output rows
+/// where the lowering has them (one contiguous pass; a `[1, C, 1, 1]` broadcast costs as much
+/// as BatchNorm on large maps): the form a convolution takes with an inference-mode
+/// BatchNorm folded in.
+pub fn conv2d_bias(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+) -> Result<Tensor> {
     if AUTOCAST.with(|c| c.get()).is_some_and(|dt| dt != x.dtype()) && x.dtype() == DType::F32 {
-        return autocast_conv(x, w, |x, w| conv2d(x, w, padding, stride, dilation));
+        let y = autocast_conv(x, w, |x, w| conv2d(x, w, padding, stride, dilation))?;
+        return match bias {
+            Some(b) => channel_bias(&y, b),
+            None => Ok(y),
+        };
     }
+    let rows_bias = |y: Tensor| -> Result<Tensor> {
+        match bias {
+            Some(b) => crate::rowops::add_row(&y, b),
+            None => Ok(y),
+        }
+    };
     let (co, ci, kh, kw) = w.dims4()?;
     if (kh != 1 || kw != 1) && x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
         let (n, c, h, wd) = x.dims4()?;
@@ -246,6 +271,7 @@ pub fn conv2d(
         let y = cols
             .reshape((n * g.ho * g.wo, k))?
             .matmul(&w.reshape((co, k))?.t()?)?;
+        let y = rows_bias(y)?;
         let y = y
             .reshape((n, g.ho * g.wo, co))?
             .transpose(1, 2)?
@@ -267,7 +293,11 @@ pub fn conv2d(
             std::cmp::Ordering::Greater => x.pad_with_zeros(3, 0, rh - rw)?,
             std::cmp::Ordering::Equal => x.clone(),
         };
-        return Ok(x.conv2d(w, padding, stride, dilation, 1)?);
+        let y = x.conv2d(w, padding, stride, dilation, 1)?;
+        return match bias {
+            Some(b) => channel_bias(&y, b),
+            None => Ok(y),
+        };
     }
     let (n, c, h, wd) = x.dims4()?;
     if c != ci {
@@ -289,7 +319,7 @@ pub fn conv2d(
     if ho * wo >= 64 {
         // Large maps: one [C_out, C] x [C, H*W] product per image, no copies.
         let y = w2.broadcast_matmul(&x.reshape((n, c, ho * wo))?)?;
-        return Ok(y.reshape((n, co, ho, wo))?);
+        return channel_bias(&y.reshape((n, co, ho, wo))?, bias);
     }
     // Small maps (deep layers): per-image products would be thin; one GEMM for the batch,
     // at the price of two transposing copies.
@@ -297,8 +327,16 @@ pub fn conv2d(
         .permute((0, 2, 3, 1))?
         .contiguous()?
         .reshape((n * ho * wo, c))?;
-    let y = rows.matmul(&w2.t()?)?.reshape((n, ho * wo, co))?;
+    let y = rows_bias(rows.matmul(&w2.t()?)?)?.reshape((n, ho * wo, co))?;
     Ok(y.transpose(1, 2)?.contiguous()?.reshape((n, co, ho, wo))?)
+}
+
+/// `y [N, C, H, W] + b [C]` per channel.
+fn channel_bias<'a>(y: &Tensor, b: impl Into<Option<&'a Tensor>>) -> Result<Tensor> {
+    match b.into() {
+        Some(b) => Ok(y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?),
+        None => Ok(y.clone()),
+    }
 }
 
 /// A 3-D convolution layer (`weight [C_out, C_in, kt, kh, kw]`, optional `bias [C_out]`).
