@@ -4,6 +4,7 @@
 //! - `conv3d/*`: forward, and forward + backward, of `nn3d::conv3d` on I3D-like layers
 //!   (`x [2, 8, 64, 28, 28]`); the peer `matmul_same_flops` multiplies `[B*T*H*W, C_in*k]` by
 //!   `[C_in*k, C_out]`, the FLOPs of the 3x3x3 layer as one GEMM (an im2col lower bound).
+//! - `conv2d/*`: the same for 2-D 3x3 convolutions (a ResNet-50 layer, the small CNN's).
 //! - `networks/*`: one SGD step (forward, backward, momentum) on ResNet-50 at 64x64, B = 2:
 //!   TSN and TSM on 8 segments, I3D and Non-local on 16-frame dense clips.
 //!
@@ -23,6 +24,11 @@ use vdg_trainer::models::{ModelConfig, ModelKind, VideoModel, build_head, build_
 use vdg_trainer::nn::cross_entropy;
 use vdg_trainer::nn3d::{Conv3dConfig, conv3d};
 use vdg_trainer::optim::{SgdMomentum, SgdParams};
+
+/// The allocator `vdg` runs with (crates/cli/main.rs): glibc's would add page faults on every
+/// large temporary that `vdg` does not pay.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn conv(c: &mut Criterion) {
     let dev = Device::Cpu;
@@ -107,5 +113,43 @@ fn networks(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, conv, networks);
+/// 2-D convolutions through `nn3d::conv2d`: a ResNet-50 3x3 layer (stage 1, 56x56) and the
+/// small CNN's second layer on a bench batch (16 clips x 5 frames at 16x16, stride 2), forward
+/// and forward + backward, with the matrix product of the same FLOPs as the peer.
+fn conv2d(c: &mut Criterion) {
+    let dev = Device::Cpu;
+    let mut g = c.benchmark_group("conv2d");
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(8));
+    for (name, [n, ci, h, co, stride]) in [
+        ("resnet_3x3_56px", [8usize, 64, 56, 64, 1]),
+        ("small_cnn_3x3_s2", [80, 16, 16, 32, 2]),
+    ] {
+        let ho = (h + 2 - 3) / stride + 1;
+        let flops = 2 * n * ho * ho * co * ci * 9;
+        g.throughput(Throughput::Elements(flops as u64));
+        let x = seeded_randn(&[n, ci, h, h], 1, DType::F32, &dev).unwrap();
+        let wt = seeded_randn(&[co, ci, 3, 3], 2, DType::F32, &dev).unwrap();
+        g.bench_function(format!("forward_{name}"), |bn| {
+            bn.iter(|| vdg_trainer::nn3d::conv2d(&x, &wt, 1, stride, 1).unwrap())
+        });
+        let a = Tensor::ones((n * ho * ho, ci * 9), DType::F32, &dev).unwrap();
+        let m = Tensor::ones((ci * 9, co), DType::F32, &dev).unwrap();
+        g.bench_function(format!("matmul_same_flops_{name}"), |bn| {
+            bn.iter(|| a.matmul(&m).unwrap())
+        });
+        let xv = Var::from_tensor(&x).unwrap();
+        let wv = Var::from_tensor(&wt).unwrap();
+        g.bench_function(format!("forward_backward_{name}"), |bn| {
+            bn.iter(|| {
+                let y = vdg_trainer::nn3d::conv2d(xv.as_tensor(), wv.as_tensor(), 1, stride, 1)
+                    .unwrap();
+                y.sum_all().unwrap().backward().unwrap()
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, conv, conv2d, networks);
 criterion_main!(benches);

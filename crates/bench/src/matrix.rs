@@ -123,7 +123,7 @@ pub struct BenchRunArgs {
     /// cpu or cuda[:N].
     #[arg(long)]
     device: Option<String>,
-    /// Synthetic benchmark size: tiny, small, full.
+    /// Synthetic benchmark size: tiny, small, full (default: full, 120 clips per class and domain).
     #[arg(long)]
     scale: Option<String>,
     /// Defaults to follow: paper (default) or released-code.
@@ -263,7 +263,7 @@ impl BenchConfig {
             ada_steps: synthetic.then_some(1),
             projection_dropout: synthetic.then_some(0.2),
             device: "cpu".into(),
-            scale: "small".into(),
+            scale: "full".into(),
             protocol: "paper".into(),
             backbone_weights: None,
             features: None,

@@ -1,77 +1,78 @@
-//! im2col and col2im on the CPU as candle custom operations: the lowering that turns a 2-D
-//! convolution into one matrix product per image.
+//! The lowering that turns a 2-D or 3-D convolution into one matrix product, on the CPU, as
+//! candle custom operations with hand-written gradients.
 //!
-//! `im2col(x [N, C, H, W]) -> cols [N, Ho*Wo, C*kh*kw]` (pixel-major, so that a whole batch
-//! is one GEMM `[N*Ho*Wo, K] x [K, C_out]`) with
-//! `cols[n, oy*Wo + ox, (c*kh + p)*kw + q] = x[n, c, oy*s + p*d - pad, ox*s + q*d - pad]`
-//! (zero outside the image); its gradient is `col2im`, the adjoint scatter-add. Written as
-//! plain loops over contiguous memory, parallel over images: candle's own CPU `conv2d`
-//! reached about a fifth of its GEMM on ResNet layers and its gradient is slower still
-//! (BENCHMARKS.md). CPU only; other devices keep candle's `conv2d` (see `nn3d::conv2d`).
+//! A convolution of `x [B, T, C, H, W]` (time-major, a 2-D convolution is `T = 1`) with
+//! `w [C_out, C, kt, kh, kw]` runs as
+//!
+//! 1. [`FrameTranspose`]: every frame `[C, H*W]` to channels-last `[H*W, C]`;
+//! 2. [`Vol2Col`]: the columns `[B*To*Ho*Wo, kt*kh*kw*C]`, one row per output pixel, column
+//!    `((a*kh + p)*kw + q)*C + c` = `x[b, to*st + a*dt - pt, c, oy*sh + p*dh - ph, ox*sw + q*dw - pw]`
+//!    (zero outside): with channels last, every tap is one contiguous copy of `C` values;
+//! 3. one GEMM with the kernel permuted to `[C_out, kt, kh, kw, C]` (candle's `matmul`);
+//! 4. [`FrameTranspose`] of the output rows `[Ho*Wo, C_out]` back to channels-first.
+//!
+//! The backward pass is the same four steps in reverse, each as cheap as its forward:
+//! transposes, the two GEMMs of the matrix product, and [`Col2Vol`], the adjoint of step 2,
+//! which gathers per input frame (race-free in parallel, contiguous `C`-value adds).
+//! Measured in BENCHMARKS.md ("Convolution backward"): the earlier channel-major lowering
+//! (strided reads and writes, one `conv2d` per temporal tap on strided slices) cost 4-6x its
+//! forward in backward. CPU only, float32 and float64; other devices and dtypes keep candle's
+//! `conv2d` (see `nn3d::conv2d`).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-/// Geometry of one lowering.
+/// Geometry of one lowering; arrays are `[time, height, width]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Geometry {
+    /// Batch.
+    pub b: usize,
+    /// Input frames, channels, height, width.
+    pub t: usize,
     /// Channels.
     pub c: usize,
-    /// Input height and width.
+    /// Input height.
     pub h: usize,
     /// Input width.
     pub w: usize,
-    /// Kernel height.
-    pub kh: usize,
-    /// Kernel width.
-    pub kw: usize,
-    /// Stride (both axes).
-    pub stride: usize,
-    /// Zero padding (both axes).
-    pub padding: usize,
-    /// Dilation (both axes).
-    pub dilation: usize,
-    /// Output height.
-    pub ho: usize,
-    /// Output width.
-    pub wo: usize,
+    /// Kernel extent.
+    pub k: [usize; 3],
+    /// Stride.
+    pub stride: [usize; 3],
+    /// Zero padding on both sides.
+    pub padding: [usize; 3],
+    /// Dilation.
+    pub dilation: [usize; 3],
+    /// Output frames, height, width.
+    pub out: [usize; 3],
 }
 
 impl Geometry {
-    fn rows(&self) -> usize {
-        self.c * self.kh * self.kw
+    /// Columns per output pixel: `kt*kh*kw*C`.
+    pub fn cols(&self) -> usize {
+        self.k.iter().product::<usize>() * self.c
     }
 
-    /// Calls `f(col_index, image_index)` for every entry of one image's columns that reads
-    /// the image; columns are pixel-major (`[Ho*Wo, C*kh*kw]`), written in order.
+    /// Rows of the lowering: `B*To*Ho*Wo`.
+    pub fn rows(&self) -> usize {
+        self.b * self.out.iter().product::<usize>()
+    }
+
+    /// Input frame of temporal tap `a` for output frame `to`, if inside the clip.
     #[inline]
-    fn each(&self, mut f: impl FnMut(usize, usize)) {
-        let (s, d, pad, k) = (self.stride, self.dilation, self.padding, self.rows());
-        for oy in 0..self.ho {
-            for ox in 0..self.wo {
-                let pixel = (oy * self.wo + ox) * k;
-                for p in 0..self.kh {
-                    let iy = (oy * s + p * d) as isize - pad as isize;
-                    if iy < 0 || iy >= self.h as isize {
-                        continue;
-                    }
-                    for q in 0..self.kw {
-                        let ix = (ox * s + q * d) as isize - pad as isize;
-                        if ix < 0 || ix >= self.w as isize {
-                            continue;
-                        }
-                        let at = iy as usize * self.w + ix as usize;
-                        for c in 0..self.c {
-                            f(
-                                pixel + (c * self.kh + p) * self.kw + q,
-                                c * self.h * self.w + at,
-                            );
-                        }
-                    }
-                }
-            }
-        }
+    fn frame(&self, to: usize, a: usize) -> Option<usize> {
+        let t = (to * self.stride[0] + a * self.dilation[0]) as isize - self.padding[0] as isize;
+        (t >= 0 && (t as usize) < self.t).then_some(t as usize)
+    }
+
+    /// Input coordinate along axis 1 (height) or 2 (width) of output `o`, tap `p`.
+    #[inline]
+    fn coord(&self, axis: usize, o: usize, p: usize) -> Option<usize> {
+        let len = if axis == 1 { self.h } else { self.w };
+        let i = (o * self.stride[axis] + p * self.dilation[axis]) as isize
+            - self.padding[axis] as isize;
+        (i >= 0 && (i as usize) < len).then_some(i as usize)
     }
 }
 
@@ -82,36 +83,103 @@ fn contiguous<'a, T>(v: &'a [T], layout: &Layout, what: &str) -> candle_core::Re
     }
 }
 
-/// The lowering `x [N, C, H, W] -> [N, Ho*Wo, C*kh*kw]`.
-#[derive(Debug, Clone, Copy)]
-pub struct Im2Col(pub Geometry);
+/// Runs `f` on the float32 or float64 slice of a contiguous storage.
+macro_rules! dispatch {
+    ($s:expr, $l:expr, $what:expr, |$v:ident| $body:expr) => {
+        match $s {
+            CpuStorage::F32(v) => {
+                let $v = contiguous(v, $l, $what)?;
+                CpuStorage::F32($body)
+            }
+            CpuStorage::F64(v) => {
+                let $v = contiguous(v, $l, $what)?;
+                CpuStorage::F64($body)
+            }
+            other => candle_core::bail!("{}: unsupported dtype {:?}", $what, other.dtype()),
+        }
+    };
+}
 
-impl Im2Col {
-    fn run<T: WithDType>(&self, x: &[T], n: usize) -> Vec<T> {
-        let g = self.0;
-        let (img, col) = (g.c * g.h * g.w, g.rows() * g.ho * g.wo);
-        let mut out = vec![T::zero(); n * col];
-        out.par_chunks_mut(col)
-            .zip(x.par_chunks(img))
-            .for_each(|(o, xi)| g.each(|ci, ii| o[ci] = xi[ii]));
+/// `x [N, R, C] -> [N, C, R]`: each of the `N` matrices transposed (cache-blocked).
+#[derive(Debug, Clone, Copy)]
+pub struct FrameTranspose {
+    /// Rows of each input matrix.
+    pub rows: usize,
+    /// Columns of each input matrix.
+    pub cols: usize,
+}
+
+impl FrameTranspose {
+    const BLOCK: usize = 32;
+
+    fn run<T: WithDType>(&self, x: &[T]) -> Vec<T> {
+        let (r, c) = (self.rows, self.cols);
+        let mut out = vec![T::zero(); x.len()];
+        if r * c == 0 {
+            return out;
+        }
+        let one = |o: &mut [T], xi: &[T]| {
+            if r * c <= 1 << 14 {
+                // Fits in L2: no blocking.
+                for (i, row) in xi.chunks_exact(c).enumerate() {
+                    for (j, &v) in row.iter().enumerate() {
+                        o[j * r + i] = v;
+                    }
+                }
+                return;
+            }
+            for r0 in (0..r).step_by(Self::BLOCK) {
+                let r1 = (r0 + Self::BLOCK).min(r);
+                for c0 in (0..c).step_by(Self::BLOCK) {
+                    let c1 = (c0 + Self::BLOCK).min(c);
+                    for (i, row) in xi[r0 * c..r1 * c].chunks_exact(c).enumerate() {
+                        for (j, &v) in row[c0..c1].iter().enumerate() {
+                            o[(c0 + j) * r + r0 + i] = v;
+                        }
+                    }
+                }
+            }
+        };
+        if x.len() / (r * c) == 1 || r * c >= 1 << 14 {
+            out.par_chunks_mut(r * c)
+                .zip(x.par_chunks(r * c))
+                .for_each(|(o, xi)| one(o, xi));
+        } else {
+            // Many small matrices: chunks of several per task.
+            let per = ((1 << 14) / (r * c)).max(1) * r * c;
+            out.par_chunks_mut(per)
+                .zip(x.par_chunks(per))
+                .for_each(|(o, xi)| {
+                    o.chunks_mut(r * c)
+                        .zip(xi.chunks(r * c))
+                        .for_each(|(o, xi)| one(o, xi))
+                });
+        }
         out
+    }
+
+    /// Applies the transpose (differentiable) to `x [N, rows, cols]`.
+    pub fn apply(x: &Tensor, rows: usize, cols: usize) -> candle_core::Result<Tensor> {
+        x.contiguous()?.apply_op1(FrameTranspose { rows, cols })
     }
 }
 
-impl CustomOp1 for Im2Col {
+impl CustomOp1 for FrameTranspose {
     fn name(&self) -> &'static str {
-        "vdg-im2col"
+        "vdg-frame-transpose"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let n = l.dims()[0];
-        let shape = Shape::from((n, self.0.ho * self.0.wo, self.0.rows()));
-        let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(self.run(contiguous(v, l, "im2col")?, n)),
-            CpuStorage::F64(v) => CpuStorage::F64(self.run(contiguous(v, l, "im2col")?, n)),
-            other => candle_core::bail!("im2col: unsupported dtype {:?}", other.dtype()),
-        };
-        Ok((out, shape))
+        let dims = l.dims();
+        if dims.len() != 3 || dims[1] != self.rows || dims[2] != self.cols {
+            candle_core::bail!(
+                "frame transpose: expected [N, {}, {}], got {dims:?}",
+                self.rows,
+                self.cols
+            );
+        }
+        let shape = Shape::from((dims[0], self.cols, self.rows));
+        Ok((dispatch!(s, l, "frame transpose", |v| self.run(v)), shape))
     }
 
     fn bwd(
@@ -120,39 +188,448 @@ impl CustomOp1 for Im2Col {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&Col2Im(self.0))?))
+        let back = FrameTranspose {
+            rows: self.cols,
+            cols: self.rows,
+        };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&back)?))
     }
 }
 
-/// The adjoint `cols [N, Ho*Wo, C*kh*kw] -> [N, C, H, W]` (sums overlapping windows).
+/// The lowering `x [B, T, H, W, C]` (channels last) `-> [B*To*Ho*Wo, kt*kh*kw*C]`.
 #[derive(Debug, Clone, Copy)]
-pub struct Col2Im(pub Geometry);
+pub struct Vol2Col(pub Geometry);
 
-impl Col2Im {
-    fn run<T: WithDType>(&self, cols: &[T], n: usize) -> Vec<T> {
+impl Vol2Col {
+    fn run<T: WithDType>(&self, x: &[T]) -> Vec<T> {
         let g = self.0;
-        let (img, col) = (g.c * g.h * g.w, g.rows() * g.ho * g.wo);
-        let mut out = vec![T::zero(); n * img];
-        out.par_chunks_mut(img)
-            .zip(cols.par_chunks(col))
-            .for_each(|(o, ci)| g.each(|c, i| o[i] += ci[c]));
+        let [to_n, ho, wo] = g.out;
+        let [kt, kh, kw] = g.k;
+        let (c, k) = (g.c, g.cols());
+        let frame = g.h * g.w * c;
+        let block = ho * wo * k;
+        let mut out = vec![T::zero(); g.rows() * k];
+        out.par_chunks_mut(block).enumerate().for_each(|(bt, o)| {
+            let (b, to) = (bt / to_n, bt % to_n);
+            for a in 0..kt {
+                let Some(t) = g.frame(to, a) else { continue };
+                let xf = &x[(b * g.t + t) * frame..][..frame];
+                for oy in 0..ho {
+                    for p in 0..kh {
+                        let Some(iy) = g.coord(1, oy, p) else {
+                            continue;
+                        };
+                        for ox in 0..wo {
+                            let row = &mut o[(oy * wo + ox) * k..][..k];
+                            for q in 0..kw {
+                                let Some(ix) = g.coord(2, ox, q) else {
+                                    continue;
+                                };
+                                let at = ((a * kh + p) * kw + q) * c;
+                                row[at..at + c].copy_from_slice(&xf[(iy * g.w + ix) * c..][..c]);
+                            }
+                        }
+                    }
+                }
+            }
+        });
         out
     }
 }
 
-impl CustomOp1 for Col2Im {
+impl CustomOp1 for Vol2Col {
     fn name(&self) -> &'static str {
-        "vdg-col2im"
+        "vdg-vol2col"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let n = l.dims()[0];
-        let shape = Shape::from((n, self.0.c, self.0.h, self.0.w));
-        let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(self.run(contiguous(v, l, "col2im")?, n)),
-            CpuStorage::F64(v) => CpuStorage::F64(self.run(contiguous(v, l, "col2im")?, n)),
-            other => candle_core::bail!("col2im: unsupported dtype {:?}", other.dtype()),
-        };
-        Ok((out, shape))
+        let g = self.0;
+        if l.shape().elem_count() != g.b * g.t * g.h * g.w * g.c {
+            candle_core::bail!("vol2col: input {:?} does not match {g:?}", l.dims());
+        }
+        let shape = Shape::from((g.rows(), g.cols()));
+        Ok((dispatch!(s, l, "vol2col", |v| self.run(v)), shape))
     }
+}
+
+/// The same columns transposed, `[kt*kh*kw*C, B*To*Ho*Wo]`, straight from the channels-first
+/// input `x [B, T, C, H, W]`: the layout in which the kernel gradient `cols^T x rows` runs as
+/// fast as the forward product (with `[R, K]` columns, that product's long inner dimension
+/// made it about twice as slow; BENCHMARKS.md). Each row reads runs of one input row.
+#[derive(Debug, Clone, Copy)]
+pub struct Vol2ColT(pub Geometry);
+
+impl Vol2ColT {
+    fn run<T: WithDType>(&self, x: &[T]) -> Vec<T> {
+        let g = self.0;
+        let [to_n, ho, wo] = g.out;
+        let [_, kh, kw] = g.k;
+        let (c, r) = (g.c, g.rows());
+        let (plane, frame) = (g.h * g.w, g.c * g.h * g.w);
+        let mut out = vec![T::zero(); g.cols() * r];
+        out.par_chunks_mut(r).enumerate().for_each(|(k, o)| {
+            let (a, p, q, ci) = (k / (kh * kw * c), k / (kw * c) % kh, k / c % kw, k % c);
+            for b in 0..g.b {
+                for to in 0..to_n {
+                    let Some(t) = g.frame(to, a) else { continue };
+                    let xp = &x[(b * g.t + t) * frame + ci * plane..][..plane];
+                    let ob = &mut o[(b * to_n + to) * ho * wo..][..ho * wo];
+                    for oy in 0..ho {
+                        let Some(iy) = g.coord(1, oy, p) else {
+                            continue;
+                        };
+                        let xr = &xp[iy * g.w..][..g.w];
+                        let orow = &mut ob[oy * wo..][..wo];
+                        // The outputs whose tap lands inside the row: a strided copy.
+                        let (s, off) = (
+                            g.stride[2],
+                            (q * g.dilation[2]) as isize - g.padding[2] as isize,
+                        );
+                        let lo = if off >= 0 {
+                            0
+                        } else {
+                            (-off as usize).div_ceil(s)
+                        };
+                        let hi = if (g.w as isize) > off {
+                            ((g.w as isize - off - 1) as usize / s + 1).min(wo)
+                        } else {
+                            0
+                        };
+                        if lo < hi {
+                            let first = (lo * s) as isize + off;
+                            let src = xr[first as usize..].iter().step_by(s);
+                            for (v, &x) in orow[lo..hi].iter_mut().zip(src) {
+                                *v = x;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        out
+    }
+}
+
+impl CustomOp1 for Vol2ColT {
+    fn name(&self) -> &'static str {
+        "vdg-vol2col-t"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        if l.shape().elem_count() != g.b * g.t * g.c * g.h * g.w {
+            candle_core::bail!("vol2col-t: input {:?} does not match {g:?}", l.dims());
+        }
+        let shape = Shape::from((g.cols(), g.rows()));
+        Ok((dispatch!(s, l, "vol2col-t", |v| self.run(v)), shape))
+    }
+}
+
+/// The adjoint of [`Vol2Col`]: `cols [B*To*Ho*Wo, kt*kh*kw*C] -> [B, T, H, W, C]`, summing
+/// overlapping windows. Parallel over input frames, each gathering from the output frames
+/// whose windows reach it.
+#[derive(Debug, Clone, Copy)]
+pub struct Col2Vol(pub Geometry);
+
+impl Col2Vol {
+    fn run<T: WithDType>(&self, cols: &[T]) -> Vec<T> {
+        let g = self.0;
+        let [to_n, ho, wo] = g.out;
+        let [kt, kh, kw] = g.k;
+        let (c, k) = (g.c, g.cols());
+        let frame = g.h * g.w * c;
+        let mut out = vec![T::zero(); g.b * g.t * frame];
+        out.par_chunks_mut(frame).enumerate().for_each(|(bt, o)| {
+            let (b, t) = (bt / g.t, bt % g.t);
+            for to in 0..to_n {
+                for a in 0..kt {
+                    if g.frame(to, a) != Some(t) {
+                        continue;
+                    }
+                    let block = &cols[(b * to_n + to) * ho * wo * k..][..ho * wo * k];
+                    for oy in 0..ho {
+                        for p in 0..kh {
+                            let Some(iy) = g.coord(1, oy, p) else {
+                                continue;
+                            };
+                            for ox in 0..wo {
+                                let row = &block[(oy * wo + ox) * k..][..k];
+                                for q in 0..kw {
+                                    let Some(ix) = g.coord(2, ox, q) else {
+                                        continue;
+                                    };
+                                    let at = ((a * kh + p) * kw + q) * c;
+                                    let dst = &mut o[(iy * g.w + ix) * c..][..c];
+                                    for (d, s) in dst.iter_mut().zip(&row[at..at + c]) {
+                                        *d += *s;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        out
+    }
+}
+
+impl CustomOp1 for Col2Vol {
+    fn name(&self) -> &'static str {
+        "vdg-col2vol"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        if l.dims() != [g.rows(), g.cols()] {
+            candle_core::bail!("col2vol: input {:?} does not match {g:?}", l.dims());
+        }
+        let shape = Shape::from((g.b * g.t * g.h * g.w, g.c));
+        Ok((dispatch!(s, l, "col2vol", |v| self.run(v)), shape))
+    }
+}
+
+/// The whole convolution as one operation with its own gradient, so that candle's autograd
+/// sees only the inputs (`x`, the permuted kernel, the bias) and the output: no intermediate
+/// tensor (the columns, the GEMM's output rows) is kept for the backward pass or gets the
+/// zero-filled gradient buffer and extra addition candle gives every node. The backward pass
+/// recomputes the columns from `x` (one memory pass, cheaper than keeping 9-27 copies of the
+/// input alive), and skips the gradient of an argument that is not tracked (a network's
+/// first layer on images; the ascent passes of ADA on a detached twin).
+#[derive(Debug, Clone, Copy)]
+struct Convolution(Geometry);
+
+impl Convolution {
+    fn transpose_in(&self) -> FrameTranspose {
+        FrameTranspose {
+            rows: self.0.c,
+            cols: self.0.h * self.0.w,
+        }
+    }
+
+    fn fwd<T: WithDType>(
+        &self,
+        x: &[T],
+        wk: &[T],
+        bias: Option<&[T]>,
+        co: usize,
+    ) -> candle_core::Result<Vec<T>> {
+        let g = self.0;
+        let cols = Vol2Col(g).run(&self.transpose_in().run(x));
+        let dev = candle_core::Device::Cpu;
+        let cols = Tensor::from_vec(cols, (g.rows(), g.cols()), &dev)?;
+        let wk = Tensor::from_slice(wk, (co, g.cols()), &dev)?;
+        let y = cols.matmul(&wk.t()?)?;
+        let (storage, layout) = y.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("convolution: the product left the CPU")
+        };
+        let y = contiguous(cpu.as_slice::<T>()?, layout, "convolution")?;
+        let [_, ho, wo] = g.out;
+        let mut out = FrameTranspose {
+            rows: ho * wo,
+            cols: co,
+        }
+        .run(y);
+        if let Some(bias) = bias {
+            out.par_chunks_mut(ho * wo * co).for_each(|frame| {
+                for (plane, &b) in frame.chunks_mut(ho * wo).zip(bias) {
+                    plane.iter_mut().for_each(|v| *v += b);
+                }
+            });
+        }
+        Ok(out)
+    }
+
+    fn check(&self, x: &Layout, wk: &Layout) -> candle_core::Result<usize> {
+        let g = self.0;
+        let co = wk.dims()[0];
+        if x.shape().elem_count() != g.b * g.t * g.c * g.h * g.w || wk.dims() != [co, g.cols()] {
+            candle_core::bail!(
+                "convolution: inputs {:?} and {:?} do not match {g:?}",
+                x.dims(),
+                wk.dims()
+            );
+        }
+        Ok(co)
+    }
+
+    fn shape(&self, co: usize) -> Shape {
+        let [to, ho, wo] = self.0.out;
+        Shape::from((self.0.b, to, co, ho, wo))
+    }
+
+    fn run(
+        &self,
+        (s1, l1): (&CpuStorage, &Layout),
+        (s2, l2): (&CpuStorage, &Layout),
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let co = self.check(l1, l2)?;
+        const WHAT: &str = "convolution";
+        let out = match (s1, s2, bias) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), b) => {
+                let b = match b {
+                    Some((CpuStorage::F32(b), l)) => Some(contiguous(b, l, WHAT)?),
+                    Some(_) => candle_core::bail!("{WHAT}: bias dtype differs"),
+                    None => None,
+                };
+                CpuStorage::F32(self.fwd(
+                    contiguous(x, l1, WHAT)?,
+                    contiguous(w, l2, WHAT)?,
+                    b,
+                    co,
+                )?)
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), b) => {
+                let b = match b {
+                    Some((CpuStorage::F64(b), l)) => Some(contiguous(b, l, WHAT)?),
+                    Some(_) => candle_core::bail!("{WHAT}: bias dtype differs"),
+                    None => None,
+                };
+                CpuStorage::F64(self.fwd(
+                    contiguous(x, l1, WHAT)?,
+                    contiguous(w, l2, WHAT)?,
+                    b,
+                    co,
+                )?)
+            }
+            (x, w, _) => candle_core::bail!(
+                "{WHAT}: unsupported dtypes {:?} and {:?}",
+                x.dtype(),
+                w.dtype()
+            ),
+        };
+        Ok((out, self.shape(co)))
+    }
+
+    /// Gradients of `x`, the kernel and (with `bias`) the bias, each only when tracked.
+    fn grads(
+        &self,
+        x: &Tensor,
+        wk: &Tensor,
+        bias: Option<&Tensor>,
+        grad: &Tensor,
+    ) -> candle_core::Result<[Option<Tensor>; 3]> {
+        let g = self.0;
+        let co = wk.dim(0)?;
+        let [to, ho, wo] = g.out;
+        // The output gradient as GEMM rows [B*To*Ho*Wo, C_out].
+        let rows = grad
+            .detach()
+            .contiguous()?
+            .reshape((g.b * to, co, ho * wo))?
+            .apply_op1_no_bwd(&FrameTranspose {
+                rows: co,
+                cols: ho * wo,
+            })?
+            .reshape((g.rows(), co))?;
+        let dx = if x.track_op() {
+            let dx = rows
+                .matmul(&wk.detach())?
+                .apply_op1_no_bwd(&Col2Vol(g))?
+                .reshape((g.b * g.t, g.h * g.w, g.c))?
+                .apply_op1_no_bwd(&FrameTranspose {
+                    rows: g.h * g.w,
+                    cols: g.c,
+                })?;
+            Some(dx.reshape(x.shape())?)
+        } else {
+            None
+        };
+        let dw = if wk.track_op() {
+            // [K, R] x [R, C_out], transposed back to the kernel's [C_out, K].
+            let cols_t = x.detach().contiguous()?.apply_op1_no_bwd(&Vol2ColT(g))?;
+            Some(cols_t.matmul(&rows)?.t()?.contiguous()?)
+        } else {
+            None
+        };
+        let db = match bias {
+            Some(b) if b.track_op() => Some(rows.sum(0)?),
+            _ => None,
+        };
+        Ok([dx, dw, db])
+    }
+}
+
+impl candle_core::CustomOp2 for Convolution {
+    fn name(&self) -> &'static str {
+        "vdg-convolution"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.run((s1, l1), (s2, l2), None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        wk: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let [dx, dw, _] = self.grads(x, wk, None, grad)?;
+        Ok((dx, dw))
+    }
+}
+
+impl candle_core::CustomOp3 for Convolution {
+    fn name(&self) -> &'static str {
+        "vdg-convolution-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if l3.dims() != [l2.dims()[0]] {
+            candle_core::bail!("convolution: bias {:?} for {:?}", l3.dims(), l2.dims());
+        }
+        self.run((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        wk: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [dx, dw, db] = self.grads(x, wk, Some(bias), grad)?;
+        Ok((dx, dw, db))
+    }
+}
+
+/// A convolution through the lowering: `x [B, T, C, H, W]`, `w [C_out, C, kt, kh, kw]`,
+/// optional `bias [C_out]` -> `[B, To, C_out, Ho, Wo]` (the geometry's output).
+/// CPU, float32 or float64, any layouts.
+pub fn conv(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    g: Geometry,
+) -> crate::error::Result<Tensor> {
+    let co = w.dim(0)?;
+    // The kernel in the columns' order (a, p, q, c).
+    let wk = w
+        .permute((0, 2, 3, 4, 1))?
+        .contiguous()?
+        .reshape((co, g.cols()))?;
+    let x = x.contiguous()?;
+    Ok(match bias {
+        Some(b) => x.apply_op3(&wk, &b.contiguous()?, Convolution(g))?,
+        None => x.apply_op2(&wk, Convolution(g))?,
+    })
 }

@@ -49,6 +49,7 @@ pub mod im2col;
 pub mod image_ada;
 pub mod init;
 pub mod loader;
+pub mod memcheck;
 pub mod models;
 pub mod nn;
 pub mod nn3d;

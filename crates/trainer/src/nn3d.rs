@@ -13,10 +13,12 @@
 //! `[C_out, C_in, kt, kh, kw]`, so 3-D checkpoints with the usual names load unchanged.
 //!
 //! # Convolution
-//! `y[:, t] = sum_i conv2d(x_pad[:, t*st + i*dt], w[:, :, i])`: one `conv2d` per temporal tap
-//! on the strided temporal slice of the zero-padded input, summed. Spatial stride and
-//! dilation must be equal along height and width (as in every network here); spatial padding
-//! may differ.
+//! On the CPU (float32/float64) every kernel larger than 1x1x1 is one matrix product over a
+//! channels-last lowering with hand-written gradients ([`crate::im2col`]). Elsewhere, and for
+//! pointwise kernels, `y[:, t] = sum_i conv2d(x_pad[:, t*st + i*dt], w[:, :, i])`: one `conv2d`
+//! per temporal tap on the strided temporal slice of the zero-padded input, summed; there
+//! spatial stride and dilation must be equal along height and width (as in every network
+//! here); spatial padding may differ.
 //!
 //! # Pooling
 //! Max and average pooling are separable: a 1-D pool along time, then height, then width,
@@ -163,6 +165,28 @@ pub fn conv3d(x: &Tensor, w: &Tensor, cfg: &Conv3dConfig) -> Result<Tensor> {
     let [st, sh, sw] = cfg.stride;
     let [pt, ph, pw] = cfg.padding;
     let [dt, dh, dw] = cfg.dilation;
+    if autocast_dtype().is_some_and(|d| d != x.dtype()) && x.dtype() == DType::F32 {
+        return autocast_conv(x, w, |x, w| conv3d(x, w, cfg));
+    }
+    if (kt, kh, kw) != (1, 1, 1) && lowers(x) {
+        let g = crate::im2col::Geometry {
+            b,
+            t,
+            c,
+            h,
+            w: wd,
+            k: [kt, kh, kw],
+            stride: cfg.stride,
+            padding: cfg.padding,
+            dilation: cfg.dilation,
+            out: [
+                out_len(t, kt, st, pt, dt)?,
+                out_len(h, kh, sh, ph, dh)?,
+                out_len(wd, kw, sw, pw, dw)?,
+            ],
+        };
+        return crate::im2col::conv(x, w, None, g);
+    }
     if sh != sw || dh != dw {
         return Err(Error::Config(format!(
             "conv3d: spatial stride {sh}x{sw} and dilation {dh}x{dw} must be equal along \
@@ -207,9 +231,8 @@ pub fn conv3d(x: &Tensor, w: &Tensor, cfg: &Conv3dConfig) -> Result<Tensor> {
 /// kernel gradient as a convolution with an `H x W` kernel and reached about a fifth of its
 /// GEMM speed on ResNet layers (BENCHMARKS.md). A 1x1 kernel is a matrix product (after
 /// subsampling for a stride); larger kernels on the CPU are lowered by [`crate::im2col`]
-/// (hand-written loops: the same lowering from candle's strided copies was slower than
-/// candle's `conv2d`). Other devices use candle's `conv2d`, with a guard against its
-/// non-square gradient bug.
+/// (channels-last columns, hand-written gradients). Other devices use candle's `conv2d`,
+/// with a guard against its non-square gradient bug.
 pub fn conv2d(
     x: &Tensor,
     w: &Tensor,
@@ -246,7 +269,7 @@ pub fn conv2d_bias(
         }
     };
     let (co, ci, kh, kw) = w.dims4()?;
-    if (kh != 1 || kw != 1) && x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+    if (kh != 1 || kw != 1) && lowers(x) {
         let (n, c, h, wd) = x.dims4()?;
         if c != ci {
             return Err(Error::Config(format!(
@@ -254,29 +277,30 @@ pub fn conv2d_bias(
             )));
         }
         let g = crate::im2col::Geometry {
+            b: n,
+            t: 1,
             c,
             h,
             w: wd,
-            kh,
-            kw,
-            stride,
-            padding,
-            dilation,
-            ho: out_len(h, kh, stride, padding, dilation)?,
-            wo: out_len(wd, kw, stride, padding, dilation)?,
+            k: [1, kh, kw],
+            stride: [1, stride, stride],
+            padding: [0, padding, padding],
+            dilation: [1, dilation, dilation],
+            out: [
+                1,
+                out_len(h, kh, stride, padding, dilation)?,
+                out_len(wd, kw, stride, padding, dilation)?,
+            ],
         };
-        let k = ci * kh * kw;
-        let cols = x.contiguous()?.apply_op1(crate::im2col::Im2Col(g))?;
+        let [_, ho, wo] = g.out;
         // One GEMM for the batch: [N*Ho*Wo, K] x [K, C_out], then back to channels-first.
-        let y = cols
-            .reshape((n * g.ho * g.wo, k))?
-            .matmul(&w.reshape((co, k))?.t()?)?;
-        let y = rows_bias(y)?;
-        let y = y
-            .reshape((n, g.ho * g.wo, co))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        return Ok(y.reshape((n, co, g.ho, g.wo))?);
+        let y = crate::im2col::conv(
+            &x.reshape((n, 1, c, h, wd))?,
+            &w.reshape((co, ci, 1, kh, kw))?,
+            bias,
+            g,
+        )?;
+        return Ok(y.reshape((n, co, ho, wo))?);
     }
     if kh != 1 || kw != 1 {
         // candle 0.11's conv2d backward derives the transposed convolution's output padding
@@ -329,6 +353,11 @@ pub fn conv2d_bias(
         .reshape((n * ho * wo, c))?;
     let y = rows_bias(rows.matmul(&w2.t()?)?)?.reshape((n, ho * wo, co))?;
     Ok(y.transpose(1, 2)?.contiguous()?.reshape((n, co, ho, wo))?)
+}
+
+/// Whether a convolution of `x` goes through [`crate::im2col`]: float32 or float64 on the CPU.
+fn lowers(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
 /// `y [N, C, H, W] + b [C]` per channel.
@@ -597,7 +626,7 @@ mod tests {
         }
     }
 
-    const CASES: [Conv3dConfig; 4] = [
+    const CASES: [Conv3dConfig; 5] = [
         Conv3dConfig {
             stride: [1, 1, 1],
             padding: [0, 0, 0],
@@ -617,6 +646,12 @@ mod tests {
             stride: [3, 1, 1],
             padding: [1, 2, 2],
             dilation: [1, 2, 2],
+        },
+        // Height and width differ in stride and dilation (the CPU lowering allows it).
+        Conv3dConfig {
+            stride: [1, 2, 1],
+            padding: [1, 2, 1],
+            dilation: [1, 1, 2],
         },
     ];
 
@@ -690,6 +725,34 @@ mod tests {
             &want,
             "1x1x1 stride 2",
         );
+    }
+
+    #[test]
+    fn a_convolution_with_bias_has_its_gradients() {
+        let dev = Device::Cpu;
+        let x = seeded_randn(&[3, 4, 6, 5], 70, DType::F64, &dev).unwrap();
+        let w = seeded_randn(&[2, 4, 3, 3], 71, DType::F64, &dev).unwrap();
+        let b = seeded_randn(&[2], 72, DType::F64, &dev).unwrap();
+        let want = (conv2d(&x, &w, 1, 2, 1).unwrap()
+            + b.reshape((1, 2, 1, 1))
+                .unwrap()
+                .broadcast_as((3, 2, 3, 3))
+                .unwrap())
+        .unwrap();
+        let got = conv2d_bias(&x, &w, Some(&b), 1, 2, 1).unwrap();
+        assert_close(&vec(&got), &vec(&want), "bias");
+        for (what, shape, seed) in [("bias", vec![2], 73), ("input", vec![3, 4, 6, 5], 74)] {
+            let err = check_input_gradient(&shape, seed, 20, &|v| {
+                let y = if what == "bias" {
+                    conv2d_bias(&x, &w, Some(v), 1, 2, 1)?
+                } else {
+                    conv2d_bias(v, &w, Some(&b), 1, 2, 1)?
+                };
+                project(&y, 75)
+            })
+            .unwrap();
+            assert!(err < 1e-6, "{what} gradient: {err}");
+        }
     }
 
     #[test]

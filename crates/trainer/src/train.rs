@@ -589,6 +589,26 @@ pub fn train_with(
             &device,
         )
     };
+    if train_set.feature_dim.is_none() && device.is_cpu() {
+        // Before any member trains: a throw-away copy of the model (the probe moves its
+        // BatchNorm statistics and random streams; each member re-seeds its own).
+        let (_, probe) = build(cfg, classes, Streams::of(cfg.seed, 0), None, &device)?;
+        let clips_per_update = match &method {
+            AdaMethod::Video {
+                targets,
+                minimisation: Minimisation::Joint,
+            } => 1 + targets.len(),
+            _ => 1,
+        };
+        let plan = crate::memcheck::Plan {
+            batch: cfg.batch_size,
+            clips_per_update,
+            frames: sampling.frames(),
+            size: cfg.input_size,
+            in_flight: 2,
+        };
+        crate::memcheck::check(&probe, plan, &spec.out.display().to_string())?;
+    }
     let mut member_probs: Vec<BTreeMap<String, Vec<Vec<f32>>>> = Vec::new();
     let mut members = Vec::new();
     for (index, gamma) in cfg.members().into_iter().enumerate() {

@@ -91,14 +91,11 @@ impl ModuleT for SmallCnn {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let mut x = x.clone();
         for (conv, bn) in &self.convs {
-            let y = match crate::nn3d::autocast_dtype() {
-                // Mixed precision: the convolution in bf16/f16, BatchNorm in float32.
-                Some(dt) if dt != x.dtype() && x.dtype() == candle_core::DType::F32 => x
-                    .to_dtype(dt)?
-                    .conv2d(&conv.weight().to_dtype(dt)?, 1, 2, 1, 1)?
-                    .to_dtype(x.dtype())?,
-                _ => conv.forward(&x)?,
-            };
+            // Through nn3d (CPU: the im2col lowering; mixed precision: the convolution in
+            // bf16/f16, BatchNorm in float32).
+            let cfg = conv.config();
+            let y = crate::nn3d::conv2d(&x, conv.weight(), cfg.padding, cfg.stride, 1)
+                .map_err(candle_core::Error::wrap)?;
             x = bn.forward_t(&y, train)?.relu()?;
         }
         // Average over a 2x2 grid of cells (the last cells absorb odd remainders).
