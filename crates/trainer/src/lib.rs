@@ -38,6 +38,7 @@
 //! ```
 
 pub mod ada;
+pub mod batchnorm;
 pub mod checkpoint;
 pub mod devcheck;
 pub mod device;

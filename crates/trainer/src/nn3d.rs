@@ -423,7 +423,7 @@ pub fn conv3d_no_bias(
 /// training: PyTorch's `BatchNorm3d`).
 pub fn batch_norm_frames(bn: &candle_nn::BatchNorm, x: &Tensor, train: bool) -> Result<Tensor> {
     let (b, t, c, h, w) = x.dims5()?;
-    let y = candle_core::ModuleT::forward_t(bn, &x.reshape((b * t, c, h, w))?, train)?;
+    let y = crate::batchnorm::forward(bn, &x.reshape((b * t, c, h, w))?, train)?;
     Ok(y.reshape((b, t, c, h, w))?)
 }
 
@@ -486,10 +486,150 @@ pub fn pool3d(
 
 /// 2-D max pooling of `[N, C, H, W]` with overlapping windows and a gradient (ResNet's stem:
 /// `k = 3, stride = 2, pad = 1`).
+///
+/// On the CPU (float32/float64) one custom op whose backward recomputes each window's
+/// maximum from the input ([`MaxPool2d`]): the separable form below keeps padded copies and
+/// strided slices of the activation for backward, about five activation-sized tensors on the
+/// largest map of a ResNet (BENCHMARKS.md, "Training memory").
 pub fn max_pool2d(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<Tensor> {
-    x.dims4()?;
+    let (_, _, h, w) = x.dims4()?;
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        let op = MaxPool2d {
+            k,
+            stride,
+            pad,
+            h,
+            w,
+            ho: out_len(h, k, stride, pad, 1)?,
+            wo: out_len(w, k, stride, pad, 1)?,
+        };
+        return Ok(x.contiguous()?.apply_op1(op)?);
+    }
     let x = pool1d(x, 2, k, stride, pad, Pool::Max)?;
     pool1d(&x, 3, k, stride, pad, Pool::Max)
+}
+
+/// 2-D max pooling of contiguous `[N, C, H, W]` planes, padding ignored (PyTorch's `-inf`);
+/// the gradient goes to the first maximum of each window in row-major order.
+#[derive(Debug, Clone, Copy)]
+pub struct MaxPool2d {
+    k: usize,
+    stride: usize,
+    pad: usize,
+    h: usize,
+    w: usize,
+    ho: usize,
+    wo: usize,
+}
+
+impl MaxPool2d {
+    /// Input rows (or columns) of output `o`'s window, clipped to `0..len`.
+    fn span(&self, o: usize, len: usize) -> std::ops::Range<usize> {
+        let start = (o * self.stride) as isize - self.pad as isize;
+        let end = (start + self.k as isize).min(len as isize);
+        start.max(0) as usize..end.max(0) as usize
+    }
+
+    /// Calls `f(output index, input index of the window's maximum)` for one plane.
+    fn each<T: candle_core::WithDType>(&self, plane: &[T], mut f: impl FnMut(usize, usize)) {
+        for oy in 0..self.ho {
+            let rows = self.span(oy, self.h);
+            for ox in 0..self.wo {
+                let cols = self.span(ox, self.w);
+                let mut best: Option<(usize, T)> = None;
+                for iy in rows.clone() {
+                    for ix in cols.clone() {
+                        let at = iy * self.w + ix;
+                        let v = plane[at];
+                        if best.is_none_or(|(_, b)| v > b) {
+                            best = Some((at, v));
+                        }
+                    }
+                }
+                if let Some((at, _)) = best {
+                    f(oy * self.wo + ox, at);
+                }
+            }
+        }
+    }
+
+    fn fwd<T: candle_core::WithDType>(&self, x: &[T]) -> Vec<T> {
+        use rayon::prelude::*;
+        let (inp, out) = (self.h * self.w, self.ho * self.wo);
+        let mut y = vec![T::zero(); x.len() / inp.max(1) * out];
+        y.par_chunks_mut(out.max(1))
+            .zip(x.par_chunks(inp.max(1)))
+            .for_each(|(yo, xi)| self.each(xi, |o, i| yo[o] = xi[i]));
+        y
+    }
+
+    fn bwd<T: candle_core::WithDType>(&self, x: &[T], dy: &[T]) -> Vec<T> {
+        use rayon::prelude::*;
+        let (inp, out) = (self.h * self.w, self.ho * self.wo);
+        let mut dx = vec![T::zero(); x.len()];
+        dx.par_chunks_mut(inp.max(1))
+            .zip(x.par_chunks(inp.max(1)).zip(dy.par_chunks(out.max(1))))
+            .for_each(|(d, (xi, g))| self.each(xi, |o, i| d[i] += g[o]));
+        dx
+    }
+}
+
+impl candle_core::CustomOp1 for MaxPool2d {
+    fn name(&self) -> &'static str {
+        "vdg-max-pool2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage as S;
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("max pool: input must be contiguous")
+        };
+        let d = l.dims();
+        let shape = candle_core::Shape::from((d[0], d[1], self.ho, self.wo));
+        let out = match s {
+            S::F32(v) => S::F32(self.fwd(&v[a..b])),
+            S::F64(v) => S::F64(self.fwd(&v[a..b])),
+            _ => candle_core::bail!("max pool: unsupported dtype"),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let grad = grad.detach().contiguous()?;
+        let (xs, xl) = x.storage_and_layout();
+        let (gs, gl) = grad.storage_and_layout();
+        let (candle_core::Storage::Cpu(xs), candle_core::Storage::Cpu(gs)) = (&*xs, &*gs) else {
+            candle_core::bail!("max pool: tensors left the CPU")
+        };
+        let (Some((xa, xb)), Some((ga, gb))) = (xl.contiguous_offsets(), gl.contiguous_offsets())
+        else {
+            candle_core::bail!("max pool: tensors must be contiguous")
+        };
+        let dev = x.device();
+        let dx = match x.dtype() {
+            DType::F32 => Tensor::from_vec(
+                self.bwd(
+                    &xs.as_slice::<f32>()?[xa..xb],
+                    &gs.as_slice::<f32>()?[ga..gb],
+                ),
+                x.shape(),
+                dev,
+            )?,
+            _ => Tensor::from_vec(
+                self.bwd(
+                    &xs.as_slice::<f64>()?[xa..xb],
+                    &gs.as_slice::<f64>()?[ga..gb],
+                ),
+                x.shape(),
+                dev,
+            )?,
+        };
+        Ok(Some(dx))
+    }
 }
 
 #[cfg(test)]
@@ -796,12 +936,29 @@ mod tests {
                 assert!(err < 1e-5, "{kind:?} {k:?}: relative error {err}");
             }
         }
-        // The 2-D stem pool (overlapping windows) has a gradient, unlike candle's.
+        // The 2-D stem pool (overlapping windows) has a gradient, unlike candle's, and equals
+        // the separable max pool on 1-frame clips.
         let err = check_input_gradient(&[2, 3, 9, 8], 10, 40, &|x| {
             project(&max_pool2d(x, 3, 2, 1)?, 11)
         })
         .unwrap();
         assert!(err < 1e-5, "max_pool2d: relative error {err}");
+        for (k, s, p) in [(3, 2, 1), (2, 2, 0), (3, 1, 1), (3, 3, 0)] {
+            let x = seeded_randn(&[2, 3, 9, 8], 12, DType::F64, &dev).unwrap();
+            let want = naive_pool(
+                &vec(&x),
+                [2, 1, 3, 9, 8],
+                [1, k, k],
+                [1, s, s],
+                [0, p, p],
+                true,
+            );
+            assert_close(
+                &vec(&max_pool2d(&x, k, s, p).unwrap()),
+                &want,
+                &format!("max_pool2d {k} {s} {p}"),
+            );
+        }
     }
 
     #[test]

@@ -607,7 +607,7 @@ pub fn train_with(
             size: cfg.input_size,
             in_flight: 2,
         };
-        crate::memcheck::check(&probe, plan, &spec.out.display().to_string())?;
+        crate::memcheck::check(&probe, plan)?;
     }
     let mut member_probs: Vec<BTreeMap<String, Vec<Vec<f32>>>> = Vec::new();
     let mut members = Vec::new();

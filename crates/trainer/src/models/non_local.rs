@@ -14,7 +14,7 @@
 //! Parameters: `layerN.K.nonlocal.{theta,phi,g,w}.{weight,bias}`, `...nonlocal.zero_bn.*`;
 //! they are new, so loading ImageNet or I3D weights leaves them at their initialisation.
 
-use candle_core::{ModuleT, Tensor};
+use candle_core::Tensor;
 use candle_nn::{BatchNorm, VarBuilder, batch_norm};
 
 use super::ModelConfig;
@@ -97,7 +97,7 @@ impl NonLocalBlock {
             .permute((0, 1, 4, 2, 3))?
             .contiguous()?;
         let z = self.w.forward(&y)?.reshape((b * t, c, h, w))?;
-        let z = self.bn.forward_t(&z, train)?.reshape((b, t, c, h, w))?;
+        let z = crate::batchnorm::forward(&self.bn, &z, train)?.reshape((b, t, c, h, w))?;
         Ok((z + x)?)
     }
 }

@@ -96,7 +96,9 @@ impl ModuleT for SmallCnn {
             let cfg = conv.config();
             let y = crate::nn3d::conv2d(&x, conv.weight(), cfg.padding, cfg.stride, 1)
                 .map_err(candle_core::Error::wrap)?;
-            x = bn.forward_t(&y, train)?.relu()?;
+            x = crate::batchnorm::forward(bn, &y, train)
+                .map_err(candle_core::Error::wrap)?
+                .relu()?;
         }
         // Average over a 2x2 grid of cells (the last cells absorb odd remainders).
         let (n, c, h, w) = x.dims4()?;

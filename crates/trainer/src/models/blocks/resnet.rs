@@ -48,7 +48,8 @@ fn apply(c: &Conv2d, x: &Tensor) -> candle_core::Result<Tensor> {
 /// (on `[8, 256, 56, 56]` those cost about as much as a 1x1 convolution; BENCHMARKS.md).
 fn conv_bn(c: &Conv2d, b: &BatchNorm, x: &Tensor, fold: bool) -> candle_core::Result<Tensor> {
     if !fold {
-        return b.forward_t(&apply(c, x)?, false);
+        return crate::batchnorm::forward(b, &apply(c, x)?, false)
+            .map_err(candle_core::Error::wrap);
     }
     let s = (b.running_var() + b.eps())?.sqrt()?.recip()?;
     let (s, shift) = match b.weight_and_bias() {
@@ -220,7 +221,8 @@ impl ResNet {
         // Inference folds every BatchNorm into its convolution; training keeps them (the
         // stem's BatchNorm trains, and the folded form's gradients cost more in candle).
         let x = if train {
-            self.bn1.forward_t(&apply(&self.conv1, x)?, true)?
+            crate::batchnorm::forward(&self.bn1, &apply(&self.conv1, x)?, true)
+                .map_err(candle_core::Error::wrap)?
         } else {
             conv_bn(&self.conv1, &self.bn1, x, true)?
         }

@@ -1,0 +1,371 @@
+//! BatchNorm as one candle custom operation with a closed-form backward, on the CPU.
+//!
+//! candle-nn's `BatchNorm` is built from broadcast operations: in training a transposed copy,
+//! the centred input, its square, the normalised input, the scaled and the shifted one, six
+//! tensors the size of the activation that autograd keeps until backward ends (candle keeps
+//! every node of the graph alive for the whole backward pass). On a ResNet that made a
+//! training step need several times PyTorch's memory (BENCHMARKS.md, "Training memory"). Here
+//! the normalisation is one node that keeps only its input: the statistics are computed
+//! first (one read pass, no graph), and the backward pass recomputes the normalised input
+//! from them:
+//!
+//! `dbeta = sum dy`, `dgamma = sum dy * xhat`,
+//! `dx = gamma * invstd / M * (M * dy - dbeta - xhat * dgamma)` (batch statistics, `M` values
+//! per channel), or `dx = dy * gamma * invstd` on running statistics.
+//!
+//! Running statistics are updated like candle-nn's (and PyTorch's): momentum-weighted, the
+//! variance unbiased. Other devices and dtypes use candle-nn's `BatchNorm`.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, Var, WithDType};
+use candle_nn::BatchNorm;
+use rayon::prelude::*;
+
+use crate::error::Result;
+
+/// Per-channel statistics of `x [N, C, S]` (contiguous): means and biased variances.
+fn channel_stats<T: WithDType>(x: &[T], n: usize, c: usize, s: usize) -> (Vec<f64>, Vec<f64>) {
+    (0..c)
+        .into_par_iter()
+        .map(|ci| {
+            let (mut sum, mut sq) = (0.0f64, 0.0f64);
+            for ni in 0..n {
+                for v in &x[(ni * c + ci) * s..][..s] {
+                    let v = v.to_f64();
+                    sum += v;
+                    sq += v * v;
+                }
+            }
+            let m = (n * s) as f64;
+            let mean = sum / m;
+            (mean, (sq / m - mean * mean).max(0.0))
+        })
+        .unzip()
+}
+
+/// The normalisation with fixed per-channel `mean` and `invstd` (batch or running statistics),
+/// then `gamma`, `beta`.
+#[derive(Debug, Clone)]
+struct Normalize {
+    mean: Vec<f64>,
+    invstd: Vec<f64>,
+    /// Whether `mean`/`invstd` are the batch's own (their gradient then flows back into `x`).
+    batch_stats: bool,
+}
+
+fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
+        None => candle_core::bail!("batch norm: input must be contiguous"),
+    }
+}
+
+impl Normalize {
+    fn dims(l: &Layout) -> (usize, usize, usize) {
+        let d = l.dims();
+        (d[0], d[1], d[2..].iter().product())
+    }
+
+    fn fwd<T: WithDType>(
+        &self,
+        x: &[T],
+        g: &[T],
+        b: &[T],
+        (n, c, s): (usize, usize, usize),
+    ) -> Vec<T> {
+        let mut out = vec![T::zero(); x.len()];
+        out.par_chunks_mut(s)
+            .zip(x.par_chunks(s))
+            .enumerate()
+            .for_each(|(i, (o, xi))| {
+                let ci = i % c;
+                let scale = self.invstd[ci] * g[ci].to_f64();
+                let shift = b[ci].to_f64() - self.mean[ci] * scale;
+                for (o, v) in o.iter_mut().zip(xi) {
+                    *o = T::from_f64(v.to_f64() * scale + shift);
+                }
+            });
+        let _ = n;
+        out
+    }
+
+    /// `(dx, dgamma, dbeta)` as vectors.
+    fn bwd<T: WithDType>(
+        &self,
+        x: &[T],
+        g: &[T],
+        dy: &[T],
+        (n, c, s): (usize, usize, usize),
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+        // Per channel: sum dy and sum dy * xhat.
+        let (dbeta, dgamma): (Vec<f64>, Vec<f64>) = (0..c)
+            .into_par_iter()
+            .map(|ci| {
+                let (mean, invstd) = (self.mean[ci], self.invstd[ci]);
+                let (mut sb, mut sg) = (0.0f64, 0.0f64);
+                for ni in 0..n {
+                    let at = (ni * c + ci) * s;
+                    for (d, v) in dy[at..at + s].iter().zip(&x[at..at + s]) {
+                        let d = d.to_f64();
+                        sb += d;
+                        sg += d * (v.to_f64() - mean) * invstd;
+                    }
+                }
+                (sb, sg)
+            })
+            .unzip();
+        let m = (n * s) as f64;
+        let mut dx = vec![T::zero(); x.len()];
+        dx.par_chunks_mut(s)
+            .zip(dy.par_chunks(s).zip(x.par_chunks(s)))
+            .enumerate()
+            .for_each(|(i, (o, (dyi, xi)))| {
+                let ci = i % c;
+                let (mean, invstd) = (self.mean[ci], self.invstd[ci]);
+                let k = g[ci].to_f64() * invstd;
+                if self.batch_stats {
+                    let (db, dg) = (dbeta[ci] / m, dgamma[ci] / m);
+                    for (o, (d, v)) in o.iter_mut().zip(dyi.iter().zip(xi)) {
+                        let xhat = (v.to_f64() - mean) * invstd;
+                        *o = T::from_f64(k * (d.to_f64() - db - xhat * dg));
+                    }
+                } else {
+                    for (o, d) in o.iter_mut().zip(dyi) {
+                        *o = T::from_f64(k * d.to_f64());
+                    }
+                }
+            });
+        let to = |v: Vec<f64>| v.into_iter().map(T::from_f64).collect::<Vec<T>>();
+        (dx, to(dgamma), to(dbeta))
+    }
+}
+
+impl CustomOp3 for Normalize {
+    fn name(&self) -> &'static str {
+        "vdg-batch-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = Self::dims(l1);
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(self.fwd(
+                slice::<f32>(s1, l1)?,
+                slice(s2, l2)?,
+                slice(s3, l3)?,
+                dims,
+            )),
+            DType::F64 => CpuStorage::F64(self.fwd(
+                slice::<f64>(s1, l1)?,
+                slice(s2, l2)?,
+                slice(s3, l3)?,
+                dims,
+            )),
+            other => candle_core::bail!("batch norm: unsupported dtype {other:?}"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.detach().contiguous()?;
+        let (dims, shape, dev) = (
+            Self::dims(x.layout()),
+            x.shape().clone(),
+            x.device().clone(),
+        );
+        let c = dims.1;
+        let (xs, xl) = x.storage_and_layout();
+        let (gs, gl) = gamma.storage_and_layout();
+        let (ds, dl) = grad.storage_and_layout();
+        let (
+            candle_core::Storage::Cpu(xs),
+            candle_core::Storage::Cpu(gs),
+            candle_core::Storage::Cpu(ds),
+        ) = (&*xs, &*gs, &*ds)
+        else {
+            candle_core::bail!("batch norm: tensors left the CPU")
+        };
+        let (dx, dg, db) = match x.dtype() {
+            DType::F32 => {
+                let (dx, dg, db) =
+                    self.bwd::<f32>(slice(xs, xl)?, slice(gs, gl)?, slice(ds, dl)?, dims);
+                (
+                    Tensor::from_vec(dx, shape, &dev)?,
+                    Tensor::from_vec(dg, c, &dev)?,
+                    Tensor::from_vec(db, c, &dev)?,
+                )
+            }
+            DType::F64 => {
+                let (dx, dg, db) =
+                    self.bwd::<f64>(slice(xs, xl)?, slice(gs, gl)?, slice(ds, dl)?, dims);
+                (
+                    Tensor::from_vec(dx, shape, &dev)?,
+                    Tensor::from_vec(dg, c, &dev)?,
+                    Tensor::from_vec(db, c, &dev)?,
+                )
+            }
+            other => candle_core::bail!("batch norm: unsupported dtype {other:?}"),
+        };
+        Ok((Some(dx), Some(dg), Some(db)))
+    }
+}
+
+/// `bn` applied to `x [N, C, ...]`: batch statistics (and a running-statistics update) when
+/// `train`, running statistics otherwise; same function as candle-nn's `forward_t`.
+pub fn forward(bn: &BatchNorm, x: &Tensor, train: bool) -> Result<Tensor> {
+    let fused =
+        x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.rank() >= 2;
+    let Some((gamma, beta)) = bn.weight_and_bias().filter(|_| fused) else {
+        return Ok(candle_core::ModuleT::forward_t(bn, x, train)?);
+    };
+    let x = x.contiguous()?;
+    let (n, c) = (x.dim(0)?, x.dim(1)?);
+    let s: usize = x.dims()[2..].iter().product();
+    let op = if train {
+        let (mean, var) = {
+            let (st, l) = x.storage_and_layout();
+            let candle_core::Storage::Cpu(cpu) = &*st else {
+                unreachable!("checked above: a CPU tensor")
+            };
+            match x.dtype() {
+                DType::F32 => channel_stats(slice::<f32>(cpu, l)?, n, c, s),
+                _ => channel_stats(slice::<f64>(cpu, l)?, n, c, s),
+            }
+        };
+        let m = (n * s) as f64;
+        let mom = bn.momentum();
+        let dt = bn.running_mean().dtype();
+        let dev = x.device();
+        let rm = ((bn.running_mean() * (1.0 - mom))?
+            + (Tensor::new(mean.as_slice(), dev)?.to_dtype(dt)? * mom)?)?;
+        let unbiased: Vec<f64> = var.iter().map(|v| v * m / (m - 1.0).max(1.0)).collect();
+        let rv = ((bn.running_var() * (1.0 - mom))?
+            + (Tensor::new(unbiased.as_slice(), dev)?.to_dtype(dt)? * mom)?)?;
+        Var::from_tensor(bn.running_mean())?.set(&rm)?;
+        Var::from_tensor(bn.running_var())?.set(&rv)?;
+        Normalize {
+            invstd: var.iter().map(|v| 1.0 / (v + bn.eps()).sqrt()).collect(),
+            mean,
+            batch_stats: true,
+        }
+    } else {
+        let rm = bn.running_mean().to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let rv = bn.running_var().to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        Normalize {
+            invstd: rv.iter().map(|v| 1.0 / (v + bn.eps()).sqrt()).collect(),
+            mean: rm,
+            batch_stats: false,
+        }
+    };
+    let gamma = gamma.to_dtype(x.dtype())?.contiguous()?;
+    let beta = beta.to_dtype(x.dtype())?.contiguous()?;
+    Ok(x.apply_op3(&gamma, &beta, op)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::{VarBuilder, VarMap, batch_norm};
+
+    use super::*;
+    use crate::gradcheck::{check_input_gradient, project};
+    use crate::init::seeded_randn;
+
+    fn bn(vm: &VarMap) -> BatchNorm {
+        let vb = VarBuilder::from_varmap(vm, DType::F64, &Device::Cpu);
+        let bn = batch_norm(3, 1e-5, vb).unwrap();
+        // Non-trivial affine parameters and running statistics.
+        let (g, b) = bn.weight_and_bias().unwrap();
+        Var::from_tensor(g)
+            .unwrap()
+            .set(&Tensor::new(&[1.5f64, -0.7, 0.3], &Device::Cpu).unwrap())
+            .unwrap();
+        Var::from_tensor(b)
+            .unwrap()
+            .set(&Tensor::new(&[0.2f64, 0.0, -1.1], &Device::Cpu).unwrap())
+            .unwrap();
+        Var::from_tensor(bn.running_mean())
+            .unwrap()
+            .set(&Tensor::new(&[0.1f64, -0.2, 0.5], &Device::Cpu).unwrap())
+            .unwrap();
+        Var::from_tensor(bn.running_var())
+            .unwrap()
+            .set(&Tensor::new(&[0.9f64, 2.0, 0.4], &Device::Cpu).unwrap())
+            .unwrap();
+        bn
+    }
+
+    fn values(t: &Tensor) -> Vec<f64> {
+        t.flatten_all().unwrap().to_vec1::<f64>().unwrap()
+    }
+
+    #[test]
+    fn equals_candles_batch_norm_and_its_running_statistics() {
+        let x = seeded_randn(&[4, 3, 5, 2], 1, DType::F64, &Device::Cpu).unwrap();
+        for train in [true, false] {
+            let (va, vb) = (VarMap::new(), VarMap::new());
+            let (a, b) = (bn(&va), bn(&vb));
+            let ours = forward(&a, &x, train).unwrap();
+            let theirs = candle_core::ModuleT::forward_t(&b, &x, train).unwrap();
+            for (p, q) in values(&ours).iter().zip(values(&theirs)) {
+                assert!((p - q).abs() < 1e-10, "train {train}: {p} vs {q}");
+            }
+            for (p, q) in [
+                (a.running_mean(), b.running_mean()),
+                (a.running_var(), b.running_var()),
+            ] {
+                for (p, q) in values(p).iter().zip(values(q)) {
+                    assert!((p - q).abs() < 1e-12, "train {train}: running {p} vs {q}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        for train in [true, false] {
+            let vm = VarMap::new();
+            let norm = bn(&vm);
+            // The input's gradient (through the batch statistics when training).
+            let err = check_input_gradient(&[4, 3, 5, 2], 2, 40, &|x| {
+                project(&forward(&norm, x, train)?, 3)
+            })
+            .unwrap();
+            assert!(err < 1e-6, "train {train}: input gradient {err}");
+            // gamma and beta, through a fresh BatchNorm built on them.
+            let x = seeded_randn(&[4, 3, 5, 2], 4, DType::F64, &Device::Cpu).unwrap();
+            let (rm, rv) = (norm.running_mean().clone(), norm.running_var().clone());
+            for which in 0..2 {
+                let err = check_input_gradient(&[3], 5 + which, 3, &|p| {
+                    let (g, b) = norm.weight_and_bias().unwrap();
+                    let (g, b) = if which == 0 {
+                        (p.clone(), b.clone())
+                    } else {
+                        (g.clone(), p.clone())
+                    };
+                    let fresh = BatchNorm::new(3, rm.copy()?, rv.copy()?, g, b, 1e-5)?;
+                    project(&forward(&fresh, &x, train)?, 6)
+                })
+                .unwrap();
+                assert!(
+                    err < 1e-6,
+                    "train {train}: parameter {which} gradient {err}"
+                );
+            }
+        }
+    }
+}
