@@ -51,6 +51,8 @@ struct Normalize {
     invstd: Vec<f64>,
     /// Whether `mean`/`invstd` are the batch's own (their gradient then flows back into `x`).
     batch_stats: bool,
+    /// A ReLU after the normalisation, in the same op (one node, one kept tensor fewer).
+    relu: bool,
 }
 
 fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
@@ -61,6 +63,26 @@ fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result
 }
 
 impl Normalize {
+    /// The ReLU when fused: `max(y, 0)`.
+    fn activate<T: WithDType>(&self, y: T) -> T {
+        if self.relu && y < T::zero() {
+            T::zero()
+        } else {
+            y
+        }
+    }
+
+    /// The output gradient through the fused ReLU, as candle's `relu` passes it (where the
+    /// normalised value is >= 0), given `x` at channel `ci`.
+    fn through_relu<T: WithDType>(&self, d: T, x: T, g: &[T], b: &[T], ci: usize) -> f64 {
+        if !self.relu {
+            return d.to_f64();
+        }
+        let scale = self.invstd[ci] * g[ci].to_f64();
+        let y = T::from_f64(x.to_f64() * scale + (b[ci].to_f64() - self.mean[ci] * scale));
+        if y >= T::zero() { d.to_f64() } else { 0.0 }
+    }
+
     fn dims(l: &Layout) -> (usize, usize, usize) {
         let d = l.dims();
         (d[0], d[1], d[2..].iter().product())
@@ -82,7 +104,7 @@ impl Normalize {
                 let scale = self.invstd[ci] * g[ci].to_f64();
                 let shift = b[ci].to_f64() - self.mean[ci] * scale;
                 for (o, v) in o.iter_mut().zip(xi) {
-                    *o = T::from_f64(v.to_f64() * scale + shift);
+                    *o = self.activate(T::from_f64(v.to_f64() * scale + shift));
                 }
             });
         let _ = n;
@@ -94,6 +116,7 @@ impl Normalize {
         &self,
         x: &[T],
         g: &[T],
+        b: &[T],
         dy: &[T],
         (n, c, s): (usize, usize, usize),
     ) -> (Vec<T>, Vec<T>, Vec<T>) {
@@ -106,7 +129,7 @@ impl Normalize {
                 for ni in 0..n {
                     let at = (ni * c + ci) * s;
                     for (d, v) in dy[at..at + s].iter().zip(&x[at..at + s]) {
-                        let d = d.to_f64();
+                        let d = self.through_relu(*d, *v, g, b, ci);
                         sb += d;
                         sg += d * (v.to_f64() - mean) * invstd;
                     }
@@ -127,11 +150,12 @@ impl Normalize {
                     let (db, dg) = (dbeta[ci] / m, dgamma[ci] / m);
                     for (o, (d, v)) in o.iter_mut().zip(dyi.iter().zip(xi)) {
                         let xhat = (v.to_f64() - mean) * invstd;
-                        *o = T::from_f64(k * (d.to_f64() - db - xhat * dg));
+                        let d = self.through_relu(*d, *v, g, b, ci);
+                        *o = T::from_f64(k * (d - db - xhat * dg));
                     }
                 } else {
-                    for (o, d) in o.iter_mut().zip(dyi) {
-                        *o = T::from_f64(k * d.to_f64());
+                    for (o, (d, v)) in o.iter_mut().zip(dyi.iter().zip(xi)) {
+                        *o = T::from_f64(k * self.through_relu(*d, *v, g, b, ci));
                     }
                 }
             });
@@ -177,7 +201,7 @@ impl CustomOp3 for Normalize {
         &self,
         x: &Tensor,
         gamma: &Tensor,
-        _beta: &Tensor,
+        beta: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -190,19 +214,26 @@ impl CustomOp3 for Normalize {
         let c = dims.1;
         let (xs, xl) = x.storage_and_layout();
         let (gs, gl) = gamma.storage_and_layout();
+        let (bs, bl) = beta.storage_and_layout();
         let (ds, dl) = grad.storage_and_layout();
         let (
             candle_core::Storage::Cpu(xs),
             candle_core::Storage::Cpu(gs),
+            candle_core::Storage::Cpu(bs),
             candle_core::Storage::Cpu(ds),
-        ) = (&*xs, &*gs, &*ds)
+        ) = (&*xs, &*gs, &*bs, &*ds)
         else {
             candle_core::bail!("batch norm: tensors left the CPU")
         };
         let (dx, dg, db) = match x.dtype() {
             DType::F32 => {
-                let (dx, dg, db) =
-                    self.bwd::<f32>(slice(xs, xl)?, slice(gs, gl)?, slice(ds, dl)?, dims);
+                let (dx, dg, db) = self.bwd::<f32>(
+                    slice(xs, xl)?,
+                    slice(gs, gl)?,
+                    slice(bs, bl)?,
+                    slice(ds, dl)?,
+                    dims,
+                );
                 (
                     Tensor::from_vec(dx, shape, &dev)?,
                     Tensor::from_vec(dg, c, &dev)?,
@@ -210,8 +241,13 @@ impl CustomOp3 for Normalize {
                 )
             }
             DType::F64 => {
-                let (dx, dg, db) =
-                    self.bwd::<f64>(slice(xs, xl)?, slice(gs, gl)?, slice(ds, dl)?, dims);
+                let (dx, dg, db) = self.bwd::<f64>(
+                    slice(xs, xl)?,
+                    slice(gs, gl)?,
+                    slice(bs, bl)?,
+                    slice(ds, dl)?,
+                    dims,
+                );
                 (
                     Tensor::from_vec(dx, shape, &dev)?,
                     Tensor::from_vec(dg, c, &dev)?,
@@ -227,10 +263,21 @@ impl CustomOp3 for Normalize {
 /// `bn` applied to `x [N, C, ...]`: batch statistics (and a running-statistics update) when
 /// `train`, running statistics otherwise; same function as candle-nn's `forward_t`.
 pub fn forward(bn: &BatchNorm, x: &Tensor, train: bool) -> Result<Tensor> {
+    normalize(bn, x, train, false)
+}
+
+/// [`forward`] followed by a ReLU, as one op on the CPU (the same values and gradients as
+/// `forward(..)?.relu()`, one activation-sized tensor fewer kept for backward).
+pub fn forward_relu(bn: &BatchNorm, x: &Tensor, train: bool) -> Result<Tensor> {
+    normalize(bn, x, train, true)
+}
+
+fn normalize(bn: &BatchNorm, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
     let fused =
         x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.rank() >= 2;
     let Some((gamma, beta)) = bn.weight_and_bias().filter(|_| fused) else {
-        return Ok(candle_core::ModuleT::forward_t(bn, x, train)?);
+        let y = candle_core::ModuleT::forward_t(bn, x, train)?;
+        return Ok(if relu { y.relu()? } else { y });
     };
     let x = x.contiguous()?;
     let (n, c) = (x.dim(0)?, x.dim(1)?);
@@ -261,6 +308,7 @@ pub fn forward(bn: &BatchNorm, x: &Tensor, train: bool) -> Result<Tensor> {
             invstd: var.iter().map(|v| 1.0 / (v + bn.eps()).sqrt()).collect(),
             mean,
             batch_stats: true,
+            relu,
         }
     } else {
         let rm = bn.running_mean().to_dtype(DType::F64)?.to_vec1::<f64>()?;
@@ -269,6 +317,7 @@ pub fn forward(bn: &BatchNorm, x: &Tensor, train: bool) -> Result<Tensor> {
             invstd: rv.iter().map(|v| 1.0 / (v + bn.eps()).sqrt()).collect(),
             mean: rm,
             batch_stats: false,
+            relu,
         }
     };
     let gamma = gamma.to_dtype(x.dtype())?.contiguous()?;
@@ -324,6 +373,11 @@ mod tests {
             for (p, q) in values(&ours).iter().zip(values(&theirs)) {
                 assert!((p - q).abs() < 1e-10, "train {train}: {p} vs {q}");
             }
+            // The fused ReLU is exactly the ReLU of the same values.
+            let (vc, vd) = (VarMap::new(), VarMap::new());
+            let fused = forward_relu(&bn(&vc), &x, train).unwrap();
+            let relu = forward(&bn(&vd), &x, train).unwrap().relu().unwrap();
+            assert_eq!(values(&fused), values(&relu), "train {train}: fused ReLU");
             for (p, q) in [
                 (a.running_mean(), b.running_mean()),
                 (a.running_var(), b.running_var()),
@@ -346,6 +400,28 @@ mod tests {
             })
             .unwrap();
             assert!(err < 1e-6, "train {train}: input gradient {err}");
+            // With the fused ReLU: the gradients of the ReLU applied after, to the last bit.
+            let x0 = Var::from_tensor(
+                &seeded_randn(&[4, 3, 5, 2], 7, DType::F64, &Device::Cpu).unwrap(),
+            )
+            .unwrap();
+            let grads = |fused: bool| {
+                let vm = VarMap::new();
+                let n = bn(&vm);
+                let y = if fused {
+                    forward_relu(&n, x0.as_tensor(), train).unwrap()
+                } else {
+                    forward(&n, x0.as_tensor(), train).unwrap().relu().unwrap()
+                };
+                let gs = project(&y, 8).unwrap().backward().unwrap();
+                let (g, b) = n.weight_and_bias().unwrap();
+                [x0.as_tensor(), g, b].map(|t| values(gs.get(t).unwrap()))
+            };
+            assert_eq!(
+                grads(true),
+                grads(false),
+                "train {train}: fused ReLU gradients"
+            );
             // gamma and beta, through a fresh BatchNorm built on them.
             let x = seeded_randn(&[4, 3, 5, 2], 4, DType::F64, &Device::Cpu).unwrap();
             let (rm, rv) = (norm.running_mean().clone(), norm.running_var().clone());

@@ -96,9 +96,7 @@ impl ModuleT for SmallCnn {
             let cfg = conv.config();
             let y = crate::nn3d::conv2d(&x, conv.weight(), cfg.padding, cfg.stride, 1)
                 .map_err(candle_core::Error::wrap)?;
-            x = crate::batchnorm::forward(bn, &y, train)
-                .map_err(candle_core::Error::wrap)?
-                .relu()?;
+            x = crate::batchnorm::forward_relu(bn, &y, train).map_err(candle_core::Error::wrap)?;
         }
         // Average over a 2x2 grid of cells (the last cells absorb odd remainders).
         let (n, c, h, w) = x.dims4()?;

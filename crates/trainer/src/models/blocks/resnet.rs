@@ -47,10 +47,31 @@ fn apply(c: &Conv2d, x: &Tensor) -> candle_core::Result<Tensor> {
 /// eps)`): the same function, without BatchNorm's four broadcast passes over the activation
 /// (on `[8, 256, 56, 56]` those cost about as much as a 1x1 convolution; BENCHMARKS.md).
 fn conv_bn(c: &Conv2d, b: &BatchNorm, x: &Tensor, fold: bool) -> candle_core::Result<Tensor> {
+    conv_bn_act(c, b, x, fold, false)
+}
+
+/// [`conv_bn`], then a ReLU when `relu` (fused into the BatchNorm op in training).
+fn conv_bn_act(
+    c: &Conv2d,
+    b: &BatchNorm,
+    x: &Tensor,
+    fold: bool,
+    relu: bool,
+) -> candle_core::Result<Tensor> {
     if !fold {
-        return crate::batchnorm::forward(b, &apply(c, x)?, false)
-            .map_err(candle_core::Error::wrap);
+        let y = apply(c, x)?;
+        let y = if relu {
+            crate::batchnorm::forward_relu(b, &y, false)
+        } else {
+            crate::batchnorm::forward(b, &y, false)
+        };
+        return y.map_err(candle_core::Error::wrap);
     }
+    let y = conv_bn_folded(c, b, x)?;
+    if relu { y.relu() } else { Ok(y) }
+}
+
+fn conv_bn_folded(c: &Conv2d, b: &BatchNorm, x: &Tensor) -> candle_core::Result<Tensor> {
     let s = (b.running_var() + b.eps())?.sqrt()?.recip()?;
     let (s, shift) = match b.weight_and_bias() {
         Some((gamma, beta)) => {
@@ -92,10 +113,7 @@ impl Block {
         let n = self.convs.len();
         for (i, (c, b)) in self.convs.iter().enumerate() {
             // Partial BN: these BatchNorms always use their running statistics.
-            y = conv_bn(c, b, &y, fold)?;
-            if i + 1 < n {
-                y = y.relu()?;
-            }
+            y = conv_bn_act(c, b, &y, fold, i + 1 < n)?;
         }
         let skip = match &self.downsample {
             Some((c, b)) => conv_bn(c, b, x, fold)?,
@@ -221,12 +239,11 @@ impl ResNet {
         // Inference folds every BatchNorm into its convolution; training keeps them (the
         // stem's BatchNorm trains, and the folded form's gradients cost more in candle).
         let x = if train {
-            crate::batchnorm::forward(&self.bn1, &apply(&self.conv1, x)?, true)
+            crate::batchnorm::forward_relu(&self.bn1, &apply(&self.conv1, x)?, true)
                 .map_err(candle_core::Error::wrap)?
         } else {
-            conv_bn(&self.conv1, &self.bn1, x, true)?
-        }
-        .relu()?;
+            conv_bn_act(&self.conv1, &self.bn1, x, true, true)?
+        };
         // candle's max_pool2d has no gradient for overlapping windows; this one does.
         let mut x = crate::nn3d::max_pool2d(&x, 3, 2, 1)?;
         let mut stages = Vec::with_capacity(self.layers.len());
