@@ -211,7 +211,6 @@ impl CustomOp3 for Normalize {
             x.shape().clone(),
             x.device().clone(),
         );
-        let c = dims.1;
         let (xs, xl) = x.storage_and_layout();
         let (gs, gl) = gamma.storage_and_layout();
         let (bs, bl) = beta.storage_and_layout();
@@ -225,35 +224,32 @@ impl CustomOp3 for Normalize {
         else {
             candle_core::bail!("batch norm: tensors left the CPU")
         };
+        // The three gradients as tensors, for one float type.
+        fn run<T: WithDType>(
+            op: &Normalize,
+            [x, g, b, d]: [(&CpuStorage, &Layout); 4],
+            dims: (usize, usize, usize),
+            shape: Shape,
+            dev: &candle_core::Device,
+        ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+            let c = dims.1;
+            let (dx, dg, db) = op.bwd::<T>(
+                slice(x.0, x.1)?,
+                slice(g.0, g.1)?,
+                slice(b.0, b.1)?,
+                slice(d.0, d.1)?,
+                dims,
+            );
+            Ok((
+                Tensor::from_vec(dx, shape, dev)?,
+                Tensor::from_vec(dg, c, dev)?,
+                Tensor::from_vec(db, c, dev)?,
+            ))
+        }
+        let args = [(xs, xl), (gs, gl), (bs, bl), (ds, dl)];
         let (dx, dg, db) = match x.dtype() {
-            DType::F32 => {
-                let (dx, dg, db) = self.bwd::<f32>(
-                    slice(xs, xl)?,
-                    slice(gs, gl)?,
-                    slice(bs, bl)?,
-                    slice(ds, dl)?,
-                    dims,
-                );
-                (
-                    Tensor::from_vec(dx, shape, &dev)?,
-                    Tensor::from_vec(dg, c, &dev)?,
-                    Tensor::from_vec(db, c, &dev)?,
-                )
-            }
-            DType::F64 => {
-                let (dx, dg, db) = self.bwd::<f64>(
-                    slice(xs, xl)?,
-                    slice(gs, gl)?,
-                    slice(bs, bl)?,
-                    slice(ds, dl)?,
-                    dims,
-                );
-                (
-                    Tensor::from_vec(dx, shape, &dev)?,
-                    Tensor::from_vec(dg, c, &dev)?,
-                    Tensor::from_vec(db, c, &dev)?,
-                )
-            }
+            DType::F32 => run::<f32>(self, args, dims, shape, &dev)?,
+            DType::F64 => run::<f64>(self, args, dims, shape, &dev)?,
             other => candle_core::bail!("batch norm: unsupported dtype {other:?}"),
         };
         Ok((Some(dx), Some(dg), Some(db)))
