@@ -76,6 +76,46 @@ impl Geometry {
     }
 }
 
+impl Geometry {
+    /// Walks the taps of output frame `to` whose temporal tap `a` reads input frame `t`
+    /// (every `t` when `only` is `None`) and lands inside the image: `f(t, row, tap, src)`
+    /// with `row` the output pixel's row of the frame's columns (`oy*Wo + ox`), `tap` its
+    /// column offset (`((a*kh + p)*kw + q)*C`) and `src` the input pixel (`iy*W + ix`).
+    /// The one loop nest of [`Vol2Col`] and its adjoint [`Col2Vol`].
+    #[inline]
+    fn each_tap(
+        &self,
+        to: usize,
+        only: Option<usize>,
+        mut f: impl FnMut(usize, usize, usize, usize),
+    ) {
+        let [_, ho, wo] = self.out;
+        let [kt, kh, kw] = self.k;
+        for a in 0..kt {
+            let Some(t) = self.frame(to, a) else { continue };
+            if only.is_some_and(|o| o != t) {
+                continue;
+            }
+            for oy in 0..ho {
+                for p in 0..kh {
+                    let Some(iy) = self.coord(1, oy, p) else {
+                        continue;
+                    };
+                    for ox in 0..wo {
+                        for q in 0..kw {
+                            let Some(ix) = self.coord(2, ox, q) else {
+                                continue;
+                            };
+                            let tap = ((a * kh + p) * kw + q) * self.c;
+                            f(t, oy * wo + ox, tap, iy * self.w + ix);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn contiguous<'a, T>(v: &'a [T], layout: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
@@ -204,35 +244,18 @@ impl Vol2Col {
     fn run<T: WithDType>(&self, x: &[T]) -> Vec<T> {
         let g = self.0;
         let [to_n, ho, wo] = g.out;
-        let [kt, kh, kw] = g.k;
         let (c, k) = (g.c, g.cols());
         let frame = g.h * g.w * c;
-        let block = ho * wo * k;
         let mut out = vec![T::zero(); g.rows() * k];
-        out.par_chunks_mut(block).enumerate().for_each(|(bt, o)| {
-            let (b, to) = (bt / to_n, bt % to_n);
-            for a in 0..kt {
-                let Some(t) = g.frame(to, a) else { continue };
-                let xf = &x[(b * g.t + t) * frame..][..frame];
-                for oy in 0..ho {
-                    for p in 0..kh {
-                        let Some(iy) = g.coord(1, oy, p) else {
-                            continue;
-                        };
-                        for ox in 0..wo {
-                            let row = &mut o[(oy * wo + ox) * k..][..k];
-                            for q in 0..kw {
-                                let Some(ix) = g.coord(2, ox, q) else {
-                                    continue;
-                                };
-                                let at = ((a * kh + p) * kw + q) * c;
-                                row[at..at + c].copy_from_slice(&xf[(iy * g.w + ix) * c..][..c]);
-                            }
-                        }
-                    }
-                }
-            }
-        });
+        out.par_chunks_mut(ho * wo * k)
+            .enumerate()
+            .for_each(|(bt, o)| {
+                let (b, to) = (bt / to_n, bt % to_n);
+                g.each_tap(to, None, |t, row, tap, src| {
+                    let xf = &x[(b * g.t + t) * frame..];
+                    o[row * k + tap..][..c].copy_from_slice(&xf[src * c..][..c]);
+                });
+            });
         out
     }
 }
@@ -335,39 +358,19 @@ impl Col2Vol {
     fn run<T: WithDType>(&self, cols: &[T]) -> Vec<T> {
         let g = self.0;
         let [to_n, ho, wo] = g.out;
-        let [kt, kh, kw] = g.k;
         let (c, k) = (g.c, g.cols());
         let frame = g.h * g.w * c;
         let mut out = vec![T::zero(); g.b * g.t * frame];
         out.par_chunks_mut(frame).enumerate().for_each(|(bt, o)| {
             let (b, t) = (bt / g.t, bt % g.t);
             for to in 0..to_n {
-                for a in 0..kt {
-                    if g.frame(to, a) != Some(t) {
-                        continue;
+                let block = &cols[(b * to_n + to) * ho * wo * k..][..ho * wo * k];
+                g.each_tap(to, Some(t), |_, row, tap, src| {
+                    let dst = &mut o[src * c..][..c];
+                    for (d, s) in dst.iter_mut().zip(&block[row * k + tap..][..c]) {
+                        *d += *s;
                     }
-                    let block = &cols[(b * to_n + to) * ho * wo * k..][..ho * wo * k];
-                    for oy in 0..ho {
-                        for p in 0..kh {
-                            let Some(iy) = g.coord(1, oy, p) else {
-                                continue;
-                            };
-                            for ox in 0..wo {
-                                let row = &block[(oy * wo + ox) * k..][..k];
-                                for q in 0..kw {
-                                    let Some(ix) = g.coord(2, ox, q) else {
-                                        continue;
-                                    };
-                                    let at = ((a * kh + p) * kw + q) * c;
-                                    let dst = &mut o[(iy * g.w + ix) * c..][..c];
-                                    for (d, s) in dst.iter_mut().zip(&row[at..at + c]) {
-                                        *d += *s;
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
+                });
             }
         });
         out
