@@ -197,11 +197,6 @@ impl FrameTranspose {
         }
         out
     }
-
-    /// Applies the transpose (differentiable) to `x [N, rows, cols]`.
-    pub fn apply(x: &Tensor, rows: usize, cols: usize) -> candle_core::Result<Tensor> {
-        x.contiguous()?.apply_op1(FrameTranspose { rows, cols })
-    }
 }
 
 impl CustomOp1 for FrameTranspose {
@@ -220,19 +215,6 @@ impl CustomOp1 for FrameTranspose {
         }
         let shape = Shape::from((dims[0], self.cols, self.rows));
         Ok((dispatch!(s, l, "frame transpose", |v| self.run(v)), shape))
-    }
-
-    fn bwd(
-        &self,
-        _arg: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        let back = FrameTranspose {
-            rows: self.cols,
-            cols: self.rows,
-        };
-        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&back)?))
     }
 }
 
