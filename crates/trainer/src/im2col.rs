@@ -1,5 +1,5 @@
 //! The lowering that turns a 2-D or 3-D convolution into one matrix product, on the CPU, as
-//! candle custom operations with hand-written gradients.
+//! one candle custom operation with a hand-written gradient ([`conv`]).
 //!
 //! A convolution of `x [B, T, C, H, W]` (time-major, a 2-D convolution is `T = 1`) with
 //! `w [C_out, C, kt, kh, kw]` runs as
@@ -11,13 +11,14 @@
 //! 3. one GEMM with the kernel permuted to `[C_out, kt, kh, kw, C]` (candle's `matmul`);
 //! 4. [`FrameTranspose`] of the output rows `[Ho*Wo, C_out]` back to channels-first.
 //!
-//! The backward pass is the same four steps in reverse, each as cheap as its forward:
-//! transposes, the two GEMMs of the matrix product, and [`Col2Vol`], the adjoint of step 2,
-//! which gathers per input frame (race-free in parallel, contiguous `C`-value adds).
-//! Measured in BENCHMARKS.md ("Convolution backward"): the earlier channel-major lowering
-//! (strided reads and writes, one `conv2d` per temporal tap on strided slices) cost 4-6x its
-//! forward in backward. CPU only, float32 and float64; other devices and dtypes keep candle's
-//! `conv2d` (see `nn3d::conv2d`).
+//! Backward: the output gradient transposed to rows, the input gradient as `rows x kernel`
+//! scattered back by [`Col2Vol`] (the adjoint of step 2, gathering per input frame:
+//! race-free in parallel) and transposed, the kernel gradient as `cols^T x rows` with the
+//! columns recomputed already transposed by [`Vol2ColT`]; nothing of the forward pass but
+//! `x` and the kernel is kept. Measured in BENCHMARKS.md ("Convolution backward"): the
+//! earlier channel-major lowering (strided reads and writes, one `conv2d` per temporal tap on
+//! strided slices) cost 3-6x its forward in backward, this one 2.1-2.8x. CPU only, float32
+//! and float64; other devices and dtypes keep candle's `conv2d` (see `nn3d::conv2d`).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, WithDType};
