@@ -4,9 +4,16 @@
 //! Measured, all single-core so they compare per core, throughput in frames:
 //! - `vdg_prep_jobs1`: the whole `vdg prep` (scan, plan, decode, JPEG q90, Parquet, tables).
 //! - `vdg_prep_all_cores`: the same with one worker per core.
+//! - `two_independent_jobs1_at_once`: two single-worker preps of the same clips into two
+//!   folders at once (frames of both counted): what the cores give independent work, the
+//!   ceiling for `vdg_prep_all_cores` on a 2-core machine.
+//! - `vdg_prep_jobs1_via_rgb`, `vdg_prep_all_cores_via_rgb`: the same with `--jpeg-via-rgb`
+//!   (every JPEG encoded from RGB, prep's route before the YUV planes were stored directly).
 //! - `decode_only`: the ceiling: ffmpeg-next decoding every frame, nothing else.
-//! - `decode_rgb`: decoding plus conversion to packed RGB (what prep feeds the JPEG encoder).
+//! - `decode_rgb`: decoding plus conversion to packed RGB (the RGB route's encoder input).
+//! - `decode_yuv420`: decoding plus range expansion of the planes (the YUV route's input).
 //! - `jpeg_encode_turbojpeg`: JPEG-encoding as many 320x240 RGB frames (libjpeg-turbo, q90).
+//! - `jpeg_encode_turbojpeg_from_yuv`: the same frames from full-range 4:2:0 planes.
 //! - `jpeg_encode_jpeg_encoder_crate`: the same with the pure-Rust `jpeg-encoder` crate.
 //! - `ffmpeg_cli_jpeg`: what users do today, one `ffmpeg` process per clip:
 //!   `ffmpeg -threads 1 -i clip.avi -vf scale=-2:240 -q:v 2 dir/%06d.jpg` (skipped when no
@@ -52,9 +59,13 @@ fn make_clips(root: &Path) -> Vec<PathBuf> {
     out
 }
 
-fn prep_once(manifest: &Manifest, scan: &Scan, out: &Path, jobs: usize) {
+fn prep_once(manifest: &Manifest, scan: &Scan, out: &Path, jobs: usize, jpeg_via_rgb: bool) {
     let _ = std::fs::remove_dir_all(out);
-    let plan = build_plan(manifest, &[scan], &ContentOptions::default()).unwrap();
+    let options = ContentOptions {
+        jpeg_via_rgb,
+        ..Default::default()
+    };
+    let plan = build_plan(manifest, &[scan], &options).unwrap();
     let quiet = |_: &PrepEvent<'_>| {};
     let s = run_prep(
         &plan,
@@ -93,6 +104,36 @@ fn decode_only(path: &Path) -> u64 {
     n
 }
 
+/// Full-range BT.601 4:2:0 planes of a packed RGB frame (chroma averaged over 2x2).
+fn to_yuv420(rgb: &[u8]) -> [Vec<u8>; 3] {
+    let (w, h) = (WIDTH as usize, HEIGHT as usize);
+    let px = |x: usize, y: usize| {
+        let p = &rgb[3 * (y * w + x)..];
+        (f64::from(p[0]), f64::from(p[1]), f64::from(p[2]))
+    };
+    let clamp = |v: f64| v.round().clamp(0.0, 255.0) as u8;
+    let mut luma = Vec::with_capacity(w * h);
+    for y in 0..h {
+        for x in 0..w {
+            let (r, g, b) = px(x, y);
+            luma.push(clamp(0.299 * r + 0.587 * g + 0.114 * b));
+        }
+    }
+    let (mut cb, mut cr) = (Vec::new(), Vec::new());
+    for y in (0..h).step_by(2) {
+        for x in (0..w).step_by(2) {
+            let (mut r, mut g, mut b) = (0.0, 0.0, 0.0);
+            for (dx, dy) in [(0, 0), (1, 0), (0, 1), (1, 1)] {
+                let p = px((x + dx).min(w - 1), (y + dy).min(h - 1));
+                (r, g, b) = (r + p.0 / 4.0, g + p.1 / 4.0, b + p.2 / 4.0);
+            }
+            cb.push(clamp(128.0 - 0.168736 * r - 0.331264 * g + 0.5 * b));
+            cr.push(clamp(128.0 + 0.5 * r - 0.418688 * g - 0.081312 * b));
+        }
+    }
+    [luma, cb, cr]
+}
+
 fn has_ffmpeg() -> bool {
     Command::new("ffmpeg")
         .arg("-version")
@@ -115,10 +156,31 @@ fn bench(c: &mut Criterion) {
 
     let out = tmp.path().join("out");
     g.bench_function("vdg_prep_jobs1", |b| {
-        b.iter(|| prep_once(&manifest, &scan, &out, 1))
+        b.iter(|| prep_once(&manifest, &scan, &out, 1, false))
     });
     g.bench_function("vdg_prep_all_cores", |b| {
-        b.iter(|| prep_once(&manifest, &scan, &out, 0))
+        b.iter(|| prep_once(&manifest, &scan, &out, 0, false))
+    });
+    // What two cores give two independent single-worker preps (each its own output, the
+    // same input), run at once: the machine's own ceiling for `--jobs 2`. Throughput
+    // counts both runs' frames.
+    let out2 = tmp.path().join("out2");
+    g.throughput(Throughput::Elements(2 * total));
+    g.bench_function("two_independent_jobs1_at_once", |b| {
+        b.iter(|| {
+            std::thread::scope(|s| {
+                s.spawn(|| prep_once(&manifest, &scan, &out, 1, false));
+                s.spawn(|| prep_once(&manifest, &scan, &out2, 1, false));
+            })
+        })
+    });
+    g.throughput(Throughput::Elements(total));
+    // The route before JPEG was encoded from the decoder's planes (`--jpeg-via-rgb`).
+    g.bench_function("vdg_prep_jobs1_via_rgb", |b| {
+        b.iter(|| prep_once(&manifest, &scan, &out, 1, true))
+    });
+    g.bench_function("vdg_prep_all_cores_via_rgb", |b| {
+        b.iter(|| prep_once(&manifest, &scan, &out, 0, true))
     });
     g.bench_function("decode_only", |b| {
         b.iter(|| {
@@ -144,6 +206,28 @@ fn bench(c: &mut Criterion) {
             assert_eq!(n, total);
         })
     });
+    g.bench_function("decode_yuv420", |b| {
+        b.iter(|| {
+            let mut n = 0u64;
+            let opts = DecodeOptions {
+                yuv420: true,
+                ..Default::default()
+            };
+            for p in &clips {
+                decode_video(
+                    p,
+                    &opts,
+                    |_, _| true,
+                    |_| {
+                        n += 1;
+                        Ok(())
+                    },
+                )
+                .unwrap();
+            }
+            assert_eq!(n, total);
+        })
+    });
     let frames: Vec<Vec<u8>> = (0..FRAMES)
         .map(|t| pattern_frame(WIDTH, HEIGHT, t, 1))
         .collect();
@@ -154,6 +238,22 @@ fn bench(c: &mut Criterion) {
                 for f in &frames {
                     let j = enc
                         .encode_rgb(f, WIDTH, HEIGHT, 3 * WIDTH as usize)
+                        .unwrap();
+                    std::hint::black_box(j);
+                }
+            }
+        })
+    });
+    // The same frames as full-range 4:2:0 planes (what `decode_yuv420` hands over).
+    let planes: Vec<[Vec<u8>; 3]> = frames.iter().map(|f| to_yuv420(f)).collect();
+    g.bench_function("jpeg_encode_turbojpeg_from_yuv", |b| {
+        let mut enc = vdg_pipeline::jpeg::JpegEncoder::new(90).unwrap();
+        let (w, cw) = (WIDTH as usize, WIDTH.div_ceil(2) as usize);
+        b.iter(|| {
+            for _ in 0..CLIPS {
+                for [y, u, v] in &planes {
+                    let j = enc
+                        .encode_yuv420([y, u, v], [w, cw, cw], WIDTH, HEIGHT)
                         .unwrap();
                     std::hint::black_box(j);
                 }

@@ -119,6 +119,7 @@ impl SyntheticArgs {
                 manifest: None,
                 shard_size: 512 << 20,
                 strict_frame_count: false,
+                jpeg_via_rgb: false,
                 strict: false,
                 retry_failed: false,
                 part: None,
@@ -163,6 +164,10 @@ pub struct CommonPrep {
     /// declares (default tolerance: max(2 frames, 2 %)).
     #[arg(long)]
     strict_frame_count: bool,
+    /// Encode every JPEG from RGB. By default a 4:2:0 BT.601 source stored at its own size
+    /// goes to JPEG straight from the decoder's planes (no RGB); the two differ by rounding.
+    #[arg(long)]
+    jpeg_via_rgb: bool,
     /// Stop (exit 2) when a manifest class has no videos in a domain (a partial download),
     /// instead of naming it in the summary and prep.json.
     #[arg(long)]
@@ -400,6 +405,7 @@ fn prep_with_lock(
             .unwrap_or_else(|| manifest.default_split_rule.clone()),
         shard_target_bytes: c.shard_size,
         strict_frame_count: c.strict_frame_count,
+        jpeg_via_rgb: c.jpeg_via_rgb,
     };
     let plan = build_plan(manifest, scans, &options)?;
     let empty = plan.empty_domains();

@@ -4,7 +4,7 @@
 //! swscale converts with BT.601 limited-range coefficients unless told otherwise; a BT.709
 //! source (every HD camera: PKU-MMD and NTU RGB+D at 1080p) then comes out with shifted
 //! hues. ffmpeg-next does not expose `sws_setColorspaceDetails`, so this module calls it
-//! through `ffmpeg-sys-next`: the only unsafe code in the pipeline.
+//! through `ffmpeg-sys-next` (with `jpeg.rs`, the only unsafe code in the pipeline).
 #![allow(unsafe_code)]
 
 use ffmpeg::format::Pixel;
@@ -131,6 +131,37 @@ impl Colour {
     }
 }
 
+/// Expands a plane of limited-range ("TV", 16-235 luma, 16-240 chroma) samples to full
+/// range (0-255, JPEG's), as BT.601 defines them: luma `(y - 16) * 255 / 219`, chroma
+/// `(c - 128) * 255 / 224 + 128`, rounded to nearest and clamped. `src` has rows of `stride`
+/// bytes; `dst` becomes `width x height` packed rows.
+pub fn expand_limited_range(
+    src: &[u8],
+    stride: usize,
+    width: usize,
+    height: usize,
+    luma: bool,
+    dst: &mut Vec<u8>,
+) {
+    // 16-bit fixed point: 255 / 219 and 255 / 224 scaled by 2^16.
+    let (offset, scale, centre) = if luma {
+        (16, 76_309, 0)
+    } else {
+        (128, 74_606, 128)
+    };
+    dst.resize(width * height, 0);
+    for (d, s) in dst
+        .chunks_exact_mut(width.max(1))
+        .zip(src.chunks(stride.max(1)))
+    {
+        // Plain arithmetic on i32 lanes, so the compiler vectorises the row.
+        for (o, &v) in d.iter_mut().zip(&s[..width]) {
+            let x = ((i32::from(v) - offset) * scale + (1 << 15)) >> 16;
+            *o = (x + centre).clamp(0, 255) as u8;
+        }
+    }
+}
+
 /// The clockwise rotation, in degrees (0, 90, 180 or 270), a display matrix asks for, as
 /// the `ffmpeg` program's autorotation reads it; `None` for other angles or a bad matrix.
 pub fn rotation_of_display_matrix(bytes: &[u8]) -> Option<u32> {
@@ -236,6 +267,40 @@ mod tests {
     }
 
     #[test]
+    fn limited_range_expansion_is_bt601_rounded_and_clamped() {
+        let all: Vec<u8> = (0..=255).collect();
+        for luma in [true, false] {
+            let mut out = Vec::new();
+            // Four rows of 64 out of a 70-byte stride.
+            let src: Vec<u8> = all
+                .chunks(64)
+                .flat_map(|r| r.iter().copied().chain([7; 6]))
+                .collect();
+            expand_limited_range(&src, 70, 64, 4, luma, &mut out);
+            assert_eq!(out.len(), 256);
+            for (v, &o) in all.iter().zip(&out) {
+                let v = f64::from(*v);
+                let want = if luma {
+                    (v - 16.0) * 255.0 / 219.0
+                } else {
+                    (v - 128.0) * 255.0 / 224.0 + 128.0
+                };
+                // Nearest (either neighbour of an exact tie, e.g. chroma 16 -> -0.5 + 1).
+                let want = want.clamp(0.0, 255.0);
+                assert!(
+                    (f64::from(o) - want).abs() <= 0.5 + 1e-9,
+                    "{v} (luma {luma}): {o} vs {want}"
+                );
+            }
+        }
+        let mut out = Vec::new();
+        expand_limited_range(&[16, 235, 240], 3, 3, 1, true, &mut out);
+        assert_eq!(out, [0, 255, 255]);
+        expand_limited_range(&[16, 128, 240], 3, 3, 1, false, &mut out);
+        assert_eq!(out, [0, 128, 255]);
+    }
+
+    #[test]
     fn untagged_sources_follow_their_height() {
         let c = Colour::of(Space::Unspecified, Range::Unspecified, Pixel::YUV420P, 1080);
         assert_eq!(
@@ -272,10 +337,11 @@ mod tests {
             |_, _| true,
             |f| {
                 size = (f.width, f.height);
+                let crate::decode::Pixels::Rgb { data, stride } = f.pixels else {
+                    return Err("not RGB".into());
+                };
                 for y in 0..f.height as usize {
-                    all.extend_from_slice(
-                        &f.rgb[y * f.stride..y * f.stride + 3 * f.width as usize],
-                    );
+                    all.extend_from_slice(&data[y * stride..y * stride + 3 * f.width as usize]);
                 }
                 Ok(())
             },
@@ -374,6 +440,217 @@ mod tests {
         eprintln!("full-range source: {e:.3}; against a limited-range reading {e_limited:.3}");
         assert!(e < 1.0, "{e}");
         assert!(e_limited > 3.0 * e.max(0.3), "{e_limited}");
+    }
+
+    /// `video` through prep's encoder (JPEG q90) and back to packed RGB, with the decoder
+    /// handing over YUV planes where it can (`yuv420`) or RGB only.
+    fn through_jpeg(video: &std::path::Path, yuv420: bool) -> (Vec<u8>, u32) {
+        let mut enc = crate::jpeg::JpegEncoder::new(90).unwrap();
+        let mut all = Vec::new();
+        let opts = crate::decode::DecodeOptions {
+            yuv420,
+            ..Default::default()
+        };
+        let stats = crate::decode::decode_video(
+            video,
+            &opts,
+            |_, _| true,
+            |f| {
+                let jpeg = match f.pixels {
+                    crate::decode::Pixels::Rgb { data, stride } => {
+                        enc.encode_rgb(data, f.width, f.height, stride)?
+                    }
+                    crate::decode::Pixels::Yuv420 { planes, strides } => {
+                        enc.encode_yuv420(planes, strides, f.width, f.height)?
+                    }
+                };
+                let img = turbojpeg::decompress(&jpeg, turbojpeg::PixelFormat::RGB)
+                    .map_err(|e| e.to_string())?;
+                assert_eq!(img.pitch, 3 * img.width);
+                all.extend_from_slice(&img.pixels);
+                Ok(())
+            },
+        )
+        .unwrap();
+        (all, stats.yuv420_frames)
+    }
+
+    /// Packed RGB frames of `w x h` encoded as JPEG q90 (from RGB) and decoded again.
+    fn jpeg_round_trip(rgb: &[u8], w: u32, h: u32) -> Vec<u8> {
+        let mut enc = crate::jpeg::JpegEncoder::new(90).unwrap();
+        let frame = 3 * (w * h) as usize;
+        rgb.chunks(frame)
+            .flat_map(|f| {
+                let jpeg = enc.encode_rgb(f, w, h, 3 * w as usize).unwrap();
+                turbojpeg::decompress(&jpeg, turbojpeg::PixelFormat::RGB)
+                    .unwrap()
+                    .pixels
+            })
+            .collect()
+    }
+
+    #[test]
+    fn jpeg_from_yuv_planes_matches_the_rgb_route_and_the_ffmpeg_program() {
+        let d = tempfile::tempdir().unwrap();
+        // (name, ffmpeg arguments, YUV route expected, a wrong reading of the source)
+        let cases: [(&str, &[&str], bool, &str); 4] = [
+            (
+                "limited601.mp4",
+                &["-vf", "format=yuv420p"],
+                true,
+                "scale=in_range=pc",
+            ),
+            // A limited-range reading of this one differs too little to test against (the
+            // planes are checked exactly below).
+            (
+                "full601.mp4",
+                &["-vf", "format=yuvj420p", "-color_range", "pc"],
+                true,
+                "",
+            ),
+            (
+                "bt709.mp4",
+                &["-vf", "format=yuv420p", "-colorspace", "bt709"],
+                false,
+                "scale=in_color_matrix=bt601",
+            ),
+            (
+                "yuv422.mp4",
+                &["-vf", "format=yuv422p"],
+                false,
+                "scale=in_range=pc",
+            ),
+        ];
+        for (name, args, direct, wrong) in cases {
+            let v = source(d.path(), name, args);
+            let (via_yuv, n_yuv) = through_jpeg(&v, true);
+            let (via_rgb, n_rgb) = through_jpeg(&v, false);
+            assert_eq!(n_rgb, 0);
+            assert_eq!(n_yuv, if direct { 25 } else { 0 }, "{name}");
+            let reference = theirs(&v, "");
+            let (e_yuv, e_rgb) = (
+                mean_abs(&via_yuv, &reference),
+                mean_abs(&via_rgb, &reference),
+            );
+            // The routes against each other, and against the `ffmpeg` program's wrong
+            // reading of the source put through the same JPEG encoder (so JPEG's own loss,
+            // a few levels on this sharp pattern, is on both sides).
+            let between = mean_abs(&via_yuv, &via_rgb);
+            let e_wrong = if wrong.is_empty() {
+                f64::NAN
+            } else {
+                mean_abs(&via_yuv, &jpeg_round_trip(&theirs(&v, wrong), 320, 240))
+            };
+            eprintln!(
+                "{name}: mean |jpeg - ffmpeg| via YUV {e_yuv:.3}, via RGB {e_rgb:.3}; \
+                 YUV vs RGB route {between:.3}; against a wrong reading {e_wrong:.3}"
+            );
+            assert!(e_yuv <= e_rgb + 0.25, "{name}: {e_yuv} vs {e_rgb}");
+            assert!(between < 1.5, "{name}: {between}");
+            if !wrong.is_empty() {
+                assert!(
+                    e_wrong > 2.0 * between.max(0.5),
+                    "{name}: {e_wrong} vs {between}"
+                );
+            }
+            if !direct {
+                assert_eq!(via_yuv, via_rgb, "{name}: not eligible, so the same bytes");
+            }
+        }
+    }
+
+    /// The planes decoding hands over with `yuv420` (Y, Cb, Cr of each frame, packed).
+    fn our_planes(video: &std::path::Path) -> Vec<u8> {
+        let mut all = Vec::new();
+        let opts = crate::decode::DecodeOptions {
+            yuv420: true,
+            ..Default::default()
+        };
+        crate::decode::decode_video(
+            video,
+            &opts,
+            |_, _| true,
+            |f| {
+                let crate::decode::Pixels::Yuv420 { planes, strides } = f.pixels else {
+                    return Err("not YUV".into());
+                };
+                let (w, h) = (f.width as usize, f.height as usize);
+                for (k, (pw, ph)) in [
+                    (w, h),
+                    (w.div_ceil(2), h.div_ceil(2)),
+                    (w.div_ceil(2), h.div_ceil(2)),
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    for y in 0..ph {
+                        all.extend_from_slice(&planes[k][y * strides[k]..y * strides[k] + pw]);
+                    }
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+        all
+    }
+
+    #[test]
+    fn yuv_planes_are_the_decoders_own_in_full_range() {
+        let d = tempfile::tempdir().unwrap();
+        for (name, format, limited) in [("l.mp4", "yuv420p", true), ("f.mp4", "yuvj420p", false)] {
+            let fmt = format!("format={format}");
+            let mut args = vec!["-vf", fmt.as_str()];
+            if !limited {
+                args.extend(["-color_range", "pc"]);
+            }
+            let v = source(d.path(), name, &args);
+            let raw = v.with_extension("yuv");
+            ffmpeg_cli(&[
+                "-i",
+                v.to_str().unwrap(),
+                "-vf",
+                &fmt,
+                "-f",
+                "rawvideo",
+                raw.to_str().unwrap(),
+            ]);
+            let theirs = std::fs::read(&raw).unwrap();
+            let ours = our_planes(&v);
+            assert_eq!(ours.len(), theirs.len(), "{name}");
+            if limited {
+                // Plane by plane of every frame (the raw file is Y, Cb, Cr of each frame).
+                let mut want = Vec::new();
+                let mut off = 0;
+                while off < theirs.len() {
+                    for (pw, ph, luma) in [(320, 240, true), (160, 120, false), (160, 120, false)] {
+                        let mut out = Vec::new();
+                        expand_limited_range(
+                            &theirs[off..off + pw * ph],
+                            pw,
+                            pw,
+                            ph,
+                            luma,
+                            &mut out,
+                        );
+                        want.extend(out);
+                        off += pw * ph;
+                    }
+                }
+                assert!(
+                    ours == want,
+                    "{name}: planes differ from FFmpeg's, expanded"
+                );
+                assert!(
+                    ours != theirs,
+                    "{name}: the expansion must change something"
+                );
+            } else {
+                assert!(
+                    ours == theirs,
+                    "{name}: full-range planes are handed over as decoded"
+                );
+            }
+        }
     }
 
     #[test]

@@ -1,4 +1,6 @@
-//! In-process decoding through ffmpeg-next: every frame, counted, resized, as packed RGB.
+//! In-process decoding through ffmpeg-next: every frame, counted, resized, as packed RGB
+//! (or, when asked and nothing but the range needs converting, as the decoder's 4:2:0 YUV
+//! planes in JPEG's colour space: see [`DecodeOptions::yuv420`]).
 //!
 //! Frame counts come from decoding, never from the container alone. Whether a file is
 //! complete is judged from evidence in the stream, not from one header field: FFmpeg ends
@@ -17,7 +19,7 @@ use ffmpeg::software::scaling::{Context as Scaler, Flags};
 use ffmpeg::util::frame::video::Video as VideoFrame;
 use ffmpeg_next as ffmpeg;
 
-use crate::colour::{Colour, rotate_rgb, rotation_of_display_matrix};
+use crate::colour::{Colour, Matrix, expand_limited_range, rotate_rgb, rotation_of_display_matrix};
 use crate::error::DecodeError;
 
 /// Default short side of stored frames, in pixels (smaller videos are never upscaled).
@@ -75,6 +77,12 @@ pub struct DecodeOptions {
     /// The caller needs the source frame rate (to thin frames with `--max-fps`): a file
     /// whose frame rate can be neither read nor derived fails instead of being kept whole.
     pub require_rate: bool,
+    /// Hand a frame over as [`Pixels::Yuv420`] instead of RGB when that needs no
+    /// conversion but the range: a 4:2:0 BT.601 source (tagged, or untagged below
+    /// [`crate::colour::HD_MIN_HEIGHT`]) stored at its own size, square pixels, no rotation.
+    /// Limited-range samples are expanded to full range, the rest is the decoder's own
+    /// planes. JPEG stores exactly that colour space, so an encoder skips RGB altogether.
+    pub yuv420: bool,
 }
 
 impl Default for DecodeOptions {
@@ -84,6 +92,7 @@ impl Default for DecodeOptions {
             strict_frame_count: false,
             stop_after_frames: None,
             require_rate: false,
+            yuv420: false,
         }
     }
 }
@@ -94,9 +103,9 @@ pub fn select_max_fps(max_fps: Option<f64>) -> impl FnMut(u64, f64) -> bool {
     move |i, source_fps| keep_frame(i, source_fps, max_fps)
 }
 
-/// A frame handed to the caller: RGB24 rows of `stride` bytes (at least `3 * width`).
+/// A frame handed to the caller.
 #[derive(Debug)]
-pub struct RgbFrame<'a> {
+pub struct Frame<'a> {
     /// Index among all decoded frames of the source.
     pub source_frame: u32,
     /// Presentation time in seconds, when the stream has timestamps.
@@ -105,10 +114,29 @@ pub struct RgbFrame<'a> {
     pub width: u32,
     /// Height in pixels.
     pub height: u32,
-    /// Bytes per row in `rgb`.
-    pub stride: usize,
-    /// RGB bytes, `stride` per row.
-    pub rgb: &'a [u8],
+    /// The pixels.
+    pub pixels: Pixels<'a>,
+}
+
+/// A frame's pixels.
+#[derive(Debug)]
+pub enum Pixels<'a> {
+    /// Packed RGB24 (full range), rows of `stride` bytes (at least `3 * width`).
+    Rgb {
+        /// The bytes, `stride` per row.
+        data: &'a [u8],
+        /// Bytes per row.
+        stride: usize,
+    },
+    /// Planes Y, Cb, Cr of full-range BT.601 YCbCr (JPEG's colour space), the chroma
+    /// planes `ceil(width / 2) x ceil(height / 2)`; rows of `strides[k]` bytes. Only with
+    /// [`DecodeOptions::yuv420`].
+    Yuv420 {
+        /// Y, Cb, Cr.
+        planes: [&'a [u8]; 3],
+        /// Bytes per row of each plane.
+        strides: [usize; 3],
+    },
 }
 
 /// What decoding a whole video found.
@@ -146,6 +174,8 @@ pub struct DecodeStats {
     pub rotation: u32,
     /// Non-fatal problems (decoder errors on some packets).
     pub warning: Option<String>,
+    /// How many of the frames handed over were [`Pixels::Yuv420`].
+    pub yuv420_frames: u32,
 }
 
 /// The size frames are stored at: the source `w x h` with its sample aspect ratio made
@@ -356,8 +386,9 @@ struct Converter {
 }
 
 /// Decodes every frame of `path` in order; frames for which `select(index, source_fps)`
-/// is true are resized, converted to RGB and handed to `on_frame` (the others cost only
-/// their decoding).
+/// is true are resized, converted to RGB (or to full-range YUV, see
+/// [`DecodeOptions::yuv420`]) and handed to `on_frame` (the others cost only their
+/// decoding).
 ///
 /// Every frame is scaled to the output size of the first: a stream whose resolution
 /// changes part-way keeps one size (a warning says so).
@@ -371,7 +402,7 @@ pub fn decode_video<S, F>(
 ) -> Result<DecodeStats, DecodeError>
 where
     S: FnMut(u64, f64) -> bool,
-    F: FnMut(&RgbFrame<'_>) -> Result<(), String>,
+    F: FnMut(&Frame<'_>) -> Result<(), String>,
 {
     init();
     let mut ictx = ffmpeg::format::input(path).map_err(|e| DecodeError::Open(e.to_string()))?;
@@ -437,6 +468,9 @@ where
         resized: Option<String>,
         colour: Option<Colour>,
         sar: f64,
+        /// Full-range planes of the current frame, when its source is limited-range.
+        yuv: [Vec<u8>; 3],
+        yuv_frames: u32,
     }
     let mut st = State {
         conv: None,
@@ -450,6 +484,8 @@ where
         resized: None,
         colour: None,
         sar: 1.0,
+        yuv: Default::default(),
+        yuv_frames: 0,
     };
     let mut packet_errors = 0u32;
     let mut first_packet_error: Option<String> = None;
@@ -507,6 +543,48 @@ where
             if !select(i, rate) {
                 continue;
             }
+            let direct = opts.yuv420
+                && rotation == 0
+                && (fw, fh) == st.scaled_size
+                && matches!(fmt, Pixel::YUV420P | Pixel::YUVJ420P)
+                && st.colour.is_some_and(|c| c.matrix == Matrix::Bt601);
+            if direct {
+                let (cw, ch) = (fw.div_ceil(2) as usize, fh.div_ceil(2) as usize);
+                let (w, h) = (fw as usize, fh as usize);
+                let full = st.colour.is_some_and(|c| c.full_range);
+                let pixels = if full {
+                    Pixels::Yuv420 {
+                        planes: [frame.data(0), frame.data(1), frame.data(2)],
+                        strides: [frame.stride(0), frame.stride(1), frame.stride(2)],
+                    }
+                } else {
+                    for (k, (pw, ph)) in [(w, h), (cw, ch), (cw, ch)].into_iter().enumerate() {
+                        expand_limited_range(
+                            frame.data(k),
+                            frame.stride(k),
+                            pw,
+                            ph,
+                            k == 0,
+                            &mut st.yuv[k],
+                        );
+                    }
+                    Pixels::Yuv420 {
+                        planes: [&st.yuv[0], &st.yuv[1], &st.yuv[2]],
+                        strides: [w, cw, cw],
+                    }
+                };
+                on_frame(&Frame {
+                    source_frame: i as u32,
+                    time_secs,
+                    width: fw,
+                    height: fh,
+                    pixels,
+                })
+                .map_err(DecodeError::Sink)?;
+                st.kept += 1;
+                st.yuv_frames += 1;
+                continue;
+            }
             if st.conv.as_ref().is_none_or(|c| c.src != (fmt, fw, fh)) {
                 let (ow, oh) = st.scaled_size;
                 let mut scaler = Scaler::get(fmt, fw, fh, Pixel::RGB24, ow, oh, Flags::BILINEAR)
@@ -528,25 +606,29 @@ where
                 .run(&frame, &mut c.out)
                 .map_err(|e| DecodeError::Decode(format!("scaling frame {i}: {e}")))?;
             let frame_out = if rotation == 0 {
-                RgbFrame {
+                Frame {
                     source_frame: i as u32,
                     time_secs,
                     width: c.out.width(),
                     height: c.out.height(),
-                    stride: c.out.stride(0),
-                    rgb: c.out.data(0),
+                    pixels: Pixels::Rgb {
+                        data: c.out.data(0),
+                        stride: c.out.stride(0),
+                    },
                 }
             } else {
                 let (w, h) = (c.out.width() as usize, c.out.height() as usize);
                 let (rgb, rw, rh) = rotate_rgb(c.out.data(0), w, h, c.out.stride(0), rotation);
                 c.rotated = rgb;
-                RgbFrame {
+                Frame {
                     source_frame: i as u32,
                     time_secs,
                     width: rw as u32,
                     height: rh as u32,
-                    stride: rw * 3,
-                    rgb: &c.rotated,
+                    pixels: Pixels::Rgb {
+                        data: &c.rotated,
+                        stride: rw * 3,
+                    },
                 }
             };
             on_frame(&frame_out).map_err(DecodeError::Sink)?;
@@ -702,6 +784,7 @@ where
         sample_aspect: st.sar,
         rotation,
         warning: (!warnings.is_empty()).then(|| warnings.join("; ")),
+        yuv420_frames: st.yuv_frames,
     })
 }
 

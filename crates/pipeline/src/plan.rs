@@ -28,6 +28,11 @@ pub struct ContentOptions {
     pub shard_target_bytes: u64,
     /// Fail on any shortfall against the container's declared frame count.
     pub strict_frame_count: bool,
+    /// Encode every JPEG from RGB, even where the decoder's YUV planes can be stored as
+    /// they are (4:2:0 BT.601 at its own size; see `DecodeOptions::yuv420`). Off by
+    /// default; the two routes differ by rounding only.
+    #[serde(default)]
+    pub jpeg_via_rgb: bool,
 }
 
 /// Default JPEG quality.
@@ -45,6 +50,7 @@ impl Default for ContentOptions {
             split_rule: "paper".into(),
             shard_target_bytes: DEFAULT_SHARD_TARGET_BYTES,
             strict_frame_count: false,
+            jpeg_via_rgb: false,
         }
     }
 }

@@ -25,7 +25,7 @@ use vdg_data::shard::{
 use vdg_data::{EncodedFrame, ShardMeta, VideoRow, VideoStatus};
 
 use crate::buffer::{DEFAULT_MEMORY_FRAMES, FrameBuffer};
-use crate::decode::{DecodeOptions, DecodeStats, decode_video, keep_frame};
+use crate::decode::{DecodeOptions, DecodeStats, Pixels, decode_video, keep_frame};
 use crate::error::{Error, Result};
 use crate::plan::{ContentOptions, PartInfo, Plan, PlanItem};
 
@@ -886,6 +886,7 @@ pub fn process_unit(
         strict_frame_count: opts.strict_frame_count,
         stop_after_frames: last.checked_add(1),
         require_rate: opts.max_fps.is_some(),
+        yuv420: !opts.jpeg_via_rgb,
     };
     let max_fps = opts.max_fps;
     let wants = |i: u64, fps: f64, &(_, start, end): &(usize, u64, u64)| {
@@ -901,19 +902,30 @@ pub fn process_unit(
                 Some(e) => e,
                 None => encoder.insert(crate::jpeg::JpegEncoder::new(opts.jpeg_quality)?),
             };
-            let jpeg = enc.encode_rgb(f.rgb, f.width, f.height, f.stride)?;
+            let mut jpeg = match f.pixels {
+                Pixels::Rgb { data, stride } => enc.encode_rgb(data, f.width, f.height, stride)?,
+                Pixels::Yuv420 { planes, strides } => {
+                    enc.encode_yuv420(planes, strides, f.width, f.height)?
+                }
+            };
             let i = u64::from(f.source_frame);
             // `f` is only handed over when some clip wants it; fps is known by then.
-            let targets: Vec<usize> = wanted
+            let mut targets = wanted
                 .iter()
                 .filter(|w| i >= w.1 && i <= w.2)
                 .map(|w| w.0)
-                .collect();
-            for t in targets {
+                .peekable();
+            while let Some(t) = targets.next() {
+                // The last (usually the only) clip wanting the frame takes the bytes.
+                let jpeg = if targets.peek().is_some() {
+                    jpeg.clone()
+                } else {
+                    std::mem::take(&mut jpeg)
+                };
                 out[t].1.push(EncodedFrame {
                     source_frame: f.source_frame,
                     time_secs: f.time_secs,
-                    jpeg: jpeg.clone(),
+                    jpeg,
                 })?;
             }
             Ok(())
