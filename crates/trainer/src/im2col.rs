@@ -15,7 +15,10 @@
 //! scattered back by [`Col2Vol`] (the adjoint of step 2, gathering per input frame:
 //! race-free in parallel) and transposed, the kernel gradient as `cols^T x rows` with the
 //! columns recomputed already transposed by [`Vol2ColT`]; nothing of the forward pass but
-//! `x` and the kernel is kept. Measured in BENCHMARKS.md ("Convolution backward"): the
+//! `x` and the kernel is kept. Large batches are differentiated in chunks of images so that
+//! no column buffer exceeds 256 MB (a ResNet-18 stem at 200 images would build 1.5 GB ones;
+//! `CHUNK_FLOATS`). With a fused ReLU (`conv(.., relu: true)`) the output is clamped in the
+//! same pass and the backward masks the gradient by the output. Measured in BENCHMARKS.md ("Convolution backward"): the
 //! earlier channel-major lowering (strided reads and writes, one `conv2d` per temporal tap on
 //! strided slices) cost 3-6x its forward in backward, this one 2.1-2.8x. CPU only, float32
 //! and float64; other devices and dtypes keep candle's `conv2d` (see `nn3d::conv2d`).
@@ -382,8 +385,28 @@ impl CustomOp1 for Col2Vol {
 /// recomputes the columns from `x` (one memory pass, cheaper than keeping 9-27 copies of the
 /// input alive), and skips the gradient of an argument that is not tracked (a network's
 /// first layer on images; the ascent passes of ADA on a detached twin).
+/// Largest column buffer the backward builds at once, in entries (256 MB of float32);
+/// larger batches are differentiated in chunks of images.
+const CHUNK_FLOATS: usize = 1 << 26;
+
+#[cfg(test)]
+thread_local! {
+    /// Tests set a tiny chunk to exercise the chunked backward on small inputs.
+    pub(crate) static CHUNK_FLOATS_OVERRIDE: std::cell::Cell<Option<usize>> =
+        const { std::cell::Cell::new(None) };
+}
+
+fn chunk_floats() -> usize {
+    #[cfg(test)]
+    if let Some(n) = CHUNK_FLOATS_OVERRIDE.with(|c| c.get()) {
+        return n;
+    }
+    CHUNK_FLOATS
+}
+
 #[derive(Debug, Clone, Copy)]
-struct Convolution(Geometry);
+/// The convolution of a geometry; with `.1`, a ReLU applied to its output in the same op.
+struct Convolution(Geometry, bool);
 
 impl Convolution {
     fn transpose_in(&self) -> FrameTranspose {
@@ -417,10 +440,16 @@ impl Convolution {
             cols: co,
         }
         .run(y);
-        if let Some(bias) = bias {
+        let relu = self.1;
+        if bias.is_some() || relu {
+            let zero = T::zero();
             out.par_chunks_mut(ho * wo * co).for_each(|frame| {
-                for (plane, &b) in frame.chunks_mut(ho * wo).zip(bias) {
-                    plane.iter_mut().for_each(|v| *v += b);
+                for (c, plane) in frame.chunks_mut(ho * wo).enumerate() {
+                    let b = bias.map_or(zero, |b| b[c]);
+                    for v in plane.iter_mut() {
+                        let y = *v + b;
+                        *v = if !relu || y > zero { y } else { zero };
+                    }
                 }
             });
         }
@@ -489,6 +518,15 @@ impl Convolution {
         Ok((out, self.shape(co)))
     }
 
+    /// The output gradient before the fused ReLU (masked by the output), or as it is.
+    fn through_relu(&self, grad: &Tensor, res: &Tensor) -> candle_core::Result<Tensor> {
+        if self.1 {
+            crate::fused::relu_grad(grad, res)
+        } else {
+            Ok(grad.clone())
+        }
+    }
+
     /// Gradients of `x`, the kernel and (with `bias`) the bias, each only when tracked.
     fn grads(
         &self,
@@ -510,25 +548,54 @@ impl Convolution {
                 cols: ho * wo,
             })?
             .reshape((g.rows(), co))?;
-        let dx = if x.track_op() {
-            let dx = rows
-                .matmul(&wk.detach())?
-                .apply_op1_no_bwd(&Col2Vol(g))?
-                .reshape((g.b * g.t, g.h * g.w, g.c))?
-                .apply_op1_no_bwd(&FrameTranspose {
-                    rows: g.h * g.w,
-                    cols: g.c,
-                })?;
+        // Image by image in chunks of at most CHUNK_FLOATS column entries: the columns are
+        // the backward's largest buffers (a ResNet-18 stem at 200 images: 1.5 GB each).
+        let per_image = to * ho * wo * g.cols();
+        let chunk = (chunk_floats() / per_image.max(1)).clamp(1, g.b.max(1));
+        let rows_per_image = to * ho * wo;
+        let (want_dx, want_dw) = (x.track_op(), wk.track_op());
+        let x = x.detach().contiguous()?;
+        let mut dx_parts = Vec::new();
+        let mut dw: Option<Tensor> = None;
+        for start in (0..g.b).step_by(chunk) {
+            let n = chunk.min(g.b - start);
+            let gc = Geometry { b: n, ..g };
+            let rows_c = rows.narrow(0, start * rows_per_image, n * rows_per_image)?;
+            if want_dx {
+                let dx = rows_c
+                    .matmul(&wk.detach())?
+                    .apply_op1_no_bwd(&Col2Vol(gc))?
+                    .reshape((n * g.t, g.h * g.w, g.c))?
+                    .apply_op1_no_bwd(&FrameTranspose {
+                        rows: g.h * g.w,
+                        cols: g.c,
+                    })?;
+                dx_parts.push(dx.reshape((n, g.t * g.c * g.h * g.w))?);
+            }
+            if want_dw {
+                // [K, R] x [R, C_out], transposed back to the kernel's [C_out, K] below.
+                let xc = x.narrow(0, start, n)?.contiguous()?;
+                let cols_t = xc.apply_op1_no_bwd(&Vol2ColT(gc))?;
+                let part = cols_t.matmul(&rows_c)?;
+                dw = Some(match dw {
+                    Some(acc) => (acc + part)?,
+                    None => part,
+                });
+            }
+        }
+        let dx = if want_dx {
+            let dx = if dx_parts.len() == 1 {
+                dx_parts.remove(0)
+            } else {
+                Tensor::cat(&dx_parts, 0)?
+            };
             Some(dx.reshape(x.shape())?)
         } else {
             None
         };
-        let dw = if wk.track_op() {
-            // [K, R] x [R, C_out], transposed back to the kernel's [C_out, K].
-            let cols_t = x.detach().contiguous()?.apply_op1_no_bwd(&Vol2ColT(g))?;
-            Some(cols_t.matmul(&rows)?.t()?.contiguous()?)
-        } else {
-            None
+        let dw = match dw {
+            Some(dw) => Some(dw.t()?.contiguous()?),
+            None => None,
         };
         let db = match bias {
             Some(b) if b.track_op() => Some(rows.sum(0)?),
@@ -557,10 +624,11 @@ impl candle_core::CustomOp2 for Convolution {
         &self,
         x: &Tensor,
         wk: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let [dx, dw, _] = self.grads(x, wk, None, grad)?;
+        let grad = self.through_relu(grad, res)?;
+        let [dx, dw, _] = self.grads(x, wk, None, &grad)?;
         Ok((dx, dw))
     }
 }
@@ -590,22 +658,25 @@ impl candle_core::CustomOp3 for Convolution {
         x: &Tensor,
         wk: &Tensor,
         bias: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let [dx, dw, db] = self.grads(x, wk, Some(bias), grad)?;
+        let grad = self.through_relu(grad, res)?;
+        let [dx, dw, db] = self.grads(x, wk, Some(bias), &grad)?;
         Ok((dx, dw, db))
     }
 }
 
 /// A convolution through the lowering: `x [B, T, C, H, W]`, `w [C_out, C, kt, kh, kw]`,
-/// optional `bias [C_out]` -> `[B, To, C_out, Ho, Wo]` (the geometry's output).
+/// optional `bias [C_out]` -> `[B, To, C_out, Ho, Wo]` (the geometry's output), then a ReLU
+/// when `relu` (in the same op: only the output is kept, and its backward masks by it).
 /// CPU, float32 or float64, any layouts.
 pub fn conv(
     x: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
     g: Geometry,
+    relu: bool,
 ) -> crate::error::Result<Tensor> {
     let co = w.dim(0)?;
     // The kernel in the columns' order (a, p, q, c).
@@ -615,7 +686,7 @@ pub fn conv(
         .reshape((co, g.cols()))?;
     let x = x.contiguous()?;
     Ok(match bias {
-        Some(b) => x.apply_op3(&wk, &b.contiguous()?, Convolution(g))?,
-        None => x.apply_op2(&wk, Convolution(g))?,
+        Some(b) => x.apply_op3(&wk, &b.contiguous()?, Convolution(g, relu))?,
+        None => x.apply_op2(&wk, Convolution(g, relu))?,
     })
 }

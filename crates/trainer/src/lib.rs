@@ -46,6 +46,7 @@ pub mod error;
 pub mod evaluate;
 pub mod features;
 pub mod frames;
+pub mod fused;
 pub mod im2col;
 pub mod image_ada;
 pub mod init;

@@ -185,7 +185,7 @@ pub fn conv3d(x: &Tensor, w: &Tensor, cfg: &Conv3dConfig) -> Result<Tensor> {
                 out_len(wd, kw, sw, pw, dw)?,
             ],
         };
-        return crate::im2col::conv(x, w, None, g);
+        return crate::im2col::conv(x, w, None, g, false);
     }
     if sh != sw || dh != dw {
         return Err(Error::Config(format!(
@@ -270,37 +270,7 @@ pub fn conv2d_bias(
     };
     let (co, ci, kh, kw) = w.dims4()?;
     if (kh != 1 || kw != 1) && lowers(x) {
-        let (n, c, h, wd) = x.dims4()?;
-        if c != ci {
-            return Err(Error::Config(format!(
-                "conv2d: input has {c} channels, the kernel expects {ci}"
-            )));
-        }
-        let g = crate::im2col::Geometry {
-            b: n,
-            t: 1,
-            c,
-            h,
-            w: wd,
-            k: [1, kh, kw],
-            stride: [1, stride, stride],
-            padding: [0, padding, padding],
-            dilation: [1, dilation, dilation],
-            out: [
-                1,
-                out_len(h, kh, stride, padding, dilation)?,
-                out_len(wd, kw, stride, padding, dilation)?,
-            ],
-        };
-        let [_, ho, wo] = g.out;
-        // One GEMM for the batch: [N*Ho*Wo, K] x [K, C_out], then back to channels-first.
-        let y = crate::im2col::conv(
-            &x.reshape((n, 1, c, h, wd))?,
-            &w.reshape((co, ci, 1, kh, kw))?,
-            bias,
-            g,
-        )?;
-        return Ok(y.reshape((n, co, ho, wo))?);
+        return lowered_conv2d(x, w, bias, padding, stride, dilation, false);
     }
     if kh != 1 || kw != 1 {
         // candle 0.11's conv2d backward derives the transposed convolution's output padding
@@ -353,6 +323,72 @@ pub fn conv2d_bias(
         .reshape((n * ho * wo, c))?;
     let y = rows_bias(rows.matmul(&w2.t()?)?)?.reshape((n, ho * wo, co))?;
     Ok(y.transpose(1, 2)?.contiguous()?.reshape((n, co, ho, wo))?)
+}
+
+/// A 2-D convolution (kernel larger than 1x1) through [`crate::im2col`], the ReLU fused
+/// when `relu`.
+fn lowered_conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+    relu: bool,
+) -> Result<Tensor> {
+    let (co, ci, kh, kw) = w.dims4()?;
+    let (n, c, h, wd) = x.dims4()?;
+    if c != ci {
+        return Err(Error::Config(format!(
+            "conv2d: input has {c} channels, the kernel expects {ci}"
+        )));
+    }
+    let g = crate::im2col::Geometry {
+        b: n,
+        t: 1,
+        c,
+        h,
+        w: wd,
+        k: [1, kh, kw],
+        stride: [1, stride, stride],
+        padding: [0, padding, padding],
+        dilation: [1, dilation, dilation],
+        out: [
+            1,
+            out_len(h, kh, stride, padding, dilation)?,
+            out_len(wd, kw, stride, padding, dilation)?,
+        ],
+    };
+    let [_, ho, wo] = g.out;
+    // One GEMM for the batch: [N*Ho*Wo, K] x [K, C_out], then back to channels-first.
+    let y = crate::im2col::conv(
+        &x.reshape((n, 1, c, h, wd))?,
+        &w.reshape((co, ci, 1, kh, kw))?,
+        bias,
+        g,
+        relu,
+    )?;
+    Ok(y.reshape((n, co, ho, wo))?)
+}
+
+/// `relu(conv2d_bias(..))`; where the convolution is lowered (CPU, kernels larger than 1x1,
+/// no mixed precision) the ReLU is part of the convolution's op, so the activation before it
+/// is never kept (a folded BatchNorm's convolution followed by a ReLU, in ResNet blocks).
+pub fn conv2d_bias_relu(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+) -> Result<Tensor> {
+    let (_, _, kh, kw) = w.dims4()?;
+    let autocast =
+        AUTOCAST.with(|c| c.get()).is_some_and(|dt| dt != x.dtype()) && x.dtype() == DType::F32;
+    if !autocast && (kh != 1 || kw != 1) && lowers(x) {
+        return lowered_conv2d(x, w, bias, padding, stride, dilation, true);
+    }
+    Ok(conv2d_bias(x, w, bias, padding, stride, dilation)?.relu()?)
 }
 
 /// Whether a convolution of `x` goes through [`crate::im2col`]: float32 or float64 on the CPU.
@@ -892,6 +928,37 @@ mod tests {
             })
             .unwrap();
             assert!(err < 1e-6, "{what} gradient: {err}");
+        }
+    }
+
+    /// The backward differentiated image by image (chunks of one) equals the whole-batch
+    /// one, for a strided 2-D convolution with bias and the fused ReLU and for a 3-D one.
+    #[test]
+    fn chunked_backward_equals_the_whole_batch_backward() {
+        use candle_core::Var;
+        let dev = Device::Cpu;
+        let var = |dims: &[usize], seed| {
+            Var::from_tensor(&seeded_randn(dims, seed, DType::F64, &dev).unwrap()).unwrap()
+        };
+        let (x, w, b) = (var(&[3, 4, 9, 8], 1), var(&[5, 4, 3, 3], 2), var(&[5], 3));
+        let (x3, w3) = (var(&[3, 4, 2, 6, 5], 4), var(&[3, 2, 3, 3, 3], 5));
+        let run = |chunk: Option<usize>| -> Vec<Vec<f64>> {
+            crate::im2col::CHUNK_FLOATS_OVERRIDE.with(|c| c.set(chunk));
+            let y = conv2d_bias_relu(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()), 1, 2, 1)
+                .unwrap();
+            let y3 = conv3d(x3.as_tensor(), w3.as_tensor(), &CASES[0]).unwrap();
+            let loss = (project(&y, 6).unwrap() + project(&y3, 7).unwrap()).unwrap();
+            let g = loss.backward().unwrap();
+            crate::im2col::CHUNK_FLOATS_OVERRIDE.with(|c| c.set(None));
+            [&x, &w, &b, &x3, &w3]
+                .iter()
+                .map(|v| vec(&g.get(v.as_tensor()).unwrap().flatten_all().unwrap()))
+                .collect()
+        };
+        let (whole, chunked) = (run(None), run(Some(1)));
+        for (k, (a, b)) in whole.iter().zip(&chunked).enumerate() {
+            assert_close(a, b, &format!("gradient {k}"));
+            assert!(a.iter().any(|v| *v != 0.0), "gradient {k} is zero");
         }
     }
 

@@ -75,7 +75,7 @@ impl Block3d {
             Some((c, b)) => batch_norm_frames(b, &c.forward(x)?, false)?,
             None => x.clone(),
         };
-        let out = (y + skip)?.relu()?;
+        let out = crate::fused::add_relu(&y, &skip)?;
         match &self.non_local {
             Some(nl) => nl.forward(&out, train),
             None => Ok(out),

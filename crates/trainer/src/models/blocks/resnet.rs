@@ -41,37 +41,20 @@ fn apply(c: &Conv2d, x: &Tensor) -> candle_core::Result<Tensor> {
         .map_err(candle_core::Error::wrap)
 }
 
-/// A convolution followed by a BatchNorm on its running statistics. With `fold` (inference:
-/// `vdg features`, evaluation) the BatchNorm's per-channel affine map is folded into the
-/// convolution's weights and a bias (`w * s`, `beta - mean * s`, `s = gamma / sqrt(var +
-/// eps)`): the same function, without BatchNorm's four broadcast passes over the activation
-/// (on `[8, 256, 56, 56]` those cost about as much as a 1x1 convolution; BENCHMARKS.md).
-fn conv_bn(c: &Conv2d, b: &BatchNorm, x: &Tensor, fold: bool) -> candle_core::Result<Tensor> {
-    conv_bn_act(c, b, x, fold, false)
-}
-
-/// [`conv_bn`], then a ReLU when `relu` (fused into the BatchNorm op in training).
-fn conv_bn_act(
+/// A convolution followed by a BatchNorm on its running statistics (every block's, in
+/// training too: partial BN), then a ReLU when `relu`: the BatchNorm's per-channel affine map
+/// folded into the convolution's weights and a bias (`w * s`, `beta - mean * s`, `s = gamma /
+/// sqrt(var + eps)`), the same function with the same gradients (they reach `w`, `gamma` and
+/// `beta` through the fold). One operation, one kept activation: BatchNorm's own node and its
+/// output are gone (its four broadcast passes over the activation cost about as much as a
+/// 1x1 convolution on `[8, 256, 56, 56]`; BENCHMARKS.md), and where the convolution is
+/// lowered the ReLU is fused into it ([`crate::nn3d::conv2d_bias_relu`]).
+fn conv_bn_folded(
     c: &Conv2d,
     b: &BatchNorm,
     x: &Tensor,
-    fold: bool,
     relu: bool,
 ) -> candle_core::Result<Tensor> {
-    if !fold {
-        let y = apply(c, x)?;
-        let y = if relu {
-            crate::batchnorm::forward_relu(b, &y, false)
-        } else {
-            crate::batchnorm::forward(b, &y, false)
-        };
-        return y.map_err(candle_core::Error::wrap);
-    }
-    let y = conv_bn_folded(c, b, x)?;
-    if relu { y.relu() } else { Ok(y) }
-}
-
-fn conv_bn_folded(c: &Conv2d, b: &BatchNorm, x: &Tensor) -> candle_core::Result<Tensor> {
     let s = (b.running_var() + b.eps())?.sqrt()?.recip()?;
     let (s, shift) = match b.weight_and_bias() {
         Some((gamma, beta)) => {
@@ -88,8 +71,13 @@ fn conv_bn_folded(c: &Conv2d, b: &BatchNorm, x: &Tensor) -> candle_core::Result<
         .weight()
         .broadcast_mul(&s.reshape((s.elem_count(), 1, 1, 1))?)?;
     let cfg = c.config();
-    crate::nn3d::conv2d_bias(x, &w, Some(&shift), cfg.padding, cfg.stride, cfg.dilation)
-        .map_err(candle_core::Error::wrap)
+    let (p, st, d) = (cfg.padding, cfg.stride, cfg.dilation);
+    let y = if relu {
+        crate::nn3d::conv2d_bias_relu(x, &w, Some(&shift), p, st, d)
+    } else {
+        crate::nn3d::conv2d_bias(x, &w, Some(&shift), p, st, d)
+    };
+    y.map_err(candle_core::Error::wrap)
 }
 
 pub(crate) struct Block {
@@ -100,11 +88,15 @@ pub(crate) struct Block {
 impl Block {
     /// The block; `branch_input` maps the input before the residual branch (TSM's shift),
     /// the identity path keeps the unshifted input.
+    ///
+    /// Partial BN: these BatchNorms always use their running statistics, so training and
+    /// inference both fold them into the convolutions ([`conv_bn_folded`]); the residual sum
+    /// and its ReLU are one op ([`crate::fused::add_relu`]). A block keeps one activation per
+    /// convolution plus its output (six before the folding and fusing).
     fn forward(
         &self,
         x: &Tensor,
         branch_input: Option<BranchInput<'_>>,
-        fold: bool,
     ) -> candle_core::Result<Tensor> {
         let mut y = match branch_input {
             Some(f) => f(x)?,
@@ -112,14 +104,13 @@ impl Block {
         };
         let n = self.convs.len();
         for (i, (c, b)) in self.convs.iter().enumerate() {
-            // Partial BN: these BatchNorms always use their running statistics.
-            y = conv_bn_act(c, b, &y, fold, i + 1 < n)?;
+            y = conv_bn_folded(c, b, &y, i + 1 < n)?;
         }
         let skip = match &self.downsample {
-            Some((c, b)) => conv_bn(c, b, x, fold)?,
+            Some((c, b)) => conv_bn_folded(c, b, x, false)?,
             None => x.clone(),
         };
-        (y + skip)?.relu()
+        crate::fused::add_relu(&y, &skip).map_err(candle_core::Error::wrap)
     }
 }
 
@@ -236,20 +227,20 @@ impl ResNet {
         train: bool,
         branch_input: Option<BranchInput<'_>>,
     ) -> Result<Vec<Tensor>> {
-        // Inference folds every BatchNorm into its convolution; training keeps them (the
-        // stem's BatchNorm trains, and the folded form's gradients cost more in candle).
+        // The stem's BatchNorm trains on batch statistics (the one partial BN leaves
+        // training); inference folds it like every other.
         let x = if train {
             crate::batchnorm::forward_relu(&self.bn1, &apply(&self.conv1, x)?, true)
                 .map_err(candle_core::Error::wrap)?
         } else {
-            conv_bn_act(&self.conv1, &self.bn1, x, true, true)?
+            conv_bn_folded(&self.conv1, &self.bn1, x, true)?
         };
         // candle's max_pool2d has no gradient for overlapping windows; this one does.
         let mut x = crate::nn3d::max_pool2d(&x, 3, 2, 1)?;
         let mut stages = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
             for block in layer {
-                x = block.forward(&x, branch_input, !train)?;
+                x = block.forward(&x, branch_input)?;
             }
             stages.push(x.clone());
         }
@@ -273,12 +264,14 @@ impl ModuleT for ResNet {
 mod tests {
     use super::*;
 
-    /// Folding a BatchNorm into its convolution changes nothing: every convolution of a
-    /// ResNet-50 (3x3, 1x1 on large and small maps, strided, the 7x7 stem) with random
-    /// running statistics, gains and shifts, folded and not, in float64.
+    /// Folding a BatchNorm into its convolution changes nothing, values or gradients: every
+    /// convolution of a ResNet-50 (3x3, 1x1 on large and small maps, strided, the 7x7 stem)
+    /// with random running statistics, gains and shifts, folded and not, with and without
+    /// the ReLU (fused into the lowered convolution), in float64. Gradients of the input,
+    /// the kernel, the gain and the shift are compared on a subset (every third pair).
     #[test]
     fn folded_batch_norm_equals_batch_norm_on_running_statistics() {
-        use candle_core::{DType, Device};
+        use candle_core::{DType, Device, Var};
         let dev = Device::Cpu;
         let vm = candle_nn::VarMap::new();
         let net = ResNet::resnet50(VarBuilder::from_varmap(&vm, DType::F64, &dev)).unwrap();
@@ -306,6 +299,21 @@ mod tests {
             }
         }
         assert!(pairs.len() > 50);
+        let max_abs = |t: &Tensor| -> f64 {
+            t.abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let close = |a: &Tensor, b: &Tensor, what: &str| {
+            let d = max_abs(&(a - b).unwrap());
+            let scale = max_abs(a).max(1.0);
+            assert!(d <= 1e-10 * scale, "{what}: {d} (scale {scale})");
+        };
         for (i, (c, b)) in pairs.into_iter().enumerate() {
             let cin = c.weight().dim(1).unwrap();
             // A large map (16x16 -> the 1x1 per-image path) and a small one (5x5).
@@ -313,25 +321,47 @@ mod tests {
                 let x =
                     crate::init::seeded_randn(&[2, cin, side, side], i as u64, DType::F64, &dev)
                         .unwrap();
-                let plain = conv_bn(c, b, &x, false).unwrap();
-                let folded = conv_bn(c, b, &x, true).unwrap();
-                let scale = plain
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap();
-                let d = (&plain - &folded)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap();
-                assert!(
-                    d.to_scalar::<f64>().unwrap() <= 1e-10 * scale.max(1.0),
-                    "conv {i}"
-                );
+                let x = Var::from_tensor(&x).unwrap();
+                for relu in [false, true] {
+                    let bn = crate::batchnorm::forward(b, &apply(c, x.as_tensor()).unwrap(), false)
+                        .unwrap();
+                    let plain = if relu { bn.relu().unwrap() } else { bn };
+                    let folded = conv_bn_folded(c, b, x.as_tensor(), relu).unwrap();
+                    close(
+                        &plain,
+                        &folded,
+                        &format!("conv {i} side {side} relu {relu}"),
+                    );
+                    if i % 3 != 0 || side != 5 {
+                        continue;
+                    }
+                    let r = crate::init::seeded_randn(plain.dims(), 7, DType::F64, &dev).unwrap();
+                    let g1 = (&plain * &r)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .backward()
+                        .unwrap();
+                    let g2 = (&folded * &r)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .backward()
+                        .unwrap();
+                    let (gamma, beta) = b.weight_and_bias().unwrap();
+                    for (t, what) in [
+                        (x.as_tensor(), "input"),
+                        (c.weight(), "kernel"),
+                        (gamma, "gain"),
+                        (beta, "shift"),
+                    ] {
+                        close(
+                            g1.get(t).unwrap(),
+                            g2.get(t).unwrap(),
+                            &format!("conv {i} relu {relu}: gradient of the {what}"),
+                        );
+                    }
+                }
             }
         }
     }
