@@ -41,13 +41,34 @@ fn apply(c: &Conv2d, x: &Tensor) -> candle_core::Result<Tensor> {
         .map_err(candle_core::Error::wrap)
 }
 
-/// A convolution followed by a BatchNorm on its running statistics (every block's, in
-/// training too: partial BN), then a ReLU when `relu`: the BatchNorm's per-channel affine map
-/// folded into the convolution's weights and a bias (`w * s`, `beta - mean * s`, `s = gamma /
-/// sqrt(var + eps)`), the same function with the same gradients (they reach `w`, `gamma` and
-/// `beta` through the fold). One operation, one kept activation: BatchNorm's own node and its
-/// output are gone (its four broadcast passes over the activation cost about as much as a
-/// 1x1 convolution on `[8, 256, 56, 56]`; BENCHMARKS.md), and where the convolution is
+/// A convolution, a BatchNorm on its running statistics and, when `relu`, a ReLU: with
+/// `fold` (inference) as [`conv_bn_folded`], else the convolution and one BatchNorm op (the
+/// ReLU fused into it).
+fn conv_bn_act(
+    c: &Conv2d,
+    b: &BatchNorm,
+    x: &Tensor,
+    fold: bool,
+    relu: bool,
+) -> candle_core::Result<Tensor> {
+    if fold {
+        return conv_bn_folded(c, b, x, relu);
+    }
+    let y = apply(c, x)?;
+    let y = if relu {
+        crate::batchnorm::forward_relu(b, &y, false)
+    } else {
+        crate::batchnorm::forward(b, &y, false)
+    };
+    y.map_err(candle_core::Error::wrap)
+}
+
+/// A convolution followed by a BatchNorm on its running statistics, then a ReLU when `relu`:
+/// the BatchNorm's per-channel affine map folded into the convolution's weights and a bias
+/// (`w * s`, `beta - mean * s`, `s = gamma / sqrt(var + eps)`), the same function with the
+/// same gradients (they reach `w`, `gamma` and `beta` through the fold). One operation, one
+/// kept activation (BatchNorm's four broadcast passes over the activation cost about as much
+/// as a 1x1 convolution on `[8, 256, 56, 56]`; BENCHMARKS.md), and where the convolution is
 /// lowered the ReLU is fused into it ([`crate::nn3d::conv2d_bias_relu`]).
 fn conv_bn_folded(
     c: &Conv2d,
@@ -89,14 +110,17 @@ impl Block {
     /// The block; `branch_input` maps the input before the residual branch (TSM's shift),
     /// the identity path keeps the unshifted input.
     ///
-    /// Partial BN: these BatchNorms always use their running statistics, so training and
-    /// inference both fold them into the convolutions ([`conv_bn_folded`]); the residual sum
-    /// and its ReLU are one op ([`crate::fused::add_relu`]). A block keeps one activation per
-    /// convolution plus its output (six before the folding and fusing).
+    /// Partial BN: these BatchNorms always use their running statistics. Inference (`fold`)
+    /// folds them into the convolutions ([`conv_bn_folded`]); training keeps them as one
+    /// op each (`crate::batchnorm`, the ReLU fused where one follows): folding in training
+    /// too kept fewer activations but made a ResNet-50 step at 64 px 21-37 % slower (the
+    /// fold's backward over every weight; BENCHMARKS.md, "Training memory"). The residual
+    /// sum and its ReLU are one op ([`crate::fused::add_relu`]) either way.
     fn forward(
         &self,
         x: &Tensor,
         branch_input: Option<BranchInput<'_>>,
+        fold: bool,
     ) -> candle_core::Result<Tensor> {
         let mut y = match branch_input {
             Some(f) => f(x)?,
@@ -104,10 +128,10 @@ impl Block {
         };
         let n = self.convs.len();
         for (i, (c, b)) in self.convs.iter().enumerate() {
-            y = conv_bn_folded(c, b, &y, i + 1 < n)?;
+            y = conv_bn_act(c, b, &y, fold, i + 1 < n)?;
         }
         let skip = match &self.downsample {
-            Some((c, b)) => conv_bn_folded(c, b, x, false)?,
+            Some((c, b)) => conv_bn_act(c, b, x, fold, false)?,
             None => x.clone(),
         };
         crate::fused::add_relu(&y, &skip).map_err(candle_core::Error::wrap)
@@ -240,7 +264,7 @@ impl ResNet {
         let mut stages = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
             for block in layer {
-                x = block.forward(&x, branch_input)?;
+                x = block.forward(&x, branch_input, !train)?;
             }
             stages.push(x.clone());
         }
