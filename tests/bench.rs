@@ -102,7 +102,8 @@ fn bench_run_writes_all_four_reports_and_resumes() {
     let html = std::fs::read_to_string(out.join("leaderboard.html")).unwrap();
     assert!(html.contains("<svg") && !html.contains("<script src") && !html.contains("https://"));
 
-    // Interrupted: one run lost its results. The rerun trains that one only.
+    // Interrupted: one run lost its results. The rerun trains that one only (in this
+    // process, `--jobs 1`, so its log says what it did).
     let some_run = out.join("runs/synthetic/source_to_target/apn/none/seed-0");
     std::fs::remove_file(some_run.join("metrics.json")).unwrap();
     std::fs::remove_file(some_run.join("bench.json")).unwrap();
@@ -119,6 +120,8 @@ fn bench_run_writes_all_four_reports_and_resumes() {
         "1",
         "--models",
         "tsn,apn",
+        "--jobs",
+        "1",
     ]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
@@ -297,8 +300,13 @@ fn bench_plan_parts_and_report_match_one_run() {
         c
     };
     let single = tmp.path().join("single");
-    let o = with("run", &single, &[]).output().unwrap();
+    let o = with("run", &single, &["--jobs", "1"]).output().unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // The same bench with two worker processes (`--jobs 2`) in one command.
+    let jobs = tmp.path().join("jobs");
+    let o = with("run", &jobs, &["--jobs", "2"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(jobs.join("leaderboard.md").exists());
 
     let shared = tmp.path().join("shared");
     // Workers before the plan: refused (the data is made once, by the plan).
@@ -365,6 +373,7 @@ fn bench_plan_parts_and_report_match_one_run() {
             m
         };
         assert_eq!(metrics(&shared), metrics(&single), "{run}");
+        assert_eq!(metrics(&jobs), metrics(&single), "{run} with --jobs 2");
     }
 }
 
@@ -373,6 +382,15 @@ fn bench_plan_parts_and_report_match_one_run() {
 #[cfg(unix)]
 #[test]
 fn one_sigint_stops_a_bench_that_prepared_its_data() {
+    // In one process, and with worker processes (which the bench must stop with it: their
+    // stderr is this pipe, so a worker left running would hold `wait_with_output` up).
+    for jobs in ["1", "2"] {
+        one_sigint_stops_a_bench(jobs);
+    }
+}
+
+#[cfg(unix)]
+fn one_sigint_stops_a_bench(jobs: &str) {
     use std::os::unix::process::ExitStatusExt;
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("b");
@@ -381,6 +399,7 @@ fn one_sigint_stops_a_bench_that_prepared_its_data() {
         .arg(&out)
         .args([
             "--scale", "tiny", "--seeds", "3", "--epochs", "3", "--models", "tsn,apn", "-q",
+            "--jobs", jobs,
         ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -396,6 +415,53 @@ fn one_sigint_stops_a_bench_that_prepared_its_data() {
         .args(["-INT", &child.id().to_string()])
         .status();
     let o = child.wait_with_output().unwrap();
-    assert_eq!(o.status.signal(), Some(2), "{}", text(&o));
+    assert_eq!(o.status.signal(), Some(2), "--jobs {jobs}: {}", text(&o));
     assert!(!out.join("leaderboard.md").exists());
+    // Nothing trains on after the bench stopped.
+    let before = walk_count(&out);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert_eq!(
+        walk_count(&out),
+        before,
+        "--jobs {jobs}: files still appear"
+    );
+    // Workers left running would have finished all 24 cells first.
+    let finished = count_named(&out.join("runs"), "metrics.json");
+    assert!(
+        finished < 24,
+        "--jobs {jobs}: {finished} cells finished after the signal"
+    );
+}
+
+#[cfg(unix)]
+fn count_named(dir: &Path, name: &str) -> usize {
+    std::fs::read_dir(dir).map_or(0, |entries| {
+        entries
+            .flatten()
+            .map(|e| {
+                let p = e.path();
+                if p.is_dir() {
+                    count_named(&p, name)
+                } else {
+                    usize::from(e.file_name() == name)
+                }
+            })
+            .sum()
+    })
+}
+
+#[cfg(unix)]
+fn walk_count(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |entries| {
+        entries
+            .flatten()
+            .map(|e| {
+                1 + if e.path().is_dir() {
+                    walk_count(&e.path())
+                } else {
+                    0
+                }
+            })
+            .sum()
+    })
 }

@@ -3,8 +3,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use vdg_bench::matrix::{
     BenchProgress, BenchRunArgs, Host, PLAN_FILE, REPORT_FILES, collect, missing_cells,
@@ -129,6 +131,12 @@ fn prepare_synthetic(dir: &Path, scale: &str) -> Result<()> {
 }
 
 fn bench_run(a: &BenchRunArgs, quiet: bool) -> Result<ExitCode> {
+    let started = std::time::Instant::now();
+    let jobs = vdg_bench::matrix::jobs(a)?;
+    if jobs > 1 && a.cell.is_empty() && a.part.is_none() {
+        run_workers(a, jobs, quiet)?;
+    }
+    // With workers every cell is done by now: this pass finds them and writes the reports.
     let bar = Bar(crate::logging::new_bar(quiet, "runs"));
     let host = Host {
         git_revision: env!("VDG_GIT_REV"),
@@ -163,10 +171,172 @@ fn bench_run(a: &BenchRunArgs, quiet: bool) -> Result<ExitCode> {
     println!(
         "{} runs in {:.0} s; reports: {}",
         outcome.cells,
-        outcome.wall_secs,
+        started.elapsed().as_secs_f64(),
         REPORT_FILES
             .map(|f| outcome.out.join(f).display().to_string())
             .join(", ")
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--jobs N`: plans the bench, then trains its unfinished cells in `N` worker processes of
+/// this program (`vdg bench run --cell <all> --jobs 1`, one thread each), which share the
+/// cells through the run folders' locks, and shows their progress.
+fn run_workers(a: &BenchRunArgs, jobs: usize, quiet: bool) -> Result<()> {
+    let silent = Bar(None);
+    let host = Host {
+        git_revision: env!("VDG_GIT_REV"),
+        prepare_synthetic: &prepare_synthetic,
+        progress: &silent,
+    };
+    let planned = plan_matrix(a, &host)?;
+    let out = planned.out;
+    let missing = missing_cells(&out)?.unwrap_or_default();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let cells: Vec<String> = missing.iter().map(|c| c.cell.to_string()).collect();
+    let jobs = jobs.min(missing.len());
+    tracing::info!(
+        "training {} cells in {jobs} worker processes, one thread each",
+        missing.len()
+    );
+    let args = worker_args(std::env::args_os().skip(1), &cells.join(","));
+    let exe = std::env::current_exe().context("finding the vdg executable for the workers")?;
+    // Ctrl-C or SIGTERM stops the workers with the bench (finished cells stay; a rerun
+    // resumes), then ends this process as the signal would have. While `stop` lives, the
+    // signals do not end this process at once (the prep's handlers, see `SignalStop`).
+    let stop = crate::prep::SignalStop::install()?;
+    let signals = [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM];
+    let caught: Vec<Arc<AtomicBool>> = signals.iter().map(|_| Arc::default()).collect();
+    let ids = signals
+        .iter()
+        .zip(&caught)
+        .map(|(&sig, flag)| signal_hook::flag::register(sig, flag.clone()))
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("installing the signal handlers")?;
+    let mut children = Vec::with_capacity(jobs);
+    for _ in 0..jobs {
+        let child = std::process::Command::new(&exe)
+            .args(&args)
+            .env("RAYON_NUM_THREADS", "1")
+            .env("CANDLE_NUM_THREADS", "1")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting a worker ({})", exe.display()))?;
+        children.push(child);
+    }
+    let bar = crate::logging::new_bar(quiet, "runs");
+    if let Some(b) = &bar {
+        b.set_length(planned.cells as u64);
+    }
+    let mut failed = Vec::new();
+    let mut running: Vec<Option<std::process::Child>> = children.into_iter().map(Some).collect();
+    while running.iter().any(Option::is_some) {
+        if let Some(i) = caught.iter().position(|f| f.load(Ordering::SeqCst)) {
+            for child in running.iter_mut().flatten() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            if let Some(b) = &bar {
+                b.finish_and_clear();
+            }
+            for id in &ids {
+                signal_hook::low_level::unregister(*id);
+            }
+            drop(stop);
+            signal_hook::low_level::emulate_default_handler(signals[i])
+                .context("stopping after a signal")?;
+            bail!("interrupted by a signal");
+        }
+        for (i, slot) in running.iter_mut().enumerate() {
+            if let Some(child) = slot
+                && let Some(status) = child.try_wait().context("waiting for a worker")?
+            {
+                if !status.success() {
+                    failed.push(format!("worker {i}: {status}"));
+                }
+                *slot = None;
+            }
+        }
+        if let Some(b) = &bar {
+            let left = missing_cells(&out)?.map_or(0, |m| m.len());
+            b.set_position(planned.cells.saturating_sub(left) as u64);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    crate::logging::set_bar(None);
+    for id in ids {
+        signal_hook::low_level::unregister(id);
+    }
+    drop(stop);
+    if !failed.is_empty() {
+        bail!(
+            "{} of the {jobs} bench workers failed ({}); their errors are above. Finished cells \
+             are kept: rerun the same command to train the rest",
+            failed.len(),
+            failed.join("; ")
+        );
+    }
+    Ok(())
+}
+
+/// A worker's command line: the user's arguments without `--jobs`, `-q` and `-v`, then
+/// `-q`, one job and the cells.
+fn worker_args(
+    args: impl Iterator<Item = std::ffi::OsString>,
+    cells: &str,
+) -> Vec<std::ffi::OsString> {
+    let mut out: Vec<std::ffi::OsString> = vec!["-q".into()];
+    let mut skip_value = false;
+    for arg in args {
+        if std::mem::take(&mut skip_value) {
+            continue;
+        }
+        let text = arg.to_string_lossy();
+        if text == "--jobs" {
+            skip_value = true;
+            continue;
+        }
+        let verbosity = text == "--quiet"
+            || text == "--verbose"
+            || (text.len() > 1
+                && text.starts_with('-')
+                && !text.starts_with("--")
+                && text[1..].chars().all(|c| c == 'v' || c == 'q'));
+        if text.starts_with("--jobs=") || verbosity {
+            continue;
+        }
+        out.push(arg);
+    }
+    out.extend(["--jobs", "1", "--cell", cells].map(std::ffi::OsString::from));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worker_args;
+
+    #[test]
+    fn worker_arguments_drop_jobs_and_verbosity_and_add_the_cells() {
+        let args = [
+            "-vv", "bench", "run", "--jobs", "4", "--seeds", "2", "--jobs=3", "-q", "--out", "o",
+        ]
+        .map(std::ffi::OsString::from);
+        let got = worker_args(args.into_iter(), "0,2,5");
+        let got: Vec<String> = got
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "-q", "bench", "run", "--seeds", "2", "--out", "o", "--jobs", "1", "--cell",
+                "0,2,5"
+            ]
+        );
+    }
 }

@@ -518,14 +518,15 @@ fn prep_with_lock(
 /// process at once. Only while a prep runs: outside one (a `vdg bench run` training after
 /// preparing its data), the signals keep their default action. The handlers are installed
 /// once per process (signal-hook cannot restore a default handler once replaced, so it
-/// emulates it while no prep is running).
-struct SignalStop {
-    flag: std::sync::Arc<std::sync::atomic::AtomicBool>,
+/// emulates it while no prep is running). `vdg bench run --jobs` holds one too while its
+/// workers run, so that it can stop them before it ends.
+pub(crate) struct SignalStop {
+    pub(crate) flag: std::sync::Arc<std::sync::atomic::AtomicBool>,
     idle: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl SignalStop {
-    fn install() -> Result<Self> {
+    pub(crate) fn install() -> Result<Self> {
         use std::sync::atomic::{AtomicBool, Ordering};
         use std::sync::{Arc, OnceLock};
         static FLAGS: OnceLock<std::io::Result<(Arc<AtomicBool>, Arc<AtomicBool>)>> =

@@ -70,6 +70,12 @@ pub struct BenchRunArgs {
     /// array or one worker per GPU. The leaderboard is then left to `vdg bench report`.
     #[arg(long, value_name = "I/N", value_parser = vdg_data::parse_part)]
     pub part: Option<(u32, u32)>,
+    /// Cells trained at once, each in a worker process on one thread (default: one per
+    /// core for the synthetic benchmark on the CPU, else 1). The embedded benchmark's small
+    /// models run faster on one thread each than on all cores (BENCHMARKS.md, "Cells in
+    /// parallel"); results do not depend on it.
+    #[arg(long, value_name = "N")]
+    pub jobs: Option<usize>,
     /// Benchmark name (see `vdg bench list`).
     #[arg(long)]
     benchmark: Option<String>,
@@ -276,6 +282,25 @@ impl BenchConfig {
             oracle: false,
         }
     }
+}
+
+/// How many cells [`BenchRunArgs::jobs`] trains at once for these options.
+pub fn jobs(a: &BenchRunArgs) -> Result<usize> {
+    if let Some(n) = a.jobs {
+        if n == 0 {
+            bail!("--jobs must be at least 1");
+        }
+        return Ok(n);
+    }
+    let cfg = resolve_config(a)?;
+    let cpu = cfg.device.is_empty() || cfg.device == "cpu";
+    Ok(
+        if cfg.benchmark == "synthetic" && cfg.features.is_none() && cpu {
+            std::thread::available_parallelism().map_or(1, usize::from)
+        } else {
+            1
+        },
+    )
 }
 
 fn resolve_config(a: &BenchRunArgs) -> Result<BenchConfig> {

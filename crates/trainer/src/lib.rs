@@ -38,6 +38,7 @@
 //! ```
 
 pub mod ada;
+pub mod attention;
 pub mod batchnorm;
 pub mod checkpoint;
 pub mod devcheck;

@@ -4,6 +4,8 @@
 //! pass and silently stop gradients (ecosystem-notes §5). Everything here is built from
 //! differentiable primitives; `tests` checks each against finite differences.
 
+use std::sync::Arc;
+
 use candle_core::{D, DType, Module, ModuleT, Tensor};
 use candle_nn::VarBuilder;
 
@@ -39,10 +41,8 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = crate::rowops::normalize_last(x, self.eps).map_err(candle_core::Error::wrap)?;
-        // Gain and shift as row operations: their gradients are column sums in one pass.
-        let y = crate::rowops::mul_row(&y, &self.gamma).map_err(candle_core::Error::wrap)?;
-        crate::rowops::add_row(&y, &self.beta).map_err(candle_core::Error::wrap)
+        crate::rowops::layer_norm(x, &self.gamma, &self.beta, self.eps)
+            .map_err(candle_core::Error::wrap)
     }
 }
 
@@ -80,12 +80,21 @@ pub fn set_dropout_state(seed: [u8; 32], word_pos: u128) {
 
 /// Inverted dropout with a seeded mask; a no-op outside training.
 pub fn dropout(x: &Tensor, p: f32, train: bool) -> candle_core::Result<Tensor> {
-    if !train || p <= 0.0 {
+    let Some(mask) = dropout_mask(x.elem_count(), p, train) else {
         return Ok(x.clone());
+    };
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x * mask
+}
+
+/// The multipliers [`dropout`] applies to `n` values (0 or `1/keep`, drawn from this thread's
+/// dropout RNG), or `None` outside training.
+pub fn dropout_mask(n: usize, p: f32, train: bool) -> Option<Vec<f32>> {
+    if !train || p <= 0.0 {
+        return None;
     }
-    let n = x.elem_count();
     let keep = 1.0 - p;
-    let mask: Vec<f32> = DROPOUT_RNG.with(|r| {
+    Some(DROPOUT_RNG.with(|r| {
         let mut r = r.borrow_mut();
         (0..n)
             .map(|_| {
@@ -96,9 +105,7 @@ pub fn dropout(x: &Tensor, p: f32, train: bool) -> candle_core::Result<Tensor> {
                 }
             })
             .collect()
-    });
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    x * mask
+    }))
 }
 
 /// Hyper-parameters of the attention block (released APN code, `opts/hyper.py`).
@@ -166,6 +173,33 @@ impl MultiHeadAttention {
         causal: bool,
         train: bool,
     ) -> candle_core::Result<Tensor> {
+        let (b, tq, _) = queries.dims3()?;
+        let tk = keys.dim(1)?;
+        let h = self.cfg.heads;
+        if crate::attention::supported(queries) {
+            // The core (ReLUs to the weighted sum) as one op with its own backward.
+            let mask = dropout_mask(b * h * tq * tk, self.cfg.dropout, train).map(Arc::new);
+            let q = self.q.forward(queries)?;
+            let (k, v) = (self.k.forward(keys)?, self.v.forward(keys)?);
+            let op = crate::attention::Core {
+                heads: h,
+                causal,
+                mask,
+            };
+            let out = crate::attention::core(&q, &k, &v, op).map_err(candle_core::Error::wrap)?;
+            return self.norm.forward(&(out + queries)?);
+        }
+        self.composed(queries, keys, causal, train)
+    }
+
+    /// The same function from candle's operations (other devices and dtypes; tests).
+    pub fn composed(
+        &self,
+        queries: &Tensor,
+        keys: &Tensor,
+        causal: bool,
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
         let (b, tq, w) = queries.dims3()?;
         let tk = keys.dim(1)?;
         let h = self.cfg.heads;
@@ -213,7 +247,7 @@ impl FeedForward {
 
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = self.outer.forward(&self.inner.forward(x)?.relu()?)?;
+        let y = self.outer.forward(&self.inner.forward_relu(x)?)?;
         self.norm.forward(&(y + x)?)
     }
 }

@@ -262,6 +262,153 @@ impl CustomOp2 for NormalizeGrad {
     }
 }
 
+/// LayerNorm as one operation: [`normalize_last`] of `x [.., C]`, times `gamma [C]`, plus
+/// `beta [C]`; its backward is one pass for all three gradients (three ops and three
+/// activation-sized intermediates before).
+pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    if !(fast_path(x, gamma) && fast_path(x, beta))
+        || gamma.dims() != beta.dims()
+        || x.dims().last() < Some(&2)
+    {
+        let y = normalize_last(x, eps)?;
+        return add_row(&mul_row(&y, gamma)?, beta);
+    }
+    Ok(x.contiguous()?.apply_op3(
+        &gamma.contiguous()?,
+        &beta.contiguous()?,
+        AffineNormalize { eps },
+    )?)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct AffineNormalize {
+    eps: f64,
+}
+
+fn affine_normalize<T: candle_core::WithDType>(x: &[T], g: &[T], b: &[T], eps: f64) -> Vec<T> {
+    let n = g.len();
+    let mut out = vec![T::zero(); x.len()];
+    for (o, row) in out.chunks_mut(n).zip(x.chunks(n)) {
+        let (mean, s) = moments(row, eps);
+        for (((o, v), g), b) in o.iter_mut().zip(row).zip(g).zip(b) {
+            *o = T::from_f64((v.to_f64() - mean) * s * g.to_f64() + b.to_f64());
+        }
+    }
+    out
+}
+
+/// `(dx, dgamma, dbeta)` of [`affine_normalize`] for the output gradient `d`.
+fn affine_normalize_grad<T: candle_core::WithDType>(
+    x: &[T],
+    g: &[T],
+    d: &[T],
+    eps: f64,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let n = g.len();
+    let mut dx = vec![T::zero(); x.len()];
+    let (mut dg, mut db) = (vec![0.0f64; n], vec![0.0f64; n]);
+    let mut gy = vec![0.0f64; n];
+    for ((o, row), drow) in dx.chunks_mut(n).zip(x.chunks(n)).zip(d.chunks(n)) {
+        let (mean, s) = moments(row, eps);
+        let (mut gsum, mut dot) = (0.0, 0.0);
+        for c in 0..n {
+            let (dv, xc) = (drow[c].to_f64(), row[c].to_f64() - mean);
+            dg[c] += dv * xc * s;
+            db[c] += dv;
+            gy[c] = dv * g[c].to_f64();
+            gsum += gy[c];
+            dot += gy[c] * xc;
+        }
+        let gm = gsum / n as f64;
+        let k = s * s * s * dot / (n - 1) as f64;
+        for ((o, gy), v) in o.iter_mut().zip(&gy).zip(row) {
+            *o = T::from_f64(s * (gy - gm) - k * (v.to_f64() - mean));
+        }
+    }
+    let back = |v: Vec<f64>| v.into_iter().map(T::from_f64).collect();
+    (dx, back(dg), back(db))
+}
+impl candle_core::CustomOp3 for AffineNormalize {
+    fn name(&self) -> &'static str {
+        "vdg-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(b)) => CpuStorage::F32(
+                affine_normalize(slice(x, l1)?, slice(g, l2)?, slice(b, l3)?, self.eps),
+            ),
+            (CpuStorage::F64(x), CpuStorage::F64(g), CpuStorage::F64(b)) => CpuStorage::F64(
+                affine_normalize(slice(x, l1)?, slice(g, l2)?, slice(b, l3)?, self.eps),
+            ),
+            _ => candle_core::bail!("{}: float32 or float64 only", self.name()),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.detach().contiguous()?;
+        let dev = x.device().clone();
+        let (xs, xl) = x.storage_and_layout();
+        let (gs, gl) = gamma.storage_and_layout();
+        let (ds, dl) = grad.storage_and_layout();
+        let (
+            candle_core::Storage::Cpu(xs),
+            candle_core::Storage::Cpu(gs),
+            candle_core::Storage::Cpu(ds),
+        ) = (&*xs, &*gs, &*ds)
+        else {
+            candle_core::bail!("layer norm: tensors left the CPU")
+        };
+        fn run<T: candle_core::WithDType>(
+            eps: f64,
+            (x, xl): (&[T], &Layout),
+            (g, gl): (&[T], &Layout),
+            d: &[T],
+            dev: &candle_core::Device,
+        ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            let (dx, dg, db) = affine_normalize_grad(x, g, d, eps);
+            Ok((
+                Some(Tensor::from_vec(dx, xl.shape(), dev)?),
+                Some(Tensor::from_vec(dg, gl.shape(), dev)?),
+                Some(Tensor::from_vec(db, gl.shape(), dev)?),
+            ))
+        }
+        match (xs, gs, ds) {
+            (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(d)) => run(
+                self.eps,
+                (slice(x, xl)?, xl),
+                (slice(g, gl)?, gl),
+                slice(d, dl)?,
+                &dev,
+            ),
+            (CpuStorage::F64(x), CpuStorage::F64(g), CpuStorage::F64(d)) => run(
+                self.eps,
+                (slice(x, xl)?, xl),
+                (slice(g, gl)?, gl),
+                slice(d, dl)?,
+                &dev,
+            ),
+            _ => candle_core::bail!("layer norm: float32 or float64 only"),
+        }
+    }
+}
+
 /// Column sums of `[.., C]`: `[C]`.
 struct ColSum;
 
@@ -317,24 +464,137 @@ pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Res
     })
 }
 
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+impl Linear {
+    /// `relu(x W^T + b)`.
+    pub fn forward_relu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.apply(x, true)
+    }
+
+    fn apply(&self, x: &Tensor, relu: bool) -> candle_core::Result<Tensor> {
         let dims = x.dims().to_vec();
         let k = *dims.last().unwrap_or(&0);
         let rows = x.elem_count() / k.max(1);
-        let y = x
-            .contiguous()?
-            .reshape((rows, k))?
-            .matmul(&self.weight.t()?)?;
+        let x2 = x.contiguous()?.reshape((rows, k))?;
         let y = match &self.bias {
-            Some(b) => add_row(&y, b).map_err(candle_core::Error::wrap)?,
-            None => y,
+            Some(b)
+                if x2.device().is_cpu()
+                    && matches!(x2.dtype(), DType::F32 | DType::F64)
+                    && self.weight.dtype() == x2.dtype()
+                    && b.dtype() == x2.dtype()
+                    && b.dims() == [self.weight.dim(0)?] =>
+            {
+                x2.apply_op3(&self.weight, b, LinearOp { relu })?
+            }
+            _ => {
+                let y = x2.matmul(&self.weight.t()?)?;
+                let y = match &self.bias {
+                    Some(b) => add_row(&y, b).map_err(candle_core::Error::wrap)?,
+                    None => y,
+                };
+                if relu { y.relu()? } else { y }
+            }
         };
         let mut out = dims;
         if let Some(last) = out.last_mut() {
             *last = self.weight.dim(0)?;
         }
         y.reshape(out)
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.apply(x, false)
+    }
+}
+
+/// `x [R, K] W^T [K, N] + b [N]` (then a ReLU when `relu`) as one graph node on the CPU: the
+/// product through candle's CPU matrix multiplication, the bias (and ReLU) in the same pass
+/// over the output; backward gives `dW = g^T x` in `W`'s own `[N, K]` layout and `db` as
+/// column sums. Composed from candle's operations the same layer was four nodes (transpose,
+/// product, bias, ReLU), each gradient zero-filled and added, the weight's through a strided
+/// transpose, and candle's ReLU gradient (a comparison, a conversion and a product) cost
+/// more than the layer's forward on `[200, 1024]`.
+#[derive(Debug, Clone, Copy)]
+struct LinearOp {
+    relu: bool,
+}
+
+fn bias_relu<T: candle_core::WithDType>(y: &mut [T], b: &[T], relu: bool) {
+    for row in y.chunks_mut(b.len()) {
+        for (v, &c) in row.iter_mut().zip(b) {
+            let s = *v + c;
+            *v = if relu && s <= T::zero() { T::zero() } else { s };
+        }
+    }
+}
+
+impl candle_core::CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "vdg-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (rows, k) = l1.shape().dims2()?;
+        let (n, k2) = l2.shape().dims2()?;
+        if k != k2 || l3.dims() != [n] {
+            candle_core::bail!(
+                "linear: input {:?}, weight {:?}, bias {:?}",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            );
+        }
+        let y = s1.matmul(s2, (1, rows, n, k), l1, &l2.transpose(0, 1)?)?;
+        let y = match (y, s3) {
+            (CpuStorage::F32(mut y), CpuStorage::F32(b)) => {
+                bias_relu(&mut y, slice(b, l3)?, self.relu);
+                CpuStorage::F32(y)
+            }
+            (CpuStorage::F64(mut y), CpuStorage::F64(b)) => {
+                bias_relu(&mut y, slice(b, l3)?, self.relu);
+                CpuStorage::F64(y)
+            }
+            _ => candle_core::bail!("linear: float32 or float64 only"),
+        };
+        Ok((y, Shape::from((rows, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = if self.relu {
+            crate::fused::relu_grad(grad, res)?
+        } else {
+            grad.detach()
+        }
+        .contiguous()?;
+        // Only the gradients someone needs: the first layer on cached features needs no
+        // input gradient, and ADA's ascent on a detached twin of the weights needs only that.
+        let dx = x.track_op().then(|| g.matmul(&w.detach())).transpose()?;
+        let dw = w
+            .track_op()
+            .then(|| g.t()?.matmul(&x.detach()))
+            .transpose()?;
+        let db = b
+            .track_op()
+            .then(|| g.apply_op1_no_bwd(&ColSum))
+            .transpose()?;
+        Ok((dx, dw, db))
     }
 }
 
@@ -410,6 +670,25 @@ mod tests {
             g1.get(x.as_tensor()).unwrap(),
             g2.get(x.as_tensor()).unwrap(),
         );
+        // The fused LayerNorm against the three row ops, values and all three gradients.
+        let b = Var::from_tensor(&seeded_randn(&[5], 4, DType::F64, &dev).unwrap()).unwrap();
+        let composed = add_row(
+            &mul_row(&normalize_last(x.as_tensor(), 1e-8).unwrap(), v.as_tensor()).unwrap(),
+            b.as_tensor(),
+        )
+        .unwrap();
+        let ours = layer_norm(x.as_tensor(), v.as_tensor(), b.as_tensor(), 1e-8).unwrap();
+        close(&ours, &composed);
+        let g1 = (&ours * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&composed * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for t in [x.as_tensor(), v.as_tensor(), b.as_tensor()] {
+            close(g1.get(t).unwrap(), g2.get(t).unwrap());
+        }
         // Linear on a 3-D input against candle_nn's.
         let vm = candle_nn::VarMap::new();
         let vb = VarBuilder::from_varmap(&vm, DType::F64, &dev);
@@ -421,6 +700,56 @@ mod tests {
         close(&a, &b);
         let g1 = a.sqr().unwrap().sum_all().unwrap().backward().unwrap();
         let g2 = b.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        for t in [x.as_tensor(), ours.weight(), ours.bias().unwrap()] {
+            close(g1.get(t).unwrap(), g2.get(t).unwrap());
+        }
+        // Parameters that track no gradient get none (ADA's ascent on a detached twin).
+        let twin = Linear {
+            weight: ours.weight().detach(),
+            bias: ours.bias().map(Tensor::detach),
+        };
+        let g = twin
+            .forward(x.as_tensor())
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        close(
+            g.get(x.as_tensor()).unwrap(),
+            g1.get(x.as_tensor()).unwrap(),
+        );
+        assert!(g.get(&twin.weight).is_none() && g.get(twin.bias.as_ref().unwrap()).is_none());
+        // With the ReLU in the same op (about half the outputs are clamped here).
+        let a = ours.forward_relu(x.as_tensor()).unwrap();
+        let b = theirs.forward(x.as_tensor()).unwrap().relu().unwrap();
+        close(&a, &b);
+        let zeros = a
+            .eq(0.0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .mean_all()
+            .unwrap();
+        let zeros = zeros.to_scalar::<f64>().unwrap();
+        assert!(
+            (0.2..0.8).contains(&zeros),
+            "{zeros} of the outputs clamped"
+        );
+        let g1 = (&a * &w.narrow(2, 0, 5).unwrap().pad_with_zeros(2, 0, 2).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = (&b * &w.narrow(2, 0, 5).unwrap().pad_with_zeros(2, 0, 2).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         for t in [x.as_tensor(), ours.weight(), ours.bias().unwrap()] {
             close(g1.get(t).unwrap(), g2.get(t).unwrap());
         }
