@@ -249,10 +249,7 @@ type ItemGrads<'a, T> = (usize, (&'a mut [T], (&'a mut [T], &'a mut [T])));
 const PAR_MIN: usize = 1 << 21;
 
 fn slice<'a, T>(v: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("attention core: inputs must be contiguous"),
-    }
+    crate::im2col::contiguous(v, l, "attention core")
 }
 
 impl CustomOp3 for Core {

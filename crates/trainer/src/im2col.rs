@@ -120,7 +120,13 @@ impl Geometry {
     }
 }
 
-fn contiguous<'a, T>(v: &'a [T], layout: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
+/// `v`'s values under a contiguous `layout` (an error naming `what` otherwise); the CPU
+/// custom ops of this crate share it.
+pub(crate) fn contiguous<'a, T>(
+    v: &'a [T],
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
         None => candle_core::bail!("{what}: input must be contiguous"),

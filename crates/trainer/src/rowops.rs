@@ -83,10 +83,7 @@ macro_rules! float_map {
 }
 
 fn slice<'a, T>(v: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("row op: input must be contiguous"),
-    }
+    crate::im2col::contiguous(v, l, "row op")
 }
 
 impl CustomOp2 for RowOp {
