@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use vdg_bench::matrix::{
-    BenchProgress, BenchRunArgs, Host, PLAN_FILE, REPORT_FILES, collect, missing_cells,
-    plan_matrix, run_matrix, write_reports,
+    BenchProgress, BenchRunArgs, Host, PLAN_FILE, PlannedCell, REPORT_FILES, collect,
+    missing_cells, plan_matrix, run_matrix, write_reports,
 };
 use vdg_bench::report;
 use vdg_data::Manifest;
@@ -133,14 +133,21 @@ fn prepare_synthetic(dir: &Path, scale: &str) -> Result<()> {
 fn bench_run(a: &BenchRunArgs, quiet: bool) -> Result<ExitCode> {
     let started = std::time::Instant::now();
     let jobs = vdg_bench::matrix::jobs(a)?;
-    if jobs > 1 && a.cell.is_empty() && a.part.is_none() {
+    let workers = jobs > 1 && a.cell.is_empty() && a.part.is_none();
+    if workers {
         run_workers(a, jobs, quiet)?;
     }
     // With workers every cell is done by now: this pass finds them and writes the reports.
+    // The workers' plan pass prepared the synthetic data a moment ago (and said so).
+    let prepared = |_: &Path, _: &str| Ok(());
     let bar = Bar(crate::logging::new_bar(quiet, "runs"));
     let host = Host {
         git_revision: env!("VDG_GIT_REV"),
-        prepare_synthetic: &prepare_synthetic,
+        prepare_synthetic: if workers {
+            &prepared
+        } else {
+            &prepare_synthetic
+        },
         progress: &bar,
     };
     let outcome = run_matrix(a, &host);
@@ -195,7 +202,10 @@ fn run_workers(a: &BenchRunArgs, jobs: usize, quiet: bool) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    let cells: Vec<String> = missing.iter().map(|c| c.cell.to_string()).collect();
+    let cells: Vec<String> = costly_first(&missing)
+        .iter()
+        .map(|c| c.cell.to_string())
+        .collect();
     let jobs = jobs.min(missing.len());
     tracing::info!(
         "training {} cells in {jobs} worker processes, one thread each",
@@ -284,6 +294,15 @@ fn run_workers(a: &BenchRunArgs, jobs: usize, quiet: bool) -> Result<()> {
     Ok(())
 }
 
+/// The cells in the order the workers take them: with ADA first (their steps cost several
+/// plain ones: on the embedded benchmark an APN + ADA* cell takes about three times an APN
+/// cell), so that no long cell starts last while the other workers idle; plan order otherwise.
+fn costly_first(cells: &[PlannedCell]) -> Vec<&PlannedCell> {
+    let mut out: Vec<&PlannedCell> = cells.iter().collect();
+    out.sort_by_key(|c| c.variant == "none" || c.variant.starts_with("oracle"));
+    out
+}
+
 /// A worker's command line: the user's arguments without `--jobs`, `-q` and `-v`, then
 /// `-q`, one job and the cells.
 fn worker_args(
@@ -318,7 +337,28 @@ fn worker_args(
 
 #[cfg(test)]
 mod tests {
-    use super::worker_args;
+    use super::{PlannedCell, costly_first, worker_args};
+
+    #[test]
+    fn workers_take_the_ada_cells_first_and_keep_plan_order_otherwise() {
+        let cell = |k: usize, variant: &str| PlannedCell {
+            cell: k,
+            run: format!("runs/{k}"),
+            direction: "a->b".into(),
+            model: "trn".into(),
+            variant: variant.into(),
+            seed: 0,
+        };
+        let plan = [
+            cell(0, "none"),
+            cell(1, "ada"),
+            cell(2, "oracle-b"),
+            cell(3, "none"),
+            cell(4, "ada_star"),
+        ];
+        let order: Vec<usize> = costly_first(&plan).iter().map(|c| c.cell).collect();
+        assert_eq!(order, [1, 4, 0, 2, 3]);
+    }
 
     #[test]
     fn worker_arguments_drop_jobs_and_verbosity_and_add_the_cells() {

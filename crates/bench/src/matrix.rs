@@ -93,7 +93,7 @@ pub struct BenchRunArgs {
     /// Directions, separated by `;` because they contain commas (`L->C,R;C->L,R`); default: all.
     #[arg(long, value_delimiter = ';')]
     directions: Option<Vec<String>>,
-    /// Number of seeds (0..N).
+    /// Number of seeds (0..N; default 3).
     #[arg(long)]
     seeds: Option<u64>,
     /// Epochs per run.
@@ -717,19 +717,28 @@ fn matrix(a: &BenchRunArgs, host: &Host<'_>, plan_only: bool) -> Result<MatrixOu
             total - 1
         );
     }
-    let selected = |k: usize| {
-        (a.cell.is_empty() || a.cell.contains(&k))
-            && a.part.is_none_or(|(i, n)| k % n as usize == i as usize)
+    // The cells in the order `--cell` names them (the `--jobs` parent lists the costly
+    // ones first), else in plan order.
+    let order: Vec<usize> = if a.cell.is_empty() {
+        (0..total).collect()
+    } else {
+        let mut seen = vec![false; total];
+        a.cell
+            .iter()
+            .copied()
+            .filter(|&k| !std::mem::replace(&mut seen[k], true))
+            .collect()
     };
+    let order: Vec<usize> = order
+        .into_iter()
+        .filter(|&k| a.part.is_none_or(|(i, n)| k % n as usize == i as usize))
+        .collect();
     let started = Instant::now();
-    let mine = (0..total).filter(|&k| selected(k)).count();
-    host.progress.start(mine);
+    host.progress.start(order.len());
     let mut ran = 0;
     let locks = out.join(".locks");
-    for (k, (d, model, ada, seed, oracle)) in specs.into_iter().enumerate() {
-        if !selected(k) {
-            continue;
-        }
+    for k in order {
+        let (d, model, ada, seed, oracle) = specs[k].clone();
         let rel = planned[k].run.clone();
         let dir = out.join(&rel);
         // Two workers never train the same cell: the second one skips it.
