@@ -295,8 +295,8 @@ fn run_workers(a: &BenchRunArgs, jobs: usize, quiet: bool) -> Result<()> {
 }
 
 /// The cells in the order the workers take them: with ADA first (their steps cost several
-/// plain ones: on the embedded benchmark an APN + ADA* cell takes about three times an APN
-/// cell), so that no long cell starts last while the other workers idle; plan order otherwise.
+/// plain ones: on the embedded benchmark an APN + ADA* cell took about four times an APN
+/// cell: BENCHMARKS.md, "Cells in parallel"), so that no long cell starts last while the other workers idle; plan order otherwise.
 fn costly_first(cells: &[PlannedCell]) -> Vec<&PlannedCell> {
     let mut out: Vec<&PlannedCell> = cells.iter().collect();
     out.sort_by_key(|c| c.variant == "none" || c.variant.starts_with("oracle"));

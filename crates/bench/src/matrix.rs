@@ -62,8 +62,8 @@ pub struct MatrixOutcome {
 /// Options of `vdg bench run`; a `--config` TOML file may set any of them (flags win).
 #[derive(Debug, Args, Default)]
 pub struct BenchRunArgs {
-    /// Run only these cells (their numbers in `plan.json`, written by `vdg bench plan`);
-    /// repeat or comma-separate. The leaderboard is then left to `vdg bench report`.
+    /// Run only these cells, in the order given (their numbers in `plan.json`, written by
+    /// `vdg bench plan`); repeat or comma-separate. The leaderboard is then left to `vdg bench report`.
     #[arg(long, value_delimiter = ',', value_name = "K")]
     pub cell: Vec<usize>,
     /// Run only part I of N of the cells (0-based, cells dealt round-robin), for a job
