@@ -386,8 +386,9 @@ pub fn throughput(device: &Device, scale: Scale) -> Result<Vec<ThroughputRow>> {
     )?;
     seeded_init(&vm, 0)?;
     let frames = seeded_randn(&[batch, 3, side, side], 2, DType::F32, device)?;
+    let frozen = trunk.frozen(device)?;
     let (secs, n) = timed(device, min_seconds, 100, || {
-        trunk.trunk_features(&frames, false)?;
+        frozen.features(&frames)?;
         Ok(())
     })?;
     rows.push(ThroughputRow {

@@ -34,7 +34,7 @@ use vdg_data::{VideoRow, VideoStatus};
 use crate::error::{Error, Result};
 use crate::frames::{decode_jpeg, eval_view, resample};
 use crate::init::seeded_init;
-use crate::models::blocks::{Backbone, BackboneKind};
+use crate::models::blocks::{Backbone, BackboneKind, FrozenTrunk};
 
 pub use vdg_data::shard::features_file_name;
 
@@ -220,6 +220,11 @@ pub fn run_features(
             "every": opts.every,
             "schema": FEATURES_SCHEMA_VERSION,
             "tool_version": env!("CARGO_PKG_VERSION"),
+            // The CPU's channels-last ResNet path rounds differently from the graph's.
+            "channels_last": FrozenTrunk::channels_last(
+                Some(opts.backbone),
+                &device,
+            ),
         })
         .to_string()
         .as_bytes(),
@@ -326,6 +331,7 @@ pub fn run_features(
         crate::models::weights::load_backbone_weights(&vm, w)?;
     }
     let dim = backbone.trunk_dim();
+    let trunk = backbone.frozen(&device)?;
 
     let mut shards = Vec::with_capacity(chunks.len());
     let mut out_rows: BTreeMap<String, VideoRow> = BTreeMap::new();
@@ -345,7 +351,7 @@ pub fn run_features(
         let mut metas = Vec::with_capacity(chunk.len());
         for row in chunk.iter() {
             let frames = cached_frames(row.num_frames, opts.every);
-            let feats = video_features(&opts.data, row, &frames, &backbone, opts, &device)?;
+            let feats = video_features(&opts.data, row, &frames, &trunk, dim, opts, &device)?;
             let first = writer.write_video(&row.video_id, &frames, &feats)?;
             let mut r = (*row).clone();
             r.shard = Some(index);
@@ -415,7 +421,8 @@ fn video_features(
     data: &Path,
     row: &VideoRow,
     frames: &[u32],
-    backbone: &Backbone,
+    trunk: &FrozenTrunk<'_>,
+    dim: usize,
     opts: &FeaturesOptions,
     device: &Device,
 ) -> Result<Vec<f32>> {
@@ -423,7 +430,7 @@ fn video_features(
         return Ok(Vec::new());
     };
     let s = opts.input_size;
-    let mut out = Vec::with_capacity(frames.len() * backbone.trunk_dim());
+    let mut out = Vec::with_capacity(frames.len() * dim);
     for batch in frames.chunks(opts.batch_frames.max(1)) {
         let jpegs = read_frames_at(&frames_path(data, shard), first, batch)?;
         let pixels: Vec<Vec<f32>> = jpegs
@@ -442,7 +449,7 @@ fn video_features(
             .collect::<Result<_>>()?;
         let n = pixels.len();
         let x = Tensor::from_vec(pixels.concat(), (n, 3, s, s), device)?;
-        let f = backbone.trunk_features(&x, false)?;
+        let f = trunk.features(&x)?;
         out.extend(f.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
     }
     Ok(out)

@@ -8,6 +8,8 @@
 //!   the APN attention block), built from differentiable primitives.
 //! - [`nn3d`], [`im2col`]: 3-D convolution and pooling with gradients (Candle has none), and
 //!   the CPU convolution lowering every ResNet trunk uses.
+//! - [`infer`]: ResNet inference in channels-last layout for frozen trunks (`vdg features`),
+//!   on [`gemm_f32`] (the trainer's one wrapper of raw-pointer code).
 //! - [`features`]: the per-frame feature cache (`vdg features`); [`frames`]: JPEG decoding
 //!   and the augmentation views the loader and the cache share; [`loader`]: clips to tensors.
 //!
@@ -48,8 +50,10 @@ pub mod evaluate;
 pub mod features;
 pub mod frames;
 pub mod fused;
+pub mod gemm_f32;
 pub mod im2col;
 pub mod image_ada;
+pub mod infer;
 pub mod init;
 pub mod loader;
 pub mod memcheck;

@@ -184,6 +184,33 @@ impl Backbone {
         })
     }
 
+    /// The trunk with its current weights frozen, for inference (`vdg features`): see
+    /// [`FrozenTrunk`].
+    pub fn frozen(&self, device: &candle_core::Device) -> Result<FrozenTrunk<'_>> {
+        let engine = match &self.trunk {
+            Trunk::Resnet(r) if FrozenTrunk::channels_last(self.kind(), device) => {
+                Some(crate::infer::ResnetInference::new(r)?)
+            }
+            _ => None,
+        };
+        Ok(FrozenTrunk {
+            backbone: self,
+            engine,
+        })
+    }
+
+    fn kind(&self) -> Option<BackboneKind> {
+        match &self.trunk {
+            Trunk::Small(_) => Some(BackboneKind::SmallCnn),
+            Trunk::Resnet(r) => Some(if r.out_dim() == 2048 {
+                BackboneKind::Resnet50
+            } else {
+                BackboneKind::Resnet18
+            }),
+            Trunk::Cached(_) => None,
+        }
+    }
+
     /// # Shapes
     /// `frames [N, 3, H, W]` (or `[N, trunk_dim]` for a cached trunk) -> `[N, D]`.
     pub fn forward_t(&self, frames: &Tensor, train: bool) -> Result<Tensor> {
@@ -191,5 +218,31 @@ impl Backbone {
         Ok(self
             .projection
             .forward(&dropout(&f, self.dropout, train)?)?)
+    }
+}
+
+/// A trunk whose weights no longer change, for inference only (its outputs carry no
+/// gradient): a ResNet on the CPU runs channels-last outside candle's graph
+/// ([`crate::infer`], BatchNorms folded once, buffers kept between calls); any other trunk
+/// or device runs [`Backbone::trunk_features`] in evaluation mode. The two give the same
+/// function to float32 rounding.
+pub struct FrozenTrunk<'a> {
+    backbone: &'a Backbone,
+    engine: Option<crate::infer::ResnetInference>,
+}
+
+impl FrozenTrunk<'_> {
+    /// Whether `kind` on `device` runs the channels-last engine (part of `vdg features`'
+    /// fingerprint: the two paths round differently).
+    pub fn channels_last(kind: Option<BackboneKind>, device: &candle_core::Device) -> bool {
+        device.is_cpu() && matches!(kind, Some(BackboneKind::Resnet18 | BackboneKind::Resnet50))
+    }
+
+    /// `frames [N, 3, H, W]` -> `[N, trunk_dim]`.
+    pub fn features(&self, frames: &Tensor) -> Result<Tensor> {
+        match &self.engine {
+            Some(e) => e.forward(frames),
+            None => self.backbone.trunk_features(frames, false),
+        }
     }
 }

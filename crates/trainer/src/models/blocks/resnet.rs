@@ -240,6 +240,11 @@ impl ResNet {
     pub fn out_dim(&self) -> usize {
         self.out_dim
     }
+
+    /// The stem and the stages' blocks (for [`crate::infer`]).
+    pub(crate) fn parts(&self) -> (&Conv2d, &BatchNorm, &[Vec<Block>]) {
+        (&self.conv1, &self.bn1, &self.layers)
+    }
 }
 
 impl ResNet {
