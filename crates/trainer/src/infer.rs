@@ -490,6 +490,31 @@ mod tests {
         }
     }
 
+    /// `vdg features` promises that `--batch-frames` does not change a byte: a frame's
+    /// features must not depend on the other frames of its forward pass (the products'
+    /// row count changes with the batch, and the lowering's image groups with it).
+    #[test]
+    fn a_frame_gives_the_same_bits_in_any_batch() {
+        let dev = Device::Cpu;
+        let vm = VarMap::new();
+        let net = ResNet::resnet50(VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+        crate::init::seeded_init(&vm, 4).unwrap();
+        let engine = ResnetInference::new(&net).unwrap();
+        let x = crate::init::seeded_randn(&[9, 3, 64, 64], 5, DType::F32, &dev).unwrap();
+        let all: Vec<f32> = engine.forward(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        for (start, len) in [(0, 1), (4, 1), (2, 5), (8, 1)] {
+            let part: Vec<f32> = engine
+                .forward(&x.narrow(0, start, len).unwrap())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let d = engine.out_dim();
+            assert_eq!(part, all[start * d..(start + len) * d], "frames {start}..+{len}");
+        }
+    }
+
     #[test]
     fn a_frame_with_the_wrong_channels_is_refused() {
         let dev = Device::Cpu;
