@@ -11,7 +11,7 @@
 //!   `[k*k*C_in, C_out]` matrices the products need), not at every call;
 //! - the bias, the residual sum and the ReLU are one pass over a product's output, and the
 //!   last convolution of a block accumulates straight onto its shortcut (`gemm`'s
-//!   `c += a b`, [`crate::gemm_f32`]);
+//!   `c += a b`, [`crate::cpu_gemm`]);
 //! - buffers are kept between calls ([`ResnetInference`] owns them), so later batches touch
 //!   no fresh pages and fill no zeros.
 //!
@@ -25,8 +25,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{BatchNorm, Conv2d};
 use rayon::prelude::*;
 
+use crate::cpu_gemm::matmul;
 use crate::error::{Error, Result};
-use crate::gemm_f32::matmul;
 use crate::models::blocks::resnet::ResNet;
 
 /// Columns of one lowered convolution are built for groups of images of at most this many
@@ -255,7 +255,9 @@ fn block_forward(block: &FoldedBlock, x: Act, scratch: &mut Scratch) -> Act {
     };
     // The block's input (or the downsampled shortcut) becomes the output: the last
     // convolution accumulates onto it, then bias and ReLU.
-    let input = t.as_ref().expect("a residual block has at least two convolutions");
+    let input = t
+        .as_ref()
+        .expect("a residual block has at least two convolutions");
     let out = conv(&block.convs[last], input, true, Some(skip), scratch);
     if let Some(t) = t {
         scratch.give(t.buf);
@@ -263,7 +265,11 @@ fn block_forward(block: &FoldedBlock, x: Act, scratch: &mut Scratch) -> Act {
     out
 }
 
-fn to_channels_last(px: &[f32], (n, c, h, w): (usize, usize, usize, usize), s: &mut Scratch) -> Act {
+fn to_channels_last(
+    px: &[f32],
+    (n, c, h, w): (usize, usize, usize, usize),
+    s: &mut Scratch,
+) -> Act {
     let mut buf = s.take(n * h * w * c);
     let hw = h * w;
     buf[..n * hw * c]
@@ -449,8 +455,8 @@ mod tests {
             (crate::models::blocks::BackboneKind::Resnet50, 2),
         ] {
             let vm = VarMap::new();
-            let net = ResNet::of_kind(kind, VarBuilder::from_varmap(&vm, DType::F32, &dev))
-                .unwrap();
+            let net =
+                ResNet::of_kind(kind, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
             crate::init::seeded_init(&vm, seed).unwrap();
             {
                 let data = vm.data().lock().unwrap();
@@ -471,8 +477,8 @@ mod tests {
             }
             let engine = ResnetInference::new(&net).unwrap();
             for (n, h, w) in [(3, 45, 37), (2, 32, 32)] {
-                let x = crate::init::seeded_randn(&[n, 3, h, w], seed + 10, DType::F32, &dev)
-                    .unwrap();
+                let x =
+                    crate::init::seeded_randn(&[n, 3, h, w], seed + 10, DType::F32, &dev).unwrap();
                 let want = net.forward_t(&x, false).unwrap();
                 let got = engine.forward(&x).unwrap();
                 assert_eq!(got.dims(), want.dims());
@@ -501,7 +507,13 @@ mod tests {
         crate::init::seeded_init(&vm, 4).unwrap();
         let engine = ResnetInference::new(&net).unwrap();
         let x = crate::init::seeded_randn(&[9, 3, 64, 64], 5, DType::F32, &dev).unwrap();
-        let all: Vec<f32> = engine.forward(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let all: Vec<f32> = engine
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         for (start, len) in [(0, 1), (4, 1), (2, 5), (8, 1)] {
             let part: Vec<f32> = engine
                 .forward(&x.narrow(0, start, len).unwrap())
@@ -511,7 +523,11 @@ mod tests {
                 .to_vec1()
                 .unwrap();
             let d = engine.out_dim();
-            assert_eq!(part, all[start * d..(start + len) * d], "frames {start}..+{len}");
+            assert_eq!(
+                part,
+                all[start * d..(start + len) * d],
+                "frames {start}..+{len}"
+            );
         }
     }
 

@@ -9,7 +9,7 @@
 //! - [`nn3d`], [`im2col`]: 3-D convolution and pooling with gradients (Candle has none), and
 //!   the CPU convolution lowering every ResNet trunk uses.
 //! - [`infer`]: ResNet inference in channels-last layout for frozen trunks (`vdg features`),
-//!   on [`gemm_f32`] (the trainer's one wrapper of raw-pointer code).
+//!   on [`cpu_gemm`] (the trainer's one wrapper of raw-pointer code).
 //! - [`features`]: the per-frame feature cache (`vdg features`); [`frames`]: JPEG decoding
 //!   and the augmentation views the loader and the cache share; [`loader`]: clips to tensors.
 //!
@@ -43,6 +43,7 @@ pub mod ada;
 pub mod attention;
 pub mod batchnorm;
 pub mod checkpoint;
+pub mod cpu_gemm;
 pub mod devcheck;
 pub mod device;
 pub mod error;
@@ -50,7 +51,6 @@ pub mod evaluate;
 pub mod features;
 pub mod frames;
 pub mod fused;
-pub mod gemm_f32;
 pub mod im2col;
 pub mod image_ada;
 pub mod infer;

@@ -8,7 +8,7 @@
 //! and writes are checked here before the call.
 #![allow(unsafe_code)]
 
-use gemm::Parallelism;
+use ::gemm::Parallelism;
 
 /// `c = a b` (or `c += a b` with `accumulate`), row-major: `a` is `[m, k]` with a row stride
 /// of `lda` (`lda >= k`), `b` is `[k, n]` and `c` is `[m, n]`, both contiguous. Runs on
@@ -53,7 +53,7 @@ pub fn matmul(
     // `m` rows of `k` values at `i * lda + l`, `b` the `k * n` values at `l * n + j`, all
     // in bounds; `c` is borrowed mutably, so it aliases neither input.
     unsafe {
-        gemm::gemm(
+        ::gemm::gemm(
             m,
             n,
             k,
@@ -93,18 +93,33 @@ mod tests {
 
     #[test]
     fn products_with_a_row_stride_and_accumulation_match_a_loop() {
-        for &(m, n, k, lda) in &[(1, 1, 1, 1), (37, 19, 23, 30), (130, 64, 70, 70), (5, 3, 0, 2)] {
-            let a: Vec<f32> = (0..m * lda).map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0).collect();
-            let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32 - 5.0) / 4.0).collect();
+        for &(m, n, k, lda) in &[
+            (1, 1, 1, 1),
+            (37, 19, 23, 30),
+            (130, 64, 70, 70),
+            (5, 3, 0, 2),
+        ] {
+            let a: Vec<f32> = (0..m * lda)
+                .map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0)
+                .collect();
+            let b: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 5 % 11) as f32 - 5.0) / 4.0)
+                .collect();
             let want = naive(&a, lda, &b, (m, n, k));
             let mut c = vec![9f32; m * n];
             matmul(&mut c, &a, lda, &b, (m, n, k), false);
             for (x, y) in c.iter().zip(&want) {
-                assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{m}x{n}x{k}: {x} vs {y}");
+                assert!(
+                    (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                    "{m}x{n}x{k}: {x} vs {y}"
+                );
             }
             matmul(&mut c, &a, lda, &b, (m, n, k), true);
             for (x, y) in c.iter().zip(&want) {
-                assert!((x - 2.0 * y).abs() <= 2e-4 * (1.0 + y.abs()), "accumulated: {x}");
+                assert!(
+                    (x - 2.0 * y).abs() <= 2e-4 * (1.0 + y.abs()),
+                    "accumulated: {x}"
+                );
             }
         }
     }
