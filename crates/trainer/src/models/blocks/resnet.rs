@@ -144,6 +144,8 @@ pub struct ResNet {
     bn1: BatchNorm,
     layers: Vec<Vec<Block>>,
     out_dim: usize,
+    /// The channels-last engine of an evaluation on constant weights (see `forward_t`).
+    frozen: std::sync::OnceLock<crate::infer::ResnetInference>,
 }
 
 impl ResNet {
@@ -223,6 +225,7 @@ impl ResNet {
             bn1,
             layers,
             out_dim: cin,
+            frozen: std::sync::OnceLock::new(),
         })
     }
 
@@ -277,8 +280,40 @@ impl ResNet {
     }
 }
 
+impl ResNet {
+    /// Whether an evaluation forward of `x` can run on the channels-last engine
+    /// ([`crate::infer`]): nothing in it can want a gradient (the weights are constants, not
+    /// variables, as in the detached copy `vdg train` evaluates; `x` is untracked), and it
+    /// is float32 on the CPU outside mixed precision.
+    fn frozen_applies(&self, x: &Tensor, train: bool) -> bool {
+        !train
+            && !x.track_op()
+            && !self.conv1.weight().track_op()
+            && x.device().is_cpu()
+            && x.dtype() == candle_core::DType::F32
+            && self.conv1.weight().dtype() == candle_core::DType::F32
+            && crate::nn3d::autocast_dtype().is_none()
+    }
+}
+
 impl ModuleT for ResNet {
+    /// Training, or anything with variables in it, runs candle's graph. An evaluation on
+    /// constant weights (the detached copy `vdg train` evaluates on) runs the channels-last
+    /// engine, folded on first use and kept: such a copy must not outlive a change of the
+    /// weights it was made from (it shares their storage; `vdg train` makes a fresh one for
+    /// every evaluation).
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        if self.frozen_applies(x, train) {
+            let engine = match self.frozen.get() {
+                Some(e) => e,
+                None => {
+                    let e = crate::infer::ResnetInference::new(self)
+                        .map_err(candle_core::Error::wrap)?;
+                    self.frozen.get_or_init(|| e)
+                }
+            };
+            return engine.forward(x).map_err(candle_core::Error::wrap);
+        }
         let stages = self
             .forward_stages(x, train, None)
             .map_err(candle_core::Error::wrap)?;
@@ -423,6 +458,50 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(norm > 0.0);
+    }
+
+    /// `vdg train` evaluates on a detached copy of the weights: there the evaluation forward
+    /// runs the channels-last engine (same values as the graph on the variables), while a
+    /// forward whose input wants a gradient keeps the graph and gets one.
+    #[test]
+    fn an_evaluation_on_constant_weights_runs_channels_last_with_the_same_values() {
+        use candle_core::{DType, Device, Var};
+        use candle_nn::VarMap;
+        let dev = Device::Cpu;
+        let vm = VarMap::new();
+        let net = ResNet::resnet18(VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+        crate::init::seeded_init(&vm, 5).unwrap();
+        let tensors: std::collections::HashMap<String, Tensor> = vm
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+            .collect();
+        let copy = ResNet::resnet18(VarBuilder::from_tensors(tensors, DType::F32, &dev)).unwrap();
+        let x = crate::init::seeded_randn(&[2, 3, 40, 40], 6, DType::F32, &dev).unwrap();
+        let graph = net.forward_t(&x, false).unwrap();
+        assert!(net.frozen.get().is_none(), "variables must keep the graph");
+        let engine = copy.forward_t(&x, false).unwrap();
+        assert!(
+            copy.frozen.get().is_some(),
+            "constants should run channels-last"
+        );
+        let (a, b): (Vec<f32>, Vec<f32>) = (
+            graph.flatten_all().unwrap().to_vec1().unwrap(),
+            engine.flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (u, v) in a.iter().zip(&b) {
+            assert!((u - v).abs() <= 1e-4 * scale, "{u} vs {v}");
+        }
+        let xv = Var::from_tensor(&x).unwrap();
+        let y = copy.forward_t(xv.as_tensor(), false).unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(
+            grads.get(xv.as_tensor()).is_some(),
+            "the input lost its gradient"
+        );
     }
 
     #[test]
