@@ -211,6 +211,9 @@ impl ResnetInference {
                 self.stem.cin
             )));
         }
+        if n == 0 {
+            return Ok(Tensor::zeros((0, self.out_dim), DType::F32, &Device::Cpu)?);
+        }
         let pixels = frames
             .to_device(&Device::Cpu)?
             .to_dtype(DType::F32)?
@@ -532,7 +535,7 @@ mod tests {
     }
 
     #[test]
-    fn a_frame_with_the_wrong_channels_is_refused() {
+    fn a_frame_with_the_wrong_channels_is_refused_and_no_frames_give_no_rows() {
         let dev = Device::Cpu;
         let vm = VarMap::new();
         let net = ResNet::resnet18(VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
@@ -540,5 +543,7 @@ mod tests {
         let x = Tensor::zeros((1, 4, 16, 16), DType::F32, &dev).unwrap();
         let err = engine.forward(&x).unwrap_err().to_string();
         assert!(err.contains("4 channels"), "{err}");
+        let none = Tensor::zeros((0, 3, 16, 16), DType::F32, &dev).unwrap();
+        assert_eq!(engine.forward(&none).unwrap().dims(), &[0, 512]);
     }
 }
