@@ -349,19 +349,32 @@ pub fn run_features(
         }
         let mut writer = FeatureShardWriter::create(&opts.out, index, dim)?;
         let mut metas = Vec::with_capacity(chunk.len());
-        for row in chunk.iter() {
-            let frames = cached_frames(row.num_frames, opts.every);
-            let feats = video_features(&opts.data, row, &frames, &trunk, dim, opts, &device)?;
-            let first = writer.write_video(&row.video_id, &frames, &feats)?;
-            let mut r = (*row).clone();
-            r.shard = Some(index);
-            r.first_row = Some(first);
-            r.num_frames = frames.len() as u32;
-            metas.push(r);
-            progress(FeaturesEvent::Video {
-                frames: frames.len() as u64,
-            });
-        }
+        let frames: Vec<Vec<u32>> = chunk
+            .iter()
+            .map(|r| cached_frames(r.num_frames, opts.every))
+            .collect();
+        shard_features(
+            &opts.data,
+            chunk,
+            &frames,
+            &trunk,
+            dim,
+            opts,
+            &device,
+            |i, feats| {
+                let (row, frames) = (chunk[i], &frames[i]);
+                let first = writer.write_video(&row.video_id, frames, &feats)?;
+                let mut r = row.clone();
+                r.shard = Some(index);
+                r.first_row = Some(first);
+                r.num_frames = frames.len() as u32;
+                metas.push(r);
+                progress(FeaturesEvent::Video {
+                    frames: frames.len() as u64,
+                });
+                Ok(())
+            },
+        )?;
         let meta = ShardMeta {
             schema_version: vdg_data::shard::SHARD_SCHEMA_VERSION,
             plan_fingerprint: fingerprint.clone(),
@@ -416,29 +429,55 @@ pub fn run_features(
     })
 }
 
-/// The trunk features of `frames` of one video, `[frames.len() * dim]`.
-fn video_features(
+/// The trunk features of `frames[i]` of each video `rows[i]` (`[frames[i].len() * dim]`),
+/// handed to `done(i, ..)` in order as each video completes. Frames of consecutive videos
+/// share backbone passes of `opts.batch_frames` (a video of a few cached frames would
+/// otherwise run the trunk on a batch of a few: ResNet-50 runs about 30 % slower per frame
+/// on 4 than on 16; BENCHMARKS.md); a frame's features do not depend on its batch.
+#[allow(clippy::too_many_arguments)]
+fn shard_features(
     data: &Path,
-    row: &VideoRow,
-    frames: &[u32],
+    rows: &[&VideoRow],
+    frames: &[Vec<u32>],
     trunk: &FrozenTrunk<'_>,
     dim: usize,
     opts: &FeaturesOptions,
     device: &Device,
-) -> Result<Vec<f32>> {
-    let (Some(shard), Some(first)) = (row.shard, row.first_row) else {
-        return Ok(Vec::new());
-    };
+    mut done: impl FnMut(usize, Vec<f32>) -> Result<()>,
+) -> Result<()> {
     let s = opts.input_size;
-    let mut out = Vec::with_capacity(frames.len() * dim);
-    for batch in frames.chunks(opts.batch_frames.max(1)) {
-        let jpegs = read_frames_at(&frames_path(data, shard), first, batch)?;
+    // Every (video, frame) in order; videos without a shard contribute nothing.
+    let items: Vec<(usize, u32)> = rows
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.shard.is_some() && r.first_row.is_some())
+        .flat_map(|(i, _)| frames[i].iter().map(move |&f| (i, f)))
+        .collect();
+    let mut feats: Vec<Vec<f32>> = vec![Vec::new(); rows.len()];
+    let mut next = 0usize;
+    let mut flush = |upto: usize, feats: &mut Vec<Vec<f32>>| -> Result<()> {
+        while next < upto {
+            done(next, std::mem::take(&mut feats[next]))?;
+            next += 1;
+        }
+        Ok(())
+    };
+    for batch in items.chunks(opts.batch_frames.max(1)) {
+        let mut jpegs = Vec::with_capacity(batch.len());
+        for run in batch.chunk_by(|a, b| a.0 == b.0) {
+            let row = rows[run[0].0];
+            let (Some(shard), Some(first)) = (row.shard, row.first_row) else {
+                continue;
+            };
+            let wanted: Vec<u32> = run.iter().map(|&(_, f)| f).collect();
+            jpegs.extend(read_frames_at(&frames_path(data, shard), first, &wanted)?);
+        }
         let pixels: Vec<Vec<f32>> = jpegs
             .par_iter()
             .zip(batch)
-            .map(|(jpeg, &f)| {
+            .map(|(jpeg, &(i, f))| {
                 let (w, h, rgb) = decode_jpeg(jpeg).map_err(|message| Error::Frame {
-                    video_id: row.video_id.clone(),
+                    video_id: rows[i].video_id.clone(),
                     frame: f as usize,
                     message,
                 })?;
@@ -449,8 +488,16 @@ fn video_features(
             .collect::<Result<_>>()?;
         let n = pixels.len();
         let x = Tensor::from_vec(pixels.concat(), (n, 3, s, s), device)?;
-        let f = trunk.features(&x)?;
-        out.extend(f.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+        let f = trunk
+            .features(&x)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        for (&(i, _), row) in batch.iter().zip(f.chunks_exact(dim)) {
+            feats[i].extend_from_slice(row);
+        }
+        // Every video before the batch's last one is complete.
+        flush(batch[batch.len() - 1].0, &mut feats)?;
     }
-    Ok(out)
+    flush(rows.len(), &mut feats)
 }
