@@ -145,7 +145,7 @@ pub struct ResNet {
     layers: Vec<Vec<Block>>,
     out_dim: usize,
     /// The channels-last engine of an evaluation on constant weights (see `forward_t`).
-    frozen: std::sync::OnceLock<crate::infer::ResnetInference>,
+    frozen: std::sync::OnceLock<Box<crate::infer::ResnetInference>>,
 }
 
 impl ResNet {
@@ -309,7 +309,7 @@ impl ModuleT for ResNet {
                 None => {
                     let e = crate::infer::ResnetInference::new(self)
                         .map_err(candle_core::Error::wrap)?;
-                    self.frozen.get_or_init(|| e)
+                    self.frozen.get_or_init(|| Box::new(e))
                 }
             };
             return engine.forward(x).map_err(candle_core::Error::wrap);
