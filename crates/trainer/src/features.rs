@@ -221,10 +221,7 @@ pub fn run_features(
             "schema": FEATURES_SCHEMA_VERSION,
             "tool_version": env!("CARGO_PKG_VERSION"),
             // The CPU's channels-last ResNet path rounds differently from the graph's.
-            "channels_last": FrozenTrunk::channels_last(
-                Some(opts.backbone),
-                &device,
-            ),
+            "channels_last": FrozenTrunk::channels_last(opts.backbone, &device),
         })
         .to_string()
         .as_bytes(),

@@ -188,27 +188,14 @@ impl Backbone {
     /// [`FrozenTrunk`].
     pub fn frozen(&self, device: &candle_core::Device) -> Result<FrozenTrunk<'_>> {
         let engine = match &self.trunk {
-            Trunk::Resnet(r) if FrozenTrunk::channels_last(self.kind(), device) => {
-                Some(crate::infer::ResnetInference::new(r)?)
-            }
+            // The rule of `FrozenTrunk::channels_last`: a ResNet on the CPU.
+            Trunk::Resnet(r) if device.is_cpu() => Some(crate::infer::ResnetInference::new(r)?),
             _ => None,
         };
         Ok(FrozenTrunk {
             backbone: self,
             engine,
         })
-    }
-
-    fn kind(&self) -> Option<BackboneKind> {
-        match &self.trunk {
-            Trunk::Small(_) => Some(BackboneKind::SmallCnn),
-            Trunk::Resnet(r) => Some(if r.out_dim() == 2048 {
-                BackboneKind::Resnet50
-            } else {
-                BackboneKind::Resnet18
-            }),
-            Trunk::Cached(_) => None,
-        }
     }
 
     /// # Shapes
@@ -234,8 +221,8 @@ pub struct FrozenTrunk<'a> {
 impl FrozenTrunk<'_> {
     /// Whether `kind` on `device` runs the channels-last engine (part of `vdg features`'
     /// fingerprint: the two paths round differently).
-    pub fn channels_last(kind: Option<BackboneKind>, device: &candle_core::Device) -> bool {
-        device.is_cpu() && matches!(kind, Some(BackboneKind::Resnet18 | BackboneKind::Resnet50))
+    pub fn channels_last(kind: BackboneKind, device: &candle_core::Device) -> bool {
+        device.is_cpu() && matches!(kind, BackboneKind::Resnet18 | BackboneKind::Resnet50)
     }
 
     /// `frames [N, 3, H, W]` -> `[N, trunk_dim]`.
