@@ -95,13 +95,7 @@ fn head_step(c: &mut Criterion) {
         b.iter(|| {
             let loss = cross_entropy(&head.forward_t(&x, true).unwrap().logits, &y).unwrap();
             opt.step(&loss.backward().unwrap()).unwrap();
-            let tensors: std::collections::HashMap<String, Tensor> = vm
-                .data()
-                .lock()
-                .unwrap()
-                .iter()
-                .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-                .collect();
+            let tensors = vdg_trainer::init::detached(&vm).unwrap();
             let twin = build_head(
                 ModelKind::Apn,
                 &cfg,

@@ -337,14 +337,7 @@ pub fn throughput(device: &Device, scale: Scale) -> Result<Vec<ThroughputRow>> {
     };
     // The ascent runs on a detached twin (input gradients only), as `vdg train` does.
     let twin = || -> Result<VideoModel> {
-        let tensors: std::collections::HashMap<String, Tensor> = vm
-            .data()
-            .lock()
-            .map_err(|_| poisoned())?
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-            .collect();
-        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+        let vb = VarBuilder::from_tensors(crate::init::detached(&vm)?, DType::F32, device);
         let head = build_head(ModelKind::Apn, &cfg, 12, 0, vb.pp("head"))?;
         let projection = Backbone::cached(2048, cfg.feature_dim, 0.8, vb.pp("backbone"))?;
         Ok(VideoModel::frames(projection, head, ModelKind::Apn))

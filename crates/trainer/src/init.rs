@@ -99,3 +99,16 @@ pub fn seeded_randn(
         .collect();
     Ok(Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?)
 }
+
+/// Detached copies of `vm`'s current values by name (sharing their storage, tracking no
+/// gradient): what a `VarBuilder::from_tensors` twin of a model is built on (ADA's ascent,
+/// evaluation). The copies see later in-place updates of the variables.
+pub fn detached(vm: &VarMap) -> Result<std::collections::HashMap<String, Tensor>> {
+    Ok(vm
+        .data()
+        .lock()
+        .map_err(|_| crate::Error::Config("poisoned VarMap".into()))?
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect())
+}

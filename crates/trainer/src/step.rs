@@ -375,15 +375,8 @@ mod tests {
 
     /// The APN of [`apn`] on detached copies of `vm`'s current values.
     fn detached(vm: &VarMap, seed: u64) -> VideoModel {
-        let tensors: std::collections::HashMap<String, Tensor> = vm
-            .data()
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-            .collect();
         apn_on(
-            VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
+            VarBuilder::from_tensors(crate::init::detached(vm).unwrap(), DType::F32, &Device::Cpu),
             seed,
         )
     }

@@ -477,14 +477,7 @@ fn twin(
     vm: &VarMap,
     device: &Device,
 ) -> Result<VideoModel> {
-    let tensors: std::collections::HashMap<String, Tensor> = vm
-        .data()
-        .lock()
-        .map_err(|_| Error::Config("poisoned VarMap".into()))?
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-        .collect();
-    let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+    let vb = VarBuilder::from_tensors(crate::init::detached(vm)?, DType::F32, device);
     structure(cfg, classes, streams, feature_dim, vb)
 }
 fn io(path: &std::path::Path, e: std::io::Error) -> Error {

@@ -471,13 +471,7 @@ mod tests {
         let vm = VarMap::new();
         let net = ResNet::resnet18(VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
         crate::init::seeded_init(&vm, 5).unwrap();
-        let tensors: std::collections::HashMap<String, Tensor> = vm
-            .data()
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-            .collect();
+        let tensors = crate::init::detached(&vm).unwrap();
         let copy = ResNet::resnet18(VarBuilder::from_tensors(tensors, DType::F32, &dev)).unwrap();
         let x = crate::init::seeded_randn(&[2, 3, 40, 40], 6, DType::F32, &dev).unwrap();
         let graph = net.forward_t(&x, false).unwrap();
