@@ -41,12 +41,12 @@ pub fn supported(t: &Tensor) -> bool {
 
 /// Shapes the op works on.
 #[derive(Debug, Clone, Copy)]
-struct Dims {
-    b: usize,
-    tq: usize,
-    tk: usize,
-    w: usize,
-    dh: usize,
+pub(crate) struct Dims {
+    pub(crate) b: usize,
+    pub(crate) tq: usize,
+    pub(crate) tk: usize,
+    pub(crate) w: usize,
+    pub(crate) dh: usize,
 }
 
 #[inline]
@@ -54,14 +54,48 @@ fn relu<T: WithDType>(v: T) -> T {
     if v > T::zero() { v } else { T::zero() }
 }
 
-/// `relu(a) . relu(b)` in the tensor's type.
+/// `a . b` with eight partial sums (vectorisable; the order is fixed, so the result is too).
 #[inline]
-fn dot_relu<T: WithDType>(a: &[T], b: &[T]) -> T {
-    let mut acc = T::zero();
-    for (&x, &y) in a.iter().zip(b) {
-        acc += relu(x) * relu(y);
+fn dot<T: WithDType>(a: &[T], b: &[T]) -> T {
+    let mut acc = [T::zero(); 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: T = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .fold(T::zero(), |s, (&x, &y)| s + x * y);
+    for (x, y) in ac.zip(bc) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
     }
-    acc
+    let pairs = [
+        acc[0] + acc[4],
+        acc[1] + acc[5],
+        acc[2] + acc[6],
+        acc[3] + acc[7],
+    ];
+    (pairs[0] + pairs[2]) + (pairs[1] + pairs[3]) + tail
+}
+
+/// `y += a x`.
+#[inline]
+fn axpy<T: WithDType>(y: &mut [T], a: T, x: &[T]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}
+
+/// The ReLU of every value.
+fn relu_all<T: WithDType>(x: &[T]) -> Vec<T> {
+    x.iter().map(|&v| relu(v)).collect()
+}
+
+/// Zeroes the gradients `g` where the pre-ReLU values `x` are not positive.
+fn relu_mask<T: WithDType>(g: &mut [T], x: &[T]) {
+    for (g, &x) in g.iter_mut().zip(x) {
+        *g = if x > T::zero() { *g } else { T::zero() };
+    }
 }
 
 impl Core {
@@ -91,8 +125,9 @@ impl Core {
         })
     }
 
-    /// Softmax weights (float64) of query `i`, head `h`, of one batch item's `q`, `k` into
-    /// `p`; masked keys get exactly 0 (the released code's -2^32 + 1 underflows to 0 too).
+    /// Softmax weights (float64) of query `i`, head `h`, of one batch item's ReLU'd `q`, `k`
+    /// into `p`; masked keys get exactly 0 (the released code's -2^32 + 1 underflows to 0
+    /// too).
     fn weights<T: WithDType>(&self, q: &[T], k: &[T], d: Dims, h: usize, i: usize, p: &mut [f64]) {
         let col = h * d.dh;
         let qi = &q[i * d.w + col..][..d.dh];
@@ -100,7 +135,7 @@ impl Core {
         let scale = 1.0 / (d.dh as f64).sqrt();
         let mut max = f64::NEG_INFINITY;
         for (j, pj) in p.iter_mut().enumerate().take(keys) {
-            *pj = dot_relu(qi, &k[j * d.w + col..][..d.dh]).to_f64() * scale;
+            *pj = dot(qi, &k[j * d.w + col..][..d.dh]).to_f64() * scale;
             max = max.max(*pj);
         }
         let mut sum = 0.0;
@@ -120,28 +155,23 @@ impl Core {
         })
     }
 
-    fn forward<T: WithDType>(&self, q: &[T], k: &[T], v: &[T], d: Dims) -> Vec<T> {
+    pub(crate) fn forward<T: WithDType>(&self, q: &[T], k: &[T], v: &[T], d: Dims) -> Vec<T> {
         let mut out = vec![T::zero(); d.b * d.tq * d.w];
         let item = |(bi, o): (usize, &mut [T])| {
-            let q = &q[bi * d.tq * d.w..][..d.tq * d.w];
-            let (k, v) = (
-                &k[bi * d.tk * d.w..][..d.tk * d.w],
-                &v[bi * d.tk * d.w..][..d.tk * d.w],
-            );
+            let q = relu_all(&q[bi * d.tq * d.w..][..d.tq * d.w]);
+            let k = relu_all(&k[bi * d.tk * d.w..][..d.tk * d.w]);
+            let v = relu_all(&v[bi * d.tk * d.w..][..d.tk * d.w]);
             let mut p = vec![0.0f64; d.tk];
             for h in 0..self.heads {
                 let col = h * d.dh;
                 for i in 0..d.tq {
-                    self.weights(q, k, d, h, i, &mut p);
+                    self.weights(&q, &k, d, h, i, &mut p);
                     let mask = self.mask_at(bi, h, i, d);
                     let oi = &mut o[i * d.w + col..][..d.dh];
                     for (j, &pj) in p.iter().enumerate() {
                         let pd = T::from_f64(pj * mask.map_or(1.0, |m| f64::from(m[j])));
-                        if pd == T::zero() {
-                            continue;
-                        }
-                        for (a, &x) in oi.iter_mut().zip(&v[j * d.w + col..][..d.dh]) {
-                            *a += pd * relu(x);
+                        if pd != T::zero() {
+                            axpy(oi, pd, &v[j * d.w + col..][..d.dh]);
                         }
                     }
                 }
@@ -156,50 +186,44 @@ impl Core {
     }
 
     /// Gradients for `q`, `k`, `v` (pre-ReLU) from the output's gradient `g [B, Tq, W]`.
-    fn backward<T: WithDType>(&self, [q, k, v, g]: [&[T]; 4], d: Dims) -> (Vec<T>, Vec<T>, Vec<T>) {
+    pub(crate) fn backward<T: WithDType>(
+        &self,
+        [q, k, v, g]: [&[T]; 4],
+        d: Dims,
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
         let scale = 1.0 / (d.dh as f64).sqrt();
         let mut dq = vec![T::zero(); d.b * d.tq * d.w];
         let mut dk = vec![T::zero(); d.b * d.tk * d.w];
         let mut dv = vec![T::zero(); d.b * d.tk * d.w];
         let item = |(bi, (dq, (dk, dv))): ItemGrads<'_, T>| {
-            let (q, g) = (
+            let (q0, g) = (
                 &q[bi * d.tq * d.w..][..d.tq * d.w],
                 &g[bi * d.tq * d.w..][..d.tq * d.w],
             );
-            let (k, v) = (
+            let (k0, v0) = (
                 &k[bi * d.tk * d.w..][..d.tk * d.w],
                 &v[bi * d.tk * d.w..][..d.tk * d.w],
             );
+            let (q, k, v) = (relu_all(q0), relu_all(k0), relu_all(v0));
             let mut p = vec![0.0f64; d.tk];
             let mut ds = vec![0.0f64; d.tk];
+            // Gradients of the ReLU'd q, k, v first; the ReLUs' masks at the end.
             for h in 0..self.heads {
                 let col = h * d.dh;
                 for i in 0..d.tq {
-                    self.weights(q, k, d, h, i, &mut p);
+                    self.weights(&q, &k, d, h, i, &mut p);
                     let mask = self.mask_at(bi, h, i, d);
                     let gi = &g[i * d.w + col..][..d.dh];
                     // dV, dP through dropout, and the softmax's row term.
                     let mut row = 0.0;
                     for (j, &pj) in p.iter().enumerate() {
                         ds[j] = 0.0;
-                        if pj == 0.0 {
-                            continue;
-                        }
                         let m = mask.map_or(1.0, |m| f64::from(m[j]));
-                        if m == 0.0 {
+                        if pj == 0.0 || m == 0.0 {
                             continue;
                         }
-                        let vj = &v[j * d.w + col..][..d.dh];
-                        let pd = T::from_f64(pj * m);
-                        let mut dpd = T::zero();
-                        for ((a, &gv), &x) in dv[j * d.w + col..][..d.dh].iter_mut().zip(gi).zip(vj)
-                        {
-                            if x > T::zero() {
-                                *a += pd * gv;
-                                dpd += gv * x;
-                            }
-                        }
-                        ds[j] = dpd.to_f64() * m;
+                        axpy(&mut dv[j * d.w + col..][..d.dh], T::from_f64(pj * m), gi);
+                        ds[j] = dot(gi, &v[j * d.w + col..][..d.dh]).to_f64() * m;
                         row += pj * ds[j];
                     }
                     // dS, then dQ and dK.
@@ -209,22 +233,18 @@ impl Core {
                             continue;
                         }
                         let s = T::from_f64(pj * (ds[j] - row) * scale);
-                        let kj = &k[j * d.w + col..][..d.dh];
-                        let dqi = &mut dq[i * d.w + col..][..d.dh];
-                        for ((a, &x), &y) in dqi.iter_mut().zip(qi).zip(kj) {
-                            if x > T::zero() {
-                                *a += s * relu(y);
-                            }
-                        }
-                        let dkj = &mut dk[j * d.w + col..][..d.dh];
-                        for ((a, &y), &x) in dkj.iter_mut().zip(kj).zip(qi) {
-                            if y > T::zero() {
-                                *a += s * relu(x);
-                            }
-                        }
+                        axpy(
+                            &mut dq[i * d.w + col..][..d.dh],
+                            s,
+                            &k[j * d.w + col..][..d.dh],
+                        );
+                        axpy(&mut dk[j * d.w + col..][..d.dh], s, qi);
                     }
                 }
             }
+            relu_mask(dq, q0);
+            relu_mask(dk, k0);
+            relu_mask(dv, v0);
         };
         let (nq, nk) = (d.tq * d.w, d.tk * d.w);
         if d.b * d.tq * d.tk * d.w >= PAR_MIN {

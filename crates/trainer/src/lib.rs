@@ -5,7 +5,8 @@
 //!   torchvision names), and whole networks (TSM, I3D, Non-local); every model returns
 //!   logits and the named features ADA targets.
 //! - [`nn`]: layers whose gradients candle's fused kernels drop (layer norm, softmax,
-//!   the APN attention block), built from differentiable primitives.
+//!   the APN attention block), built from differentiable primitives; [`block`]: the APN
+//!   block and pyramid as single CPU ops with hand-written backward passes, on [`cpu_gemm`].
 //! - [`nn3d`], [`im2col`]: 3-D convolution and pooling with gradients (Candle has none), and
 //!   the CPU convolution lowering every ResNet trunk uses.
 //! - [`infer`]: ResNet inference in channels-last layout for frozen trunks (`vdg features`),
@@ -42,6 +43,7 @@
 pub mod ada;
 pub mod attention;
 pub mod batchnorm;
+pub mod block;
 pub mod checkpoint;
 pub mod cpu_gemm;
 pub mod devcheck;

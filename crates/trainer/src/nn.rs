@@ -255,6 +255,10 @@ impl Module for FeedForward {
 /// The APN attention block `T(x, y)` (released code's `AttModel`): an encoder on `x`
 /// (self-attention, feed-forward) and a decoder on `y` (causal self-attention, attention
 /// over the encoder output, feed-forward), then dropout. The output has `y`'s length.
+///
+/// On the CPU the block runs as one operation ([`crate::block`]) on its parameters packed
+/// into one tensor ([`AttentionBlock::pack`]); [`AttentionBlock::composed`] is the same
+/// function from the layers' own ops (other devices; tests).
 #[derive(Debug, Clone)]
 pub struct AttentionBlock {
     enc_self: MultiHeadAttention,
@@ -262,7 +266,31 @@ pub struct AttentionBlock {
     dec_self: MultiHeadAttention,
     dec_cross: MultiHeadAttention,
     dec_ff: FeedForward,
-    dropout: f32,
+    cfg: AttentionConfig,
+}
+
+impl MultiHeadAttention {
+    fn parameters(&self) -> Vec<&Tensor> {
+        let mut out = Vec::new();
+        for l in [&self.q, &self.k, &self.v] {
+            out.push(l.weight());
+            out.extend(l.bias());
+        }
+        out.extend([&self.norm.gamma, &self.norm.beta]);
+        out
+    }
+}
+
+impl FeedForward {
+    fn parameters(&self) -> Vec<&Tensor> {
+        let mut out = Vec::new();
+        for l in [&self.inner, &self.outer] {
+            out.push(l.weight());
+            out.extend(l.bias());
+        }
+        out.extend([&self.norm.gamma, &self.norm.beta]);
+        out
+    }
 }
 
 impl AttentionBlock {
@@ -274,20 +302,90 @@ impl AttentionBlock {
             dec_self: MultiHeadAttention::new(cfg, vb.pp("dec_self"))?,
             dec_cross: MultiHeadAttention::new(cfg, vb.pp("dec_cross"))?,
             dec_ff: FeedForward::new(cfg, vb.pp("dec_ff"))?,
-            dropout: cfg.dropout,
+            cfg,
         })
+    }
+
+    /// The block's parameters as one flat tensor for the fused block (one concatenation; its
+    /// gradient flows back to every parameter), or `None` where the fused block does not run
+    /// for inputs like `like` (another device or dtype). A model that calls the block several
+    /// times per forward packs once and passes the result to [`AttentionBlock::forward_with`].
+    pub fn pack(&self, like: &Tensor) -> candle_core::Result<Option<crate::block::Packed>> {
+        let mut parts = self.enc_self.parameters();
+        parts.extend(self.enc_ff.parameters());
+        parts.extend(self.dec_self.parameters());
+        parts.extend(self.dec_cross.parameters());
+        parts.extend(self.dec_ff.parameters());
+        let expected = crate::block::Packing::new(&self.cfg).len;
+        if !crate::attention::supported(like)
+            || parts
+                .iter()
+                .any(|t| t.dtype() != like.dtype() || !t.device().same_device(like.device()))
+            || parts.iter().map(|t| t.elem_count()).sum::<usize>() != expected
+        {
+            return Ok(None);
+        }
+        let flat = parts
+            .iter()
+            .map(|t| t.flatten_all())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Some(crate::block::Packed::new(Tensor::cat(&flat, 0)?)))
     }
 
     /// # Shapes
     /// `x [B, Tx, W]` (encoder input), `y [B, Ty, W]` (decoder input) -> `[B, Ty, W]`.
     pub fn forward_t(&self, x: &Tensor, y: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.forward_with(self.pack(x)?.as_ref(), x, y, train)
+    }
+
+    /// [`AttentionBlock::forward_t`] with the parameters packed by [`AttentionBlock::pack`]
+    /// (`None`: the composed layers).
+    pub fn forward_with(
+        &self,
+        packed: Option<&crate::block::Packed>,
+        x: &Tensor,
+        y: &Tensor,
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
+        let Some(packed) = packed else {
+            return self.composed(x, y, train);
+        };
+        let (b, tx, _) = x.dims3()?;
+        let ty = y.dim(1)?;
+        // Drawn in the composed block's order: the three attention layers' weights, then the
+        // output.
+        let masks = crate::block::Masks::draw(&self.cfg, (b, tx, ty), train);
+        let op = crate::block::BlockOp::new(self.cfg, packed, masks);
+        x.contiguous()?
+            .apply_op3(&y.contiguous()?, packed.tensor(), op)
+    }
+
+    /// APN's relational pyramid on `x [B, M, W]` with this block as one op
+    /// ([`crate::block`]): the global relation `G = T(x, x)` and level II, the sum over
+    /// `scales` of the mean over each scale's subsets `s` of `T(T(x_s, x_s), G)`.
+    pub(crate) fn pyramid(
+        &self,
+        packed: &crate::block::Packed,
+        x: &Tensor,
+        scales: Vec<Vec<Vec<usize>>>,
+        train: bool,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let (b, m, _) = x.dims3()?;
+        let op = crate::block::PyramidOp::new(self.cfg, packed, (b, m), scales, train);
+        let out = x.contiguous()?.apply_op2(packed.tensor(), op)?;
+        Ok((out.get(0)?, out.get(1)?))
+    }
+
+    /// The block from its layers' own ops (what runs where [`AttentionBlock::pack`] gives
+    /// `None`).
+    pub fn composed(&self, x: &Tensor, y: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let enc = self
             .enc_ff
             .forward(&self.enc_self.forward_t(x, x, false, train)?)?;
         let dec = self.dec_self.forward_t(y, y, true, train)?;
         let dec = self.dec_cross.forward_t(&dec, &enc, false, train)?;
         let dec = self.dec_ff.forward(&dec)?;
-        dropout(&dec, self.dropout, train)
+        dropout(&dec, self.cfg.dropout, train)
     }
 }
 

@@ -282,7 +282,12 @@ struct AffineNormalize {
     eps: f64,
 }
 
-fn affine_normalize<T: candle_core::WithDType>(x: &[T], g: &[T], b: &[T], eps: f64) -> Vec<T> {
+pub(crate) fn affine_normalize<T: candle_core::WithDType>(
+    x: &[T],
+    g: &[T],
+    b: &[T],
+    eps: f64,
+) -> Vec<T> {
     let n = g.len();
     let mut out = vec![T::zero(); x.len()];
     for (o, row) in out.chunks_mut(n).zip(x.chunks(n)) {
@@ -295,7 +300,7 @@ fn affine_normalize<T: candle_core::WithDType>(x: &[T], g: &[T], b: &[T], eps: f
 }
 
 /// `(dx, dgamma, dbeta)` of [`affine_normalize`] for the output gradient `d`.
-fn affine_normalize_grad<T: candle_core::WithDType>(
+pub(crate) fn affine_normalize_grad<T: candle_core::WithDType>(
     x: &[T],
     g: &[T],
     d: &[T],
@@ -409,7 +414,7 @@ impl candle_core::CustomOp3 for AffineNormalize {
 /// Column sums of `[.., C]`: `[C]`.
 struct ColSum;
 
-fn col_sum<T: candle_core::WithDType>(x: &[T], c: usize) -> Vec<T> {
+pub(crate) fn col_sum<T: candle_core::WithDType>(x: &[T], c: usize) -> Vec<T> {
     let mut acc = vec![T::zero(); c];
     for row in x.chunks(c) {
         for (a, &v) in acc.iter_mut().zip(row) {
@@ -517,7 +522,7 @@ struct LinearOp {
     relu: bool,
 }
 
-fn bias_relu<T: candle_core::WithDType>(y: &mut [T], b: &[T], relu: bool) {
+pub(crate) fn bias_relu<T: candle_core::WithDType>(y: &mut [T], b: &[T], relu: bool) {
     for row in y.chunks_mut(b.len()) {
         for (v, &c) in row.iter_mut().zip(b) {
             let s = *v + c;

@@ -13,6 +13,19 @@ use crate::optim::{SgdMomentum, SgdParams};
 
 const TOL: f64 = 1e-5;
 
+/// The largest absolute difference between two tensors of one shape (any float dtype).
+pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b)
+        .and_then(|d| {
+            d.abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()
+        })
+        .expect("tensors of one shape")
+}
+
 /// The temporal heads of the registry (the whole networks are tested in `networks`).
 const HEADS: [ModelKind; 4] = [
     ModelKind::Tsn,

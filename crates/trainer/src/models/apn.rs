@@ -52,20 +52,12 @@ impl Apn {
     }
 }
 
-impl Head for Apn {
-    fn sampler(&self) -> Option<&super::SubsetSampler> {
-        Some(&self.sampler)
-    }
-
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<HeadOutput> {
-        let (b, m, d) = x.dims3()?;
-        if m != self.segments {
-            return Err(Error::Config(format!(
-                "APN built for M = {}, got {m} segments",
-                self.segments
-            )));
-        }
-        let global = self.attention.forward_t(x, x, train)?;
+impl Apn {
+    /// The pyramid from the block's composed ops: `(G, level II)`.
+    fn composed(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
+        let m = self.segments;
+        let block = |x: &Tensor, y: &Tensor| self.attention.forward_t(x, y, train);
+        let global = block(x, x)?;
         let mut level2: Option<Tensor> = None;
         for size in (2..m).rev() {
             // One window in training; in evaluation the centred one, or the mean over the two
@@ -74,8 +66,8 @@ impl Head for Apn {
             let mut cross: Option<Tensor> = None;
             for subset in &subsets {
                 let xs = super::select_segments(x, subset)?;
-                let local = self.attention.forward_t(&xs, &xs, train)?;
-                let c = self.attention.forward_t(&local, &global, train)?;
+                let local = block(&xs, &xs)?;
+                let c = block(&local, &global)?;
                 cross = Some(match cross {
                     Some(acc) => (acc + c)?,
                     None => c,
@@ -93,6 +85,36 @@ impl Head for Apn {
             Some(l) => l,
             None => global.zeros_like()?,
         };
+        Ok((global, level2))
+    }
+}
+
+impl Head for Apn {
+    fn sampler(&self) -> Option<&super::SubsetSampler> {
+        Some(&self.sampler)
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<HeadOutput> {
+        let (b, m, d) = x.dims3()?;
+        if m != self.segments {
+            return Err(Error::Config(format!(
+                "APN built for M = {}, got {m} segments",
+                self.segments
+            )));
+        }
+        // On the CPU the whole pyramid is one op on the block's packed parameters; the
+        // subsets are drawn here, in the order `composed` draws them.
+        let (global, level2) = match self.attention.pack(x)? {
+            Some(packed) => {
+                let scales = (2..m)
+                    .rev()
+                    .map(|size| self.sampler.subsets(m, size, 1, train))
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                self.attention.pyramid(&packed, x, scales, train)?
+            }
+            None => self.composed(x, train)?,
+        };
         let level3 = (&global + &level2)?;
         let flat = |t: &Tensor| t.reshape((b, m * d));
         let (g, l2, l3) = (flat(&global)?, flat(&level2)?, flat(&level3)?);
@@ -108,5 +130,106 @@ impl Head for Apn {
             ]),
             feature_logits: BTreeMap::from([("level2", logits2)]),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor, Var};
+    use candle_nn::{VarBuilder, VarMap};
+
+    use super::*;
+    use crate::init::{seeded_init, seeded_randn};
+    use crate::nn::{AttentionConfig, seed_dropout};
+    use crate::tests::max_diff;
+
+    /// The pyramid as one op against the pyramid of composed blocks, in float64: the same
+    /// `G` and level II, and the same gradients for the input and every weight, in training
+    /// (random windows, dropout) and evaluation (the two central windows averaged), for
+    /// M = 5 and M = 2 (no local scale).
+    #[test]
+    fn the_fused_pyramid_equals_the_composed_one_with_gradients() {
+        let dev = Device::Cpu;
+        for segments in [5, 2] {
+            let cfg = ModelConfig {
+                segments,
+                feature_dim: 12,
+                attention: AttentionConfig {
+                    width: 12,
+                    heads: 3,
+                    ff_width: 16,
+                    dropout: 0.3,
+                },
+                ..ModelConfig::default()
+            };
+            let vm = VarMap::new();
+            let apn = Apn::new(&cfg, 4, 7, VarBuilder::from_varmap(&vm, DType::F64, &dev)).unwrap();
+            seeded_init(&vm, 3).unwrap();
+            let x =
+                Var::from_tensor(&seeded_randn(&[3, segments, 12], 1, DType::F64, &dev).unwrap())
+                    .unwrap();
+            let (w1, w2) = (
+                seeded_randn(&[3, segments, 12], 2, DType::F64, &dev).unwrap(),
+                seeded_randn(&[3, segments, 12], 3, DType::F64, &dev).unwrap(),
+            );
+            let mut params: Vec<Tensor> = vm
+                .all_vars()
+                .iter()
+                .map(|v| v.as_tensor().clone())
+                .collect();
+            params.push(x.as_tensor().clone());
+            for train in [false, true] {
+                let state = apn.sampler.state().unwrap();
+                seed_dropout(11);
+                let packed = apn.attention.pack(x.as_tensor()).unwrap().unwrap();
+                let scales = (2..segments)
+                    .rev()
+                    .map(|size| apn.sampler.subsets(segments, size, 1, train))
+                    .collect();
+                let ours = apn
+                    .attention
+                    .pyramid(&packed, x.as_tensor(), scales, train)
+                    .unwrap();
+                apn.sampler.set_state(state.0, state.1);
+                seed_dropout(11);
+                let theirs = apn.composed(x.as_tensor(), train).unwrap();
+                for (a, b) in [(&ours.0, &theirs.0), (&ours.1, &theirs.1)] {
+                    let d = max_diff(a, b);
+                    assert!(
+                        d < 1e-11,
+                        "M {segments}, train {train}: values differ by {d}"
+                    );
+                }
+                if segments > 2 {
+                    assert!(max_diff(&ours.1, &ours.1.zeros_like().unwrap()) > 0.1);
+                }
+                let loss = |(g, l2): &(Tensor, Tensor)| {
+                    ((g * &w1).unwrap().sum_all().unwrap() + (l2 * &w2).unwrap().sum_all().unwrap())
+                        .unwrap()
+                        .backward()
+                        .unwrap()
+                };
+                let (ga, gb) = (loss(&ours), loss(&theirs));
+                let mut compared = 0;
+                for p in &params {
+                    // The classifier is not part of the pyramid.
+                    let (a, b) = match (ga.get(p), gb.get(p)) {
+                        (Some(a), Some(b)) => (a, b),
+                        (None, None) => continue,
+                        (a, b) => panic!("gradient present {} vs {}", a.is_some(), b.is_some()),
+                    };
+                    compared += 1;
+                    let d = max_diff(a, b);
+                    let scale = 1.0 + max_diff(b, &b.zeros_like().unwrap());
+                    assert!(
+                        d < 1e-11 * scale,
+                        "M {segments}, train {train}: gradient {:?} differs by {d}",
+                        p.dims()
+                    );
+                }
+                // 36 block parameters and the input.
+                assert_eq!(compared, 37);
+            }
+        }
     }
 }
