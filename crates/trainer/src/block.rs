@@ -192,49 +192,45 @@ impl Packed {
 /// Dropout multipliers of one block call: on the attention weights of the encoder
 /// self-attention `[B, H, Tx, Tx]`, the decoder self-attention `[B, H, Ty, Ty]` and the
 /// cross-attention `[B, H, Ty, Tx]`, and on the block's output `[B, Ty, W]` (0 or `1/keep`).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub(crate) struct Masks {
     attn: [Option<Arc<Vec<f32>>>; 3],
     out: Option<Vec<f32>>,
+}
+
+/// Values of the four masks of one item of a call: the three attention layers', the output's.
+fn mask_sizes(cfg: &AttentionConfig, (tx, ty): (usize, usize)) -> [usize; 4] {
+    let h = cfg.heads;
+    [h * tx * tx, h * ty * ty, h * ty * tx, ty * cfg.width]
 }
 
 impl Masks {
     /// Draws the masks of a call with `b` items, encoder length `tx`, decoder length `ty`,
     /// in the order the composed block draws them (none outside training).
     pub(crate) fn draw(cfg: &AttentionConfig, (b, tx, ty): Lens, train: bool) -> Self {
-        let (h, p) = (cfg.heads, cfg.dropout);
+        let [a0, a1, a2, out] = mask_sizes(cfg, (tx, ty)).map(|n| b * n);
+        let draw = |n| dropout_mask(n, cfg.dropout, train);
         Masks {
-            attn: [b * h * tx * tx, b * h * ty * ty, b * h * ty * tx]
-                .map(|n| dropout_mask(n, p, train).map(Arc::new)),
-            out: dropout_mask(b * ty * cfg.width, p, train),
+            attn: [a0, a1, a2].map(|n| draw(n).map(Arc::new)),
+            out: draw(out),
         }
     }
 
     /// The masks of items `first .. first + n`.
-    fn cut(&self, cfg: &AttentionConfig, first: usize, n: usize, (tx, ty): (usize, usize)) -> Self {
-        let h = cfg.heads;
-        let per_item = [h * tx * tx, h * ty * ty, h * ty * tx];
+    fn cut(&self, cfg: &AttentionConfig, first: usize, n: usize, lens: (usize, usize)) -> Self {
+        let per = mask_sizes(cfg, lens);
         let cut = |m: &Vec<f32>, per: usize| m[first * per..(first + n) * per].to_vec();
         Masks {
-            attn: std::array::from_fn(|i| {
-                self.attn[i].as_ref().map(|m| Arc::new(cut(m, per_item[i])))
-            }),
-            out: self.out.as_ref().map(|m| cut(m, ty * cfg.width)),
+            attn: std::array::from_fn(|i| self.attn[i].as_ref().map(|m| Arc::new(cut(m, per[i])))),
+            out: self.out.as_ref().map(|m| cut(m, per[3])),
         }
     }
 
     /// Whether every mask has the size of a call with these lengths.
     fn fit(&self, cfg: &AttentionConfig, (b, tx, ty): Lens) -> bool {
-        let h = cfg.heads;
-        let sizes = [b * h * tx * tx, b * h * ty * ty, b * h * ty * tx];
-        self.attn
-            .iter()
-            .zip(sizes)
-            .all(|(m, n)| m.as_ref().is_none_or(|m| m.len() == n))
-            && self
-                .out
-                .as_ref()
-                .is_none_or(|m| m.len() == b * ty * cfg.width)
+        let per = mask_sizes(cfg, (tx, ty));
+        let fits = |m: Option<&Vec<f32>>, i: usize| m.is_none_or(|m| m.len() == b * per[i]);
+        (0..3).all(|i| fits(self.attn[i].as_deref(), i)) && fits(self.out.as_ref(), 3)
     }
 }
 
@@ -1338,11 +1334,8 @@ mod tests {
         }
     }
 
-    /// On a detached copy of the weights (ADA's ascent) the block gives the input's gradient
-    /// only, equal to the one through the trained weights; the packed parameters track none.
-    #[test]
-    fn on_detached_weights_only_the_input_gets_a_gradient() {
-        let dev = Device::Cpu;
+    /// A width-8 block without dropout, its weights seeded.
+    fn small_block(dtype: DType) -> (VarMap, AttentionConfig, AttentionBlock) {
         let cfg = AttentionConfig {
             width: 8,
             heads: 2,
@@ -1350,9 +1343,18 @@ mod tests {
             dropout: 0.0,
         };
         let vm = VarMap::new();
-        let block =
-            AttentionBlock::new(cfg, VarBuilder::from_varmap(&vm, DType::F64, &dev)).unwrap();
+        let vb = VarBuilder::from_varmap(&vm, dtype, &Device::Cpu);
+        let block = AttentionBlock::new(cfg, vb).unwrap();
         seeded_init(&vm, 2).unwrap();
+        (vm, cfg, block)
+    }
+
+    /// On a detached copy of the weights (ADA's ascent) the block gives the input's gradient
+    /// only, equal to the one through the trained weights; the packed parameters track none.
+    #[test]
+    fn on_detached_weights_only_the_input_gets_a_gradient() {
+        let dev = Device::Cpu;
+        let (vm, cfg, block) = small_block(DType::F64);
         let twin_values = detached(&vm).unwrap();
         let twin = AttentionBlock::new(
             cfg,
@@ -1393,15 +1395,7 @@ mod tests {
     #[test]
     fn the_block_checks_its_shapes() {
         let dev = Device::Cpu;
-        let cfg = AttentionConfig {
-            width: 8,
-            heads: 2,
-            ff_width: 16,
-            dropout: 0.0,
-        };
-        let vm = VarMap::new();
-        let block =
-            AttentionBlock::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+        let (_vm, _, block) = small_block(DType::F32);
         let x = Tensor::zeros((2, 3, 8), DType::F32, &dev).unwrap();
         let packed = block.pack(&x).unwrap().unwrap();
         let wide = Tensor::zeros((2, 3, 12), DType::F32, &dev).unwrap();
