@@ -4,7 +4,10 @@
 //! `../shared/peers/resnet_train_torch.py --arch resnet18 --images 200` (BENCHMARKS.md,
 //! "Training memory").
 //!
-//! `cargo run --release --example train_step_memory -- [resnet18|resnet50] [clips] [size] [steps]`
+//! `cargo run --release --example train_step_memory -- [resnet18|resnet50] [clips] [size] [steps] [recompute]`
+//!
+//! `recompute` as the fifth argument: `vdg train --recompute` (residual blocks recomputed in
+//! backward).
 
 use std::time::Instant;
 
@@ -36,6 +39,7 @@ fn main() -> anyhow::Result<()> {
     let clips: usize = args.get(1).map_or(Ok(40), |v| v.parse())?;
     let size: usize = args.get(2).map_or(Ok(224), |v| v.parse())?;
     let steps: usize = args.get(3).map_or(Ok(2), |v| v.parse())?;
+    let recompute = args.get(4).is_some_and(|v| v == "recompute");
     let kind = match arch {
         "resnet50" => BackboneKind::Resnet50,
         _ => BackboneKind::Resnet18,
@@ -48,7 +52,8 @@ fn main() -> anyhow::Result<()> {
         Backbone::new(kind, 256, 0.8, vb.pp("backbone"))?,
         build_head(ModelKind::Tsn, &cfg, 12, 0, vb.pp("head"))?,
         ModelKind::Tsn,
-    );
+    )
+    .with_recompute(recompute);
     seeded_init(&vm, 0)?;
     let mut opt = SgdMomentum::from_varmap(&vm, SgdParams::default(), |n| {
         !(n.contains("running") || is_frozen_bn(n))
@@ -68,7 +73,8 @@ fn main() -> anyhow::Result<()> {
         );
     }
     println!(
-        "vdg {arch} TSN, {clips} clips x {frames} frames = {} images {size}x{size}: peak RSS {:.2} GB",
+        "vdg {arch} TSN{}, {clips} clips x {frames} frames = {} images {size}x{size}: peak RSS {:.2} GB",
+        if recompute { " (recompute)" } else { "" },
         clips * frames,
         peak_rss_gb()
     );

@@ -103,6 +103,11 @@ pub struct TrainArgs {
     /// and loss stay float32); default f32. Marked as a deviation.
     #[arg(long, value_enum)]
     pub precision: Option<vdg_trainer::train::Precision>,
+    /// Recompute a ResNet trunk's residual blocks in backward instead of keeping their
+    /// activations (gradient checkpointing): less memory for a second forward pass of the
+    /// blocks, the same numbers. For batches that do not fit otherwise.
+    #[arg(long)]
+    pub recompute: bool,
     /// Image ADA (the baselines' `ada` under --protocol paper): maximisation phases K
     /// (default 2).
     #[arg(long)]
@@ -411,6 +416,7 @@ pub fn resolve(a: &TrainArgs, git_revision: &str) -> Result<(RunRecord, RunSpec)
     if let Some(v) = a.precision {
         c.precision = v;
     }
+    c.recompute |= a.recompute;
     if let Some(v) = a.ada_phase_interval {
         if v == 0 {
             bail!("--ada-phase-interval must be at least 1");

@@ -150,6 +150,10 @@ pub struct BenchRunArgs {
     /// Mixed precision for every cell: trunk convolutions in bf16 or f16 (default f32).
     #[arg(long, value_enum)]
     precision: Option<vdg_trainer::train::Precision>,
+    /// Every cell recomputes its ResNet trunk's residual blocks in backward instead of
+    /// keeping their activations (less memory, more time, the same numbers).
+    #[arg(long)]
+    recompute: bool,
     /// Image ADA (the baselines' `ada` under the paper's protocol): maximisation phases K.
     #[arg(long)]
     ada_phases: Option<usize>,
@@ -233,6 +237,9 @@ pub struct BenchConfig {
     /// Trunk arithmetic of every cell (f32 when absent).
     #[serde(default)]
     pub precision: Option<vdg_trainer::train::Precision>,
+    /// Residual blocks recomputed in backward in every cell.
+    #[serde(default)]
+    pub recompute: bool,
     /// Image ADA phases.
     pub ada_phases: Option<usize>,
     /// Image ADA phase interval.
@@ -275,6 +282,7 @@ impl BenchConfig {
             features: None,
             ensemble_size: None,
             precision: None,
+            recompute: false,
             ada_phases: None,
             ada_phase_interval: None,
             allow_random_init: false,
@@ -352,6 +360,7 @@ fn resolve_config(a: &BenchRunArgs) -> Result<BenchConfig> {
             features,
             ensemble_size,
             precision,
+            recompute,
             ada_phases,
             ada_phase_interval,
             allow_random_init,
@@ -368,6 +377,9 @@ fn resolve_config(a: &BenchRunArgs) -> Result<BenchConfig> {
     }
     if a.oracle {
         c.oracle = true;
+    }
+    if a.recompute {
+        c.recompute = true;
     }
     macro_rules! opt {
         ($($f:ident),*) => { $( if a.$f.is_some() { c.$f = a.$f.clone(); } )* };
@@ -639,6 +651,7 @@ fn matrix(a: &BenchRunArgs, host: &Host<'_>, plan_only: bool) -> Result<MatrixOu
         device: cfg.device.clone(),
         ensemble_size: cfg.ensemble_size,
         precision: cfg.precision,
+        recompute: cfg.recompute,
         ada_phases: cfg.ada_phases,
         ada_phase_interval: cfg.ada_phase_interval,
         resume: true,

@@ -63,6 +63,7 @@ pub mod models;
 pub mod nn;
 pub mod nn3d;
 pub mod optim;
+pub mod recompute;
 pub mod rowops;
 pub mod step;
 pub mod train;

@@ -156,6 +156,9 @@ pub struct Plan {
     pub size: usize,
     /// Batches the loader holds besides the one in use.
     pub in_flight: usize,
+    /// The model has a ResNet trunk that does not recompute its residual blocks: the
+    /// advice names `--recompute`.
+    pub could_recompute: bool,
 }
 
 /// Probes `model` (a throw-away copy: its BatchNorm statistics and random streams move) and
@@ -198,14 +201,21 @@ pub fn check(model: &VideoModel, plan: Plan) -> Result<Option<StepMemory>> {
             plan.in_flight,
             input_per_clip,
         );
+        let recompute = if plan.could_recompute {
+            "--recompute (residual blocks recomputed in backward: measured 0.4-0.7x the \
+             memory for 1.2x the time, BENCHMARKS.md), or "
+        } else {
+            ""
+        };
         let advice = if largest == 0 {
-            "not even one clip fits: lower --input-size, or train a temporal head on cached \
-             features (vdg features, then --features)"
-                .to_string()
+            format!(
+                "not even one clip fits: try {recompute}lower --input-size, or train a \
+                 temporal head on cached features (vdg features, then --features)"
+            )
         } else {
             format!(
                 "the largest batch that fits is {largest} clips (--batch-size {largest}); or \
-                 lower --input-size, or train on cached features (vdg features)"
+                 {recompute}lower --input-size, or train on cached features (vdg features)"
             )
         };
         return Err(Error::Config(format!(

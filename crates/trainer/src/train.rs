@@ -133,6 +133,10 @@ pub struct TrainConfig {
     /// Arithmetic of the trunk's convolutions (mixed precision); float32 everywhere else.
     #[serde(default)]
     pub precision: Precision,
+    /// Training recomputes the trunk's residual blocks in backward instead of keeping their
+    /// activations ([`crate::recompute`]): less memory, more time, the same numbers.
+    #[serde(default)]
+    pub recompute: bool,
 }
 
 /// Arithmetic of the trunk's convolutions: `f32` (default), or `bf16` / `f16` mixed
@@ -260,6 +264,7 @@ impl TrainConfig {
             horizontal_flip: true,
             ensemble_size: 1,
             precision: Precision::F32,
+            recompute: false,
         }
     }
 
@@ -424,7 +429,8 @@ fn structure(
         };
         let head = build_head(cfg.model, mc, classes, streams.subsets, vb.pp("head"))?;
         Ok(VideoModel::frames(backbone, head, cfg.model)
-            .with_trunk_dtype(cfg.precision.trunk_dtype()))
+            .with_trunk_dtype(cfg.precision.trunk_dtype())
+            .with_recompute(cfg.recompute))
     } else {
         if feature_dim.is_some() {
             return Err(Error::Config(format!(
@@ -434,7 +440,9 @@ fn structure(
             )));
         }
         let net = build_network(cfg.model, mc, cfg.backbone, classes, vb.pp("backbone"))?;
-        Ok(VideoModel::network(net, cfg.model).with_trunk_dtype(cfg.precision.trunk_dtype()))
+        Ok(VideoModel::network(net, cfg.model)
+            .with_trunk_dtype(cfg.precision.trunk_dtype())
+            .with_recompute(cfg.recompute))
     }
 }
 
@@ -608,6 +616,12 @@ pub fn train_with(
             frames: sampling.frames(),
             size: cfg.input_size,
             in_flight: 2,
+            could_recompute: !cfg.recompute
+                && matches!(
+                    cfg.backbone,
+                    BackboneKind::Resnet18 | BackboneKind::Resnet50
+                )
+                && (cfg.model.is_head() || cfg.model == ModelKind::Tsm),
         };
         crate::memcheck::check(&probe, plan)?;
     }

@@ -514,6 +514,8 @@ pub struct VideoModel {
     pub kind: ModelKind,
     /// Mixed precision: the dtype the trunk's convolutions compute in ([`crate::nn3d::Autocast`]).
     trunk_dtype: Option<candle_core::DType>,
+    /// Training recomputes the trunk's residual blocks in backward ([`crate::recompute`]).
+    recompute: bool,
 }
 
 impl VideoModel {
@@ -523,6 +525,7 @@ impl VideoModel {
             body: Body::Frames { backbone, head },
             kind,
             trunk_dtype: None,
+            recompute: false,
         }
     }
 
@@ -532,6 +535,7 @@ impl VideoModel {
             body: Body::Network(network),
             kind,
             trunk_dtype: None,
+            recompute: false,
         }
     }
 
@@ -542,6 +546,15 @@ impl VideoModel {
         self
     }
 
+    /// Training keeps one activation per residual block of a ResNet trunk (TSN, TRN,
+    /// TRN-ATTN, APN on ResNet; TSM) and recomputes the others in backward: less memory, a
+    /// second forward pass of the blocks ([`crate::recompute`]). Same values; gradients
+    /// equal up to summation order.
+    pub fn with_recompute(mut self, on: bool) -> Self {
+        self.recompute = on;
+        self
+    }
+
     /// # Shapes
     /// `clips [B, T, 3, H, W]` -> [`HeadOutput`] with logits `[B, C]`. For a head on a cached
     /// trunk, `clips` are features `[B, M, F]`.
@@ -549,6 +562,7 @@ impl VideoModel {
         match &self.body {
             Body::Network(n) => {
                 let _autocast = crate::nn3d::Autocast::enter(self.trunk_dtype);
+                let _recompute = crate::recompute::Recompute::enter(self.recompute);
                 n.forward_t(clips, train)
             }
             Body::Frames { backbone, head } => {
@@ -557,6 +571,7 @@ impl VideoModel {
                 let frames = clips.flatten(0, 1)?;
                 let feats = {
                     let _autocast = crate::nn3d::Autocast::enter(self.trunk_dtype);
+                    let _recompute = crate::recompute::Recompute::enter(self.recompute);
                     backbone.forward_t(&frames, train)?
                 };
                 let d = feats.dim(1)?;

@@ -81,7 +81,9 @@ impl Network for Tsm {
     fn forward_t(&self, clips: &Tensor, train: bool) -> Result<HeadOutput> {
         let (b, m, _c, _h, _w) = clips.dims5()?;
         let frames = clips.flatten(0, 1)?;
-        let shift = |x: &Tensor| temporal_shift(x, m, self.shift_div);
+        let shift_div = self.shift_div;
+        let shift: std::sync::Arc<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync> =
+            std::sync::Arc::new(move |x: &Tensor| temporal_shift(x, m, shift_div));
         let stages = self.resnet.forward_stages(&frames, train, Some(&shift))?;
         let pooled = |t: &Tensor| -> Result<Tensor> {
             let p = t.mean((2, 3))?;

@@ -31,8 +31,10 @@ pub fn is_frozen_bn(name: &str) -> bool {
     name.contains("layer") && (local.contains(".bn") || local.contains("downsample.1"))
 }
 
-/// A map applied to the input of every residual branch (TSM's temporal shift).
-pub type BranchInput<'a> = &'a dyn Fn(&Tensor) -> candle_core::Result<Tensor>;
+/// A map applied to the input of every residual branch (TSM's temporal shift); shared, so
+/// that a recomputed block ([`crate::recompute`]) can apply it again in backward.
+pub type BranchInput<'a> =
+    &'a std::sync::Arc<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync>;
 
 /// A convolution through `nn3d::conv2d` (1x1 kernels as matrix products).
 fn apply(c: &Conv2d, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -101,12 +103,57 @@ fn conv_bn_folded(
     y.map_err(candle_core::Error::wrap)
 }
 
+#[derive(Clone)]
 pub(crate) struct Block {
     pub(crate) convs: Vec<(Conv2d, BatchNorm)>,
     pub(crate) downsample: Option<(Conv2d, BatchNorm)>,
 }
 
 impl Block {
+    /// The block's convolution + BatchNorm pairs: the branch's, then the downsample's.
+    fn pairs(&self) -> impl Iterator<Item = &(Conv2d, BatchNorm)> {
+        self.convs.iter().chain(&self.downsample)
+    }
+
+    /// The parameters a gradient can reach, in [`Block::with_params`]'s order: per pair the
+    /// kernel, then the BatchNorm's gain and shift (the running statistics are constants).
+    fn params(&self) -> Vec<Tensor> {
+        let mut p = Vec::new();
+        for (c, b) in self.pairs() {
+            p.push(c.weight().clone());
+            if let Some((gamma, beta)) = b.weight_and_bias() {
+                p.extend([gamma.clone(), beta.clone()]);
+            }
+        }
+        p
+    }
+
+    /// The same block on the parameters `p` ([`Block::params`]'s order).
+    fn with_params(&self, p: &[Tensor]) -> candle_core::Result<Block> {
+        let mut p = p.iter().cloned();
+        let mut next = || {
+            p.next()
+                .ok_or_else(|| candle_core::Error::Msg("resnet block: too few parameters".into()))
+        };
+        let mut pair = |(c, b): &(Conv2d, BatchNorm)| -> candle_core::Result<(Conv2d, BatchNorm)> {
+            let conv = Conv2d::new(next()?, None, *c.config());
+            let (mean, var) = (b.running_mean().clone(), b.running_var().clone());
+            let n = mean.elem_count();
+            let bn = match b.weight_and_bias() {
+                Some(_) => BatchNorm::new(n, mean, var, next()?, next()?, b.eps())?,
+                None => BatchNorm::new_no_bias(n, mean, var, b.eps())?,
+            };
+            Ok((conv, bn))
+        };
+        let convs = self
+            .convs
+            .iter()
+            .map(&mut pair)
+            .collect::<candle_core::Result<_>>()?;
+        let downsample = self.downsample.as_ref().map(&mut pair).transpose()?;
+        Ok(Block { convs, downsample })
+    }
+
     /// The block; `branch_input` maps the input before the residual branch (TSM's shift),
     /// the identity path keeps the unshifted input.
     ///
@@ -116,7 +163,29 @@ impl Block {
     /// too kept fewer activations but made a ResNet-50 step at 64 px 21-37 % slower (the
     /// fold's backward over every weight; BENCHMARKS.md, "Training memory"). The residual
     /// sum and its ReLU are one op ([`crate::fused::add_relu`]) either way.
+    ///
+    /// In training under [`crate::recompute::Recompute`] the block is one node of the graph
+    /// that keeps only its output; its activations are recomputed in backward.
     fn forward(
+        &self,
+        x: &Tensor,
+        branch_input: Option<BranchInput<'_>>,
+        fold: bool,
+    ) -> candle_core::Result<Tensor> {
+        if !fold && crate::recompute::enabled() {
+            let block = self.clone();
+            let shift = branch_input.cloned();
+            let f: crate::recompute::Function = std::sync::Arc::new(move |x, p| {
+                block
+                    .with_params(p)?
+                    .forward_plain(x, shift.as_ref(), false)
+            });
+            return crate::recompute::recomputed(f, x, &self.params());
+        }
+        self.forward_plain(x, branch_input, fold)
+    }
+
+    fn forward_plain(
         &self,
         x: &Tensor,
         branch_input: Option<BranchInput<'_>>,
@@ -458,6 +527,60 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(norm > 0.0);
+    }
+
+    /// Recomputed blocks (`vdg train --recompute`) give the plain graph's values and
+    /// gradients (input and every parameter), with and without a branch-input map (TSM's
+    /// shift).
+    #[test]
+    fn recomputed_blocks_give_the_plain_gradients() {
+        use candle_core::{DType, Device, Var};
+        use candle_nn::VarMap;
+        let dev = Device::Cpu;
+        let vm = VarMap::new();
+        let net = ResNet::resnet18(VarBuilder::from_varmap(&vm, DType::F64, &dev)).unwrap();
+        crate::init::seeded_init(&vm, 3).unwrap();
+        let x = Var::from_tensor(
+            &crate::init::seeded_randn(&[2, 3, 32, 32], 4, DType::F64, &dev).unwrap(),
+        )
+        .unwrap();
+        let w = crate::init::seeded_randn(&[2, 512, 1, 1], 5, DType::F64, &dev).unwrap();
+        let shift: std::sync::Arc<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync> =
+            std::sync::Arc::new(|t: &Tensor| t.affine(0.5, 0.25));
+        for branch in [None, Some(&shift)] {
+            let run = |on: bool| {
+                let _r = crate::recompute::Recompute::enter(on);
+                let stages = net.forward_stages(x.as_tensor(), true, branch).unwrap();
+                let loss = stages[3]
+                    .sqr()
+                    .unwrap()
+                    .broadcast_mul(&w)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap();
+                (loss.to_scalar::<f64>().unwrap(), loss.backward().unwrap())
+            };
+            let ((l1, g1), (l2, g2)) = (run(false), run(true));
+            assert_eq!(l1, l2, "loss");
+            let data = vm.data().lock().unwrap();
+            let mut checked = 0;
+            for (name, v) in data.iter().chain([(&"input".to_string(), &x)]) {
+                let (Some(a), Some(b)) = (g1.get(v.as_tensor()), g2.get(v.as_tensor())) else {
+                    assert!(
+                        name.contains("running")
+                            || g1.get(v.as_tensor()).is_none() == g2.get(v.as_tensor()).is_none(),
+                        "{name}: a gradient on one side only"
+                    );
+                    continue;
+                };
+                let scale = crate::tests::max_diff(a, &a.zeros_like().unwrap()).max(1e-30);
+                let d = crate::tests::max_diff(a, b);
+                assert!(d == 0.0, "{name}: {d} (scale {scale})");
+                checked += 1;
+            }
+            // 20 kernels, 20 BatchNorms' gain and shift, the input.
+            assert_eq!(checked, 61, "branch map {}", branch.is_some());
+        }
     }
 
     /// `vdg train` evaluates on a detached copy of the weights: there the evaluation forward
