@@ -8,7 +8,8 @@
 //!   the APN attention block), built from differentiable primitives; [`block`]: the APN
 //!   block and pyramid as single CPU ops with hand-written backward passes, on [`cpu_gemm`].
 //! - [`nn3d`], [`im2col`]: 3-D convolution and pooling with gradients (Candle has none), and
-//!   the CPU convolution lowering every ResNet trunk uses.
+//!   the CPU convolution lowering every ResNet trunk uses; [`recompute`]: residual blocks
+//!   recomputed in backward instead of kept (`vdg train --recompute`).
 //! - [`infer`]: ResNet inference in channels-last layout for frozen trunks (`vdg features`),
 //!   on [`cpu_gemm`] (the trainer's one wrapper of raw-pointer code).
 //! - [`features`]: the per-frame feature cache (`vdg features`); [`frames`]: JPEG decoding
