@@ -543,7 +543,12 @@ fn device_checks_run_on_the_cpu_and_refuse_cuda_in_a_cpu_build() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let rows: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let rows = rows.as_array().unwrap();
-    assert_eq!(rows.len(), 7, "every registered model");
+    assert_eq!(
+        rows.len(),
+        8,
+        "every registered model, and TSM with --recompute"
+    );
+    assert_eq!(rows[7]["model"], "tsm --recompute");
     for r in rows {
         let e = r["logits_error"].as_f64().unwrap();
         assert!(e > 0.0 && e < 1e-3, "{r}");

@@ -148,12 +148,17 @@ fn rel_l2(a: &Tensor, reference: &Tensor) -> Result<f64> {
 }
 
 /// Runs every registered model on `device` (trunk convolutions in `precision`) and on the
-/// CPU float64 reference; one row per model.
+/// CPU float64 reference; one row per model, and one more for TSM with its residual blocks
+/// recomputed in backward (`--recompute`, [`crate::recompute`]) on the device.
 pub fn parity(device: &Device, precision: Precision) -> Result<Vec<ParityRow>> {
     let cfg = ModelConfig::tiny();
     let classes = 4;
     let mut rows = Vec::new();
-    for &kind in <ModelKind as clap::ValueEnum>::value_variants() {
+    let runs = <ModelKind as clap::ValueEnum>::value_variants()
+        .iter()
+        .map(|&k| (k, false))
+        .chain([(ModelKind::Tsm, true)]);
+    for (kind, recompute) in runs {
         let vm_ref = VarMap::new();
         let (reference, backbone) = build(
             kind,
@@ -181,7 +186,9 @@ pub fn parity(device: &Device, precision: Precision) -> Result<Vec<ParityRow>> {
             classes,
             VarBuilder::from_varmap(&vm_dev, DType::F32, device),
         )?;
-        let model = model.with_trunk_dtype(precision.trunk_dtype());
+        let model = model
+            .with_trunk_dtype(precision.trunk_dtype())
+            .with_recompute(recompute);
         let ref_data = vm_ref.data().lock().map_err(|_| poisoned())?;
         let dev_data = vm_dev.data().lock().map_err(|_| poisoned())?;
         let mut names: Vec<&String> = dev_data.keys().collect();
@@ -238,7 +245,11 @@ pub fn parity(device: &Device, precision: Precision) -> Result<Vec<ParityRow>> {
             }
         }
         rows.push(ParityRow {
-            model: kind.name().into(),
+            model: if recompute {
+                format!("{} --recompute", kind.name())
+            } else {
+                kind.name().into()
+            },
             backbone: backbone.name().into(),
             device: device_name(device),
             input: shape,
@@ -447,7 +458,7 @@ mod tests {
         let rows = parity(&Device::Cpu, Precision::F32).unwrap();
         assert_eq!(
             rows.len(),
-            <ModelKind as clap::ValueEnum>::value_variants().len()
+            <ModelKind as clap::ValueEnum>::value_variants().len() + 1
         );
         for r in &rows {
             assert!(r.passed(), "{r:?}");
@@ -455,6 +466,12 @@ mod tests {
             // float32 against float64 is not exact: the comparison measures something.
             assert!(r.logits_error > 0.0 && r.gradient_error > 0.0, "{r:?}");
         }
+        // On the CPU, recomputed blocks give TSM's float32 numbers to the last bit.
+        let row = |m: &str| rows.iter().find(|r| r.model == m).unwrap();
+        let (plain, recomputed) = (row("tsm"), row("tsm --recompute"));
+        assert_eq!(plain.logits_error, recomputed.logits_error);
+        assert_eq!(plain.gradient_error, recomputed.gradient_error);
+        assert_eq!(plain.parameters, recomputed.parameters);
     }
 
     #[test]

@@ -16,7 +16,7 @@
 //!
 //! The parameters enter the node packed into one tensor (a custom operation takes at most
 //! three inputs); the packing's backward (`Tensor::cat`) hands every parameter its part.
-//! CPU only: elsewhere `f` runs in the plain graph. The setting is per thread, entered with
+//! CPU and CUDA; elsewhere (Metal) `f` runs in the plain graph. The setting is per thread, entered with
 //! [`Recompute::enter`] around a model's forward pass ([`crate::models::VideoModel`]).
 
 use std::sync::{Arc, Mutex};
@@ -54,11 +54,12 @@ pub fn enabled() -> bool {
 pub type Function = Arc<dyn Fn(&Tensor, &[Tensor]) -> candle_core::Result<Tensor> + Send + Sync>;
 
 /// `f(x, params)` as one node of the graph that keeps no inner activation (module docs).
-/// Runs `f` in the plain graph when nothing tracks a gradient, off the CPU, or without
+/// Runs `f` in the plain graph when nothing tracks a gradient, on Metal, or without
 /// parameters.
 pub fn recomputed(f: Function, x: &Tensor, params: &[Tensor]) -> candle_core::Result<Tensor> {
     let tracks = x.track_op() || params.iter().any(|p| p.track_op());
-    if !tracks || !x.device().is_cpu() || params.is_empty() {
+    let device = x.device();
+    if !tracks || !(device.is_cpu() || device.is_cuda()) || params.is_empty() {
         return f(x, params);
     }
     let detached: Vec<Tensor> = params.iter().map(Tensor::detach).collect();
@@ -88,6 +89,15 @@ struct Node {
 }
 
 impl Node {
+    /// The first run's output (once).
+    fn take(&self) -> candle_core::Result<Tensor> {
+        self.out
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("recomputed: poisoned output".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("recomputed: forward run twice".into()))
+    }
+
     /// The packed parameters cut back into their shapes.
     fn unpack(&self, packed: &Tensor) -> candle_core::Result<Vec<Tensor>> {
         let mut at = 0;
@@ -115,12 +125,7 @@ impl CustomOp2 for Node {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let y = self
-            .out
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("recomputed: poisoned output".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("recomputed: forward run twice".into()))?;
+        let y = self.take()?;
         let flat = y.flatten_all()?;
         let storage = match y.dtype() {
             DType::F32 => CpuStorage::F32(flat.to_vec1()?),
@@ -130,6 +135,24 @@ impl CustomOp2 for Node {
             other => candle_core::bail!("recomputed: unsupported dtype {other:?}"),
         };
         Ok((storage, y.shape().clone()))
+    }
+
+    /// On a GPU the output is copied on the device (not verified on a GPU yet: the CPU tests
+    /// cover the node's logic, `scripts/gpu-check` trains TSM with `--recompute` on the GPU).
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let y = self.take()?.contiguous()?;
+        let (storage, layout) = y.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cuda(s) => Ok((s.try_clone(layout)?, y.shape().clone())),
+            _ => candle_core::bail!("recomputed: the output left the GPU"),
+        }
     }
 
     fn bwd(

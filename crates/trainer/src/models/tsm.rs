@@ -21,7 +21,7 @@ use candle_nn::VarBuilder;
 use crate::rowops::{Linear, linear};
 
 use super::blocks::BackboneKind;
-use super::blocks::resnet::ResNet;
+use super::blocks::resnet::{BranchMap, ResNet};
 use super::{HeadOutput, ModelConfig, Network};
 use crate::error::{Error, Result};
 use crate::nn::dropout;
@@ -82,7 +82,7 @@ impl Network for Tsm {
         let (b, m, _c, _h, _w) = clips.dims5()?;
         let frames = clips.flatten(0, 1)?;
         let shift_div = self.shift_div;
-        let shift: std::sync::Arc<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync> =
+        let shift: BranchMap =
             std::sync::Arc::new(move |x: &Tensor| temporal_shift(x, m, shift_div));
         let stages = self.resnet.forward_stages(&frames, train, Some(&shift))?;
         let pooled = |t: &Tensor| -> Result<Tensor> {

@@ -33,8 +33,10 @@ pub fn is_frozen_bn(name: &str) -> bool {
 
 /// A map applied to the input of every residual branch (TSM's temporal shift); shared, so
 /// that a recomputed block ([`crate::recompute`]) can apply it again in backward.
-pub type BranchInput<'a> =
-    &'a std::sync::Arc<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync>;
+pub type BranchMap = std::sync::Arc<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync>;
+
+/// A borrowed [`BranchMap`].
+pub type BranchInput<'a> = &'a BranchMap;
 
 /// A convolution through `nn3d::conv2d` (1x1 kernels as matrix products).
 fn apply(c: &Conv2d, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -545,8 +547,7 @@ mod tests {
         )
         .unwrap();
         let w = crate::init::seeded_randn(&[2, 512, 1, 1], 5, DType::F64, &dev).unwrap();
-        let shift: std::sync::Arc<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync> =
-            std::sync::Arc::new(|t: &Tensor| t.affine(0.5, 0.25));
+        let shift: BranchMap = std::sync::Arc::new(|t: &Tensor| t.affine(0.5, 0.25));
         for branch in [None, Some(&shift)] {
             let run = |on: bool| {
                 let _r = crate::recompute::Recompute::enter(on);
