@@ -3,7 +3,7 @@
 //! its output and the parameters, its inner activations recomputed in backward.
 //!
 //! candle keeps every tensor of the graph alive until backward ends. A ResNet block keeps
-//! four to seven activations for its backward (its convolutions' inputs, the BatchNorms'
+//! four to ten activations for its backward (its convolutions' inputs, the BatchNorms'
 //! inputs, the residual sum); recomputed, it keeps its output only (its input is the
 //! previous block's output), and the inner activations of one block at a time exist while
 //! backward passes it. The price is a second forward pass of every recomputed block.
@@ -11,13 +11,14 @@
 //! [`recomputed`] runs `f` once without a graph, and backward runs it again on a copy of
 //! the input and of the parameters that are candle variables, then candle's backward on
 //! that small graph, seeded with the output's gradient. The same operations on the same
-//! values: the gradients equal those of the plain graph up to the order in which the
-//! contributions to the input's gradient are summed (the tests compare them).
+//! values in the same order: the tests find a ResNet's loss and gradients equal to the
+//! plain graph's to the last bit.
 //!
 //! The parameters enter the node packed into one tensor (a custom operation takes at most
 //! three inputs); the packing's backward (`Tensor::cat`) hands every parameter its part.
-//! CPU and CUDA; elsewhere (Metal) `f` runs in the plain graph. The setting is per thread, entered with
-//! [`Recompute::enter`] around a model's forward pass ([`crate::models::VideoModel`]).
+//! CPU and CUDA; elsewhere (Metal) `f` runs in the plain graph. The setting is per thread,
+//! entered with [`Recompute::enter`] around a model's forward pass
+//! ([`crate::models::VideoModel`]).
 
 use std::sync::{Arc, Mutex};
 

@@ -548,8 +548,8 @@ impl VideoModel {
 
     /// Training keeps one activation per residual block of a ResNet trunk (TSN, TRN,
     /// TRN-ATTN, APN on ResNet; TSM) and recomputes the others in backward: less memory, a
-    /// second forward pass of the blocks ([`crate::recompute`]). Same values; gradients
-    /// equal up to summation order.
+    /// second forward pass of the blocks ([`crate::recompute`]). The same values and
+    /// gradients, to the last bit in the tests.
     pub fn with_recompute(mut self, on: bool) -> Self {
         self.recompute = on;
         self
