@@ -211,13 +211,13 @@ fn random_init_resnets_on_real_benchmarks_are_refused_then_marked() {
     // `recompute` from a config file reaches every cell (ResNet blocks recomputed in
     // backward; the same numbers).
     let config = tmp.path().join("recompute.toml");
-    std::fs::write(&config, "recompute = true\n").unwrap();
+    std::fs::write(&config, "recompute = \"on\"\n").unwrap();
     let allowed = args(&["--allow-random-init", "--config", config.to_str().unwrap()]);
     let o = run(&allowed.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let cell = out.join("runs/ucf_hmdb/ucf_to_hmdb/tsn/none/seed-0/config.toml");
     let cell = std::fs::read_to_string(&cell).unwrap();
-    assert!(cell.contains("recompute = true"), "{cell}");
+    assert!(cell.contains("recompute = \"on\""), "{cell}");
     let md = std::fs::read_to_string(out.join("leaderboard.md")).unwrap();
     for needle in [
         "| TSN + ada † |",

@@ -283,7 +283,7 @@ fn every_model_trains_through_the_cli() {
         args[b + 1] = "resnet18";
         if model == "tsm" {
             // TSM's shift applied again where backward recomputes a block.
-            args.push("--recompute");
+            args.extend(["--recompute", "on"]);
         }
         let o = run(&args);
         assert_eq!(o.status.code(), Some(0), "{model}: {}", text(&o));
@@ -321,23 +321,25 @@ fn every_model_trains_through_the_cli() {
         "{}",
         text(&o)
     );
-    // Recomputed residual blocks: the same numbers as kept activations, to the last bit,
-    // and the setting recorded.
+    // Recomputed residual blocks: the same numbers as kept activations (what `auto` keeps
+    // when the step fits, as this small one does), to the last bit; the setting recorded.
     let mut metrics = Vec::new();
-    for extra in [None, Some("--recompute")] {
-        let out = tmp.path().join(format!("tsn-r18{}", extra.unwrap_or("")));
+    for mode in [None, Some("on")] {
+        let out = tmp
+            .path()
+            .join(format!("tsn-r18-{}", mode.unwrap_or("auto")));
         let o_str = out.to_str().unwrap().to_owned();
         let mut args = train_args(d, &o_str, &["--model", "tsn", "--epochs", "2"]);
         let b = args.iter().position(|a| *a == "--backbone").unwrap();
         args[b + 1] = "resnet18";
-        args.extend(extra);
+        if let Some(m) = mode {
+            args.extend(["--recompute", m]);
+        }
         let o = run(&args);
         assert_eq!(o.status.code(), Some(0), "{}", text(&o));
         let config = std::fs::read_to_string(out.join("config.toml")).unwrap();
-        assert!(
-            config.contains(&format!("recompute = {}", extra.is_some())),
-            "{config}"
-        );
+        let recorded = format!("recompute = \"{}\"", mode.unwrap_or("auto"));
+        assert!(config.contains(&recorded), "{config}");
         metrics.push(std::fs::read(out.join("metrics.json")).unwrap());
     }
     assert!(metrics[0] == metrics[1], "--recompute changed the results");
@@ -434,20 +436,27 @@ fn bad_training_inputs_are_clear_errors() {
         text(&o)
     );
     assert!(!Path::new(&o7).join("metrics.json").exists());
-    // On a ResNet trunk the advice names --recompute, unless it is on already.
-    for (extra, named) in [(None, true), (Some("--recompute"), false)] {
-        let o9 = out(&format!("memory-r18{}", extra.unwrap_or("")));
+    // On a ResNet trunk with --recompute off the advice names --recompute on; under the
+    // default (auto) the check has tried it already and says so.
+    for (mode, named) in [("off", true), ("auto", false)] {
+        let o9 = out(&format!("memory-r18-{mode}"));
         let mut args = train_args(d, &o9, &["--model", "trn", "--epochs", "1"]);
         let b = args.iter().position(|a| *a == "--backbone").unwrap();
         args[b + 1] = "resnet18";
-        args.extend(extra);
+        args.extend(["--recompute", mode]);
         let o = vdg()
             .args(args)
             .env("VDG_MEMORY_LIMIT", "1000")
             .output()
             .unwrap();
         assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-        assert_eq!(text(&o).contains("--recompute ("), named, "{}", text(&o));
+        assert_eq!(text(&o).contains("--recompute on ("), named, "{}", text(&o));
+        assert_eq!(
+            text(&o).contains("with recomputed residual blocks"),
+            !named,
+            "{}",
+            text(&o)
+        );
     }
     // The same limit, with the check switched off: trains.
     let o8 = out("memory-off");

@@ -105,9 +105,10 @@ pub struct TrainArgs {
     pub precision: Option<vdg_trainer::train::Precision>,
     /// Recompute a ResNet trunk's residual blocks in backward instead of keeping their
     /// activations (gradient checkpointing): less memory for a second forward pass of the
-    /// blocks, the same numbers. For batches that do not fit otherwise.
-    #[arg(long)]
-    pub recompute: bool,
+    /// blocks, the same numbers. `auto` (default): only where the memory check finds that
+    /// the batch does not fit otherwise.
+    #[arg(long, value_enum)]
+    pub recompute: Option<vdg_trainer::train::RecomputeMode>,
     /// Image ADA (the baselines' `ada` under --protocol paper): maximisation phases K
     /// (default 2).
     #[arg(long)]
@@ -416,7 +417,9 @@ pub fn resolve(a: &TrainArgs, git_revision: &str) -> Result<(RunRecord, RunSpec)
     if let Some(v) = a.precision {
         c.precision = v;
     }
-    c.recompute |= a.recompute;
+    if let Some(v) = a.recompute {
+        c.recompute = v;
+    }
     if let Some(v) = a.ada_phase_interval {
         if v == 0 {
             bail!("--ada-phase-interval must be at least 1");

@@ -150,10 +150,11 @@ pub struct BenchRunArgs {
     /// Mixed precision for every cell: trunk convolutions in bf16 or f16 (default f32).
     #[arg(long, value_enum)]
     precision: Option<vdg_trainer::train::Precision>,
-    /// Every cell recomputes its ResNet trunk's residual blocks in backward instead of
-    /// keeping their activations (less memory, more time, the same numbers).
-    #[arg(long)]
-    recompute: bool,
+    /// Whether every cell recomputes its ResNet trunk's residual blocks in backward instead
+    /// of keeping their activations (less memory, more time, the same numbers); default
+    /// `auto`: where a batch does not fit otherwise.
+    #[arg(long, value_enum)]
+    recompute: Option<vdg_trainer::train::RecomputeMode>,
     /// Image ADA (the baselines' `ada` under the paper's protocol): maximisation phases K.
     #[arg(long)]
     ada_phases: Option<usize>,
@@ -237,9 +238,9 @@ pub struct BenchConfig {
     /// Trunk arithmetic of every cell (f32 when absent).
     #[serde(default)]
     pub precision: Option<vdg_trainer::train::Precision>,
-    /// Residual blocks recomputed in backward in every cell.
+    /// Residual blocks recomputed in backward in every cell (`auto` when absent).
     #[serde(default)]
-    pub recompute: bool,
+    pub recompute: Option<vdg_trainer::train::RecomputeMode>,
     /// Image ADA phases.
     pub ada_phases: Option<usize>,
     /// Image ADA phase interval.
@@ -282,7 +283,7 @@ impl BenchConfig {
             features: None,
             ensemble_size: None,
             precision: None,
-            recompute: false,
+            recompute: None,
             ada_phases: None,
             ada_phase_interval: None,
             allow_random_init: false,
@@ -378,9 +379,6 @@ fn resolve_config(a: &BenchRunArgs) -> Result<BenchConfig> {
     if a.oracle {
         c.oracle = true;
     }
-    if a.recompute {
-        c.recompute = true;
-    }
     macro_rules! opt {
         ($($f:ident),*) => { $( if a.$f.is_some() { c.$f = a.$f.clone(); } )* };
     }
@@ -400,6 +398,7 @@ fn resolve_config(a: &BenchRunArgs) -> Result<BenchConfig> {
         features,
         ensemble_size,
         precision,
+        recompute,
         ada_phases,
         ada_phase_interval,
         selection

@@ -11,7 +11,9 @@
 //! clips one update trains on: ADA's joint step trains on the clean batch and its copies
 //! together), plus the loader's batches in flight, must fit in 90 % of what the machine can
 //! still give (`MemAvailable`, capped by a cgroup v2 limit, or `VDG_MEMORY_LIMIT` in bytes).
-//! Otherwise training stops with the largest batch that would fit.
+//! Otherwise training stops with the largest batch that would fit. Under `--recompute auto`
+//! (ResNet trunks) [`choose`] probes the model both ways and recomputes the residual blocks
+//! in backward only when the step does not fit otherwise.
 //!
 //! CPU only (GPU memory is the device's), Linux only (elsewhere the check is skipped), and
 //! skipped with `VDG_MEMORY_CHECK=off`.
@@ -86,9 +88,14 @@ pub struct StepMemory {
 impl StepMemory {
     /// From the peak growth of steps on 1 and 2 clips.
     pub fn from_probes(one: u64, two: u64) -> Self {
-        let per_clip = (two as f64 - one as f64).max(0.0);
+        Self::from_probes_at((1, one), (2, two))
+    }
+
+    /// From the peak growth of steps on `a.0` and `b.0` clips (`a.0 < b.0`).
+    pub fn from_probes_at(a: (usize, u64), b: (usize, u64)) -> Self {
+        let per_clip = ((b.1 as f64 - a.1 as f64) / (b.0 - a.0) as f64).max(0.0);
         StepMemory {
-            fixed: (one as f64 - per_clip).max(0.0),
+            fixed: (a.1 as f64 - per_clip * a.0 as f64).max(0.0),
             per_clip,
         }
     }
@@ -156,53 +163,111 @@ pub struct Plan {
     pub size: usize,
     /// Batches the loader holds besides the one in use.
     pub in_flight: usize,
-    /// The model has a ResNet trunk that does not recompute its residual blocks: the
-    /// advice names `--recompute`.
+    /// The model has a ResNet trunk and `--recompute off`: the advice names
+    /// `--recompute on`.
     pub could_recompute: bool,
+    /// The probed model recomputes its residual blocks (said in the messages).
+    pub recomputing: bool,
 }
 
-/// Probes `model` (a throw-away copy: its BatchNorm statistics and random streams move) and
-/// fails with the largest batch that fits when `plan` does not. Returns the estimate, or
-/// `None` where it could not be measured.
-pub fn check(model: &VideoModel, plan: Plan) -> Result<Option<StepMemory>> {
-    if std::env::var("VDG_MEMORY_CHECK").is_ok_and(|v| v == "off") {
-        return Ok(None);
+/// A measurement session: the resident memory and the memory available before its first
+/// probe. Several models probed in one session are measured from the same start, so the
+/// allocator's leftovers of one probe count against the next, not for it: a probe whose
+/// steps need more than every earlier one's is measured right (the allocator reuses the
+/// leftovers), one that needs less would see mostly leftovers. Probe the model that needs
+/// less first, and the other on more clips.
+#[derive(Debug, Clone, Copy)]
+pub struct Probe {
+    base: u64,
+    available: u64,
+}
+
+impl Probe {
+    /// `None` where memory cannot be measured here, or with `VDG_MEMORY_CHECK=off`.
+    pub fn start() -> Option<Probe> {
+        if std::env::var("VDG_MEMORY_CHECK").is_ok_and(|v| v == "off") {
+            return None;
+        }
+        Some(Probe {
+            available: available()?,
+            base: rss()?,
+        })
     }
-    let Some(avail) = available() else {
-        return Ok(None);
-    };
-    let Some(base) = rss() else { return Ok(None) };
-    let (Some(one), Some(two)) = (
-        probe_step(model, 1, plan.frames, plan.size, base)?,
-        probe_step(model, 2, plan.frames, plan.size, base)?,
-    ) else {
-        return Ok(None);
-    };
-    let mut mem = StepMemory::from_probes(one, two);
-    mem.per_clip *= SLOPE_MARGIN;
-    let input_per_clip = (plan.frames * 3 * plan.size * plan.size * 4) as f64;
-    let need = mem.need(
-        plan.batch * plan.clips_per_update,
-        plan.batch,
-        plan.in_flight,
-        input_per_clip,
-    );
-    tracing::debug!(
-        "memory: a step needs about {:.2} GB ({:.2} GB fixed + {:.3} GB per clip); {:.2} GB available",
-        need / 1e9,
-        mem.fixed / 1e9,
-        mem.per_clip / 1e9,
-        avail as f64 / 1e9
-    );
-    if need > avail as f64 * HEADROOM {
-        let largest = mem.largest_batch(
-            avail as f64,
+
+    /// Probe steps of `model` (a throw-away copy: its BatchNorm statistics and random streams
+    /// move) on `clips.0` and `clips.1` clips, and whether `plan` fits; `None` where it could
+    /// not be measured.
+    pub fn measure(
+        &self,
+        model: &VideoModel,
+        plan: Plan,
+        clips: (usize, usize),
+    ) -> Result<Option<Verdict>> {
+        let (Some(a), Some(b)) = (
+            probe_step(model, clips.0, plan.frames, plan.size, self.base)?,
+            probe_step(model, clips.1, plan.frames, plan.size, self.base)?,
+        ) else {
+            return Ok(None);
+        };
+        let mut memory = StepMemory::from_probes_at((clips.0, a), (clips.1, b));
+        memory.per_clip *= SLOPE_MARGIN;
+        let need = memory.need(
+            plan.batch * plan.clips_per_update,
+            plan.batch,
+            plan.in_flight,
+            plan.input_per_clip(),
+        );
+        tracing::debug!(
+            "memory: a step{} needs about {:.2} GB ({:.2} GB fixed + {:.3} GB per clip, probed \
+             with {} and {} clips); {:.2} GB available",
+            plan.recomputing_words(),
+            need / 1e9,
+            memory.fixed / 1e9,
+            memory.per_clip / 1e9,
+            clips.0,
+            clips.1,
+            self.available as f64 / 1e9
+        );
+        Ok(Some(Verdict {
+            memory,
+            need,
+            available: self.available,
+            clips,
+            plan,
+        }))
+    }
+}
+
+/// What a probe found: the estimate, and whether the planned step fits.
+#[derive(Debug, Clone, Copy)]
+pub struct Verdict {
+    /// The measured cost of a step.
+    pub memory: StepMemory,
+    /// Bytes the planned step needs (the loader's batches included).
+    pub need: f64,
+    /// Bytes the process could still grow by when the session started.
+    pub available: u64,
+    clips: (usize, usize),
+    plan: Plan,
+}
+
+impl Verdict {
+    /// Whether the step fits in [`HEADROOM`] of what is available.
+    pub fn fits(&self) -> bool {
+        self.need <= self.available as f64 * HEADROOM
+    }
+
+    /// The error of a step that does not fit, with the largest batch that would.
+    pub fn error(&self) -> Error {
+        let plan = self.plan;
+        let largest = self.memory.largest_batch(
+            self.available as f64,
             plan.clips_per_update,
             plan.in_flight,
-            input_per_clip,
+            plan.input_per_clip(),
         );
         let recompute = if plan.could_recompute {
-            "--recompute (residual blocks recomputed in backward: measured 0.4-0.7x the \
+            "--recompute on (residual blocks recomputed in backward: measured 0.4-0.7x the \
              memory for 1.2x the time, BENCHMARKS.md), or "
         } else {
             ""
@@ -218,22 +283,99 @@ pub fn check(model: &VideoModel, plan: Plan) -> Result<Option<StepMemory>> {
                  {recompute}lower --input-size, or train on cached features (vdg features)"
             )
         };
-        return Err(Error::Config(format!(
-            "a training step on {} clips of {} frames at {}x{} needs about {:.1} GB \
-             ({:.2} GB per clip: the slope measured on this machine with 1 and 2 clips, plus \
-             10 %), but only {:.1} GB \
-             of memory are available (90 % of it may be planned); {advice}. \
-             VDG_MEMORY_CHECK=off skips this check.",
+        Error::Config(format!(
+            "a training step on {} clips of {} frames at {}x{}{} needs about {:.1} GB \
+             ({:.2} GB per clip: the slope measured on this machine with {} and {} clips, \
+             plus 10 %), but only {:.1} GB of memory are available (90 % of it may be \
+             planned); {advice}. VDG_MEMORY_CHECK=off skips this check.",
             plan.batch * plan.clips_per_update,
             plan.frames,
             plan.size,
             plan.size,
-            need / 1e9,
-            mem.per_clip / 1e9,
-            avail as f64 / 1e9
-        )));
+            plan.recomputing_words(),
+            self.need / 1e9,
+            self.memory.per_clip / 1e9,
+            self.clips.0,
+            self.clips.1,
+            self.available as f64 / 1e9
+        ))
     }
-    Ok(Some(mem))
+}
+
+impl Plan {
+    fn input_per_clip(&self) -> f64 {
+        (self.frames * 3 * self.size * self.size * 4) as f64
+    }
+
+    fn recomputing_words(&self) -> &'static str {
+        if self.recomputing {
+            " with recomputed residual blocks"
+        } else {
+            ""
+        }
+    }
+}
+
+/// Probes `model` on 1 and 2 clips ([`Probe::measure`]) and fails with the largest batch
+/// that fits when `plan` does not. Returns the estimate, or `None` where it could not be
+/// measured.
+pub fn check(model: &VideoModel, plan: Plan) -> Result<Option<StepMemory>> {
+    let Some(session) = Probe::start() else {
+        return Ok(None);
+    };
+    match session.measure(model, plan, (1, 2))? {
+        Some(v) if !v.fits() => Err(v.error()),
+        v => Ok(v.map(|v| v.memory)),
+    }
+}
+
+/// How `--recompute auto` decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Choice {
+    /// The step fits keeping every activation (or could not be measured).
+    Keep,
+    /// It fits only with the residual blocks recomputed.
+    Recompute,
+}
+
+/// `--recompute auto`: probes `recomputing` (the model with its residual blocks recomputed)
+/// on 1 and 2 clips first, then `keeping` (the same model keeping its activations, which
+/// needs more at every batch) on 2 and 4 clips, in one session ([`Probe`]). Keeps the
+/// activations when that fits, else recomputes when that fits, else fails with the
+/// recomputing step's error.
+pub fn choose(recomputing: &VideoModel, keeping: &VideoModel, plan: Plan) -> Result<Choice> {
+    let Some(session) = Probe::start() else {
+        return Ok(Choice::Keep);
+    };
+    let on = Plan {
+        recomputing: true,
+        could_recompute: false,
+        ..plan
+    };
+    let off = Plan {
+        recomputing: false,
+        could_recompute: false,
+        ..plan
+    };
+    let r = session.measure(recomputing, on, (1, 2))?;
+    let k = session.measure(keeping, off, (2, 4))?;
+    match (k, r) {
+        (None, _) => Ok(Choice::Keep),
+        (Some(k), _) if k.fits() => Ok(Choice::Keep),
+        (Some(k), Some(r)) if r.fits() => {
+            tracing::info!(
+                "recomputing the residual blocks in backward (--recompute auto): a step \
+                 keeping their activations needs about {:.1} GB, one recomputing them {:.1} \
+                 GB; {:.1} GB are available",
+                k.need / 1e9,
+                r.need / 1e9,
+                k.available as f64 / 1e9
+            );
+            Ok(Choice::Recompute)
+        }
+        (Some(_), Some(r)) => Err(r.error()),
+        (Some(k), None) => Err(k.error()),
+    }
 }
 
 #[cfg(test)]
@@ -242,6 +384,11 @@ mod tests {
 
     #[test]
     fn the_largest_batch_is_the_last_that_fits() {
+        // Probes on 2 and 4 clips: the same line.
+        assert_eq!(
+            StepMemory::from_probes_at((2, 400), (4, 600)),
+            StepMemory::from_probes(300, 400)
+        );
         let mem = StepMemory::from_probes(300, 400);
         assert_eq!(mem.per_clip, 100.0);
         assert_eq!(mem.fixed, 200.0);

@@ -133,10 +133,28 @@ pub struct TrainConfig {
     /// Arithmetic of the trunk's convolutions (mixed precision); float32 everywhere else.
     #[serde(default)]
     pub precision: Precision,
-    /// Training recomputes the trunk's residual blocks in backward instead of keeping their
-    /// activations ([`crate::recompute`]): less memory, more time, the same numbers.
+    /// Whether training recomputes the trunk's residual blocks in backward instead of
+    /// keeping their activations ([`crate::recompute`]): less memory, more time, the same
+    /// numbers.
     #[serde(default)]
-    pub recompute: bool,
+    pub recompute: RecomputeMode,
+}
+
+/// When training recomputes a ResNet trunk's residual blocks in backward
+/// ([`crate::recompute`]: the same values and gradients, less memory, a second forward pass
+/// of the blocks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum RecomputeMode {
+    /// Only where the memory check finds that the step does not fit otherwise and fits so
+    /// ([`crate::memcheck::choose`]; CPU pixel training; where memory cannot be measured,
+    /// or with `VDG_MEMORY_CHECK=off`, as `off`).
+    #[default]
+    Auto,
+    /// Always.
+    On,
+    /// Never.
+    Off,
 }
 
 /// Arithmetic of the trunk's convolutions: `f32` (default), or `bf16` / `f16` mixed
@@ -264,7 +282,7 @@ impl TrainConfig {
             horizontal_flip: true,
             ensemble_size: 1,
             precision: Precision::F32,
-            recompute: false,
+            recompute: RecomputeMode::Auto,
         }
     }
 
@@ -430,7 +448,7 @@ fn structure(
         let head = build_head(cfg.model, mc, classes, streams.subsets, vb.pp("head"))?;
         Ok(VideoModel::frames(backbone, head, cfg.model)
             .with_trunk_dtype(cfg.precision.trunk_dtype())
-            .with_recompute(cfg.recompute))
+            .with_recompute(cfg.recompute == RecomputeMode::On))
     } else {
         if feature_dim.is_some() {
             return Err(Error::Config(format!(
@@ -442,7 +460,7 @@ fn structure(
         let net = build_network(cfg.model, mc, cfg.backbone, classes, vb.pp("backbone"))?;
         Ok(VideoModel::network(net, cfg.model)
             .with_trunk_dtype(cfg.precision.trunk_dtype())
-            .with_recompute(cfg.recompute))
+            .with_recompute(cfg.recompute == RecomputeMode::On))
     }
 }
 
@@ -599,6 +617,8 @@ pub fn train_with(
         let copy = twin(cfg, classes, streams, train_set.feature_dim, vm, &device)?;
         eval(&copy, set)
     };
+    // `--recompute auto` is decided here, before any member is built from `cfg`.
+    let mut decided = cfg.clone();
     if train_set.feature_dim.is_none() && device.is_cpu() {
         // Before any member trains: a throw-away copy of the model (the probe moves its
         // BatchNorm statistics and random streams; each member re-seeds its own).
@@ -610,21 +630,32 @@ pub fn train_with(
             } => 1 + targets.len(),
             _ => 1,
         };
+        let recomputable = matches!(
+            cfg.backbone,
+            BackboneKind::Resnet18 | BackboneKind::Resnet50
+        ) && (cfg.model.is_head() || cfg.model == ModelKind::Tsm);
         let plan = crate::memcheck::Plan {
             batch: cfg.batch_size,
             clips_per_update,
             frames: sampling.frames(),
             size: cfg.input_size,
             in_flight: 2,
-            could_recompute: !cfg.recompute
-                && matches!(
-                    cfg.backbone,
-                    BackboneKind::Resnet18 | BackboneKind::Resnet50
-                )
-                && (cfg.model.is_head() || cfg.model == ModelKind::Tsm),
+            could_recompute: recomputable && cfg.recompute == RecomputeMode::Off,
+            recomputing: recomputable && cfg.recompute == RecomputeMode::On,
         };
-        crate::memcheck::check(&probe, plan)?;
+        if recomputable && cfg.recompute == RecomputeMode::Auto {
+            let mut on = cfg.clone();
+            on.recompute = RecomputeMode::On;
+            let (_, recomputing) = build(&on, classes, Streams::of(cfg.seed, 0), None, &device)?;
+            decided.recompute = match crate::memcheck::choose(&recomputing, &probe, plan)? {
+                crate::memcheck::Choice::Keep => RecomputeMode::Off,
+                crate::memcheck::Choice::Recompute => RecomputeMode::On,
+            };
+        } else {
+            crate::memcheck::check(&probe, plan)?;
+        }
     }
+    let cfg = &decided;
     let mut member_probs: Vec<BTreeMap<String, Vec<Vec<f32>>>> = Vec::new();
     let mut members = Vec::new();
     for (index, gamma) in cfg.members().into_iter().enumerate() {
