@@ -6,7 +6,7 @@
 //!
 //! `cargo run --release --example train_step_memory -- [resnet18|resnet50] [clips] [size] [steps] [recompute]`
 //!
-//! `recompute` as the fifth argument: `vdg train --recompute` (residual blocks recomputed in
+//! `recompute` as the fifth argument: `vdg train --recompute on` (residual blocks recomputed in
 //! backward).
 
 use std::time::Instant;
