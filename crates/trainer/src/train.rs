@@ -146,9 +146,9 @@ pub struct TrainConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum RecomputeMode {
-    /// Only where the memory check finds that the step does not fit otherwise and fits so
-    /// ([`crate::memcheck::choose`]; CPU pixel training; where memory cannot be measured,
-    /// or with `VDG_MEMORY_CHECK=off`, as `off`).
+    // (`crate::memcheck::choose`; the doc line below is the --help text.)
+    /// Only where the memory check finds that the step does not fit otherwise but fits so
+    /// (CPU pixel training; where memory is not measured, e.g. VDG_MEMORY_CHECK=off: as off)
     #[default]
     Auto,
     /// Always.
