@@ -96,7 +96,8 @@ pub enum PrepCommand {
 /// `vdg prep synthetic`'s own options.
 #[derive(Debug, Args)]
 pub struct SyntheticArgs {
-    /// Size: tiny (4 clips per class and domain), small (48, the default bench), full (120).
+    /// Size: tiny (4 clips per class and domain), small (48), full (120, what `vdg bench run`
+    /// prepares by default), large (360).
     #[arg(long, default_value = "small")]
     pub scale: String,
     #[command(flatten)]
@@ -324,7 +325,10 @@ pub fn run(cmd: PrepCommand, quiet: bool) -> Result<ExitCode> {
         PrepCommand::Synthetic(args) => {
             let scale =
                 vdg_pipeline::synthetic::Scale::from_name(&args.scale).with_context(|| {
-                    format!("unknown scale {:?}; known: tiny, small, full", args.scale)
+                    format!(
+                        "unknown scale {:?}; known: tiny, small, full, large",
+                        args.scale
+                    )
                 })?;
             let raw = args.common.out.join("raw");
             let manifest = load_manifest("synthetic", &args.common.manifest)?;

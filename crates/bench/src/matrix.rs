@@ -129,7 +129,8 @@ pub struct BenchRunArgs {
     /// cpu or cuda[:N].
     #[arg(long)]
     device: Option<String>,
-    /// Synthetic benchmark size: tiny, small, full (default: full, 120 clips per class and domain).
+    /// Synthetic benchmark size: tiny, small, full, large (default: full, 120 clips per class and
+    /// domain; large: 360).
     #[arg(long)]
     scale: Option<String>,
     /// Defaults to follow: paper (default) or released-code.

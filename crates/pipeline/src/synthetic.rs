@@ -53,10 +53,12 @@ pub const DOMAINS: [&str; 2] = ["source", "target"];
 /// Benchmark size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scale {
-    /// 48 clips per class and domain (the default `vdg bench run`).
+    /// 48 clips per class and domain.
     Small,
-    /// 120 clips per class and domain.
+    /// 120 clips per class and domain (the default `vdg bench run`).
     Full,
+    /// 360 clips per class and domain: three times `Full`'s training and target clips.
+    Large,
     /// 4 clips per class and domain (tests).
     Tiny,
 }
@@ -68,15 +70,17 @@ impl Scale {
             Scale::Tiny => 4,
             Scale::Small => 48,
             Scale::Full => 120,
+            Scale::Large => 360,
         }
     }
 
-    /// Parses `tiny`, `small`, `full`.
+    /// Parses `tiny`, `small`, `full`, `large`.
     pub fn from_name(s: &str) -> Option<Self> {
         match s {
             "tiny" => Some(Scale::Tiny),
             "small" => Some(Scale::Small),
             "full" => Some(Scale::Full),
+            "large" => Some(Scale::Large),
             _ => None,
         }
     }

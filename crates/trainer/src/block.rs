@@ -10,7 +10,10 @@
 //! separate tensors (BENCHMARKS.md, "The APN head as one operation"). Here the activations
 //! are kept in the op, each gradient is written once, the parameters' gradients of all calls
 //! are summed in one buffer, and they are computed only when the parameters track a gradient
-//! (ADA's ascent on a detached twin of the weights needs only the input's).
+//! (ADA's ascent on a detached twin of the weights needs only the input's). In the pyramid,
+//! projections that several calls share (the local calls' self-attention projections are
+//! rows of the global call's; every cross call projects `G` alike) are computed once, and
+//! their gradients summed before one backward through them.
 //!
 //! The parameters enter as one flat tensor ([`crate::nn::AttentionBlock::pack`], one
 //! concatenation; a custom op takes at most three inputs), with a copy whose weights are
@@ -268,6 +271,9 @@ struct Acts<T> {
 /// `(batch, encoder length, decoder length)`.
 type Lens = (usize, usize, usize);
 
+/// An attention layer's projected queries, keys and values (or their gradients).
+type Qkv<T> = [Vec<T>; 3];
+
 /// Gradients of `x`, `y` and, when wanted, the packed parameters.
 type Grads<T> = (Vec<T>, Vec<T>, Option<Vec<T>>);
 
@@ -398,22 +404,39 @@ impl Engine {
         }
     }
 
-    /// One attention layer on the packed parameters with transposed weights `pt`.
+    /// The projected queries, keys and values of one attention layer (before the core's
+    /// ReLU): `q_in [rq, W]`, `k_in [rk, W]`.
+    fn project<T: Real>(
+        &self,
+        pt: &[T],
+        at: MhaAt,
+        (q_in, k_in): (&[T], &[T]),
+        (rq, rk): (usize, usize),
+    ) -> Qkv<T> {
+        let w = self.cfg.width;
+        let lin = |x: &[T], wo: usize, bo: usize, rows: usize| {
+            linear(x, &pt[wo..wo + w * w], &pt[bo..bo + w], (rows, w, w), false)
+        };
+        [
+            lin(q_in, at.wq, at.bq, rq),
+            lin(k_in, at.wk, at.bk, rk),
+            lin(k_in, at.wv, at.bv, rk),
+        ]
+    }
+
+    /// One attention layer on the packed parameters with transposed weights `pt`; its
+    /// projections `given` where another call computed them.
     fn mha_fwd<T: Real>(
         &self,
         pt: &[T],
         at: MhaAt,
         (q_in, k_in): (&[T], &[T]),
-        d: Dims,
-        core: &Core,
+        (d, core): (Dims, &Core),
+        given: Option<Qkv<T>>,
     ) -> MhaActs<T> {
         let w = d.w;
-        let lin = |x: &[T], wo: usize, bo: usize, rows: usize| {
-            linear(x, &pt[wo..wo + w * w], &pt[bo..bo + w], (rows, w, w), false)
-        };
-        let qp = lin(q_in, at.wq, at.bq, d.b * d.tq);
-        let kp = lin(k_in, at.wk, at.bk, d.b * d.tk);
-        let vp = lin(k_in, at.wv, at.bv, d.b * d.tk);
+        let [qp, kp, vp] =
+            given.unwrap_or_else(|| self.project(pt, at, (q_in, k_in), (d.b * d.tq, d.b * d.tk)));
         let mut s = core.forward(&qp, &kp, &vp, d);
         add_into(&mut s, q_in);
         let out = affine_normalize(
@@ -452,36 +475,39 @@ impl Engine {
         FfnActs { h, s, out }
     }
 
-    /// One block call `T(x, y)`: its activations and output `[b, ty, W]`.
+    /// One block call `T(x, y)`: its activations and output `[b, ty, W]`. `shared` holds
+    /// the projections of the encoder's and the decoder's self-attention where the caller
+    /// computed them (rows of other calls' projections).
     fn forward<T: Real>(
         &self,
         m: &Masks,
         (x, y): (&[T], &[T]),
         pt: &[T],
         (b, tx, ty): Lens,
+        [enc, dec]: [Option<Qkv<T>>; 2],
     ) -> (Acts<T>, Vec<T>) {
         let at = self.at;
         let enc_self = self.mha_fwd(
             pt,
             at.enc_self,
             (x, x),
-            self.dims(b, tx, tx),
-            &self.core(m, 0, false),
+            (self.dims(b, tx, tx), &self.core(m, 0, false)),
+            enc,
         );
         let enc_ff = self.ffn_fwd(pt, at.enc_ff, &enc_self.out, b * tx);
         let dec_self = self.mha_fwd(
             pt,
             at.dec_self,
             (y, y),
-            self.dims(b, ty, ty),
-            &self.core(m, 1, true),
+            (self.dims(b, ty, ty), &self.core(m, 1, true)),
+            dec,
         );
         let dec_cross = self.mha_fwd(
             pt,
             at.dec_cross,
             (&dec_self.out, &enc_ff.out),
-            self.dims(b, ty, tx),
-            &self.core(m, 2, false),
+            (self.dims(b, ty, tx), &self.core(m, 2, false)),
+            None,
         );
         let mut dec_ff = self.ffn_fwd(pt, at.dec_ff, &dec_cross.out, b * ty);
         let mut out = std::mem::take(&mut dec_ff.out);
@@ -502,19 +528,22 @@ impl Engine {
 
     /// Backward of one attention layer for its output gradient `g`: the queries' gradient is
     /// added into `dq`, the keys' into `dk` (into `dq` for self-attention, `dk = None`).
+    /// With `shared` the projections came from the caller: the gradients of the projected
+    /// queries, keys and values are returned instead of taken through the projections
+    /// (only the residual's part of the queries' gradient goes into `dq`).
     #[allow(clippy::too_many_arguments)]
     fn mha_back<T: Real>(
         &self,
         p: &[T],
         at: MhaAt,
         acts: &MhaActs<T>,
-        (q_in, k_in): (&[T], &[T]),
-        (d, core): (Dims, &Core),
+        inputs: (&[T], &[T]),
+        (d, core, shared): (Dims, &Core, bool),
         g: &[T],
         dq: &mut [T],
         dk: Option<&mut [T]>,
         mut dp: Option<&mut [T]>,
-    ) {
+    ) -> Option<Qkv<T>> {
         let w = d.w;
         let (ds, dg, db) =
             affine_normalize_grad(&acts.s, &p[at.gamma..at.gamma + w], g, LAYER_NORM_EPS);
@@ -524,10 +553,34 @@ impl Engine {
         }
         add_into(dq, &ds);
         let (dqp, dkp, dvp) = core.backward([&acts.qp, &acts.kp, &acts.vp, &ds], d);
-        let (rq, rk) = (d.b * d.tq, d.b * d.tk);
+        let grads = [dqp, dkp, dvp];
+        if shared {
+            return Some(grads);
+        }
+        let rows = (d.b * d.tq, d.b * d.tk);
+        self.project_back(p, at, inputs, rows, &grads, dq, dk, dp);
+        None
+    }
+
+    /// Backward of [`Engine::project`] for the gradients `grads` of the projected queries,
+    /// keys and values: the queries' input gradient is added into `dq`, the keys' into `dk`
+    /// (into `dq` when `dk = None`), the parameters' into `dp` when given.
+    #[allow(clippy::too_many_arguments)]
+    fn project_back<T: Real>(
+        &self,
+        p: &[T],
+        at: MhaAt,
+        (q_in, k_in): (&[T], &[T]),
+        (rq, rk): (usize, usize),
+        [dqp, dkp, dvp]: &Qkv<T>,
+        dq: &mut [T],
+        dk: Option<&mut [T]>,
+        mut dp: Option<&mut [T]>,
+    ) {
+        let w = self.cfg.width;
         let (wq, wk, wv) = ((at.wq, at.bq), (at.wk, at.bk), (at.wv, at.bv));
         linear_back(
-            &dqp,
+            dqp,
             q_in,
             p,
             wq,
@@ -540,7 +593,7 @@ impl Engine {
             None => dq,
         };
         linear_back(
-            &dkp,
+            dkp,
             k_in,
             p,
             wk,
@@ -548,7 +601,7 @@ impl Engine {
             Some(&mut *dk),
             dp.as_deref_mut(),
         );
-        linear_back(&dvp, k_in, p, wv, (rk, w, w), Some(dk), dp);
+        linear_back(dvp, k_in, p, wv, (rk, w, w), Some(dk), dp);
     }
 
     /// Backward of one feed-forward layer on input `a` for its output gradient `g`: the
@@ -591,7 +644,11 @@ impl Engine {
     }
 
     /// Backward of one block call for its output's gradient `g`: the gradients of `x` and
-    /// `y`, and the parameters' added into `dp` when given.
+    /// `y`, and the parameters' added into `dp` when given. Where `shared` says the encoder's
+    /// or the decoder's self-attention projections came from the caller, the gradients of
+    /// those projections are returned for the caller to take through them, and `x`'s or
+    /// `y`'s gradient holds only the rest.
+    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
     fn backward<T: Real>(
         &self,
         m: &Masks,
@@ -600,7 +657,8 @@ impl Engine {
         (b, tx, ty): Lens,
         g: &[T],
         mut dp: Option<&mut [T]>,
-    ) -> (Vec<T>, Vec<T>) {
+        [enc, dec]: [bool; 2],
+    ) -> (Vec<T>, Vec<T>, [Option<Qkv<T>>; 2]) {
         let (at, w) = (self.at, self.cfg.width);
         let mut g3 = g.to_vec();
         if let Some(mask) = &m.out {
@@ -625,19 +683,19 @@ impl Engine {
             at.dec_cross,
             &acts.dec_cross,
             (&acts.dec_self.out, &acts.enc_ff.out),
-            (self.dims(b, ty, tx), &self.core(m, 2, false)),
+            (self.dims(b, ty, tx), &self.core(m, 2, false), false),
             &g2,
             &mut g1,
             Some(&mut genc),
             dp.as_deref_mut(),
         );
         let mut dy = vec![T::zero(); b * ty * w];
-        self.mha_back(
+        let dec = self.mha_back(
             p,
             at.dec_self,
             &acts.dec_self,
             (y, y),
-            (self.dims(b, ty, ty), &self.core(m, 1, true)),
+            (self.dims(b, ty, ty), &self.core(m, 1, true), dec),
             &g1,
             &mut dy,
             None,
@@ -655,18 +713,18 @@ impl Engine {
             dp.as_deref_mut(),
         );
         let mut dx = vec![T::zero(); b * tx * w];
-        self.mha_back(
+        let enc = self.mha_back(
             p,
             at.enc_self,
             &acts.enc_self,
             (x, x),
-            (self.dims(b, tx, tx), &self.core(m, 0, false)),
+            (self.dims(b, tx, tx), &self.core(m, 0, false), enc),
             &ga,
             &mut dx,
             None,
             dp,
         );
-        (dx, dy)
+        (dx, dy, [enc, dec])
     }
 }
 
@@ -770,7 +828,7 @@ impl BlockOp {
                 let m = self.masks.cut(&e.cfg, first, n, (tx, ty));
                 let xs = &x[first * tx * w..(first + n) * tx * w];
                 let ys = &y[first * ty * w..(first + n) * ty * w];
-                let (acts, out) = e.forward(&m, (xs, ys), pt, (n, tx, ty));
+                let (acts, out) = e.forward(&m, (xs, ys), pt, (n, tx, ty), [None, None]);
                 ((m, acts), out)
             })
             .collect();
@@ -804,7 +862,8 @@ impl BlockOp {
                 );
                 let mut dp = params.then(|| vec![T::zero(); e.at.len]);
                 let s = (&x[xr], &y[yr.clone()], p);
-                let (dx, dy) = e.backward(m, s, acts, (n, tx, ty), &g[yr], dp.as_deref_mut());
+                let dp_at = dp.as_deref_mut();
+                let (dx, dy, _) = e.backward(m, s, acts, (n, tx, ty), &g[yr], dp_at, [false; 2]);
                 (dx, dy, dp)
             })
             .collect();
@@ -1005,7 +1064,30 @@ impl PyramidOp {
         out
     }
 
+    /// Rows `subset` of every clip of the projections `qkv` (each `[n, m, W]`).
+    fn select_qkv<T: Real>(qkv: [&[T]; 3], lens: Lens, subset: &[usize]) -> Qkv<T> {
+        qkv.map(|v| Self::select(v, lens, subset))
+    }
+
+    /// `dst [n, m, W] +=` the rows of `src [n, |subset|, W]` at the rows `subset` of every
+    /// clip: the backward of [`PyramidOp::select`].
+    fn scatter_add<T: Real>(dst: &mut [T], src: &[T], (n, m, w): Lens, subset: &[usize]) {
+        let k = subset.len();
+        for clip in 0..n {
+            for (j, &i) in subset.iter().enumerate() {
+                let from = &src[(clip * k + j) * w..][..w];
+                add_into(&mut dst[(clip * m + i) * w..][..w], from);
+            }
+        }
+    }
+
     /// One part's pyramid: its activations and `(G, level II)`.
+    ///
+    /// The local calls' self-attention projections are rows of the global call's (both
+    /// project segments of `x` with the same weights; dropout acts only after them), and
+    /// every cross call projects `G` for its decoder self-attention: each is computed once,
+    /// on all rows, instead of once per call (the same values; 84 of the 647 weight-sized
+    /// products per clip of a training forward at `M = 5`).
     fn forward_part<T: Real>(
         &self,
         (first, n): (usize, usize),
@@ -1014,9 +1096,12 @@ impl PyramidOp {
         m: usize,
     ) -> (PyramidActs<T>, Vec<T>, Vec<T>) {
         let (e, w) = (&self.engine, self.engine.cfg.width);
+        let rows = (n * m, n * m);
         let cut = |k: &Masks, (tx, ty): (usize, usize)| k.cut(&e.cfg, first, n, (tx, ty));
         let gm = cut(&self.masks[0], (m, m));
-        let (gacts, g) = e.forward(&gm, (x, x), pt, (n, m, m));
+        let shared = [e.at.enc_self, e.at.dec_self].map(|at| Some(e.project(pt, at, (x, x), rows)));
+        let (gacts, g) = e.forward(&gm, (x, x), pt, (n, m, m), shared);
+        let pg = (!self.scales.is_empty()).then(|| e.project(pt, e.at.dec_self, (&g, &g), rows));
         let mut level2: Option<Vec<T>> = None;
         let mut calls = Vec::with_capacity(self.scales.len());
         let mut at = 1;
@@ -1027,9 +1112,11 @@ impl PyramidOp {
                 let k = s.len();
                 let xs = Self::select(x, (n, m, w), s);
                 let lm = cut(&self.masks[at], (k, k));
-                let (lacts, l) = e.forward(&lm, (&xs, &xs), pt, (n, k, k));
+                let shared = [&gacts.enc_self, &gacts.dec_self]
+                    .map(|a| Some(Self::select_qkv([&a.qp, &a.kp, &a.vp], (n, m, w), s)));
+                let (lacts, l) = e.forward(&lm, (&xs, &xs), pt, (n, k, k), shared);
                 let cm = cut(&self.masks[at + 1], (k, m));
-                let (cacts, c) = e.forward(&cm, (&l, &g), pt, (n, k, m));
+                let (cacts, c) = e.forward(&cm, (&l, &g), pt, (n, k, m), [None, pg.clone()]);
                 at += 2;
                 cross = Some(match cross {
                     Some(mut acc) => {
@@ -1081,6 +1168,10 @@ impl PyramidOp {
         mut dp: Option<&mut [T]>,
     ) -> Vec<T> {
         let (e, w) = (&self.engine, self.engine.cfg.width);
+        let rows = (n * m, n * m);
+        let zeros = || -> Qkv<T> { std::array::from_fn(|_| vec![T::zero(); x.len()]) };
+        // Gradients of the shared projections: `x`'s (encoder, decoder) and `G`'s.
+        let (mut dpx, mut dpg) = ([zeros(), zeros()], zeros());
         let mut dx = vec![T::zero(); x.len()];
         let mut dg = dg.to_vec();
         let g = &acts.global.2;
@@ -1091,25 +1182,43 @@ impl PyramidOp {
                 let k = s.len();
                 let (cm, cacts) = &sub.cross;
                 let inputs = (&sub.l[..], &g[..], p);
-                let (dl, dgc) = e.backward(cm, inputs, cacts, (n, k, m), &dc, dp.as_deref_mut());
+                let dp_at = dp.as_deref_mut();
+                let (dl, dgc, [_, dec]) =
+                    e.backward(cm, inputs, cacts, (n, k, m), &dc, dp_at, [false, true]);
                 add_into(&mut dg, &dgc);
+                for (acc, d) in dpg.iter_mut().zip(dec.iter().flatten()) {
+                    add_into(acc, d);
+                }
                 let (lm, lacts) = &sub.local;
                 let inputs = (&sub.xs[..], &sub.xs[..], p);
-                let (da, db) = e.backward(lm, inputs, lacts, (n, k, k), &dl, dp.as_deref_mut());
-                for clip in 0..n {
-                    for (j, &i) in s.iter().enumerate() {
-                        let src = (clip * k + j) * w;
-                        let row = &mut dx[(clip * m + i) * w..][..w];
-                        add_into(row, &da[src..src + w]);
-                        add_into(row, &db[src..src + w]);
+                let dp_at = dp.as_deref_mut();
+                let (da, db, shared) =
+                    e.backward(lm, inputs, lacts, (n, k, k), &dl, dp_at, [true, true]);
+                Self::scatter_add(&mut dx, &da, (n, m, w), s);
+                Self::scatter_add(&mut dx, &db, (n, m, w), s);
+                for (acc, d) in dpx.iter_mut().zip(&shared) {
+                    for (acc, d) in acc.iter_mut().zip(d.iter().flatten()) {
+                        Self::scatter_add(acc, d, (n, m, w), s);
                     }
                 }
             }
         }
+        if !self.scales.is_empty() {
+            let (g, dp_at) = (&g[..], dp.as_deref_mut());
+            e.project_back(p, e.at.dec_self, (g, g), rows, &dpg, &mut dg, None, dp_at);
+        }
         let (gm, gacts, _) = &acts.global;
-        let (da, db) = e.backward(gm, (x, x, p), gacts, (n, m, m), &dg, dp);
+        let dp_at = dp.as_deref_mut();
+        let (da, db, shared) = e.backward(gm, (x, x, p), gacts, (n, m, m), &dg, dp_at, [true; 2]);
         add_into(&mut dx, &da);
         add_into(&mut dx, &db);
+        let ats = [e.at.enc_self, e.at.dec_self];
+        for ((at, acc), d) in ats.into_iter().zip(&mut dpx).zip(&shared) {
+            for (acc, d) in acc.iter_mut().zip(d.iter().flatten()) {
+                add_into(acc, d);
+            }
+            e.project_back(p, at, (x, x), rows, acc, &mut dx, None, dp.as_deref_mut());
+        }
         dx
     }
 
