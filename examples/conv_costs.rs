@@ -2,8 +2,9 @@
 //! --bench models -- conv` (the I3D-like 3-D layers, a ResNet-50 3x3 layer, the small CNN's),
 //! the two alternated in one process, 15 rounds; prints the fastest and the median of each
 //! and the ratio backward : forward from the fastest (the fastest is what a shared machine's
-//! interruptions disturb least). `cargo run --release --example conv_costs`
-//! (BENCHMARKS.md, "Convolution backward").
+//! interruptions disturb least). `cargo run --release --example conv_costs [-- <filter>]`
+//! (BENCHMARKS.md, "Convolution backward"); with a filter, only the layers whose name contains
+//! it, e.g. `resnet`.
 
 use std::time::Instant;
 
@@ -52,8 +53,9 @@ fn main() -> anyhow::Result<()> {
             Box::new(move |x, w| conv2d(x, w, 1, stride, 1).expect("conv2d")),
         ));
     }
+    let filter = std::env::args().nth(1).unwrap_or_default();
     println!("layer | forward min / median ms | fwd+bwd min / median ms | bwd : fwd (min)");
-    for (name, xs, ws, f) in &layers {
+    for (name, xs, ws, f) in layers.iter().filter(|l| l.0.contains(&filter)) {
         let x = Var::from_tensor(&seeded_randn(xs, 1, DType::F32, &dev)?)?;
         let w = Var::from_tensor(&seeded_randn(ws, 2, DType::F32, &dev)?)?;
         let (mut fwd, mut both) = (Vec::new(), Vec::new());

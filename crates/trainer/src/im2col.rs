@@ -2,29 +2,36 @@
 //! one candle custom operation with a hand-written gradient ([`conv`]).
 //!
 //! A convolution of `x [B, T, C, H, W]` (time-major, a 2-D convolution is `T = 1`) with
-//! `w [C_out, C, kt, kh, kw]` runs as
+//! `w [C_out, C, kt, kh, kw]` runs block by block over the output: a block is a range of
+//! output lines (rows of output frames) sized so that its columns fit in a core's L2 cache
+//! (`BLOCK_FLOATS`), and for each block
 //!
-//! 1. [`FrameTranspose`]: every frame `[C, H*W]` to channels-last `[H*W, C]`;
-//! 2. [`Vol2Col`]: the columns `[B*To*Ho*Wo, kt*kh*kw*C]`, one row per output pixel, column
-//!    `((a*kh + p)*kw + q)*C + c` = `x[b, to*st + a*dt - pt, c, oy*sh + p*dh - ph, ox*sw + q*dw - pw]`
-//!    (zero outside): with channels last, every tap is one contiguous copy of `C` values;
-//! 3. one GEMM with the kernel permuted to `[C_out, kt, kh, kw, C]` (candle's `matmul`);
-//! 4. [`FrameTranspose`] of the output rows `[Ho*Wo, C_out]` back to channels-first.
+//! 1. [`build_cols`]: the block's columns, transposed, `[kt*kh*kw*C, n]` for its `n` output
+//!    pixels, row `((a*kh + p)*kw + q)*C + c` holding
+//!    `x[b, to*st + a*dt - pt, c, oy*sh + p*dh - ph, ox*sw + q*dw - pw]` (zero outside),
+//!    read straight from the channels-first input as runs of input rows;
+//! 2. one product with the kernel permuted to `[C_out, kt, kh, kw, C]`
+//!    (`kernel [C_out, K] x cols [K, n]`, [`crate::cpu_gemm`]);
+//! 3. the block's outputs written into the channels-first output with the bias and, when
+//!    fused, the ReLU.
 //!
-//! Backward: the output gradient transposed to rows, the input gradient as `rows x kernel`
-//! scattered back by [`Col2Vol`] (the adjoint of step 2, gathering per input frame:
-//! race-free in parallel) and transposed, the kernel gradient as `cols^T x rows` with the
-//! columns recomputed already transposed by [`Vol2ColT`]; nothing of the forward pass but
-//! `x` and the kernel is kept. Large batches are differentiated in chunks of images so that
-//! no column buffer exceeds 256 MB (a ResNet-18 stem at 200 images would build 1.5 GB ones;
-//! `CHUNK_FLOATS`). With a fused ReLU (`conv(.., relu: true)`) the output is clamped in the
-//! same pass and the backward masks the gradient by the output. Measured in BENCHMARKS.md ("Convolution backward"): the
-//! earlier channel-major lowering (strided reads and writes, one `conv2d` per temporal tap on
-//! strided slices) cost 3-6x its forward in backward, this one 2.1-2.8x. CPU only, float32
-//! and float64; other devices and dtypes keep candle's `conv2d` (see `nn3d::conv2d`).
+//! Backward by the same blocks: the output gradient's lines gathered to `[C_out, n]`, the
+//! kernel gradient accumulated as `dy x cols^T` from columns recomputed from `x`, the input
+//! gradient as `kernel^T x dy` added back by [`scatter_cols`] (the adjoint of step 1); work is
+//! split into groups of whole clips (frames when the kernel does not reach across frames) so
+//! that the groups write disjoint parts of the input gradient, and the groups' partial kernel
+//! gradients are summed in a fixed order: results do not depend on the number of threads.
+//! Nothing of the forward pass but `x` and the kernel is kept, and no column matrix of the
+//! whole batch is ever built (the version before built and zero-filled it, 9-27 times the
+//! input, and transposed input and output; BENCHMARKS.md, "Convolution in cache-sized
+//! blocks"). With a fused ReLU (`conv(.., relu: true)`) the backward masks the gradient by
+//! the output. CPU only, float32 and float64; other devices and dtypes keep candle's
+//! `conv2d` (see `nn3d::conv2d`).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, DType, Layout, Shape, Tensor, WithDType};
+
+use crate::cpu_gemm::{self, Mat, Real};
 use rayon::prelude::*;
 
 /// Geometry of one lowering; arrays are `[time, height, width]`.
@@ -80,46 +87,6 @@ impl Geometry {
     }
 }
 
-impl Geometry {
-    /// Walks the taps of output frame `to` whose temporal tap `a` reads input frame `t`
-    /// (every `t` when `only` is `None`) and lands inside the image: `f(t, row, tap, src)`
-    /// with `row` the output pixel's row of the frame's columns (`oy*Wo + ox`), `tap` its
-    /// column offset (`((a*kh + p)*kw + q)*C`) and `src` the input pixel (`iy*W + ix`).
-    /// The one loop nest of [`Vol2Col`] and its adjoint [`Col2Vol`].
-    #[inline]
-    fn each_tap(
-        &self,
-        to: usize,
-        only: Option<usize>,
-        mut f: impl FnMut(usize, usize, usize, usize),
-    ) {
-        let [_, ho, wo] = self.out;
-        let [kt, kh, kw] = self.k;
-        for a in 0..kt {
-            let Some(t) = self.frame(to, a) else { continue };
-            if only.is_some_and(|o| o != t) {
-                continue;
-            }
-            for oy in 0..ho {
-                for p in 0..kh {
-                    let Some(iy) = self.coord(1, oy, p) else {
-                        continue;
-                    };
-                    for ox in 0..wo {
-                        for q in 0..kw {
-                            let Some(ix) = self.coord(2, ox, q) else {
-                                continue;
-                            };
-                            let tap = ((a * kh + p) * kw + q) * self.c;
-                            f(t, oy * wo + ox, tap, iy * self.w + ix);
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// `v`'s values under a contiguous `layout` (an error naming `what` otherwise); the CPU
 /// custom ops of this crate share it.
 pub(crate) fn contiguous<'a, T>(
@@ -133,281 +100,182 @@ pub(crate) fn contiguous<'a, T>(
     }
 }
 
-/// Runs `f` on the float32 or float64 slice of a contiguous storage.
-macro_rules! dispatch {
-    ($s:expr, $l:expr, $what:expr, |$v:ident| $body:expr) => {
-        match $s {
-            CpuStorage::F32(v) => {
-                let $v = contiguous(v, $l, $what)?;
-                CpuStorage::F32($body)
-            }
-            CpuStorage::F64(v) => {
-                let $v = contiguous(v, $l, $what)?;
-                CpuStorage::F64($body)
-            }
-            other => candle_core::bail!("{}: unsupported dtype {:?}", $what, other.dtype()),
-        }
-    };
-}
-
-/// `x [N, R, C] -> [N, C, R]`: each of the `N` matrices transposed (cache-blocked).
-#[derive(Debug, Clone, Copy)]
-pub struct FrameTranspose {
-    /// Rows of each input matrix.
-    pub rows: usize,
-    /// Columns of each input matrix.
-    pub cols: usize,
-}
-
-impl FrameTranspose {
-    const BLOCK: usize = 32;
-
-    fn run<T: WithDType>(&self, x: &[T]) -> Vec<T> {
-        let (r, c) = (self.rows, self.cols);
-        let mut out = vec![T::zero(); x.len()];
-        if r * c == 0 {
-            return out;
-        }
-        let one = |o: &mut [T], xi: &[T]| {
-            if r * c <= 1 << 14 {
-                // Fits in L2: no blocking.
-                for (i, row) in xi.chunks_exact(c).enumerate() {
-                    for (j, &v) in row.iter().enumerate() {
-                        o[j * r + i] = v;
-                    }
-                }
-                return;
-            }
-            for r0 in (0..r).step_by(Self::BLOCK) {
-                let r1 = (r0 + Self::BLOCK).min(r);
-                for c0 in (0..c).step_by(Self::BLOCK) {
-                    let c1 = (c0 + Self::BLOCK).min(c);
-                    for (i, row) in xi[r0 * c..r1 * c].chunks_exact(c).enumerate() {
-                        for (j, &v) in row[c0..c1].iter().enumerate() {
-                            o[(c0 + j) * r + r0 + i] = v;
-                        }
-                    }
-                }
-            }
-        };
-        if x.len() / (r * c) == 1 || r * c >= 1 << 14 {
-            out.par_chunks_mut(r * c)
-                .zip(x.par_chunks(r * c))
-                .for_each(|(o, xi)| one(o, xi));
-        } else {
-            // Many small matrices: chunks of several per task.
-            let per = ((1 << 14) / (r * c)).max(1) * r * c;
-            out.par_chunks_mut(per)
-                .zip(x.par_chunks(per))
-                .for_each(|(o, xi)| {
-                    o.chunks_mut(r * c)
-                        .zip(xi.chunks(r * c))
-                        .for_each(|(o, xi)| one(o, xi))
-                });
-        }
-        out
-    }
-}
-
-impl CustomOp1 for FrameTranspose {
-    fn name(&self) -> &'static str {
-        "vdg-frame-transpose"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dims = l.dims();
-        if dims.len() != 3 || dims[1] != self.rows || dims[2] != self.cols {
-            candle_core::bail!(
-                "frame transpose: expected [N, {}, {}], got {dims:?}",
-                self.rows,
-                self.cols
-            );
-        }
-        let shape = Shape::from((dims[0], self.cols, self.rows));
-        Ok((dispatch!(s, l, "frame transpose", |v| self.run(v)), shape))
-    }
-}
-
-/// The lowering `x [B, T, H, W, C]` (channels last) `-> [B*To*Ho*Wo, kt*kh*kw*C]`.
-#[derive(Debug, Clone, Copy)]
-pub struct Vol2Col(pub Geometry);
-
-impl Vol2Col {
-    fn run<T: WithDType>(&self, x: &[T]) -> Vec<T> {
-        let g = self.0;
-        let [to_n, ho, wo] = g.out;
-        let (c, k) = (g.c, g.cols());
-        let frame = g.h * g.w * c;
-        let mut out = vec![T::zero(); g.rows() * k];
-        out.par_chunks_mut(ho * wo * k)
-            .enumerate()
-            .for_each(|(bt, o)| {
-                let (b, to) = (bt / to_n, bt % to_n);
-                g.each_tap(to, None, |t, row, tap, src| {
-                    let xf = &x[(b * g.t + t) * frame..];
-                    o[row * k + tap..][..c].copy_from_slice(&xf[src * c..][..c]);
-                });
-            });
-        out
-    }
-}
-
-impl CustomOp1 for Vol2Col {
-    fn name(&self) -> &'static str {
-        "vdg-vol2col"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = self.0;
-        if l.shape().elem_count() != g.b * g.t * g.h * g.w * g.c {
-            candle_core::bail!("vol2col: input {:?} does not match {g:?}", l.dims());
-        }
-        let shape = Shape::from((g.rows(), g.cols()));
-        Ok((dispatch!(s, l, "vol2col", |v| self.run(v)), shape))
-    }
-}
-
-/// The same columns transposed, `[kt*kh*kw*C, B*To*Ho*Wo]`, straight from the channels-first
-/// input `x [B, T, C, H, W]`: the layout in which the kernel gradient `cols^T x rows` runs as
-/// fast as the forward product (with `[R, K]` columns, that product's long inner dimension
-/// made it about twice as slow; BENCHMARKS.md). Each row reads runs of one input row.
-#[derive(Debug, Clone, Copy)]
-pub struct Vol2ColT(pub Geometry);
-
-impl Vol2ColT {
-    fn run<T: WithDType>(&self, x: &[T]) -> Vec<T> {
-        let g = self.0;
-        let [to_n, ho, wo] = g.out;
-        let [_, kh, kw] = g.k;
-        let (c, r) = (g.c, g.rows());
-        let (plane, frame) = (g.h * g.w, g.c * g.h * g.w);
-        let mut out = vec![T::zero(); g.cols() * r];
-        out.par_chunks_mut(r).enumerate().for_each(|(k, o)| {
-            let (a, p, q, ci) = (k / (kh * kw * c), k / (kw * c) % kh, k / c % kw, k % c);
-            for b in 0..g.b {
-                for to in 0..to_n {
-                    let Some(t) = g.frame(to, a) else { continue };
-                    let xp = &x[(b * g.t + t) * frame + ci * plane..][..plane];
-                    let ob = &mut o[(b * to_n + to) * ho * wo..][..ho * wo];
-                    for oy in 0..ho {
-                        let Some(iy) = g.coord(1, oy, p) else {
-                            continue;
-                        };
-                        let xr = &xp[iy * g.w..][..g.w];
-                        let orow = &mut ob[oy * wo..][..wo];
-                        // The outputs whose tap lands inside the row: a strided copy.
-                        let (s, off) = (
-                            g.stride[2],
-                            (q * g.dilation[2]) as isize - g.padding[2] as isize,
-                        );
-                        let lo = if off >= 0 {
-                            0
-                        } else {
-                            (-off as usize).div_ceil(s)
-                        };
-                        let hi = if (g.w as isize) > off {
-                            ((g.w as isize - off - 1) as usize / s + 1).min(wo)
-                        } else {
-                            0
-                        };
-                        if lo < hi {
-                            let first = (lo * s) as isize + off;
-                            let src = xr[first as usize..].iter().step_by(s);
-                            for (v, &x) in orow[lo..hi].iter_mut().zip(src) {
-                                *v = x;
-                            }
-                        }
-                    }
-                }
-            }
-        });
-        out
-    }
-}
-
-impl CustomOp1 for Vol2ColT {
-    fn name(&self) -> &'static str {
-        "vdg-vol2col-t"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = self.0;
-        if l.shape().elem_count() != g.b * g.t * g.c * g.h * g.w {
-            candle_core::bail!("vol2col-t: input {:?} does not match {g:?}", l.dims());
-        }
-        let shape = Shape::from((g.cols(), g.rows()));
-        Ok((dispatch!(s, l, "vol2col-t", |v| self.run(v)), shape))
-    }
-}
-
-/// The adjoint of [`Vol2Col`]: `cols [B*To*Ho*Wo, kt*kh*kw*C] -> [B, T, H, W, C]`, summing
-/// overlapping windows. Parallel over input frames, each gathering from the output frames
-/// whose windows reach it.
-#[derive(Debug, Clone, Copy)]
-pub struct Col2Vol(pub Geometry);
-
-impl Col2Vol {
-    fn run<T: WithDType>(&self, cols: &[T]) -> Vec<T> {
-        let g = self.0;
-        let [to_n, ho, wo] = g.out;
-        let (c, k) = (g.c, g.cols());
-        let frame = g.h * g.w * c;
-        let mut out = vec![T::zero(); g.b * g.t * frame];
-        out.par_chunks_mut(frame).enumerate().for_each(|(bt, o)| {
-            let (b, t) = (bt / g.t, bt % g.t);
-            for to in 0..to_n {
-                let block = &cols[(b * to_n + to) * ho * wo * k..][..ho * wo * k];
-                g.each_tap(to, Some(t), |_, row, tap, src| {
-                    let dst = &mut o[src * c..][..c];
-                    for (d, s) in dst.iter_mut().zip(&block[row * k + tap..][..c]) {
-                        *d += *s;
-                    }
-                });
-            }
-        });
-        out
-    }
-}
-
-impl CustomOp1 for Col2Vol {
-    fn name(&self) -> &'static str {
-        "vdg-col2vol"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = self.0;
-        if l.dims() != [g.rows(), g.cols()] {
-            candle_core::bail!("col2vol: input {:?} does not match {g:?}", l.dims());
-        }
-        let shape = Shape::from((g.b * g.t * g.h * g.w, g.c));
-        Ok((dispatch!(s, l, "col2vol", |v| self.run(v)), shape))
-    }
-}
-
-/// The whole convolution as one operation with its own gradient, so that candle's autograd
-/// sees only the inputs (`x`, the permuted kernel, the bias) and the output: no intermediate
-/// tensor (the columns, the GEMM's output rows) is kept for the backward pass or gets the
-/// zero-filled gradient buffer and extra addition candle gives every node. The backward pass
-/// recomputes the columns from `x` (one memory pass, cheaper than keeping 9-27 copies of the
-/// input alive), and skips the gradient of an argument that is not tracked (a network's
-/// first layer on images; the ascent passes of ADA on a detached twin).
-/// Largest column buffer the backward builds at once, in entries (256 MB of float32);
-/// larger batches are differentiated in chunks of images.
-const CHUNK_FLOATS: usize = 1 << 26;
+/// Target entries of one block's column buffer (1 MB of float32: half a core's L2 on the
+/// machines measured in BENCHMARKS.md).
+const BLOCK_FLOATS: usize = 1 << 18;
+/// Fewest output pixels per block, so that a wide kernel (`kt*kh*kw*C` in the thousands) still
+/// gives the block products a useful width.
+const MIN_BLOCK_COLS: usize = 256;
+/// Most groups of the backward pass; each keeps a partial kernel gradient, summed in order.
+const MAX_GROUPS: usize = 8;
+/// Entries of all partial kernel gradients together (64 MB of float32).
+const PARTIAL_FLOATS: usize = 1 << 24;
+/// Most tasks the forward pass splits the output frames into.
+const FORWARD_TASKS: usize = 16;
 
 #[cfg(test)]
 thread_local! {
-    /// Tests set a tiny chunk to exercise the chunked backward on small inputs.
-    pub(crate) static CHUNK_FLOATS_OVERRIDE: std::cell::Cell<Option<usize>> =
+    /// Tests set (output lines per block, most backward groups) to exercise many blocks and
+    /// groups on small inputs.
+    pub(crate) static BLOCKING_OVERRIDE: std::cell::Cell<Option<(usize, usize)>> =
         const { std::cell::Cell::new(None) };
 }
 
-fn chunk_floats() -> usize {
+/// Output lines (rows of one output frame) per block and the most backward groups. Depends
+/// on the geometry only, never on the thread count: the kernel gradient's summation order
+/// follows the blocks and groups, and results must not change with the machine's cores.
+fn blocking(g: &Geometry) -> (usize, usize) {
     #[cfg(test)]
-    if let Some(n) = CHUNK_FLOATS_OVERRIDE.with(|c| c.get()) {
-        return n;
+    if let Some(b) = BLOCKING_OVERRIDE.with(|c| c.get()) {
+        return b;
     }
-    CHUNK_FLOATS
+    let cols = (BLOCK_FLOATS / g.cols().max(1)).max(MIN_BLOCK_COLS);
+    ((cols / g.out[2].max(1)).max(1), MAX_GROUPS)
+}
+
+/// For width tap `q`: the outputs `lo..hi` whose input column `ox*s + off` lies inside the
+/// row, and `off`.
+#[inline]
+fn width_span(g: &Geometry, q: usize) -> (usize, usize, isize) {
+    let s = g.stride[2];
+    let off = (q * g.dilation[2]) as isize - g.padding[2] as isize;
+    let lo = if off >= 0 {
+        0
+    } else {
+        (-off as usize).div_ceil(s)
+    };
+    let hi = if (g.w as isize) > off {
+        ((g.w as isize - off - 1) as usize / s + 1).min(g.out[2])
+    } else {
+        0
+    };
+    (lo, hi.max(lo), off)
+}
+
+/// Walks the columns of output lines `l0..l1` (a line is one row of one output frame,
+/// numbered `(b*To + to)*Ho + oy` over the batch): `f(k, seg, src)` for column `k` (in the
+/// order `((a*kh + p)*kw + q)*C + c`) and every line, with `seg` the line's `Wo` entries of
+/// that column, and `src` the input row they read (`(offset of x[b, t, c, iy, 0], lo, hi,
+/// off)`: entries `lo..hi` read `ox*s + off`, the rest are padding), `None` when the whole
+/// line is padding. The one loop nest of the lowering ([`build_cols`]) and its adjoint
+/// ([`scatter_cols`]).
+#[inline]
+fn each_line<T>(
+    g: &Geometry,
+    cols: &mut [T],
+    (l0, l1): (usize, usize),
+    mut f: impl FnMut(&mut [T], Option<(usize, usize, usize, isize)>),
+) {
+    let [to_n, ho, wo] = g.out;
+    let [kt, kh, kw] = g.k;
+    let c = g.c;
+    let plane = g.h * g.w;
+    let n = (l1 - l0) * wo;
+    let spans: Vec<_> = (0..kw).map(|q| width_span(g, q)).collect();
+    for line in l0..l1 {
+        let (bt, oy) = (line / ho, line % ho);
+        let (b, to) = (bt / to_n, bt % to_n);
+        let at = (line - l0) * wo;
+        for a in 0..kt {
+            let t = g.frame(to, a);
+            for p in 0..kh {
+                // Offset of x[b, t, 0, iy, 0].
+                let row = t
+                    .zip(g.coord(1, oy, p))
+                    .map(|(t, iy)| (b * g.t + t) * c * plane + iy * g.w);
+                for (q, &(lo, hi, off)) in spans.iter().enumerate() {
+                    let k0 = ((a * kh + p) * kw + q) * c;
+                    for ci in 0..c {
+                        let seg = &mut cols[(k0 + ci) * n + at..][..wo];
+                        f(seg, row.map(|r| (r + ci * plane, lo, hi, off)));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The columns of lines `l0..l1` transposed, `[kt*kh*kw*C, (l1 - l0)*Wo]`, from the
+/// channels-first input `x [B, T, C, H, W]`: every entry of `cols` is written.
+fn build_cols<T: WithDType>(g: &Geometry, x: &[T], lines: (usize, usize), cols: &mut [T]) {
+    let s = g.stride[2];
+    each_line(g, cols, lines, |seg, src| match src {
+        Some((at, lo, hi, off)) if lo < hi => {
+            seg[..lo].fill(T::zero());
+            seg[hi..].fill(T::zero());
+            let first = (at as isize + (lo * s) as isize + off) as usize;
+            if s == 1 {
+                seg[lo..hi].copy_from_slice(&x[first..][..hi - lo]);
+            } else {
+                for (v, run) in seg[lo..hi].iter_mut().zip(x[first..].chunks(s)) {
+                    *v = run[0];
+                }
+            }
+        }
+        _ => seg.fill(T::zero()),
+    });
+}
+
+/// The adjoint of [`build_cols`]: adds the column gradients of lines `l0..l1` into `dx`, the
+/// input gradient's frames from offset `base` of `[B, T, C, H, W]` on.
+fn scatter_cols<T: WithDType>(
+    g: &Geometry,
+    cols: &mut [T],
+    lines: (usize, usize),
+    dx: &mut [T],
+    base: usize,
+) {
+    let s = g.stride[2];
+    each_line(g, cols, lines, |seg, src| {
+        if let Some((at, lo, hi, off)) = src {
+            let first = (at as isize + (lo * s) as isize + off) as usize - base;
+            if s == 1 {
+                for (d, v) in dx[first..][..hi - lo].iter_mut().zip(&seg[lo..hi]) {
+                    *d += *v;
+                }
+            } else {
+                for (run, v) in dx[first..].chunks_mut(s).zip(&seg[lo..hi]) {
+                    run[0] += *v;
+                }
+            }
+        }
+    });
+}
+
+/// `c = a b` on the calling thread, or on all of rayon's when `wide` (the same values).
+fn product<T: Real>(
+    c: &mut [T],
+    a: Mat<'_, T>,
+    b: Mat<'_, T>,
+    dims: (usize, usize, usize),
+    accumulate: bool,
+    wide: bool,
+) {
+    if wide {
+        cpu_gemm::gemm(c, a, b, dims, accumulate);
+    } else {
+        cpu_gemm::gemm_serial(c, a, b, dims, accumulate);
+    }
+}
+
+/// A buffer of at least `n` entries (its contents are stale; callers overwrite them).
+fn at_least<T: WithDType>(v: &mut Vec<T>, n: usize) -> &mut [T] {
+    if v.len() < n {
+        v.resize(n, T::zero());
+    }
+    &mut v[..n]
+}
+
+/// Slice of a contiguous CPU tensor.
+fn with_slice<T: WithDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(&[T]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("convolution: tensor is not on the CPU")
+    };
+    f(contiguous(cpu.as_slice::<T>()?, layout, "convolution")?)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -415,51 +283,172 @@ fn chunk_floats() -> usize {
 struct Convolution(Geometry, bool);
 
 impl Convolution {
-    fn transpose_in(&self) -> FrameTranspose {
-        FrameTranspose {
-            rows: self.0.c,
-            cols: self.0.h * self.0.w,
+    /// The output `[B*To, C_out, Ho*Wo]`: per block of output lines, the transposed columns
+    /// ([`build_cols`]) and one product `kernel [C_out, K] x cols [K, n]`, written into the
+    /// output frames with the bias and the ReLU. Tasks are ranges of output frames.
+    fn fwd<T: Real>(&self, x: &[T], wk: &[T], bias: Option<&[T]>, co: usize) -> Vec<T> {
+        let g = self.0;
+        let [to_n, ho, wo] = g.out;
+        let (how, k, relu, zero) = (ho * wo, g.cols(), self.1, T::zero());
+        let frames = g.b * to_n;
+        let mut out = vec![zero; frames * co * how];
+        if out.is_empty() {
+            return out;
         }
+        let (per_block, _) = blocking(&g);
+        let per_task = frames.div_ceil(FORWARD_TASKS);
+        // Too few tasks for the threads: the products take them instead.
+        let wide = frames.div_ceil(per_task) < rayon::current_num_threads();
+        out.par_chunks_mut(per_task * co * how)
+            .enumerate()
+            .for_each_init(
+                || (Vec::new(), Vec::new()),
+                |(cols, ys), (task, o)| {
+                    let f0 = task * per_task;
+                    let end = (f0 + o.len() / (co * how)) * ho;
+                    for l0 in (f0 * ho..end).step_by(per_block) {
+                        let l1 = (l0 + per_block).min(end);
+                        let n = (l1 - l0) * wo;
+                        let cols = at_least(cols, k * n);
+                        build_cols(&g, x, (l0, l1), cols);
+                        let ys = at_least(ys, co * n);
+                        product(
+                            ys,
+                            Mat::rows(wk, k),
+                            Mat::rows(cols, n),
+                            (co, n, k),
+                            false,
+                            wide,
+                        );
+                        for line in l0..l1 {
+                            let (bt, oy) = (line / ho, line % ho);
+                            let frame = &mut o[(bt - f0) * co * how..][..co * how];
+                            for c in 0..co {
+                                let b = bias.map_or(zero, |b| b[c]);
+                                let src = &ys[c * n + (line - l0) * wo..][..wo];
+                                let dst = &mut frame[c * how + oy * wo..][..wo];
+                                for (d, &y) in dst.iter_mut().zip(src) {
+                                    let y = y + b;
+                                    *d = if !relu || y > zero { y } else { zero };
+                                }
+                            }
+                        }
+                    }
+                },
+            );
+        out
     }
 
-    fn fwd<T: WithDType>(
+    /// The input and kernel gradients (each only when wanted) from the output gradient
+    /// `dy [B*To, C_out, Ho*Wo]`, by the forward's blocks: per block the gradient's lines
+    /// gathered to `[C_out, n]`, the kernel gradient accumulated as `dy x cols^T` (columns
+    /// recomputed), the column gradients `kernel^T x dy` scattered into `dx` ([`scatter_cols`]).
+    /// The work is split into groups of whole clips (whole frames when the kernel does not
+    /// reach across frames), so that no two groups write the same input pixel; each group
+    /// keeps its own partial kernel gradient, and the partials are summed in group order.
+    fn bwd_cpu<T: Real>(
         &self,
         x: &[T],
         wk: &[T],
-        bias: Option<&[T]>,
+        dy: &[T],
         co: usize,
-    ) -> candle_core::Result<Vec<T>> {
+        (want_dx, want_dw): (bool, bool),
+    ) -> (Vec<T>, Vec<T>) {
         let g = self.0;
-        let cols = Vol2Col(g).run(&self.transpose_in().run(x));
-        let dev = candle_core::Device::Cpu;
-        let cols = Tensor::from_vec(cols, (g.rows(), g.cols()), &dev)?;
-        let wk = Tensor::from_slice(wk, (co, g.cols()), &dev)?;
-        let y = cols.matmul(&wk.t()?)?;
-        let (storage, layout) = y.storage_and_layout();
-        let candle_core::Storage::Cpu(cpu) = &*storage else {
-            candle_core::bail!("convolution: the product left the CPU")
+        let [to_n, ho, wo] = g.out;
+        let (how, k, zero) = (ho * wo, g.cols(), T::zero());
+        let in_frame = g.c * g.h * g.w;
+        // Without temporal taps, stride or padding, output frame `to` reads input frame `to`
+        // only: frames are independent.
+        let by_frame = g.k[0] == 1 && g.stride[0] == 1 && g.padding[0] == 0 && to_n == g.t;
+        let (units, out_per_unit, in_per_unit) = if by_frame {
+            (g.b * g.t, 1, 1)
+        } else {
+            (g.b, to_n, g.t)
         };
-        let y = contiguous(cpu.as_slice::<T>()?, layout, "convolution")?;
-        let [_, ho, wo] = g.out;
-        let mut out = FrameTranspose {
-            rows: ho * wo,
-            cols: co,
-        }
-        .run(y);
-        let relu = self.1;
-        if bias.is_some() || relu {
-            let zero = T::zero();
-            out.par_chunks_mut(ho * wo * co).for_each(|frame| {
-                for (c, plane) in frame.chunks_mut(ho * wo).enumerate() {
-                    let b = bias.map_or(zero, |b| b[c]);
-                    for v in plane.iter_mut() {
-                        let y = *v + b;
-                        *v = if !relu || y > zero { y } else { zero };
+        let (per_block, max_groups) = blocking(&g);
+        let groups = units
+            .min(max_groups)
+            .min((PARTIAL_FLOATS / (co * k).max(1)).max(1))
+            .max(1);
+        let per_group = units.div_ceil(groups).max(1);
+        let groups = units.div_ceil(per_group);
+        let wide = groups < rayon::current_num_threads();
+        let mut dx = if want_dx {
+            vec![zero; g.b * g.t * in_frame]
+        } else {
+            Vec::new()
+        };
+        let regions: Vec<Option<&mut [T]>> = if want_dx {
+            dx.chunks_mut(per_group * in_per_unit * in_frame)
+                .map(Some)
+                .collect()
+        } else {
+            (0..groups).map(|_| None).collect()
+        };
+        let partials: Vec<Vec<T>> = regions
+            .into_par_iter()
+            .enumerate()
+            .map(|(group, mut dxg)| {
+                let mut dw = if want_dw {
+                    vec![zero; co * k]
+                } else {
+                    Vec::new()
+                };
+                let (mut cols, mut dys) = (Vec::new(), Vec::new());
+                let u0 = group * per_group;
+                let u1 = (u0 + per_group).min(units);
+                let base = u0 * in_per_unit * in_frame;
+                let end = u1 * out_per_unit * ho;
+                for l0 in (u0 * out_per_unit * ho..end).step_by(per_block) {
+                    let l1 = (l0 + per_block).min(end);
+                    let n = (l1 - l0) * wo;
+                    let dys = at_least(&mut dys, co * n);
+                    for line in l0..l1 {
+                        let (bt, oy) = (line / ho, line % ho);
+                        for c in 0..co {
+                            dys[c * n + (line - l0) * wo..][..wo]
+                                .copy_from_slice(&dy[(bt * co + c) * how + oy * wo..][..wo]);
+                        }
+                    }
+                    let cols = at_least(&mut cols, k * n);
+                    if want_dw {
+                        build_cols(&g, x, (l0, l1), cols);
+                        product(
+                            &mut dw,
+                            Mat::rows(dys, n),
+                            Mat::t(cols, n),
+                            (co, k, n),
+                            true,
+                            wide,
+                        );
+                    }
+                    if let Some(dxg) = dxg.as_deref_mut() {
+                        product(
+                            cols,
+                            Mat::t(wk, k),
+                            Mat::rows(dys, n),
+                            (k, n, co),
+                            false,
+                            wide,
+                        );
+                        scatter_cols(&g, cols, (l0, l1), dxg, base);
                     }
                 }
-            });
+                dw
+            })
+            .collect();
+        let mut dw = Vec::new();
+        if want_dw {
+            let mut parts = partials.into_iter();
+            dw = parts.next().unwrap_or_else(|| vec![zero; co * k]);
+            for part in parts {
+                for (a, b) in dw.iter_mut().zip(&part) {
+                    *a += *b;
+                }
+            }
         }
-        Ok(out)
+        (dx, dw)
     }
 
     fn check(&self, x: &Layout, wk: &Layout) -> candle_core::Result<usize> {
@@ -495,12 +484,7 @@ impl Convolution {
                     Some(_) => candle_core::bail!("{WHAT}: bias dtype differs"),
                     None => None,
                 };
-                CpuStorage::F32(self.fwd(
-                    contiguous(x, l1, WHAT)?,
-                    contiguous(w, l2, WHAT)?,
-                    b,
-                    co,
-                )?)
+                CpuStorage::F32(self.fwd(contiguous(x, l1, WHAT)?, contiguous(w, l2, WHAT)?, b, co))
             }
             (CpuStorage::F64(x), CpuStorage::F64(w), b) => {
                 let b = match b {
@@ -508,12 +492,7 @@ impl Convolution {
                     Some(_) => candle_core::bail!("{WHAT}: bias dtype differs"),
                     None => None,
                 };
-                CpuStorage::F64(self.fwd(
-                    contiguous(x, l1, WHAT)?,
-                    contiguous(w, l2, WHAT)?,
-                    b,
-                    co,
-                )?)
+                CpuStorage::F64(self.fwd(contiguous(x, l1, WHAT)?, contiguous(w, l2, WHAT)?, b, co))
             }
             (x, w, _) => candle_core::bail!(
                 "{WHAT}: unsupported dtypes {:?} and {:?}",
@@ -533,6 +512,59 @@ impl Convolution {
         }
     }
 
+    /// [`Self::bwd_cpu`] and the bias gradient (per-channel sums of `dy`) for element type `T`.
+    fn grads_as<T: Real>(
+        &self,
+        x: &Tensor,
+        wk: &Tensor,
+        dy: &Tensor,
+        want: (bool, bool, bool),
+    ) -> candle_core::Result<[Option<Tensor>; 3]> {
+        let g = self.0;
+        let co = wk.dim(0)?;
+        let how = g.out[1] * g.out[2];
+        let (want_dx, want_dw, want_db) = want;
+        let dev = candle_core::Device::Cpu;
+        with_slice::<T, _>(dy, |dys| {
+            let db = if want_db {
+                let sums: Vec<T> = (0..co)
+                    .into_par_iter()
+                    .map(|c| {
+                        let mut s = T::zero();
+                        for frame in dys.chunks_exact(co * how) {
+                            for &v in &frame[c * how..][..how] {
+                                s += v;
+                            }
+                        }
+                        s
+                    })
+                    .collect();
+                Some(Tensor::from_vec(sums, co, &dev)?)
+            } else {
+                None
+            };
+            if !(want_dx || want_dw) {
+                return Ok([None, None, db]);
+            }
+            let (dx, dw) = with_slice::<T, _>(x, |xs| {
+                with_slice::<T, _>(wk, |ws| {
+                    Ok(self.bwd_cpu(xs, ws, dys, co, (want_dx, want_dw)))
+                })
+            })?;
+            let dx = if want_dx {
+                Some(Tensor::from_vec(dx, x.shape(), &dev)?)
+            } else {
+                None
+            };
+            let dw = if want_dw {
+                Some(Tensor::from_vec(dw, (co, g.cols()), &dev)?)
+            } else {
+                None
+            };
+            Ok([dx, dw, db])
+        })
+    }
+
     /// Gradients of `x`, the kernel and (with `bias`) the bias, each only when tracked.
     fn grads(
         &self,
@@ -541,73 +573,19 @@ impl Convolution {
         bias: Option<&Tensor>,
         grad: &Tensor,
     ) -> candle_core::Result<[Option<Tensor>; 3]> {
-        let g = self.0;
-        let co = wk.dim(0)?;
-        let [to, ho, wo] = g.out;
-        // The output gradient as GEMM rows [B*To*Ho*Wo, C_out].
-        let rows = grad
-            .detach()
-            .contiguous()?
-            .reshape((g.b * to, co, ho * wo))?
-            .apply_op1_no_bwd(&FrameTranspose {
-                rows: co,
-                cols: ho * wo,
-            })?
-            .reshape((g.rows(), co))?;
-        // Image by image in chunks of at most CHUNK_FLOATS column entries: the columns are
-        // the backward's largest buffers (a ResNet-18 stem at 200 images: 1.5 GB each).
-        let per_image = to * ho * wo * g.cols();
-        let chunk = (chunk_floats() / per_image.max(1)).clamp(1, g.b.max(1));
-        let rows_per_image = to * ho * wo;
-        let (want_dx, want_dw) = (x.track_op(), wk.track_op());
+        let want = (
+            x.track_op(),
+            wk.track_op(),
+            bias.is_some_and(|b| b.track_op()),
+        );
         let x = x.detach().contiguous()?;
-        let mut dx_parts = Vec::new();
-        let mut dw: Option<Tensor> = None;
-        for start in (0..g.b).step_by(chunk) {
-            let n = chunk.min(g.b - start);
-            let gc = Geometry { b: n, ..g };
-            let rows_c = rows.narrow(0, start * rows_per_image, n * rows_per_image)?;
-            if want_dx {
-                let dx = rows_c
-                    .matmul(&wk.detach())?
-                    .apply_op1_no_bwd(&Col2Vol(gc))?
-                    .reshape((n * g.t, g.h * g.w, g.c))?
-                    .apply_op1_no_bwd(&FrameTranspose {
-                        rows: g.h * g.w,
-                        cols: g.c,
-                    })?;
-                dx_parts.push(dx.reshape((n, g.t * g.c * g.h * g.w))?);
-            }
-            if want_dw {
-                // [K, R] x [R, C_out], transposed back to the kernel's [C_out, K] below.
-                let xc = x.narrow(0, start, n)?.contiguous()?;
-                let cols_t = xc.apply_op1_no_bwd(&Vol2ColT(gc))?;
-                let part = cols_t.matmul(&rows_c)?;
-                dw = Some(match dw {
-                    Some(acc) => (acc + part)?,
-                    None => part,
-                });
-            }
+        let wk = wk.detach().contiguous()?;
+        let dy = grad.detach().contiguous()?;
+        match dy.dtype() {
+            DType::F32 => self.grads_as::<f32>(&x, &wk, &dy, want),
+            DType::F64 => self.grads_as::<f64>(&x, &wk, &dy, want),
+            other => candle_core::bail!("convolution: unsupported dtype {other:?}"),
         }
-        let dx = if want_dx {
-            let dx = if dx_parts.len() == 1 {
-                dx_parts.remove(0)
-            } else {
-                Tensor::cat(&dx_parts, 0)?
-            };
-            Some(dx.reshape(x.shape())?)
-        } else {
-            None
-        };
-        let dw = match dw {
-            Some(dw) => Some(dw.t()?.contiguous()?),
-            None => None,
-        };
-        let db = match bias {
-            Some(b) if b.track_op() => Some(rows.sum(0)?),
-            _ => None,
-        };
-        Ok([dx, dw, db])
     }
 }
 

@@ -850,6 +850,15 @@ mod tests {
         let cfg = Conv3dConfig::same([3, 1, 1], [1, 1, 1]);
         let (want, _) = naive_conv3d(&vec(&x), [1, 4, 2, 3, 3], &vec(&w), [5, 3, 1, 1], &cfg);
         assert_close(&vec(&conv3d(&x, &w, &cfg).unwrap()), &want, "3x1x1");
+        // A 1x3x3 kernel on several frames: the backward's groups are single frames.
+        let w = seeded_randn(&[5, 2, 1, 3, 3], 5, DType::F64, &dev).unwrap();
+        let cfg = Conv3dConfig {
+            stride: [1, 2, 1],
+            padding: [0, 1, 1],
+            dilation: [1, 1, 1],
+        };
+        let (want, _) = naive_conv3d(&vec(&x), [1, 4, 2, 3, 3], &vec(&w), [5, 1, 3, 3], &cfg);
+        assert_close(&vec(&conv3d(&x, &w, &cfg).unwrap()), &want, "1x3x3");
     }
 
     #[test]
@@ -931,10 +940,11 @@ mod tests {
         }
     }
 
-    /// The backward differentiated image by image (chunks of one) equals the whole-batch
-    /// one, for a strided 2-D convolution with bias and the fused ReLU and for a 3-D one.
+    /// Blocks of one output line and one or several backward groups give the gradients of
+    /// the default blocking, for a strided 2-D convolution with bias and the fused ReLU and
+    /// for a 3-D one (the blocking changes only the order of the kernel gradient's sums).
     #[test]
-    fn chunked_backward_equals_the_whole_batch_backward() {
+    fn the_blocking_does_not_change_the_gradients() {
         use candle_core::Var;
         let dev = Device::Cpu;
         let var = |dims: &[usize], seed| {
@@ -942,23 +952,26 @@ mod tests {
         };
         let (x, w, b) = (var(&[3, 4, 9, 8], 1), var(&[5, 4, 3, 3], 2), var(&[5], 3));
         let (x3, w3) = (var(&[3, 4, 2, 6, 5], 4), var(&[3, 2, 3, 3, 3], 5));
-        let run = |chunk: Option<usize>| -> Vec<Vec<f64>> {
-            crate::im2col::CHUNK_FLOATS_OVERRIDE.with(|c| c.set(chunk));
+        let run = |blocking: Option<(usize, usize)>| -> Vec<Vec<f64>> {
+            crate::im2col::BLOCKING_OVERRIDE.with(|c| c.set(blocking));
             let y = conv2d_bias_relu(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()), 1, 2, 1)
                 .unwrap();
             let y3 = conv3d(x3.as_tensor(), w3.as_tensor(), &CASES[0]).unwrap();
             let loss = (project(&y, 6).unwrap() + project(&y3, 7).unwrap()).unwrap();
             let g = loss.backward().unwrap();
-            crate::im2col::CHUNK_FLOATS_OVERRIDE.with(|c| c.set(None));
+            crate::im2col::BLOCKING_OVERRIDE.with(|c| c.set(None));
             [&x, &w, &b, &x3, &w3]
                 .iter()
                 .map(|v| vec(&g.get(v.as_tensor()).unwrap().flatten_all().unwrap()))
                 .collect()
         };
-        let (whole, chunked) = (run(None), run(Some(1)));
-        for (k, (a, b)) in whole.iter().zip(&chunked).enumerate() {
-            assert_close(a, b, &format!("gradient {k}"));
-            assert!(a.iter().any(|v| *v != 0.0), "gradient {k} is zero");
+        let whole = run(None);
+        for blocking in [(1, 1), (1, 8), (2, 2)] {
+            let blocked = run(Some(blocking));
+            for (k, (a, b)) in whole.iter().zip(&blocked).enumerate() {
+                assert_close(a, b, &format!("gradient {k}, blocking {blocking:?}"));
+                assert!(a.iter().any(|v| *v != 0.0), "gradient {k} is zero");
+            }
         }
     }
 
@@ -979,6 +992,24 @@ mod tests {
             .unwrap();
             assert!(err < 1e-5, "case {n}: weight gradient relative error {err}");
         }
+        // A kernel that does not reach across frames, on several frames and clips.
+        let cfg = Conv3dConfig {
+            stride: [1, 2, 1],
+            padding: [0, 1, 1],
+            dilation: [1, 1, 2],
+        };
+        let w = seeded_randn(&[3, 2, 1, 3, 3], 80, DType::F64, &dev).unwrap();
+        let err = check_input_gradient(&[2, 3, 2, 6, 7], 81, 40, &|x| {
+            project(&conv3d(x, &w, &cfg)?, 82)
+        })
+        .unwrap();
+        assert!(err < 1e-5, "1x3x3: input gradient relative error {err}");
+        let x = seeded_randn(&[2, 3, 2, 6, 7], 83, DType::F64, &dev).unwrap();
+        let err = check_input_gradient(&[3, 2, 1, 3, 3], 84, 40, &|w| {
+            project(&conv3d(&x, w, &cfg)?, 85)
+        })
+        .unwrap();
+        assert!(err < 1e-5, "1x3x3: weight gradient relative error {err}");
     }
 
     #[test]
