@@ -201,8 +201,13 @@ fn build_cols<T: WithDType>(g: &Geometry, x: &[T], lines: (usize, usize), cols: 
     let s = g.stride[2];
     each_line(g, cols, lines, |seg, src| match src {
         Some((at, lo, hi, off)) if lo < hi => {
-            seg[..lo].fill(T::zero());
-            seg[hi..].fill(T::zero());
+            // Only the padded ends (most lines have none: no call for an empty fill).
+            if lo > 0 {
+                seg[..lo].fill(T::zero());
+            }
+            if hi < seg.len() {
+                seg[hi..].fill(T::zero());
+            }
             let first = (at as isize + (lo * s) as isize + off) as usize;
             if s == 1 {
                 seg[lo..hi].copy_from_slice(&x[first..][..hi - lo]);
