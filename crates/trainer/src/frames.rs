@@ -99,17 +99,22 @@ pub fn eval_view(w: usize, h: usize, input: usize) -> View {
 /// (planar CHW).
 pub fn resample(rgb: &[u8], w: usize, h: usize, view: &View, out: usize, dst: &mut [f32]) {
     let plane = out * out;
+    // The horizontal taps of every output column, computed once per image (not per row).
+    let taps: Vec<(usize, usize, f64)> = (0..out)
+        .map(|ox| {
+            let px = if view.flip { out - 1 - ox } else { ox };
+            let sx =
+                (view.x + (px as f64 + 0.5) * view.w / out as f64 - 0.5).clamp(0.0, (w - 1) as f64);
+            let (x0, fx) = (sx.floor() as usize, sx - sx.floor());
+            (x0, (x0 + 1).min(w - 1), fx)
+        })
+        .collect();
     for oy in 0..out {
         let sy =
             (view.y + (oy as f64 + 0.5) * view.h / out as f64 - 0.5).clamp(0.0, (h - 1) as f64);
         let (y0, fy) = (sy.floor() as usize, sy - sy.floor());
         let y1 = (y0 + 1).min(h - 1);
-        for ox in 0..out {
-            let px = if view.flip { out - 1 - ox } else { ox };
-            let sx =
-                (view.x + (px as f64 + 0.5) * view.w / out as f64 - 0.5).clamp(0.0, (w - 1) as f64);
-            let (x0, fx) = (sx.floor() as usize, sx - sx.floor());
-            let x1 = (x0 + 1).min(w - 1);
+        for (ox, &(x0, x1, fx)) in taps.iter().enumerate() {
             for c in 0..3 {
                 let p = |x: usize, y: usize| f64::from(rgb[(y * w + x) * 3 + c]);
                 let v = p(x0, y0) * (1.0 - fx) * (1.0 - fy)

@@ -212,8 +212,9 @@ fn build_cols<T: WithDType>(g: &Geometry, x: &[T], lines: (usize, usize), cols: 
             if s == 1 {
                 seg[lo..hi].copy_from_slice(&x[first..][..hi - lo]);
             } else {
-                for (v, run) in seg[lo..hi].iter_mut().zip(x[first..].chunks(s)) {
-                    *v = run[0];
+                let xr = &x[first..][..(hi - lo - 1) * s + 1];
+                for (i, v) in seg[lo..hi].iter_mut().enumerate() {
+                    *v = xr[i * s];
                 }
             }
         }
