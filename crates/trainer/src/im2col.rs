@@ -153,9 +153,9 @@ fn width_span(g: &Geometry, q: usize) -> (usize, usize, isize) {
 }
 
 /// Walks the columns of output lines `l0..l1` (a line is one row of one output frame,
-/// numbered `(b*To + to)*Ho + oy` over the batch): `f(k, seg, src)` for column `k` (in the
-/// order `((a*kh + p)*kw + q)*C + c`) and every line, with `seg` the line's `Wo` entries of
-/// that column, and `src` the input row they read (`(offset of x[b, t, c, iy, 0], lo, hi,
+/// numbered `(b*To + to)*Ho + oy` over the batch): `f(seg, src)` for every column `k` (in
+/// the order `((a*kh + p)*kw + q)*C + c`) and every line, with `seg` the line's `Wo` entries
+/// of that column, and `src` the input row they read (`(offset of x[b, t, c, iy, 0], lo, hi,
 /// off)`: entries `lo..hi` read `ox*s + off`, the rest are padding), `None` when the whole
 /// line is padding. The one loop nest of the lowering ([`build_cols`]) and its adjoint
 /// ([`scatter_cols`]).
