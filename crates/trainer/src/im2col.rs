@@ -65,11 +65,6 @@ impl Geometry {
         self.k.iter().product::<usize>() * self.c
     }
 
-    /// Rows of the lowering: `B*To*Ho*Wo`.
-    pub fn rows(&self) -> usize {
-        self.b * self.out.iter().product::<usize>()
-    }
-
     /// Input frame of temporal tap `a` for output frame `to`, if inside the clip.
     #[inline]
     fn frame(&self, to: usize, a: usize) -> Option<usize> {
