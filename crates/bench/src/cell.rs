@@ -61,6 +61,9 @@ pub struct TrainArgs {
     /// Base learning rate (paper: 0.001, x0.1 every 30 epochs).
     #[arg(long)]
     pub lr: Option<f64>,
+    /// How the learning rate falls: step (the paper's milestones, default) or cosine.
+    #[arg(long, value_enum)]
+    pub lr_schedule: Option<vdg_trainer::train::LrSchedule>,
     /// Gammas of the ensemble, comma-separated (paper: 0.001,0.01,0.1,1).
     #[arg(long, value_delimiter = ',')]
     pub gammas: Option<Vec<f64>>,
@@ -223,6 +226,12 @@ pub fn deviations(c: &TrainConfig, benchmark: &str, features: bool) -> Vec<Strin
     if (c.lr - paper.lr).abs() > 1e-12 {
         budget.push(format!("lr {} (0.001)", c.lr));
     }
+    if c.lr_schedule != paper.lr_schedule {
+        budget.push(format!(
+            "lr schedule {} (x0.1 every 30 epochs)",
+            c.lr_schedule.name()
+        ));
+    }
     if c.ada != AdaVariant::None {
         if c.gammas != paper.gammas && c.protocol == Protocol::Paper {
             let g: Vec<String> = c.gammas.iter().map(|g| g.to_string()).collect();
@@ -362,6 +371,9 @@ pub fn resolve(a: &TrainArgs, git_revision: &str) -> Result<(RunRecord, RunSpec)
     }
     if let Some(v) = a.lr {
         c.lr = v;
+    }
+    if let Some(v) = a.lr_schedule {
+        c.lr_schedule = v;
     }
     if let Some(v) = &a.gammas {
         c.gammas = v.clone();

@@ -105,6 +105,9 @@ pub struct BenchRunArgs {
     /// Learning rate.
     #[arg(long)]
     lr: Option<f64>,
+    /// How the learning rate falls: step (the paper's milestones) or cosine.
+    #[arg(long, value_enum)]
+    lr_schedule: Option<vdg_trainer::train::LrSchedule>,
     /// Backbone.
     #[arg(long)]
     backbone: Option<String>,
@@ -207,6 +210,9 @@ pub struct BenchConfig {
     pub batch_size: Option<usize>,
     /// Learning rate.
     pub lr: Option<f64>,
+    /// Learning-rate schedule (`step` when absent).
+    #[serde(default)]
+    pub lr_schedule: Option<vdg_trainer::train::LrSchedule>,
     /// Backbone.
     pub backbone: Option<String>,
     /// Input side.
@@ -269,6 +275,7 @@ impl BenchConfig {
             epochs: synthetic.then_some(4),
             batch_size: synthetic.then_some(16),
             lr: synthetic.then_some(0.005),
+            lr_schedule: None,
             backbone: synthetic.then(|| "small_cnn".into()),
             input_size: synthetic.then_some(32),
             feature_dim: synthetic.then_some(32),
@@ -347,6 +354,7 @@ fn resolve_config(a: &BenchRunArgs) -> Result<BenchConfig> {
             epochs,
             batch_size,
             lr,
+            lr_schedule,
             backbone,
             input_size,
             feature_dim,
@@ -388,6 +396,7 @@ fn resolve_config(a: &BenchRunArgs) -> Result<BenchConfig> {
         epochs,
         batch_size,
         lr,
+        lr_schedule,
         backbone,
         input_size,
         feature_dim,
@@ -639,6 +648,7 @@ fn matrix(a: &BenchRunArgs, host: &Host<'_>, plan_only: bool) -> Result<MatrixOu
         epochs: cfg.epochs,
         batch_size: cfg.batch_size,
         lr: cfg.lr,
+        lr_schedule: cfg.lr_schedule,
         gammas: cfg.gammas.clone(),
         ada_steps: cfg.ada_steps,
         ensemble: None,

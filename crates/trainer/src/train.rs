@@ -97,6 +97,10 @@ pub struct TrainConfig {
     pub lr_milestones: Vec<usize>,
     /// Learning-rate factor at each milestone.
     pub lr_decay: f64,
+    /// How the learning rate falls over the run: at `lr_milestones` (the paper) or along a
+    /// half cosine, batch by batch.
+    #[serde(default)]
+    pub lr_schedule: LrSchedule,
     /// SGD momentum.
     pub momentum: f64,
     /// Weight decay.
@@ -138,6 +142,28 @@ pub struct TrainConfig {
     /// numbers.
     #[serde(default)]
     pub recompute: RecomputeMode,
+}
+
+/// How the learning rate falls over a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    /// Multiplied by `lr_decay` at each of `lr_milestones` (the paper: x0.1 every 30 epochs)
+    #[default]
+    Step,
+    /// From the base rate to 0 along a half cosine over all the run's batches (milestones
+    /// ignored)
+    Cosine,
+}
+
+impl LrSchedule {
+    /// The name used by the CLI and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            LrSchedule::Step => "step",
+            LrSchedule::Cosine => "cosine",
+        }
+    }
 }
 
 /// When training recomputes a ResNet trunk's residual blocks in backward
@@ -268,6 +294,7 @@ impl TrainConfig {
             lr: 1e-3,
             lr_milestones: (1..5).map(|k| 30 * k).collect(),
             lr_decay: 0.1,
+            lr_schedule: LrSchedule::Step,
             momentum: 0.9,
             weight_decay: 5e-4,
             clip_norm: 20.0,
@@ -333,10 +360,24 @@ impl TrainConfig {
         })
     }
 
-    /// Learning rate at 0-based `epoch`.
+    /// Learning rate at the start of 0-based `epoch`.
     pub fn lr_at(&self, epoch: usize) -> f64 {
-        let k = self.lr_milestones.iter().filter(|&&m| epoch >= m).count();
-        self.lr * self.lr_decay.powi(k as i32)
+        self.lr_at_batch(epoch, 0, 1)
+    }
+
+    /// Learning rate for batch `batch` (0-based) of the `batches` of 0-based `epoch`.
+    pub fn lr_at_batch(&self, epoch: usize, batch: usize, batches: usize) -> f64 {
+        match self.lr_schedule {
+            LrSchedule::Step => {
+                let k = self.lr_milestones.iter().filter(|&&m| epoch >= m).count();
+                self.lr * self.lr_decay.powi(k as i32)
+            }
+            LrSchedule::Cosine => {
+                let t = (epoch as f64 + batch as f64 / batches.max(1) as f64)
+                    / self.epochs.max(1) as f64;
+                self.lr * 0.5 * (1.0 + (std::f64::consts::PI * t.min(1.0)).cos())
+            }
+        }
     }
 }
 
@@ -778,7 +819,12 @@ pub fn train_with(
                 opt: &mut opt,
                 clip_norm: cfg.clip_norm,
             };
+            let in_epoch = order.len();
             for (bi, is_adv) in order.into_iter().enumerate() {
+                if cfg.lr_schedule != LrSchedule::Step {
+                    up.opt
+                        .set_learning_rate(cfg.lr_at_batch(epoch, bi, in_epoch));
+                }
                 let (x, y) = if is_adv {
                     adv.next()
                         .ok_or_else(|| Error::Config("image ADA batches ran out".into()))?
@@ -906,6 +952,25 @@ mod tests {
         assert_eq!(c.lr_at(0), 1e-3);
         assert!((c.lr_at(30) - 1e-4).abs() < 1e-12);
         assert!((c.lr_at(149) - 1e-7).abs() < 1e-15);
+        // The step schedule does not move within an epoch.
+        assert_eq!(c.lr_at_batch(29, 9, 10), 1e-3);
+        // Cosine: the base rate at the start, half at mid-run, falling batch by batch, near 0
+        // on the last batch; the milestones play no part.
+        let mut cos = c.clone();
+        cos.lr_schedule = LrSchedule::Cosine;
+        cos.epochs = 4;
+        assert_eq!(cos.lr_at(0), 1e-3);
+        assert!((cos.lr_at(2) - 0.5e-3).abs() < 1e-15);
+        assert!(cos.lr_at_batch(1, 3, 10) < cos.lr_at_batch(1, 2, 10));
+        let last = cos.lr_at_batch(3, 9, 10);
+        assert!(last > 0.0 && last < 1e-5, "{last}");
+        // A config written before the option existed reads as the step schedule.
+        let text = toml::to_string(&c)
+            .unwrap()
+            .replace("lr_schedule = \"step\"\n", "");
+        assert!(!text.contains("lr_schedule"));
+        let old: TrainConfig = toml::from_str(&text).unwrap();
+        assert_eq!(old, c);
         assert_eq!(c.members(), [0.001, 0.01, 0.1, 1.0]);
         let mut plain = TrainConfig::paper(ModelKind::Tsn, AdaVariant::None);
         assert_eq!(plain.members(), [0.0]);
