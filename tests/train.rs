@@ -192,15 +192,34 @@ fn image_ada_grows_the_dataset_and_resumes_to_the_same_numbers() {
         "1",
         "--epochs",
         "3",
+        // The cosine schedule sets the rate batch by batch: the resumed run below must
+        // continue it where it stopped.
+        "--lr-schedule",
+        "cosine",
     ];
     let a = tmp.path().join("a");
     let o = run(&train_args(d, a.to_str().unwrap(), &extra));
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let config = std::fs::read_to_string(a.join("config.toml")).unwrap();
     assert!(
-        config.contains("image ADA (Volpi et al. 2018)") && config.contains("1/2 ||z - z0||^2"),
+        config.contains("image ADA (Volpi et al. 2018)")
+            && config.contains("1/2 ||z - z0||^2")
+            && config.contains("lr schedule cosine"),
         "{config}"
     );
+    // Each epoch starts at base * (1 + cos(pi * epoch / 3)) / 2.
+    let metrics: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(a.join("metrics.json")).unwrap()).unwrap();
+    let lrs: Vec<f64> = metrics["members"][0]["epochs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["lr"].as_f64().unwrap())
+        .collect();
+    let base = lrs[0];
+    for (got, want) in lrs.iter().zip([1.0, 0.75, 0.25]) {
+        assert!((got - base * want).abs() < 1e-12 * base, "{lrs:?}");
+    }
     // The phase holds one adversarial copy of every training clip, with its label.
     let phase = a.join("member-0/image-ada-phase-1.safetensors");
     let t = candle_core::safetensors::load(&phase, &candle_core::Device::Cpu).unwrap();
