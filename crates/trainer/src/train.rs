@@ -800,8 +800,8 @@ pub fn train_with(
                     augmented.append(&clips, &labels)?;
                 }
             }
+            // Set batch by batch below; the record keeps the epoch's first rate.
             let lr = cfg.lr_at(epoch);
-            opt.set_learning_rate(lr);
             let (mut sum, mut count) = (0.0f64, 0usize);
             let adv_batches = augmented.batches(
                 cfg.batch_size,
@@ -821,10 +821,8 @@ pub fn train_with(
             };
             let in_epoch = order.len();
             for (bi, is_adv) in order.into_iter().enumerate() {
-                if cfg.lr_schedule != LrSchedule::Step {
-                    up.opt
-                        .set_learning_rate(cfg.lr_at_batch(epoch, bi, in_epoch));
-                }
+                up.opt
+                    .set_learning_rate(cfg.lr_at_batch(epoch, bi, in_epoch));
                 let (x, y) = if is_adv {
                     adv.next()
                         .ok_or_else(|| Error::Config("image ADA batches ran out".into()))?
