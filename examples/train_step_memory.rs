@@ -21,7 +21,8 @@ use vdg_trainer::nn::cross_entropy;
 use vdg_trainer::optim::{SgdMomentum, SgdParams};
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: vdg_trainer::memcheck::Counting<mimalloc::MiMalloc> =
+    vdg_trainer::memcheck::Counting(mimalloc::MiMalloc);
 
 /// The process's peak resident set (VmHWM), in GB.
 fn peak_rss_gb() -> f64 {
@@ -31,6 +32,12 @@ fn peak_rss_gb() -> f64 {
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(f64::NAN, |kb| kb / 1e6)
+}
+
+/// Peak bytes of large allocations alive at once (what `vdg train`'s memory check probes),
+/// in GB.
+fn peak_counted_gb() -> f64 {
+    vdg_trainer::memcheck::counted().map_or(f64::NAN, |(_, peak)| peak as f64 / 1e9)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -61,15 +68,20 @@ fn main() -> anyhow::Result<()> {
     let frames = cfg.segments;
     let x = seeded_randn(&[clips, frames, 3, size, size], 1, DType::F32, &dev)?;
     let y = Tensor::new((0..clips as u32).map(|i| i % 12).collect::<Vec<_>>(), &dev)?;
-    println!("before the first step: peak RSS {:.2} GB", peak_rss_gb());
+    println!(
+        "before the first step: peak RSS {:.2} GB, allocated at once {:.2} GB",
+        peak_rss_gb(),
+        peak_counted_gb()
+    );
     for step in 0..steps {
         let t = Instant::now();
         let loss = cross_entropy(&model.forward_t(&x, true)?.logits, &y)?;
         opt.step(&loss.backward()?)?;
         println!(
-            "step {step}: {:.1} s, peak RSS so far {:.2} GB",
+            "step {step}: {:.1} s, peak RSS so far {:.2} GB, allocated at once {:.2} GB",
             t.elapsed().as_secs_f64(),
-            peak_rss_gb()
+            peak_rss_gb(),
+            peak_counted_gb()
         );
     }
     println!(

@@ -477,6 +477,45 @@ fn bad_training_inputs_are_clear_errors() {
             text(&o)
         );
     }
+    // The check measures its probe steps by what they allocate (vdg's counting allocator),
+    // not by resident memory, which moved by about 10 % between runs: two runs plan the same
+    // per-clip cost, at least the clip's own input, and say what they measured.
+    let per_clip_mb = |name: &str| {
+        let o = out(name);
+        let mut args = train_args(d, &o, &["--model", "tsn", "--epochs", "1"]);
+        let b = args.iter().position(|a| *a == "--backbone").unwrap();
+        args[b + 1] = "resnet18";
+        let s = args.iter().position(|a| *a == "--input-size").unwrap();
+        args[s + 1] = "96";
+        args.retain(|a| *a != "-q");
+        args.extend(["-v", "--recompute", "off"]);
+        let o = vdg()
+            .args(args)
+            .env("VDG_MEMORY_LIMIT", "1000")
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+        let t = text(&o);
+        let line = t
+            .lines()
+            .find(|l| l.contains("memory: a step needs about"))
+            .unwrap_or_else(|| panic!("no estimate in: {t}"));
+        assert!(line.contains("the allocations of probe steps"), "{line}");
+        let mb: f64 = line
+            .split(" MB per clip")
+            .next()
+            .and_then(|h| h.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no per-clip figure in: {line}"));
+        mb
+    };
+    let (a, b) = (per_clip_mb("memory-probe-a"), per_clip_mb("memory-probe-b"));
+    let input_mb = (5 * 3 * 96 * 96 * 4) as f64 / 1e6;
+    assert!(
+        a > input_mb,
+        "{a} MB per clip, the input alone is {input_mb}"
+    );
+    assert!((a - b).abs() <= 0.01 * a, "{a} vs {b} MB per clip");
     // The same limit, with the check switched off: trains.
     let o8 = out("memory-off");
     let o = vdg()

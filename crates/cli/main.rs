@@ -15,9 +15,11 @@ use std::process::ExitCode;
 
 /// mimalloc instead of glibc's allocator: training allocates and frees many large tensors
 /// per step, which glibc serves with mmap/munmap (measured: over half of a small-CNN APN
-/// run's wall time was system time; BENCHMARKS.md).
+/// run's wall time was system time; BENCHMARKS.md). Wrapped in a counter of the large
+/// allocations, which `vdg train`'s memory check measures its probe steps by.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: vdg_trainer::memcheck::Counting<mimalloc::MiMalloc> =
+    vdg_trainer::memcheck::Counting(mimalloc::MiMalloc);
 
 use clap::{Parser, Subcommand};
 

@@ -4,10 +4,12 @@
 //! check the first step grows until the kernel kills the process (or the machine swaps to a
 //! halt). Before the first epoch, [`check`] measures what one training step costs on this
 //! machine with this model: two probe steps on a throw-away copy of the model, with 1 and 2
-//! clips, each measured as the growth of the process's peak resident memory (Linux: the peak
-//! is reset through `/proc/self/clear_refs`). Memory grows about linearly with the batch, so
-//! the two probes give a fixed part and a per-clip part (scaled by 1.1: the slope can grow a
-//! little with the batch); the step with the configured batch (times the
+//! clips, each measured as the peak of the large allocations it makes (`vdg` counts them
+//! through [`Counting`], its global allocator; elsewhere the growth of the process's peak
+//! resident memory, reset through `/proc/self/clear_refs` on Linux). What a step allocates
+//! grows linearly with the batch, so the two probes give a fixed part and a per-clip part
+//! (scaled by 1.1: the resident memory of a large step is the allocations plus the
+//! allocator's own); the step with the configured batch (times the
 //! clips one update trains on: ADA's joint step trains on the clean batch and its copies
 //! together), plus the loader's batches in flight, must fit in 90 % of what the machine can
 //! still give (`MemAvailable`, capped by a cgroup v2 limit, or `VDG_MEMORY_LIMIT` in bytes).
@@ -18,6 +20,9 @@
 //! CPU only (GPU memory is the device's), Linux only (elsewhere the check is skipped), and
 //! skipped with `VDG_MEMORY_CHECK=off`.
 
+use std::alloc::{GlobalAlloc, Layout};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
@@ -26,11 +31,100 @@ use crate::models::VideoModel;
 /// Share of the available memory a training run may plan to use.
 const HEADROOM: f64 = 0.9;
 
-/// The per-clip slope measured between 1 and 2 clips, scaled up: on ResNet-18 at 224 x 224
-/// it was 0.19-0.21 GB against 0.21 GB between 8 and 40 clips (BENCHMARKS.md, "Training
-/// memory"; before the fused BatchNorm + ReLU it was 15-20 % below), so a small margin keeps
-/// the estimate on the safe side.
+/// The per-clip slope measured between 1 and 2 clips, scaled up. Counted allocations are
+/// linear from one clip on (ResNet-18 at 224 x 224 keeping its activations: 0.19 GB per clip
+/// between 1 and 2 clips and between 8 and 40; recomputing its blocks: 0.12 GB both ways;
+/// BENCHMARKS.md, "Training memory"), and a large step's resident memory is within a few
+/// percent of them; the margin covers the allocator's own overhead. (Measured by resident
+/// memory instead, the slope between 1 and 2 clips varies by about 10 % between runs, and
+/// for a recomputing step it falls as low as 0.6x the large-batch slope.)
 const SLOPE_MARGIN: f64 = 1.1;
+
+/// Allocations of at least this many bytes are counted by [`Counting`]: tensors, columns and
+/// gradients, which set a step's memory; the many small allocations (shapes, graph nodes)
+/// are not, so they pay no atomic operation.
+pub const COUNTED_BYTES: usize = 64 * 1024;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+static COUNTING: AtomicBool = AtomicBool::new(false);
+
+/// A global allocator that passes every call to `A` and counts the bytes of the large
+/// allocations ([`COUNTED_BYTES`]) alive now and at their peak. `vdg` installs it around
+/// mimalloc, and the memory check then measures its probe steps by what they allocate rather
+/// than by the process's resident memory, which depends on what the allocator kept from
+/// earlier work (BENCHMARKS.md, "Training memory"). Without it the check falls back to the
+/// peak resident memory.
+pub struct Counting<A>(pub A);
+
+impl<A> Counting<A> {
+    fn add(size: usize) {
+        if size >= COUNTED_BYTES {
+            let live = LIVE.fetch_add(size, Ordering::Relaxed) + size;
+            PEAK.fetch_max(live, Ordering::Relaxed);
+        }
+    }
+
+    fn sub(size: usize) {
+        if size >= COUNTED_BYTES {
+            LIVE.fetch_sub(size, Ordering::Relaxed);
+        }
+    }
+}
+
+// SAFETY: every call is passed to `A` unchanged; the counters only observe sizes.
+#[allow(unsafe_code)]
+unsafe impl<A: GlobalAlloc> GlobalAlloc for Counting<A> {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's contract is `A`'s.
+        let p = unsafe { self.0.alloc(layout) };
+        if !p.is_null() {
+            Self::add(layout.size());
+            if !COUNTING.load(Ordering::Relaxed) {
+                COUNTING.store(true, Ordering::Relaxed);
+            }
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: as above.
+        let p = unsafe { self.0.alloc_zeroed(layout) };
+        if !p.is_null() {
+            Self::add(layout.size());
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        Self::sub(layout.size());
+        // SAFETY: as above.
+        unsafe { self.0.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: as above.
+        let p = unsafe { self.0.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            Self::sub(layout.size());
+            Self::add(new_size);
+        }
+        p
+    }
+}
+
+/// Bytes of large allocations alive now and at their peak since [`reset_counted_peak`], when
+/// the global allocator is a [`Counting`] one.
+pub fn counted() -> Option<(usize, usize)> {
+    COUNTING
+        .load(Ordering::Relaxed)
+        .then(|| (LIVE.load(Ordering::Relaxed), PEAK.load(Ordering::Relaxed)))
+}
+
+/// Sets the counted peak to the bytes alive now.
+pub fn reset_counted_peak() {
+    PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
+}
 
 /// One field of `/proc/self/status` or `/proc/meminfo`, in bytes.
 fn proc_kib(path: &str, key: &str) -> Option<u64> {
@@ -124,10 +218,13 @@ impl StepMemory {
     }
 }
 
-/// One probe step on `clips` zero clips of `[frames, 3, size, size]`: the growth of the peak
-/// resident memory over `base`, the resident memory before the first probe (the allocator
-/// keeps freed memory, so a second probe measured from its own start would see only what it
-/// needs beyond the first one's leftovers).
+/// One probe step on `clips` zero clips of `[frames, 3, size, size]`: how much it grows
+/// memory. Under a [`Counting`] allocator, the peak of the large allocations alive during the
+/// step over those alive before it: the same on every run, and linear in the clips from one
+/// clip on (BENCHMARKS.md, "Training memory"). Otherwise the growth of the peak resident
+/// memory over `base`, the resident memory before the first probe (the allocator keeps freed
+/// memory, so a second probe measured from its own start would see only what it needs beyond
+/// the first one's leftovers).
 fn probe_step(
     model: &VideoModel,
     clips: usize,
@@ -136,7 +233,11 @@ fn probe_step(
     base: u64,
 ) -> Result<Option<u64>> {
     let dev = Device::Cpu;
-    if !reset_peak() {
+    let counted_before = counted().map(|(live, _)| {
+        reset_counted_peak();
+        live
+    });
+    if counted_before.is_none() && !reset_peak() {
         return Ok(None);
     }
     {
@@ -146,6 +247,9 @@ fn probe_step(
         let loss = crate::nn::cross_entropy(&out.logits, &y)?;
         let grads = loss.backward()?;
         drop(grads);
+    }
+    if let (Some(before), Some((_, peak))) = (counted_before, counted()) {
+        return Ok(Some(peak.saturating_sub(before) as u64));
     }
     Ok(peak_rss().map(|p| p.saturating_sub(base)))
 }
@@ -171,7 +275,9 @@ pub struct Plan {
 }
 
 /// A measurement session: the resident memory and the memory available before its first
-/// probe. Several models probed in one session are measured from the same start, so the
+/// probe. Under a [`Counting`] allocator each probe is measured by what it allocates, from its
+/// own start. By resident memory, several models probed in one session are measured from the
+/// same start, so the
 /// allocator's leftovers of one probe count against the next, not for it: a probe whose
 /// steps need more than every earlier one's is measured right (the allocator reuses the
 /// leftovers), one that needs less would see mostly leftovers. Probe the model that needs
@@ -218,12 +324,17 @@ impl Probe {
             plan.input_per_clip(),
         );
         tracing::debug!(
-            "memory: a step{} needs about {:.2} GB ({:.2} GB fixed + {:.3} GB per clip, probed \
-             with {} and {} clips); {:.2} GB available",
+            "memory: a step{} needs about {:.2} GB ({:.1} MB fixed + {:.2} MB per clip, the \
+             {} of probe steps on {} and {} clips); {:.2} GB available",
             plan.recomputing_words(),
             need / 1e9,
-            memory.fixed / 1e9,
-            memory.per_clip / 1e9,
+            memory.fixed / 1e6,
+            memory.per_clip / 1e6,
+            if counted().is_some() {
+                "allocations"
+            } else {
+                "resident memory"
+            },
             clips.0,
             clips.1,
             self.available as f64 / 1e9
@@ -340,7 +451,8 @@ pub enum Choice {
 
 /// `--recompute auto`: probes `recomputing` (the model with its residual blocks recomputed)
 /// on 1 and 2 clips first, then `keeping` (the same model keeping its activations, which
-/// needs more at every batch) on 2 and 4 clips, in one session ([`Probe`]). Keeps the
+/// needs more at every batch) on 1 and 2 clips under a [`Counting`] allocator, on 2 and 4
+/// when measured by resident memory, in one session ([`Probe`]). Keeps the
 /// activations when that fits, else recomputes when that fits, else fails with the
 /// recomputing step's error.
 pub fn choose(recomputing: &VideoModel, keeping: &VideoModel, plan: Plan) -> Result<Choice> {
@@ -357,8 +469,10 @@ pub fn choose(recomputing: &VideoModel, keeping: &VideoModel, plan: Plan) -> Res
         could_recompute: false,
         ..plan
     };
+    // Counted allocations need no ordering; resident memory does (see [`Probe`]).
+    let keep_clips = if counted().is_some() { (1, 2) } else { (2, 4) };
     let r = session.measure(recomputing, on, (1, 2))?;
-    let k = session.measure(keeping, off, (2, 4))?;
+    let k = session.measure(keeping, off, keep_clips)?;
     match (k, r) {
         (None, _) => Ok(Choice::Keep),
         (Some(k), _) if k.fits() => Ok(Choice::Keep),
