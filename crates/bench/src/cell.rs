@@ -232,6 +232,20 @@ pub fn deviations(c: &TrainConfig, benchmark: &str, features: bool) -> Vec<Strin
             c.lr_schedule.name()
         ));
     }
+    if c.ada == AdaVariant::None && c.ensemble_size > 1 {
+        budget.push(format!(
+            "{} models of their own seeds combined per run (one)",
+            c.ensemble_size
+        ));
+    }
+    let members = if c.ada == AdaVariant::None {
+        c.ensemble_size
+    } else {
+        c.gammas.len()
+    };
+    if members > 1 && c.ensemble == EnsembleRule::MeanSoftmax {
+        budget.push("members' softmax averaged (ADA: the most confident member)".into());
+    }
     if c.ada != AdaVariant::None {
         if c.gammas != paper.gammas && c.protocol == Protocol::Paper {
             let g: Vec<String> = c.gammas.iter().map(|g| g.to_string()).collect();
@@ -517,4 +531,36 @@ pub fn prepare_run_folder(out: &Path, record: &RunRecord, resume: bool) -> Resul
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     vdg_data::atomic::AtomicFile::write_all(&path, text.as_bytes())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget_line(c: &TrainConfig) -> String {
+        deviations(c, "ucf-hmdb", false)
+            .into_iter()
+            .find(|d| d.starts_with("settings differ"))
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn ensembles_beyond_the_papers_are_marked() {
+        let mut c = TrainConfig::paper(ModelKind::Trn, AdaVariant::None);
+        assert_eq!(budget_line(&c), "");
+        // A plain run of several models is not the paper's single model.
+        c.ensemble_size = 3;
+        assert!(budget_line(&c).contains("3 models of their own seeds combined per run"));
+        c.ensemble = EnsembleRule::MeanSoftmax;
+        assert!(budget_line(&c).contains("members' softmax averaged"));
+        // One model: the rule combines nothing.
+        c.ensemble_size = 1;
+        assert_eq!(budget_line(&c), "");
+        // ADA's gamma-ensemble is the paper's; only the rule departs from it.
+        let mut a = TrainConfig::paper(ModelKind::Trn, AdaVariant::Ada);
+        assert_eq!(budget_line(&a), "");
+        a.ensemble = EnsembleRule::MeanSoftmax;
+        assert!(budget_line(&a).contains("members' softmax averaged"));
+        assert!(!budget_line(&a).contains("models of their own seeds"));
+    }
 }

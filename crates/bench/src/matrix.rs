@@ -151,6 +151,10 @@ pub struct BenchRunArgs {
     /// ADA ensemble, for a like-for-like comparison (default 1).
     #[arg(long)]
     ensemble_size: Option<usize>,
+    /// How a run's members are combined: max_confidence (ADA's rule, default) or
+    /// mean_softmax.
+    #[arg(long, value_parser = ["max_confidence", "mean_softmax"])]
+    ensemble: Option<String>,
     /// Mixed precision for every cell: trunk convolutions in bf16 or f16 (default f32).
     #[arg(long, value_enum)]
     precision: Option<vdg_trainer::train::Precision>,
@@ -242,6 +246,9 @@ pub struct BenchConfig {
     pub features: Option<PathBuf>,
     /// Members of a cell without ADA.
     pub ensemble_size: Option<usize>,
+    /// How members are combined (`max_confidence` when absent).
+    #[serde(default)]
+    pub ensemble: Option<String>,
     /// Trunk arithmetic of every cell (f32 when absent).
     #[serde(default)]
     pub precision: Option<vdg_trainer::train::Precision>,
@@ -290,6 +297,7 @@ impl BenchConfig {
             backbone_weights: None,
             features: None,
             ensemble_size: None,
+            ensemble: None,
             precision: None,
             recompute: None,
             ada_phases: None,
@@ -369,6 +377,7 @@ fn resolve_config(a: &BenchRunArgs) -> Result<BenchConfig> {
             backbone_weights,
             features,
             ensemble_size,
+            ensemble,
             precision,
             recompute,
             ada_phases,
@@ -407,6 +416,7 @@ fn resolve_config(a: &BenchRunArgs) -> Result<BenchConfig> {
         backbone_weights,
         features,
         ensemble_size,
+        ensemble,
         precision,
         recompute,
         ada_phases,
@@ -651,7 +661,7 @@ fn matrix(a: &BenchRunArgs, host: &Host<'_>, plan_only: bool) -> Result<MatrixOu
         lr_schedule: cfg.lr_schedule,
         gammas: cfg.gammas.clone(),
         ada_steps: cfg.ada_steps,
-        ensemble: None,
+        ensemble: cfg.ensemble.clone(),
         input_size: cfg.input_size,
         feature_dim: cfg.feature_dim,
         clip_frames: cfg.clip_frames,
