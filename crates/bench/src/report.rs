@@ -478,7 +478,8 @@ pub fn render_markdown(lb: &Leaderboard) -> String {
                         .max()
                         .unwrap_or(1)
                 };
-                let ensemble = v.as_ref().is_some_and(|v| members_of(v) > 1);
+                let ensemble =
+                    members_of("none") > 1 || v.as_ref().is_some_and(|v| members_of(v) > 1);
                 let passes: &[bool] = if ensemble { &[false, true] } else { &[false] };
                 for &member_row in passes {
                     let label = if member_row {
@@ -1388,6 +1389,36 @@ mod tests {
         }
         assert_eq!(display_model("non_local"), "Non-local");
         assert_eq!(paper_key("non_local"), "NonLocal");
+    }
+
+    #[test]
+    fn a_plain_ensemble_gets_its_mean_of_members_row() {
+        let ens = |mut r: RunResult| {
+            r.members = 3;
+            r.member_mean_top1 = Some(r.top1 - 4.0);
+            r
+        };
+        let runs = vec![
+            ens(run("ucf->hmdb", "trn", "none", 0, 60.0)),
+            ens(run("ucf->hmdb", "trn", "none", 1, 62.0)),
+        ];
+        let lb = Leaderboard {
+            schema_version: LEADERBOARD_SCHEMA_VERSION,
+            tool_version: "0.1.0".into(),
+            git_revision: "abc".into(),
+            data_fingerprints: BTreeMap::new(),
+            config: serde_json::Value::Null,
+            classes: BTreeMap::new(),
+            aggregates: aggregate(&runs),
+            runs,
+            model_notes: BTreeMap::new(),
+        };
+        let md = render_markdown(&lb);
+        assert!(md.contains("| TRN | 61.00 ± 1.41 / — |"), "{md}");
+        assert!(
+            md.contains("| TRN, mean of members | 57.00 ± 1.41 / — |"),
+            "{md}"
+        );
     }
 
     #[test]
