@@ -478,8 +478,9 @@ fn bad_training_inputs_are_clear_errors() {
         );
     }
     // The check measures its probe steps by what they allocate (vdg's counting allocator),
-    // not by resident memory, which moved by about 10 % between runs: two runs plan the same
-    // per-clip cost, at least the clip's own input, and say what they measured.
+    // not by resident memory, which moved by 10-35 % between runs: two runs plan the same
+    // per-clip cost within 5 % (the parallel ops' per-thread buffers move it by 1-2 %), at
+    // least the clip's own input, and say what they measured.
     let per_clip_mb = |name: &str| {
         let o = out(name);
         let mut args = train_args(d, &o, &["--model", "tsn", "--epochs", "1"]);
@@ -515,7 +516,37 @@ fn bad_training_inputs_are_clear_errors() {
         a > input_mb,
         "{a} MB per clip, the input alone is {input_mb}"
     );
-    assert!((a - b).abs() <= 0.01 * a, "{a} vs {b} MB per clip");
+    assert!((a - b).abs() <= 0.05 * a, "{a} vs {b} MB per clip");
+    // A run that fits measures its first step against the plan: what the step allocated at
+    // once is within what the check planned for it (the probe, the update's buffers and the
+    // loader's batches).
+    let o10 = out("memory-first-step");
+    let mut args = train_args(d, &o10, &["--model", "tsn", "--epochs", "1"]);
+    let b = args.iter().position(|a| *a == "--backbone").unwrap();
+    args[b + 1] = "resnet18";
+    let s = args.iter().position(|a| *a == "--input-size").unwrap();
+    args[s + 1] = "96";
+    args.retain(|a| *a != "-q");
+    args.extend(["-v", "--recompute", "off"]);
+    let o = vdg().args(args).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let t = text(&o);
+    let line = t
+        .lines()
+        .find(|l| l.contains("memory: the first training step allocated"))
+        .unwrap_or_else(|| panic!("no first-step line in: {t}"));
+    let gb = |after: &str| -> f64 {
+        line.split(after)
+            .nth(1)
+            .and_then(|r| r.split(" GB").next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no figure after {after:?} in: {line}"))
+    };
+    // Within what the check itself accepts (the slope's 10 % margin and 64 MB; printed to two
+    // decimals): a probe that missed the clips' activations would plan a fraction of it.
+    let (step, planned) = (gb("allocated "), gb("(planned "));
+    assert!(step > 0.05 && step <= planned * 1.1 + 0.064, "{line}");
+    assert!(!t.contains("more than the"), "{t}");
     // The same limit, with the check switched off: trains.
     let o8 = out("memory-off");
     let o = vdg()

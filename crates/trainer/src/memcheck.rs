@@ -220,8 +220,8 @@ impl StepMemory {
 
 /// One probe step on `clips` zero clips of `[frames, 3, size, size]`: how much it grows
 /// memory. Under a [`Counting`] allocator, the peak of the large allocations alive during the
-/// step over those alive before it: the same on every run, and linear in the clips from one
-/// clip on (BENCHMARKS.md, "Training memory"). Otherwise the growth of the peak resident
+/// step over those alive before it: within 1-2 % between runs (the parallel ops' per-thread
+/// buffers), and linear in the clips from one clip on (BENCHMARKS.md, "Training memory"). Otherwise the growth of the peak resident
 /// memory over `base`, the resident memory before the first probe (the allocator keeps freed
 /// memory, so a second probe measured from its own start would see only what it needs beyond
 /// the first one's leftovers).
@@ -272,6 +272,9 @@ pub struct Plan {
     pub could_recompute: bool,
     /// The probed model recomputes its residual blocks (said in the messages).
     pub recomputing: bool,
+    /// Bytes an update holds besides the probed step: SGD's momentum buffers and the
+    /// clipped and decayed gradients' copies, about twice the parameters.
+    pub update_bytes: f64,
 }
 
 /// A measurement session: the resident memory and the memory available before its first
@@ -317,6 +320,7 @@ impl Probe {
         };
         let mut memory = StepMemory::from_probes_at((clips.0, a), (clips.1, b));
         memory.per_clip *= SLOPE_MARGIN;
+        memory.fixed += plan.update_bytes;
         let need = memory.need(
             plan.batch * plan.clips_per_update,
             plan.batch,
@@ -414,7 +418,8 @@ impl Verdict {
 }
 
 impl Plan {
-    fn input_per_clip(&self) -> f64 {
+    /// Bytes of one clip of input.
+    pub(crate) fn input_per_clip(&self) -> f64 {
         (self.frames * 3 * self.size * self.size * 4) as f64
     }
 
@@ -440,6 +445,53 @@ pub fn check(model: &VideoModel, plan: Plan) -> Result<Option<StepMemory>> {
     }
 }
 
+/// The first training step measured against what the check planned for it: its counted
+/// allocations (a [`Counting`] allocator) over those alive before it. A step that allocates
+/// more than planned, beyond the slope's margin and 64 MB, logs a warning, so an estimate
+/// that was too low is seen on the run where it matters; otherwise the comparison is logged
+/// at debug level (`vdg -v`).
+#[derive(Debug)]
+pub struct FirstStep {
+    planned: f64,
+    before: usize,
+}
+
+impl FirstStep {
+    /// Starts measuring a step planned at `planned` bytes; `None` without a counting
+    /// allocator.
+    pub fn start(planned: f64) -> Option<Self> {
+        let (live, _) = counted()?;
+        reset_counted_peak();
+        Some(FirstStep {
+            planned,
+            before: live,
+        })
+    }
+
+    /// The bytes the step allocated at once, and whether that exceeds the plan.
+    pub fn finish(self) -> Option<(f64, bool)> {
+        let (_, peak) = counted()?;
+        let grew = peak.saturating_sub(self.before) as f64;
+        let over = grew > self.planned * SLOPE_MARGIN + 64e6;
+        if over {
+            tracing::warn!(
+                "memory: the first training step allocated {:.2} GB at once, more than the \
+                 {:.2} GB the memory check planned for it; if memory runs out, lower \
+                 --batch-size (BENCHMARKS.md, \"Training memory\")",
+                grew / 1e9,
+                self.planned / 1e9
+            );
+        } else {
+            tracing::debug!(
+                "memory: the first training step allocated {:.2} GB at once (planned {:.2} GB)",
+                grew / 1e9,
+                self.planned / 1e9
+            );
+        }
+        Some((grew, over))
+    }
+}
+
 /// How `--recompute auto` decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Choice {
@@ -455,9 +507,13 @@ pub enum Choice {
 /// when measured by resident memory, in one session ([`Probe`]). Keeps the
 /// activations when that fits, else recomputes when that fits, else fails with the
 /// recomputing step's error.
-pub fn choose(recomputing: &VideoModel, keeping: &VideoModel, plan: Plan) -> Result<Choice> {
+pub fn choose(
+    recomputing: &VideoModel,
+    keeping: &VideoModel,
+    plan: Plan,
+) -> Result<(Choice, Option<StepMemory>)> {
     let Some(session) = Probe::start() else {
-        return Ok(Choice::Keep);
+        return Ok((Choice::Keep, None));
     };
     let on = Plan {
         recomputing: true,
@@ -474,8 +530,8 @@ pub fn choose(recomputing: &VideoModel, keeping: &VideoModel, plan: Plan) -> Res
     let r = session.measure(recomputing, on, (1, 2))?;
     let k = session.measure(keeping, off, keep_clips)?;
     match (k, r) {
-        (None, _) => Ok(Choice::Keep),
-        (Some(k), _) if k.fits() => Ok(Choice::Keep),
+        (None, _) => Ok((Choice::Keep, None)),
+        (Some(k), _) if k.fits() => Ok((Choice::Keep, Some(k.memory))),
         (Some(k), Some(r)) if r.fits() => {
             tracing::info!(
                 "recomputing the residual blocks in backward (--recompute auto): a step \
@@ -485,7 +541,7 @@ pub fn choose(recomputing: &VideoModel, keeping: &VideoModel, plan: Plan) -> Res
                 r.need / 1e9,
                 k.available as f64 / 1e9
             );
-            Ok(Choice::Recompute)
+            Ok((Choice::Recompute, Some(r.memory)))
         }
         (Some(_), Some(r)) => Err(r.error()),
         (Some(k), None) => Err(k.error()),

@@ -660,10 +660,18 @@ pub fn train_with(
     };
     // `--recompute auto` is decided here, before any member is built from `cfg`.
     let mut decided = cfg.clone();
+    // The memory check's estimate of one step, compared with the first step run.
+    let mut planned_step: Option<f64> = None;
     if train_set.feature_dim.is_none() && device.is_cpu() {
+        let estimate;
         // Before any member trains: a throw-away copy of the model (the probe moves its
         // BatchNorm statistics and random streams; each member re-seeds its own).
-        let (_, probe) = build(cfg, classes, Streams::of(cfg.seed, 0), None, &device)?;
+        let (probe_vars, probe) = build(cfg, classes, Streams::of(cfg.seed, 0), None, &device)?;
+        let parameter_bytes: usize = probe_vars
+            .all_vars()
+            .iter()
+            .map(|v| v.elem_count() * v.dtype().size_in_bytes())
+            .sum();
         let clips_per_update = match &method {
             AdaMethod::Video {
                 targets,
@@ -683,18 +691,31 @@ pub fn train_with(
             in_flight: 2,
             could_recompute: recomputable && cfg.recompute == RecomputeMode::Off,
             recomputing: recomputable && cfg.recompute == RecomputeMode::On,
+            update_bytes: 2.0 * parameter_bytes as f64,
         };
         if recomputable && cfg.recompute == RecomputeMode::Auto {
             let mut on = cfg.clone();
             on.recompute = RecomputeMode::On;
             let (_, recomputing) = build(&on, classes, Streams::of(cfg.seed, 0), None, &device)?;
-            decided.recompute = match crate::memcheck::choose(&recomputing, &probe, plan)? {
+            let (choice, memory) = crate::memcheck::choose(&recomputing, &probe, plan)?;
+            decided.recompute = match choice {
                 crate::memcheck::Choice::Keep => RecomputeMode::Off,
                 crate::memcheck::Choice::Recompute => RecomputeMode::On,
             };
+            estimate = memory;
         } else {
-            crate::memcheck::check(&probe, plan)?;
+            estimate = crate::memcheck::check(&probe, plan)?;
         }
+        // What the first step should allocate, the loader's batches in flight beside it
+        // included (the loader keeps filling them while the step runs).
+        planned_step = estimate.map(|m| {
+            m.need(
+                plan.batch * plan.clips_per_update,
+                plan.batch,
+                plan.in_flight,
+                plan.input_per_clip(),
+            )
+        });
     }
     let cfg = &decided;
     let mut member_probs: Vec<BTreeMap<String, Vec<Vec<f32>>>> = Vec::new();
@@ -837,7 +858,13 @@ pub fn train_with(
                 };
                 let at = At { epoch, batch: bi };
                 let frozen = || twin(cfg, classes, streams, train_set.feature_dim, &vm, &device);
+                let watch = planned_step
+                    .take()
+                    .and_then(crate::memcheck::FirstStep::start);
                 let losses = iteration(&model, &mut up, &x, &y, &step, Some(&frozen), at)?;
+                if let Some(w) = watch {
+                    w.finish();
+                }
                 sum += f64::from(losses.main);
                 count += 1;
                 progress.event(&TrainEvent::Batch {
