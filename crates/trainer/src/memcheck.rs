@@ -221,10 +221,10 @@ impl StepMemory {
 /// One probe step on `clips` zero clips of `[frames, 3, size, size]`: how much it grows
 /// memory. Under a [`Counting`] allocator, the peak of the large allocations alive during the
 /// step over those alive before it: within 1-2 % between runs (the parallel ops' per-thread
-/// buffers), and linear in the clips from one clip on (BENCHMARKS.md, "Training memory"). Otherwise the growth of the peak resident
-/// memory over `base`, the resident memory before the first probe (the allocator keeps freed
-/// memory, so a second probe measured from its own start would see only what it needs beyond
-/// the first one's leftovers).
+/// buffers), and linear in the clips from one clip on (BENCHMARKS.md, "Training memory").
+/// Otherwise the growth of the peak resident memory over `base`, the resident memory before
+/// the first probe (the allocator keeps freed memory, so a second probe measured from its own
+/// start would see only what it needs beyond the first one's leftovers).
 fn probe_step(
     model: &VideoModel,
     clips: usize,
@@ -280,11 +280,10 @@ pub struct Plan {
 /// A measurement session: the resident memory and the memory available before its first
 /// probe. Under a [`Counting`] allocator each probe is measured by what it allocates, from its
 /// own start. By resident memory, several models probed in one session are measured from the
-/// same start, so the
-/// allocator's leftovers of one probe count against the next, not for it: a probe whose
-/// steps need more than every earlier one's is measured right (the allocator reuses the
-/// leftovers), one that needs less would see mostly leftovers. Probe the model that needs
-/// less first, and the other on more clips.
+/// same start, so the allocator's leftovers of one probe count against the next, not for it:
+/// a probe whose steps need more than every earlier one's is measured right (the allocator
+/// reuses the leftovers), one that needs less would see mostly leftovers. Probe the model that
+/// needs less first, and the other on more clips.
 #[derive(Debug, Clone, Copy)]
 pub struct Probe {
     base: u64,
