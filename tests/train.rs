@@ -481,17 +481,21 @@ fn bad_training_inputs_are_clear_errors() {
     // not by resident memory, which moved by 10-35 % between runs: two runs plan the same
     // per-clip cost within 5 % (the parallel ops' per-thread buffers move it by 1-2 %), at
     // least the clip's own input, and say what they measured.
-    let per_clip_mb = |name: &str| {
-        let o = out(name);
-        let mut args = train_args(d, &o, &["--model", "tsn", "--epochs", "1"]);
+    // TSN on ResNet-18 at 96 x 96, logging at debug level (the check's figures).
+    let resnet18_96 = |o: &str| -> Vec<String> {
+        let mut args = train_args(d, o, &["--model", "tsn", "--epochs", "1"]);
         let b = args.iter().position(|a| *a == "--backbone").unwrap();
         args[b + 1] = "resnet18";
         let s = args.iter().position(|a| *a == "--input-size").unwrap();
         args[s + 1] = "96";
         args.retain(|a| *a != "-q");
         args.extend(["-v", "--recompute", "off"]);
+        args.into_iter().map(String::from).collect()
+    };
+    let per_clip_mb = |name: &str| {
+        let o = out(name);
         let o = vdg()
-            .args(args)
+            .args(resnet18_96(&o))
             .env("VDG_MEMORY_LIMIT", "1000")
             .output()
             .unwrap();
@@ -520,15 +524,10 @@ fn bad_training_inputs_are_clear_errors() {
     // A run that fits measures its first step against the plan: what the step allocated at
     // once is within what the check planned for it (the probe, the update's buffers and the
     // loader's batches).
-    let o10 = out("memory-first-step");
-    let mut args = train_args(d, &o10, &["--model", "tsn", "--epochs", "1"]);
-    let b = args.iter().position(|a| *a == "--backbone").unwrap();
-    args[b + 1] = "resnet18";
-    let s = args.iter().position(|a| *a == "--input-size").unwrap();
-    args[s + 1] = "96";
-    args.retain(|a| *a != "-q");
-    args.extend(["-v", "--recompute", "off"]);
-    let o = vdg().args(args).output().unwrap();
+    let o = vdg()
+        .args(resnet18_96(&out("memory-first-step")))
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let t = text(&o);
     let line = t
