@@ -1500,6 +1500,34 @@ mod tests {
         assert!(g_twin.get(packed.tensor()).is_none());
     }
 
+    /// Constant weights are packed once and the packing reused (with its transposed
+    /// weights); weights that are variables are packed again on every call, so an update
+    /// between two calls is seen.
+    #[test]
+    fn constant_weights_are_packed_once_variables_every_time() {
+        let dev = Device::Cpu;
+        let (vm, cfg, block) = small_block(DType::F32);
+        let twin = AttentionBlock::new(
+            cfg,
+            VarBuilder::from_tensors(detached(&vm).unwrap(), DType::F32, &dev),
+        )
+        .unwrap();
+        let x = Tensor::zeros((2, 3, 8), DType::F32, &dev).unwrap();
+        let (a, b) = (
+            twin.pack(&x).unwrap().unwrap(),
+            twin.pack(&x).unwrap().unwrap(),
+        );
+        assert_eq!(a.tensor().id(), b.tensor().id());
+        assert!(std::sync::Arc::ptr_eq(&a.transposed, &b.transposed));
+        let first = block.pack(&x).unwrap().unwrap();
+        for v in vm.all_vars() {
+            v.set(&(v.as_tensor() + 1.0).unwrap()).unwrap();
+        }
+        let second = block.pack(&x).unwrap().unwrap();
+        assert_ne!(first.tensor().id(), second.tensor().id());
+        assert!(max_diff(first.tensor(), second.tensor()) > 0.5);
+    }
+
     /// Wrong shapes are errors naming the block, not panics.
     #[test]
     fn the_block_checks_its_shapes() {

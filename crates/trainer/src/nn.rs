@@ -267,6 +267,10 @@ pub struct AttentionBlock {
     dec_cross: MultiHeadAttention,
     dec_ff: FeedForward,
     cfg: AttentionConfig,
+    /// The packing of constant parameters (none tracks a gradient: the detached twin ADA's
+    /// ascent runs its passes on), made by the first forward pass and shared by the later
+    /// ones with its transposed weights.
+    frozen: std::sync::OnceLock<crate::block::Packed>,
 }
 
 impl MultiHeadAttention {
@@ -303,6 +307,7 @@ impl AttentionBlock {
             dec_cross: MultiHeadAttention::new(cfg, vb.pp("dec_cross"))?,
             dec_ff: FeedForward::new(cfg, vb.pp("dec_ff"))?,
             cfg,
+            frozen: Default::default(),
         })
     }
 
@@ -310,6 +315,9 @@ impl AttentionBlock {
     /// gradient flows back to every parameter), or `None` where the fused block does not run
     /// for inputs like `like` (another device or dtype). A model that calls the block several
     /// times per forward packs once and passes the result to [`AttentionBlock::forward_with`].
+    /// Constant parameters are packed once and kept: a block on detached copies of variables
+    /// (which share their storage) must not outlive an update of those variables (`vdg
+    /// train` makes a fresh twin for every ascent and every evaluation).
     pub fn pack(&self, like: &Tensor) -> candle_core::Result<Option<crate::block::Packed>> {
         let mut parts = self.enc_self.parameters();
         parts.extend(self.enc_ff.parameters());
@@ -325,11 +333,21 @@ impl AttentionBlock {
         {
             return Ok(None);
         }
-        let flat = parts
-            .iter()
-            .map(|t| t.flatten_all())
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Some(crate::block::Packed::new(Tensor::cat(&flat, 0)?)))
+        let make = || -> candle_core::Result<crate::block::Packed> {
+            let flat = parts
+                .iter()
+                .map(|t| t.flatten_all())
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Ok(crate::block::Packed::new(Tensor::cat(&flat, 0)?))
+        };
+        if parts.iter().any(|t| t.track_op()) {
+            return make().map(Some);
+        }
+        if let Some(p) = self.frozen.get() {
+            return Ok(Some(p.clone()));
+        }
+        let p = make()?;
+        Ok(Some(self.frozen.get_or_init(|| p).clone()))
     }
 
     /// # Shapes
