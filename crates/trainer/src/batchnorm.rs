@@ -321,6 +321,59 @@ fn normalize(bn: &BatchNorm, x: &Tensor, train: bool, relu: bool) -> Result<Tens
     Ok(x.apply_op3(&gamma, &beta, op)?)
 }
 
+/// A BatchNorm on its running statistics (then a ReLU when `relu`) whose backward is called
+/// directly: a block whose operations are chained by hand (`models::blocks::resnet`). The
+/// same op and the same values as [`forward`]`(bn, x, false)` (or [`forward_relu`]).
+pub(crate) struct Frozen {
+    op: Normalize,
+    gamma: Tensor,
+    beta: Tensor,
+}
+
+impl Frozen {
+    /// `bn` for inputs of `dtype` on the CPU; `None` where [`forward`] would not run the op
+    /// (another device or dtype, no gain and shift).
+    pub(crate) fn new(bn: &BatchNorm, x: &Tensor, relu: bool) -> Result<Option<Self>> {
+        let fused =
+            x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.rank() >= 2;
+        let Some((gamma, beta)) = bn.weight_and_bias().filter(|_| fused) else {
+            return Ok(None);
+        };
+        let rm = bn.running_mean().to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let rv = bn.running_var().to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        Ok(Some(Frozen {
+            op: Normalize {
+                invstd: rv.iter().map(|v| 1.0 / (v + bn.eps()).sqrt()).collect(),
+                mean: rm,
+                batch_stats: false,
+                relu,
+            },
+            gamma: gamma.to_dtype(x.dtype())?.contiguous()?,
+            beta: beta.to_dtype(x.dtype())?.contiguous()?,
+        }))
+    }
+
+    /// The normalised input (no graph: for inputs and parameters that track no gradient).
+    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.contiguous()?
+            .apply_op3_no_bwd(&self.gamma, &self.beta, &self.op)
+    }
+
+    /// `(dx, dgamma, dbeta)` for the input `x` of [`Frozen::forward`] and its output's
+    /// gradient `dy`.
+    pub(crate) fn backward(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        // `res` is not read by this op's backward.
+        match CustomOp3::bwd(&self.op, &x.contiguous()?, &self.gamma, &self.beta, dy, dy)? {
+            (Some(dx), Some(dg), Some(db)) => Ok((dx, dg, db)),
+            _ => candle_core::bail!("batch norm: a gradient is missing"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{DType, Device, Tensor};

@@ -652,6 +652,30 @@ impl candle_core::CustomOp3 for Convolution {
     }
 }
 
+/// The input and kernel gradients of [`conv`] without a ReLU and without a bias, for
+/// `x [B, T, C, H, W]`, the kernel in the columns' order `wk [C_out, K]` and the output's
+/// gradient `dy`, whatever tracks a gradient: the backward of a block whose operations are
+/// chained by hand (`models::blocks::resnet`). CPU, float32 or float64.
+pub(crate) fn conv_grads(
+    x: &Tensor,
+    wk: &Tensor,
+    dy: &Tensor,
+    g: Geometry,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let op = Convolution(g, false);
+    let (x, wk, dy) = (x.contiguous()?, wk.contiguous()?, dy.contiguous()?);
+    let want = (true, true, false);
+    let [dx, dw, _] = match dy.dtype() {
+        DType::F32 => op.grads_as::<f32>(&x, &wk, &dy, want)?,
+        DType::F64 => op.grads_as::<f64>(&x, &wk, &dy, want)?,
+        other => candle_core::bail!("convolution: unsupported dtype {other:?}"),
+    };
+    match (dx, dw) {
+        (Some(dx), Some(dw)) => Ok((dx, dw)),
+        _ => candle_core::bail!("convolution: a wanted gradient is missing"),
+    }
+}
+
 /// A convolution through the lowering: `x [B, T, C, H, W]`, `w [C_out, C, kt, kh, kw]`,
 /// optional `bias [C_out]` -> `[B, To, C_out, Ho, Wo]` (the geometry's output), then a ReLU
 /// when `relu` (in the same op: only the output is kept, and its backward masks by it).

@@ -338,12 +338,35 @@ fn lowered_conv2d(
 ) -> Result<Tensor> {
     let (co, ci, kh, kw) = w.dims4()?;
     let (n, c, h, wd) = x.dims4()?;
+    let g = lowered_geometry(x, w, padding, stride, dilation)?;
+    let [_, ho, wo] = g.out;
+    // One GEMM for the batch: [N*Ho*Wo, K] x [K, C_out], then back to channels-first.
+    let y = crate::im2col::conv(
+        &x.reshape((n, 1, c, h, wd))?,
+        &w.reshape((co, ci, 1, kh, kw))?,
+        bias,
+        g,
+        relu,
+    )?;
+    Ok(y.reshape((n, co, ho, wo))?)
+}
+
+/// The lowering's geometry of a 2-D convolution of `x [N, C, H, W]` by `w [C_out, C, kh, kw]`.
+fn lowered_geometry(
+    x: &Tensor,
+    w: &Tensor,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+) -> Result<crate::im2col::Geometry> {
+    let (_, ci, kh, kw) = w.dims4()?;
+    let (n, c, h, wd) = x.dims4()?;
     if c != ci {
         return Err(Error::Config(format!(
             "conv2d: input has {c} channels, the kernel expects {ci}"
         )));
     }
-    let g = crate::im2col::Geometry {
+    Ok(crate::im2col::Geometry {
         b: n,
         t: 1,
         c,
@@ -358,17 +381,132 @@ fn lowered_conv2d(
             out_len(h, kh, stride, padding, dilation)?,
             out_len(wd, kw, stride, padding, dilation)?,
         ],
+    })
+}
+
+/// Whether [`conv2d_grads`] computes the gradients of [`conv2d`] for `x` and `w`: float32 or
+/// float64 on the CPU outside mixed precision, a lowered kernel or an unpadded 1x1 one.
+pub(crate) fn conv2d_grads_apply(x: &Tensor, w: &Tensor, padding: usize) -> bool {
+    let one = w.dims().get(2..) == Some(&[1, 1][..]);
+    lowers(x)
+        && x.dtype() == w.dtype()
+        && AUTOCAST.with(|c| c.get()).is_none_or(|dt| dt == x.dtype())
+        && (!one || padding == 0)
+}
+
+/// The input and kernel gradients of [`conv2d`]`(x, w, ..)` for its output's gradient `dy`,
+/// computed directly (no graph; whether `x` or `w` track a gradient does not matter): a
+/// lowered kernel through [`crate::im2col::conv_grads`], a 1x1 kernel as the transposed
+/// products of its forward. Where [`conv2d_grads_apply`] holds.
+pub(crate) fn conv2d_grads(
+    x: &Tensor,
+    w: &Tensor,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+    dy: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let (co, ci, kh, kw) = w.dims4()?;
+    let (n, c, h, wd) = x.dims4()?;
+    let dy = dy.contiguous()?;
+    if kh != 1 || kw != 1 {
+        let g = lowered_geometry(x, w, padding, stride, dilation)?;
+        let wk = w
+            .reshape((co, ci, 1, kh, kw))?
+            .permute((0, 2, 3, 4, 1))?
+            .contiguous()?
+            .reshape((co, g.cols()))?;
+        let (dx, dwk) = crate::im2col::conv_grads(
+            &x.reshape((n, 1, c, h, wd))?,
+            &wk,
+            &dy.reshape((n, 1, co, g.out[1], g.out[2]))?,
+            g,
+        )?;
+        // The kernel's gradient back from the columns' order (co, a, p, q, c).
+        let dw = dwk
+            .reshape((co, 1, kh, kw, ci))?
+            .permute((0, 4, 1, 2, 3))?
+            .contiguous()?
+            .reshape((co, ci, kh, kw))?;
+        return Ok((dx.reshape((n, c, h, wd))?, dw));
+    }
+    if padding != 0 {
+        return Err(Error::Config("conv2d_grads: a padded 1x1 kernel".into()));
+    }
+    let ho = out_len(h, 1, stride, 0, dilation)?;
+    let wo = out_len(wd, 1, stride, 0, dilation)?;
+    let xs = strided(&strided(x, 2, 0, stride, ho)?, 3, 0, stride, wo)?.contiguous()?;
+    let w2 = w.reshape((co, ci))?;
+    let (dxs, dw) = if ho * wo >= 64 {
+        // Forward: y[i] = W x[i] per image. dx[i] = W^T dy[i]; dW = sum_i dy[i] x[i]^T.
+        let x3 = xs.reshape((n, c, ho * wo))?;
+        let d3 = dy.reshape((n, co, ho * wo))?;
+        let dx = w2.t()?.broadcast_as((n, ci, co))?.matmul(&d3)?;
+        let dw = d3.matmul(&x3.t()?)?.sum(0)?;
+        (dx.reshape((n, c, ho, wo))?, dw)
+    } else {
+        // Forward: rows [N*Ho*Wo, C] x W^T. d rows = d out rows x W; dW = (d out rows)^T rows.
+        let rows = xs
+            .permute((0, 2, 3, 1))?
+            .contiguous()?
+            .reshape((n * ho * wo, c))?;
+        let drows_out = dy
+            .reshape((n, co, ho * wo))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((n * ho * wo, co))?;
+        let dx = drows_out
+            .matmul(&w2)?
+            .reshape((n, ho, wo, c))?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?;
+        let dw = drows_out.t()?.matmul(&rows)?;
+        (dx, dw)
     };
-    let [_, ho, wo] = g.out;
-    // One GEMM for the batch: [N*Ho*Wo, K] x [K, C_out], then back to channels-first.
-    let y = crate::im2col::conv(
-        &x.reshape((n, 1, c, h, wd))?,
-        &w.reshape((co, ci, 1, kh, kw))?,
-        bias,
-        g,
-        relu,
-    )?;
-    Ok(y.reshape((n, co, ho, wo))?)
+    let dw = dw.reshape((co, ci, 1, 1))?;
+    if stride == 1 {
+        return Ok((dxs, dw));
+    }
+    // The subsampled positions' gradients scattered back into the full input's.
+    Ok((scatter_strided(&dxs, (h, wd), stride)?, dw))
+}
+
+/// `d [N, C, Ho, Wo]` placed at every `stride`-th row and column of a zero `[N, C, H, W]`.
+fn scatter_strided(d: &Tensor, (h, w): (usize, usize), stride: usize) -> Result<Tensor> {
+    fn run<T: candle_core::WithDType>(
+        d: &[T],
+        (planes, ho, wo): (usize, usize, usize),
+        (h, w): (usize, usize),
+        stride: usize,
+    ) -> Vec<T> {
+        let mut out = vec![T::zero(); planes * h * w];
+        for (o, src) in out.chunks_exact_mut(h * w).zip(d.chunks_exact(ho * wo)) {
+            for (r, row) in src.chunks_exact(wo).enumerate() {
+                let at = &mut o[r * stride * w..];
+                for (j, &v) in row.iter().enumerate() {
+                    at[j * stride] = v;
+                }
+            }
+        }
+        out
+    }
+    let (n, c, ho, wo) = d.dims4()?;
+    let d = d.contiguous()?;
+    let dims = (n * c, ho, wo);
+    let out = match d.dtype() {
+        DType::F32 => Tensor::from_vec(
+            run(&d.flatten_all()?.to_vec1::<f32>()?, dims, (h, w), stride),
+            (n, c, h, w),
+            d.device(),
+        )?,
+        DType::F64 => Tensor::from_vec(
+            run(&d.flatten_all()?.to_vec1::<f64>()?, dims, (h, w), stride),
+            (n, c, h, w),
+            d.device(),
+        )?,
+        other => return Err(Error::Config(format!("conv2d_grads: dtype {other:?}"))),
+    };
+    Ok(out)
 }
 
 /// `relu(conv2d_bias(..))`; where the convolution is lowered (CPU, kernels larger than 1x1,

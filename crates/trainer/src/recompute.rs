@@ -19,9 +19,16 @@
 //! CPU and CUDA; elsewhere (Metal) `f` runs in the plain graph. The setting is per thread,
 //! entered with [`Recompute::enter`] around a model's forward pass
 //! ([`crate::models::VideoModel`]).
+//!
+//! [`taped`] is the same node for a function with a backward of its own ([`Taped`]): candle
+//! walks none of its inner operations (each would get a zero-filled gradient buffer that its
+//! one contribution is then added to), and it either recomputes the function's tape in
+//! backward or keeps it in the node until its backward has run. On the CPU every ResNet
+//! block trains this way, recomputing or not (`models::blocks::resnet`).
 
 use std::sync::{Arc, Mutex};
 
+use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, Var};
 
 thread_local! {
@@ -92,25 +99,12 @@ struct Node {
 impl Node {
     /// The first run's output (once).
     fn take(&self) -> candle_core::Result<Tensor> {
-        self.out
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("recomputed: poisoned output".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("recomputed: forward run twice".into()))
+        take(&self.out)
     }
 
     /// The packed parameters cut back into their shapes.
     fn unpack(&self, packed: &Tensor) -> candle_core::Result<Vec<Tensor>> {
-        let mut at = 0;
-        self.shapes
-            .iter()
-            .map(|s| {
-                let n = s.elem_count();
-                let p = packed.narrow(0, at, n)?.reshape(s)?;
-                at += n;
-                Ok(p)
-            })
-            .collect()
+        unpack(&self.shapes, packed)
     }
 }
 
@@ -188,7 +182,7 @@ impl CustomOp2 for Node {
             None => self.unpack(&packed.detach())?,
         };
         let y = (self.f)(&xin, &pin)?;
-        let grads = (y * grad.detach())?.sum_all()?.backward()?;
+        let grads = backward_from(&y, grad)?;
         let dx = match &xv {
             Some(v) => Some(match grads.get(v.as_tensor()) {
                 Some(g) => g.clone(),
@@ -210,6 +204,183 @@ impl CustomOp2 for Node {
             None => None,
         };
         Ok((dx, dp))
+    }
+}
+
+/// A function of an input and parameters with a backward of its own: what [`taped`] runs
+/// as one node of candle's graph.
+pub trait Taped: Send + Sync {
+    /// The output of `f(x, params)` for inputs that track no gradient, and what
+    /// [`Taped::backward`] needs.
+    fn forward(
+        &self,
+        x: &Tensor,
+        params: &[Tensor],
+    ) -> candle_core::Result<(Tensor, Box<dyn std::any::Any + Send>)>;
+
+    /// The gradients of the input and of every parameter (in order) for the output's
+    /// gradient `grad`, given the tape [`Taped::forward`] returned on the same inputs and
+    /// the output `out`.
+    fn backward(
+        &self,
+        tape: Box<dyn std::any::Any + Send>,
+        x: &Tensor,
+        params: &[Tensor],
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Tensor, Vec<Tensor>)>;
+}
+
+/// `f(x, params)` as one node of the graph whose backward is `f`'s own ([`Taped`]): candle's
+/// backward walks no inner operation (each of which would get a zero-filled gradient that its
+/// one contribution is then added to). With `recompute` the node keeps nothing and backward
+/// runs `f`'s forward again for its tape (like [`recomputed`]); otherwise the node keeps the
+/// tape and drops it when its backward has run (candle keeps its own nodes' tensors until the
+/// whole backward ends). Runs the plain forward when nothing tracks a gradient. CPU only.
+pub fn taped(
+    f: Arc<dyn Taped>,
+    x: &Tensor,
+    params: &[Tensor],
+    recompute: bool,
+) -> candle_core::Result<Tensor> {
+    let detached: Vec<Tensor> = params.iter().map(Tensor::detach).collect();
+    let (y, tape) = f.forward(&x.detach(), &detached)?;
+    let tracks = x.track_op() || params.iter().any(|p| p.track_op());
+    if !tracks || params.is_empty() || !x.device().is_cpu() {
+        return Ok(y);
+    }
+    let flat = params
+        .iter()
+        .map(|p| p.flatten_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let packed = Tensor::cat(&flat, 0)?;
+    let node = TapedNode {
+        f,
+        shapes: params.iter().map(|p| p.shape().clone()).collect(),
+        out: Mutex::new(Some(y)),
+        tape: Mutex::new((!recompute).then_some(tape)),
+    };
+    x.apply_op2_arc(&packed, Arc::new(Box::new(node)))
+}
+
+type Tape = Box<dyn std::any::Any + Send>;
+
+struct TapedNode {
+    f: Arc<dyn Taped>,
+    shapes: Vec<Shape>,
+    out: Mutex<Option<Tensor>>,
+    /// The forward's tape, kept unless recomputing; taken by backward.
+    tape: Mutex<Option<Tape>>,
+}
+
+impl CustomOp2 for TapedNode {
+    fn name(&self) -> &'static str {
+        "taped"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = take(&self.out)?;
+        let flat = y.flatten_all()?;
+        let storage = match y.dtype() {
+            DType::F32 => CpuStorage::F32(flat.to_vec1()?),
+            DType::F64 => CpuStorage::F64(flat.to_vec1()?),
+            other => candle_core::bail!("taped: unsupported dtype {other:?}"),
+        };
+        Ok((storage, y.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        packed: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let params = unpack(&self.shapes, &packed.detach())?;
+        let x = x.detach();
+        let kept = self
+            .tape
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("taped: poisoned tape".into()))?
+            .take();
+        let tape = match kept {
+            Some(t) => t,
+            None => self.f.forward(&x, &params)?.1,
+        };
+        let (dx, dp) = self
+            .f
+            .backward(tape, &x, &params, &out.detach(), &grad.detach())?;
+        let flat = dp
+            .iter()
+            .map(|g| g.flatten_all())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok((Some(dx), Some(Tensor::cat(&flat, 0)?)))
+    }
+}
+
+/// The tensor in `slot` (once).
+fn take(slot: &Mutex<Option<Tensor>>) -> candle_core::Result<Tensor> {
+    slot.lock()
+        .map_err(|_| candle_core::Error::Msg("recomputed: poisoned output".into()))?
+        .take()
+        .ok_or_else(|| candle_core::Error::Msg("recomputed: forward run twice".into()))
+}
+
+/// Parameters packed by [`taped`] or [`recomputed`] cut back into their shapes.
+fn unpack(shapes: &[Shape], packed: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+    let mut at = 0;
+    shapes
+        .iter()
+        .map(|s| {
+            let n = s.elem_count();
+            let p = packed.narrow(0, at, n)?.reshape(s)?;
+            at += n;
+            Ok(p)
+        })
+        .collect()
+}
+
+/// The gradients of everything `y` depends on for `y`'s gradient `grad` (candle's backward
+/// seeded with `grad`). CPU float32/float64 through [`Seed`]; elsewhere through `sum(y * grad)`.
+pub(crate) fn backward_from(y: &Tensor, grad: &Tensor) -> candle_core::Result<GradStore> {
+    if y.device().is_cpu() && matches!(y.dtype(), DType::F32 | DType::F64) {
+        y.apply_op1_arc(Arc::new(Box::new(Seed(grad.detach()))))?
+            .backward()
+    } else {
+        (y * grad.detach())?.sum_all()?.backward()
+    }
+}
+
+/// A scalar (zero) whose gradient with respect to its argument is the tensor it holds: candle's
+/// backward from it hands the argument that tensor, where `sum(y * grad)` would first build
+/// the product, a broadcast of ones, and both factors' gradients (each zero-filled and then
+/// added to: eight passes over an activation-sized tensor against two).
+struct Seed(Tensor);
+
+impl candle_core::CustomOp1 for Seed {
+    fn name(&self) -> &'static str {
+        "recomputed-seed"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let zero = match s {
+            CpuStorage::F32(_) => CpuStorage::F32(vec![0.0]),
+            CpuStorage::F64(_) => CpuStorage::F64(vec![0.0]),
+            _ => candle_core::bail!("recomputed: the seed takes float32 or float64"),
+        };
+        Ok((zero, Shape::from(())))
+    }
+
+    /// Only ever the root of a backward, so the incoming gradient is the scalar 1 candle
+    /// starts from.
+    fn bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(self.0.clone()))
     }
 }
 

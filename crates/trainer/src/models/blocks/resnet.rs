@@ -7,7 +7,7 @@
 //!
 //! He et al., "Deep Residual Learning for Image Recognition", 2015, arXiv:1512.03385.
 
-use candle_core::{ModuleT, Tensor};
+use candle_core::{DType, ModuleT, Tensor, Var};
 use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, VarBuilder, batch_norm, conv2d_no_bias};
 
 use crate::error::Result;
@@ -174,6 +174,13 @@ impl Block {
         branch_input: Option<BranchInput<'_>>,
         fold: bool,
     ) -> candle_core::Result<Tensor> {
+        if !fold && self.taped_applies(x) {
+            let f = std::sync::Arc::new(TapedBlock {
+                block: self.clone(),
+                shift: branch_input.cloned(),
+            });
+            return crate::recompute::taped(f, x, &self.params(), crate::recompute::enabled());
+        }
         if !fold && crate::recompute::enabled() {
             let block = self.clone();
             let shift = branch_input.cloned();
@@ -185,6 +192,19 @@ impl Block {
             return crate::recompute::recomputed(f, x, &self.params());
         }
         self.forward_plain(x, branch_input, fold)
+    }
+
+    /// Whether training runs this block as one node with its own backward ([`TapedBlock`]):
+    /// float32 or float64 on the CPU outside mixed precision, every BatchNorm with a gain and
+    /// a shift, every convolution one [`crate::nn3d::conv2d_grads`] covers.
+    fn taped_applies(&self, x: &Tensor) -> bool {
+        x.device().is_cpu()
+            && matches!(x.dtype(), DType::F32 | DType::F64)
+            && self.pairs().all(|(c, b)| {
+                b.weight_and_bias().is_some()
+                    && c.weight().dtype() == x.dtype()
+                    && crate::nn3d::conv2d_grads_apply(x, c.weight(), c.config().padding)
+            })
     }
 
     fn forward_plain(
@@ -206,6 +226,135 @@ impl Block {
             None => x.clone(),
         };
         crate::fused::add_relu(&y, &skip).map_err(candle_core::Error::wrap)
+    }
+}
+
+/// A residual block in training as one node of candle's graph with a backward chained by
+/// hand from its operations' own ([`crate::recompute::Taped`]): the convolutions'
+/// ([`crate::nn3d::conv2d_grads`]), the BatchNorms' on running statistics
+/// ([`crate::batchnorm::Frozen`]) and the residual ReLU's. The same operations as
+/// [`Block::forward_plain`] in the same order; candle's backward through them gave every
+/// intermediate tensor (each 1x1 convolution's reshaped input and output too) a zero-filled
+/// gradient and added its one contribution to it: about a fifth of a ResNet-50 step
+/// (BENCHMARKS.md, "Training memory").
+struct TapedBlock {
+    block: Block,
+    shift: Option<BranchMap>,
+}
+
+/// What [`TapedBlock`]'s backward needs: the input of every convolution of the branch and
+/// of every BatchNorm (the convolutions' outputs), and the downsample's convolution output.
+struct BlockTape {
+    conv_in: Vec<Tensor>,
+    bn_in: Vec<Tensor>,
+    downsample_bn_in: Option<Tensor>,
+}
+
+/// A BatchNorm with its gain and shift as [`crate::batchnorm::Frozen`].
+fn frozen(b: &BatchNorm, x: &Tensor, relu: bool) -> candle_core::Result<crate::batchnorm::Frozen> {
+    crate::batchnorm::Frozen::new(b, x, relu)
+        .map_err(candle_core::Error::wrap)?
+        .ok_or_else(|| candle_core::Error::Msg("resnet block: BatchNorm without gain".into()))
+}
+
+/// `(dx, [dw, dgamma, dbeta])` of a convolution + BatchNorm pair with input `x`, the
+/// convolution's output `z` and the BatchNorm's output gradient `d`.
+fn pair_grads(
+    (c, b): &(Conv2d, BatchNorm),
+    x: &Tensor,
+    z: &Tensor,
+    d: &Tensor,
+    relu: bool,
+) -> candle_core::Result<(Tensor, [Tensor; 3])> {
+    let (dz, dg, db) = frozen(b, z, relu)?.backward(z, d)?;
+    let cfg = c.config();
+    let (dx, dw) =
+        crate::nn3d::conv2d_grads(x, c.weight(), cfg.padding, cfg.stride, cfg.dilation, &dz)
+            .map_err(candle_core::Error::wrap)?;
+    Ok((dx, [dw, dg, db]))
+}
+
+impl crate::recompute::Taped for TapedBlock {
+    fn forward(
+        &self,
+        x: &Tensor,
+        params: &[Tensor],
+    ) -> candle_core::Result<(Tensor, Box<dyn std::any::Any + Send>)> {
+        let b = self.block.with_params(params)?;
+        let n = b.convs.len();
+        let mut cur = match &self.shift {
+            Some(f) => f(x)?,
+            None => x.clone(),
+        };
+        let (mut conv_in, mut bn_in) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for (i, (c, bn)) in b.convs.iter().enumerate() {
+            let z = apply(c, &cur)?;
+            let y = frozen(bn, &z, i + 1 < n)?.forward(&z)?;
+            conv_in.push(std::mem::replace(&mut cur, y));
+            bn_in.push(z);
+        }
+        let (skip, downsample_bn_in) = match &b.downsample {
+            Some((c, bn)) => {
+                let z = apply(c, x)?;
+                (frozen(bn, &z, false)?.forward(&z)?, Some(z))
+            }
+            None => (x.clone(), None),
+        };
+        let out = crate::fused::add_relu(&cur, &skip).map_err(candle_core::Error::wrap)?;
+        let tape = BlockTape {
+            conv_in,
+            bn_in,
+            downsample_bn_in,
+        };
+        Ok((out, Box::new(tape)))
+    }
+
+    fn backward(
+        &self,
+        tape: Box<dyn std::any::Any + Send>,
+        x: &Tensor,
+        params: &[Tensor],
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
+        let t = tape
+            .downcast::<BlockTape>()
+            .map_err(|_| candle_core::Error::Msg("resnet block: not its tape".into()))?;
+        let b = self.block.with_params(params)?;
+        let n = b.convs.len();
+        // Through the residual ReLU: both the branch and the shortcut get `g`.
+        let g = crate::fused::relu_grad(grad, out)?;
+        let mut grads: Vec<[Tensor; 3]> = Vec::with_capacity(n + 1);
+        let mut d = g.clone();
+        for i in (0..n).rev() {
+            let (dx, pair) = pair_grads(&b.convs[i], &t.conv_in[i], &t.bn_in[i], &d, i + 1 < n)?;
+            grads.push(pair);
+            d = dx;
+        }
+        grads.reverse();
+        // `d` is the gradient of the branch's input: back through the branch map, if any.
+        let d_branch = match &self.shift {
+            Some(f) => {
+                let xv = Var::from_tensor(x)?;
+                let s = f(xv.as_tensor())?;
+                match crate::recompute::backward_from(&s, &d)?.get(xv.as_tensor()) {
+                    Some(dx) => dx.clone(),
+                    None => x.zeros_like()?,
+                }
+            }
+            None => d,
+        };
+        let d_skip = match (&b.downsample, &t.downsample_bn_in) {
+            (Some(pair), Some(z)) => {
+                let (dx, p) = pair_grads(pair, x, z, &g, false)?;
+                grads.push(p);
+                dx
+            }
+            (None, None) => g,
+            _ => candle_core::bail!("resnet block: the tape does not match the block"),
+        };
+        let dx = (d_branch + d_skip)?;
+        Ok((dx, grads.into_iter().flatten().collect()))
     }
 }
 
@@ -581,6 +730,92 @@ mod tests {
             }
             // 20 kernels, 20 BatchNorms' gain and shift, the input.
             assert_eq!(checked, 61, "branch map {}", branch.is_some());
+        }
+    }
+
+    /// The blocks' own backward ([`TapedBlock`], every block in training on the CPU) against
+    /// candle's backward through the same operations composed ([`Block::forward_plain`]):
+    /// ResNet-18 and ResNet-50 at 64 x 64 (1x1 convolutions on maps of 256 to 64 pixels and on
+    /// smaller ones, strided shortcuts), with and without a branch-input map.
+    #[test]
+    fn the_blocks_own_backward_equals_candles() {
+        use candle_core::{DType, Device, Var};
+        use candle_nn::VarMap;
+        let dev = Device::Cpu;
+        for fifty in [false, true] {
+            let vm = VarMap::new();
+            let vb = VarBuilder::from_varmap(&vm, DType::F64, &dev);
+            let net = if fifty {
+                ResNet::resnet50(vb)
+            } else {
+                ResNet::resnet18(vb)
+            }
+            .unwrap();
+            crate::init::seeded_init(&vm, 7).unwrap();
+            let x = Var::from_tensor(
+                &crate::init::seeded_randn(&[2, 3, 64, 64], 8, DType::F64, &dev).unwrap(),
+            )
+            .unwrap();
+            let shift: BranchMap = std::sync::Arc::new(|t: &Tensor| {
+                // A map that mixes positions, like TSM's shift: the gradient must go back
+                // through it.
+                let (n, c, h, w) = t.dims4()?;
+                let half = t.narrow(1, 0, c / 2)?;
+                let rest = t.narrow(1, c / 2, c - c / 2)?;
+                Tensor::cat(&[&rest, &half.affine(0.5, 0.0)?], 1)?.reshape((n, c, h, w))
+            });
+            for branch in [None, Some(&shift)] {
+                let run = |composed: bool| {
+                    let stages = if composed {
+                        let stem = crate::batchnorm::forward_relu(
+                            &net.bn1,
+                            &apply(&net.conv1, x.as_tensor()).unwrap(),
+                            true,
+                        )
+                        .unwrap();
+                        let mut h = crate::nn3d::max_pool2d(&stem, 3, 2, 1).unwrap();
+                        for layer in &net.layers {
+                            for block in layer {
+                                h = block.forward_plain(&h, branch, false).unwrap();
+                            }
+                        }
+                        h
+                    } else {
+                        net.forward_stages(x.as_tensor(), true, branch).unwrap()[3].clone()
+                    };
+                    let w = crate::init::seeded_randn(stages.dims(), 9, DType::F64, &dev).unwrap();
+                    let loss = (stages.sqr().unwrap() * w).unwrap().sum_all().unwrap();
+                    (loss.to_scalar::<f64>().unwrap(), loss.backward().unwrap())
+                };
+                let ((l1, g1), (l2, g2)) = (run(true), run(false));
+                assert!((l1 - l2).abs() <= 1e-12 * l1.abs(), "loss {l1} vs {l2}");
+                let data = vm.data().lock().unwrap();
+                let mut checked = 0;
+                for (name, v) in data.iter().chain([(&"input".to_string(), &x)]) {
+                    if name.contains("running") {
+                        continue;
+                    }
+                    let (a, b) = (
+                        g1.get(v.as_tensor()).unwrap(),
+                        g2.get(v.as_tensor()).unwrap(),
+                    );
+                    let scale = crate::tests::max_diff(a, &a.zeros_like().unwrap());
+                    let d = crate::tests::max_diff(a, b);
+                    assert!(
+                        scale > 0.0 && d <= 1e-10 * scale,
+                        "{name}: {d} (scale {scale})"
+                    );
+                    checked += 1;
+                }
+                // Kernels, BatchNorms' gains and shifts, the input.
+                let convs = if fifty { 53 } else { 20 };
+                assert_eq!(
+                    checked,
+                    3 * convs + 1,
+                    "ResNet-50 {fifty}, map {}",
+                    branch.is_some()
+                );
+            }
         }
     }
 
