@@ -72,14 +72,10 @@ pub fn recomputed(f: Function, x: &Tensor, params: &[Tensor]) -> candle_core::Re
     }
     let detached: Vec<Tensor> = params.iter().map(Tensor::detach).collect();
     let y = f(&x.detach(), &detached)?;
-    let flat = params
-        .iter()
-        .map(|p| p.flatten_all())
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let packed = Tensor::cat(&flat, 0)?;
+    let (packed, shapes) = pack(params)?;
     let node = Node {
         f,
-        shapes: params.iter().map(|p| p.shape().clone()).collect(),
+        shapes,
         out: Mutex::new(Some(y)),
         autocast: crate::nn3d::autocast_dtype(),
     };
@@ -120,16 +116,7 @@ impl CustomOp2 for Node {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let y = self.take()?;
-        let flat = y.flatten_all()?;
-        let storage = match y.dtype() {
-            DType::F32 => CpuStorage::F32(flat.to_vec1()?),
-            DType::F64 => CpuStorage::F64(flat.to_vec1()?),
-            DType::F16 => CpuStorage::F16(flat.to_vec1()?),
-            DType::BF16 => CpuStorage::BF16(flat.to_vec1()?),
-            other => candle_core::bail!("recomputed: unsupported dtype {other:?}"),
-        };
-        Ok((storage, y.shape().clone()))
+        cpu_storage(&self.take()?)
     }
 
     /// On a GPU the output is copied on the device (not verified on a GPU yet: the CPU tests
@@ -207,23 +194,22 @@ impl CustomOp2 for Node {
     }
 }
 
+/// What a [`Taped`] function's forward keeps for its backward.
+pub type Tape = Box<dyn std::any::Any + Send>;
+
 /// A function of an input and parameters with a backward of its own: what [`taped`] runs
 /// as one node of candle's graph.
 pub trait Taped: Send + Sync {
     /// The output of `f(x, params)` for inputs that track no gradient, and what
     /// [`Taped::backward`] needs.
-    fn forward(
-        &self,
-        x: &Tensor,
-        params: &[Tensor],
-    ) -> candle_core::Result<(Tensor, Box<dyn std::any::Any + Send>)>;
+    fn forward(&self, x: &Tensor, params: &[Tensor]) -> candle_core::Result<(Tensor, Tape)>;
 
     /// The gradients of the input and of every parameter (in order) for the output's
     /// gradient `grad`, given the tape [`Taped::forward`] returned on the same inputs and
     /// the output `out`.
     fn backward(
         &self,
-        tape: Box<dyn std::any::Any + Send>,
+        tape: Tape,
         x: &Tensor,
         params: &[Tensor],
         out: &Tensor,
@@ -249,21 +235,15 @@ pub fn taped(
     if !tracks || params.is_empty() || !x.device().is_cpu() {
         return Ok(y);
     }
-    let flat = params
-        .iter()
-        .map(|p| p.flatten_all())
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let packed = Tensor::cat(&flat, 0)?;
+    let (packed, shapes) = pack(params)?;
     let node = TapedNode {
         f,
-        shapes: params.iter().map(|p| p.shape().clone()).collect(),
+        shapes,
         out: Mutex::new(Some(y)),
         tape: Mutex::new((!recompute).then_some(tape)),
     };
     x.apply_op2_arc(&packed, Arc::new(Box::new(node)))
 }
-
-type Tape = Box<dyn std::any::Any + Send>;
 
 struct TapedNode {
     f: Arc<dyn Taped>,
@@ -285,14 +265,7 @@ impl CustomOp2 for TapedNode {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let y = take(&self.out)?;
-        let flat = y.flatten_all()?;
-        let storage = match y.dtype() {
-            DType::F32 => CpuStorage::F32(flat.to_vec1()?),
-            DType::F64 => CpuStorage::F64(flat.to_vec1()?),
-            other => candle_core::bail!("taped: unsupported dtype {other:?}"),
-        };
-        Ok((storage, y.shape().clone()))
+        cpu_storage(&take(&self.out)?)
     }
 
     fn bwd(
@@ -322,6 +295,30 @@ impl CustomOp2 for TapedNode {
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok((Some(dx), Some(Tensor::cat(&flat, 0)?)))
     }
+}
+
+/// `params` flattened into one tensor (a custom operation takes at most three inputs; the
+/// concatenation's backward hands every parameter its part), and their shapes.
+fn pack(params: &[Tensor]) -> candle_core::Result<(Tensor, Vec<Shape>)> {
+    let flat = params
+        .iter()
+        .map(|p| p.flatten_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let shapes = params.iter().map(|p| p.shape().clone()).collect();
+    Ok((Tensor::cat(&flat, 0)?, shapes))
+}
+
+/// A copy of the CPU tensor `y` as the storage a node's `cpu_fwd` returns.
+fn cpu_storage(y: &Tensor) -> candle_core::Result<(CpuStorage, Shape)> {
+    let flat = y.flatten_all()?;
+    let storage = match y.dtype() {
+        DType::F32 => CpuStorage::F32(flat.to_vec1()?),
+        DType::F64 => CpuStorage::F64(flat.to_vec1()?),
+        DType::F16 => CpuStorage::F16(flat.to_vec1()?),
+        DType::BF16 => CpuStorage::BF16(flat.to_vec1()?),
+        other => candle_core::bail!("recomputed: unsupported dtype {other:?}"),
+    };
+    Ok((storage, y.shape().clone()))
 }
 
 /// The tensor in `slot` (once).

@@ -279,7 +279,7 @@ impl crate::recompute::Taped for TapedBlock {
         &self,
         x: &Tensor,
         params: &[Tensor],
-    ) -> candle_core::Result<(Tensor, Box<dyn std::any::Any + Send>)> {
+    ) -> candle_core::Result<(Tensor, crate::recompute::Tape)> {
         let b = self.block.with_params(params)?;
         let n = b.convs.len();
         let mut cur = match &self.shift {
@@ -311,7 +311,7 @@ impl crate::recompute::Taped for TapedBlock {
 
     fn backward(
         &self,
-        tape: Box<dyn std::any::Any + Send>,
+        tape: crate::recompute::Tape,
         x: &Tensor,
         params: &[Tensor],
         out: &Tensor,
