@@ -479,8 +479,9 @@ fn bad_training_inputs_are_clear_errors() {
     }
     // The check measures its probe steps by what they allocate (vdg's counting allocator),
     // not by resident memory, which moved by 10-35 % between runs: two runs plan the same
-    // per-clip cost within 5 % (the parallel ops' per-thread buffers move it by 1-2 %), at
-    // least the clip's own input, and say what they measured.
+    // per-clip cost within 5 % or 1 MB (the parallel ops' per-thread buffers move it by up to
+    // 0.85 MB: 18.43-19.27 MB per clip in twelve runs since the blocks' own backward made the
+    // step smaller), at least the clip's own input, and say what they measured.
     // TSN on ResNet-18 at 96 x 96, logging at debug level (the check's figures).
     let resnet18_96 = |o: &str| -> Vec<String> {
         let mut args = train_args(d, o, &["--model", "tsn", "--epochs", "1"]);
@@ -500,11 +501,7 @@ fn bad_training_inputs_are_clear_errors() {
             .output()
             .unwrap();
         assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-        let t = text(&o);
-        let line = t
-            .lines()
-            .find(|l| l.contains("memory: a step needs about"))
-            .unwrap_or_else(|| panic!("no estimate in: {t}"));
+        let line = log_line(&o, "memory: a step needs about");
         assert!(line.contains("the allocations of probe steps"), "{line}");
         let mb: f64 = line
             .split(" MB per clip")
@@ -520,7 +517,10 @@ fn bad_training_inputs_are_clear_errors() {
         a > input_mb,
         "{a} MB per clip, the input alone is {input_mb}"
     );
-    assert!((a - b).abs() <= 0.05 * a, "{a} vs {b} MB per clip");
+    assert!(
+        (a - b).abs() <= (0.05 * a).max(1.0),
+        "{a} vs {b} MB per clip"
+    );
     // A run that fits measures its first step against the plan: what the step allocated at
     // once is within what the check planned for it (the probe, the update's buffers and the
     // loader's batches).
@@ -529,11 +529,8 @@ fn bad_training_inputs_are_clear_errors() {
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let line = log_line(&o, "memory: the first training step allocated");
     let t = text(&o);
-    let line = t
-        .lines()
-        .find(|l| l.contains("memory: the first training step allocated"))
-        .unwrap_or_else(|| panic!("no first-step line in: {t}"));
     let gb = |after: &str| -> f64 {
         line.split(after)
             .nth(1)

@@ -31,6 +31,16 @@ pub fn text(o: &Output) -> String {
     )
 }
 
+/// The first line of the CLI's output that contains `needle`; panics with the whole output
+/// if none does.
+pub fn log_line(o: &Output, needle: &str) -> String {
+    let t = text(o);
+    match t.lines().find(|l| l.contains(needle)) {
+        Some(l) => l.to_string(),
+        None => panic!("no line with {needle:?} in: {t}"),
+    }
+}
+
 /// A raw layout written by [`write_layout`]: what was encoded where.
 pub struct Layout {
     pub root: PathBuf,
