@@ -3,21 +3,24 @@
 //! head, B = 40, M = 5, FFN 1024, 12 classes, through `step::iteration`) in a loop, for
 //! profilers (BENCHMARKS.md, "The APN head as one operation").
 //!
-//! `cargo run --release --example apn_step [-- STEPS]`, or under `perf record -g`.
+//! `cargo run --release --example apn_step [-- STEPS [ada]]`, or under `perf record -g`;
+//! `ada` runs the `apn_step_ada_star` row instead (Algorithm 1, ascent on a detached twin).
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use vdg_trainer::init::{seeded_init, seeded_randn};
+use vdg_trainer::ada::{AdaConfig, AdaVariant};
+use vdg_trainer::init::{detached, seeded_init, seeded_randn};
 use vdg_trainer::models::blocks::Backbone;
 use vdg_trainer::models::{ModelConfig, ModelKind, VideoModel, build_head};
 use vdg_trainer::optim::{SgdMomentum, SgdParams};
-use vdg_trainer::step::{AdaStep, At, Updater, iteration};
+use vdg_trainer::step::{AdaStep, At, Minimisation, Updater, iteration};
 
 fn main() -> anyhow::Result<()> {
     let steps: usize = match std::env::args().nth(1) {
         Some(s) => s.parse()?,
         None => 30,
     };
+    let ada = std::env::args().nth(2).as_deref() == Some("ada");
     let device = Device::Cpu;
     let cfg = ModelConfig::default();
     let vm = VarMap::new();
@@ -30,6 +33,21 @@ fn main() -> anyhow::Result<()> {
     let x = seeded_randn(&[40, 5, 2048], 1, DType::F32, &device)?;
     let labels: Vec<u32> = (0..40u32).map(|i| i % 12).collect();
     let y = Tensor::new(labels.as_slice(), &device)?;
+    let step = if ada {
+        AdaStep {
+            targets: AdaVariant::AdaStar.targets(ModelKind::Apn)?,
+            cfg: AdaConfig::default(),
+            minimisation: Minimisation::Sequential,
+        }
+    } else {
+        AdaStep::plain()
+    };
+    let twin = || -> vdg_trainer::error::Result<VideoModel> {
+        let vb = VarBuilder::from_tensors(detached(&vm)?, DType::F32, &device);
+        let head = build_head(ModelKind::Apn, &cfg, 12, 0, vb.pp("head"))?;
+        let projection = Backbone::cached(2048, cfg.feature_dim, 0.8, vb.pp("backbone"))?;
+        Ok(VideoModel::frames(projection, head, ModelKind::Apn))
+    };
     let mut run = |n: usize| -> anyhow::Result<f64> {
         let t = std::time::Instant::now();
         for _ in 0..n {
@@ -38,15 +56,16 @@ fn main() -> anyhow::Result<()> {
                 clip_norm: 20.0,
             };
             let at = At { epoch: 0, batch: 0 };
-            iteration(&model, &mut up, &x, &y, &AdaStep::plain(), None, at)?;
+            iteration(&model, &mut up, &x, &y, &step, Some(&twin), at)?;
         }
         Ok(t.elapsed().as_secs_f64())
     };
     run(2)?;
     let secs = run(steps)?;
     println!(
-        "{:.1} clips/s ({steps} plain steps, {:.1} ms each)",
+        "{:.1} clips/s ({steps} {} steps, {:.1} ms each)",
         40.0 * steps as f64 / secs,
+        if ada { "ADA*" } else { "plain" },
         secs * 1e3 / steps as f64
     );
     Ok(())
