@@ -15,6 +15,11 @@ use vdg_trainer::models::{ModelConfig, ModelKind, VideoModel, build_head};
 use vdg_trainer::optim::{SgdMomentum, SgdParams};
 use vdg_trainer::step::{AdaStep, At, Minimisation, Updater, iteration};
 
+/// The allocator `vdg` runs with (glibc's maps and unmaps the step's large buffers).
+#[global_allocator]
+static GLOBAL: vdg_trainer::memcheck::Counting<mimalloc::MiMalloc> =
+    vdg_trainer::memcheck::Counting(mimalloc::MiMalloc);
+
 fn main() -> anyhow::Result<()> {
     let steps: usize = match std::env::args().nth(1) {
         Some(s) => s.parse()?,
