@@ -168,7 +168,7 @@ struct Normalize {
 
 /// `sum f(a[i], b[i])` (equal lengths) in eight interleaved partial sums added in a fixed
 /// order: the same value for every thread count, and a loop the compiler vectorises, where
-/// one running sum is a chain of dependent additions (a row of 256 took 4 cycles a value).
+/// one running sum is a chain of dependent additions (an addition's latency per value).
 #[inline(always)]
 fn sum8<A: Copy, B: Copy>(a: &[A], b: &[B], f: impl Fn(A, B) -> f64) -> f64 {
     let mut acc = [0.0f64; 8];
