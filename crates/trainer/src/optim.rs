@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 use candle_nn::{Optimizer, VarMap};
 use serde::{Deserialize, Serialize};
 
@@ -71,12 +71,27 @@ impl Optimizer for SgdMomentum {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
+            if let Some(b) = buf.as_ref().filter(|b| in_place(p, var.as_tensor(), g, b)) {
+                // Two passes on the storages, no new tensors; the same numbers as below.
+                b.inplace_op3(
+                    g,
+                    var.as_tensor(),
+                    &MomentumUpdate {
+                        momentum: p.momentum,
+                        weight_decay: p.weight_decay,
+                    },
+                )?;
+                var.as_tensor().inplace_op2(b, &Descend { lr: p.lr })?;
+                continue;
+            }
             let mut d = g.clone();
             if p.weight_decay != 0.0 {
                 d = (d + (var.as_tensor() * p.weight_decay)?)?;
             }
             let step = if p.momentum != 0.0 {
                 let b = match buf.take() {
+                    // A copy when `d` is the gradient itself: the buffer is updated in place.
+                    None if p.weight_decay == 0.0 => d.copy()?,
                     None => d.clone(),
                     Some(b) => ((b * p.momentum)? + &d)?,
                 };
@@ -142,11 +157,136 @@ impl SgdMomentum {
             .collect()
     }
 
-    /// Restores [`Self::state`].
-    pub fn load_state(&mut self, state: &HashMap<String, Tensor>) {
+    /// Restores [`Self::state`] (copies: the buffers are updated in place).
+    pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
         for ((n, _), b) in self.vars.iter().zip(self.buffers.iter_mut()) {
-            *b = state.get(&format!("momentum.{n}")).cloned();
+            *b = state
+                .get(&format!("momentum.{n}"))
+                .map(Tensor::copy)
+                .transpose()?;
         }
+        Ok(())
+    }
+}
+
+/// Whether a step of `var` can run as [`MomentumUpdate`] and [`Descend`] on the storages:
+/// plain momentum, contiguous float32/float64 tensors of one shape on the CPU.
+fn in_place(p: SgdParams, var: &Tensor, g: &Tensor, b: &Tensor) -> bool {
+    let ts = [var, g, b];
+    p.momentum != 0.0
+        && !p.nesterov
+        && ts.iter().all(|t| {
+            t.device().is_cpu()
+                && t.is_contiguous()
+                && t.dims() == var.dims()
+                && t.dtype() == var.dtype()
+                && matches!(t.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+        })
+}
+
+/// `buf = momentum * buf + (grad + weight_decay * p)` on `buf`'s storage, in the order and
+/// precision of the composed candle ops (`t * a` is candle's `affine`, `t * a + 0` in the
+/// tensor's type; `+ 0.0` kept: it turns -0 into +0 as candle's does), so the numbers are the
+/// same bits.
+struct MomentumUpdate {
+    momentum: f64,
+    weight_decay: f64,
+}
+
+/// `p = p - (lr * buf)`, as the composed ops compute it.
+struct Descend {
+    lr: f64,
+}
+
+fn contiguous<'a, T>(v: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("sgd: a non-contiguous tensor"),
+    }
+}
+
+fn contiguous_mut<'a, T>(v: &'a mut [T], l: &Layout) -> candle_core::Result<&'a mut [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&mut v[a..b]),
+        None => candle_core::bail!("sgd: a non-contiguous tensor"),
+    }
+}
+
+fn momentum_update<T: candle_core::WithDType>(b: &mut [T], g: &[T], p: &[T], m: f64, wd: f64) {
+    // As `step`: no decay term at all when the decay is 0 (`g + 0` would turn -0 into +0).
+    let decay = wd != 0.0;
+    let (m, wd, zero) = (T::from_f64(m), T::from_f64(wd), T::zero());
+    for ((b, &g), &p) in b.iter_mut().zip(g).zip(p) {
+        let d = if decay { g + (p * wd + zero) } else { g };
+        *b = (*b * m + zero) + d;
+    }
+}
+
+fn descend<T: candle_core::WithDType>(p: &mut [T], b: &[T], lr: f64) {
+    let (lr, zero) = (T::from_f64(lr), T::zero());
+    for (p, &b) in p.iter_mut().zip(b) {
+        *p = *p - (b * lr + zero);
+    }
+}
+
+impl InplaceOp3 for MomentumUpdate {
+    fn name(&self) -> &'static str {
+        "vdg-sgd-momentum"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        let (m, wd) = (self.momentum, self.weight_decay);
+        match (s1, s2, s3) {
+            (CpuStorage::F32(b), CpuStorage::F32(g), CpuStorage::F32(p)) => momentum_update(
+                contiguous_mut(b, l1)?,
+                contiguous(g, l2)?,
+                contiguous(p, l3)?,
+                m,
+                wd,
+            ),
+            (CpuStorage::F64(b), CpuStorage::F64(g), CpuStorage::F64(p)) => momentum_update(
+                contiguous_mut(b, l1)?,
+                contiguous(g, l2)?,
+                contiguous(p, l3)?,
+                m,
+                wd,
+            ),
+            _ => candle_core::bail!("{}: float32 or float64 only", self.name()),
+        }
+        Ok(())
+    }
+}
+
+impl InplaceOp2 for Descend {
+    fn name(&self) -> &'static str {
+        "vdg-sgd-descend"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        match (s1, s2) {
+            (CpuStorage::F32(p), CpuStorage::F32(b)) => {
+                descend(contiguous_mut(p, l1)?, contiguous(b, l2)?, self.lr)
+            }
+            (CpuStorage::F64(p), CpuStorage::F64(b)) => {
+                descend(contiguous_mut(p, l1)?, contiguous(b, l2)?, self.lr)
+            }
+            _ => candle_core::bail!("{}: float32 or float64 only", self.name()),
+        }
+        Ok(())
     }
 }
 
@@ -213,6 +353,71 @@ mod tests {
         assert!((v[0] - 0.717301).abs() < 1e-12, "{v:?}");
         assert!((v[1] + 2.0 * 0.717301).abs() < 1e-12, "{v:?}");
         let _ = DType::F64;
+    }
+
+    /// The in-place path (every step after the first) gives the bits of candle's composed
+    /// ops, float32, with and without decay, on values that include -0.
+    #[test]
+    fn the_in_place_step_equals_the_composed_ops_bit_for_bit() {
+        let dev = Device::Cpu;
+        for weight_decay in [5e-4, 0.0] {
+            let params = SgdParams {
+                lr: 0.01,
+                momentum: 0.9,
+                weight_decay,
+                nesterov: false,
+            };
+            let init: Vec<f32> = (0..67)
+                .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.1)
+                .collect();
+            let mut init = init;
+            init[3] = -0.0;
+            let var = Var::from_tensor(&Tensor::new(init.as_slice(), &dev).unwrap()).unwrap();
+            let mut opt = SgdMomentum::new(vec![var.clone()], params).unwrap();
+            // The reference: the composed ops of `step`, written out.
+            let mut p = Tensor::new(init.as_slice(), &dev).unwrap();
+            let mut buf: Option<Tensor> = None;
+            for k in 0..5 {
+                let mut gv: Vec<f32> = (0..67)
+                    .map(|i| ((i * 13 + k * 7) % 17) as f32 * 0.37 - 2.9)
+                    .collect();
+                gv[5] = -0.0;
+                gv[6] = if k % 2 == 0 { -0.0 } else { 0.0 };
+                let g = Tensor::new(gv.as_slice(), &dev).unwrap();
+                // A GradStore holding exactly `g` (with its -0s) for the variable.
+                let loss = var.as_tensor().sum_all().unwrap();
+                let mut grads = loss.backward().unwrap();
+                grads.insert(var.as_tensor(), g.clone());
+                opt.step(&grads).unwrap();
+                let mut d = g.clone();
+                if weight_decay != 0.0 {
+                    d = (d + (&p * weight_decay).unwrap()).unwrap();
+                }
+                let b = match buf.take() {
+                    None => d.clone(),
+                    Some(b) => ((b * 0.9).unwrap() + &d).unwrap(),
+                };
+                p = (&p - (&b * 0.01).unwrap()).unwrap();
+                buf = Some(b);
+                let bits = |t: &Tensor| -> Vec<u32> {
+                    t.to_vec1::<f32>()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect()
+                };
+                assert_eq!(
+                    bits(var.as_tensor()),
+                    bits(&p),
+                    "step {k}, decay {weight_decay}"
+                );
+                assert_eq!(
+                    bits(opt.state().values().next().unwrap()),
+                    bits(buf.as_ref().unwrap()),
+                    "step {k}, decay {weight_decay}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -756,7 +756,7 @@ pub fn train_with(
             state = checkpoint::read_state(&ckpt)?;
             let mut vm_mut = vm.clone();
             vm_mut.load(ckpt.join(checkpoint::WEIGHTS))?;
-            opt.load_state(&checkpoint::read_optim(&ckpt, &device)?);
+            opt.load_state(&checkpoint::read_optim(&ckpt, &device)?)?;
             RngSnapshot::from_parts(state.dropout_rng, state.sampler_rng).restore(&model);
             tracing::info!("member {index}: resuming after epoch {epoch}");
         }
