@@ -225,7 +225,7 @@ fn momentum_update<T: candle_core::WithDType>(b: &mut [T], g: &[T], p: &[T], m: 
 fn descend<T: candle_core::WithDType>(p: &mut [T], b: &[T], lr: f64) {
     let (lr, zero) = (T::from_f64(lr), T::zero());
     for (p, &b) in p.iter_mut().zip(b) {
-        *p = *p - (b * lr + zero);
+        *p -= b * lr + zero;
     }
 }
 
