@@ -7,7 +7,9 @@
 //! p  -= lr * (nesterov ? d + momentum * buf : buf)
 //! ```
 //!
-//! Its state (one momentum buffer per named parameter) is saved with checkpoints.
+//! Its state (one momentum buffer per named parameter) is saved with checkpoints. On the CPU
+//! every step after the first updates the buffer and the parameter in place, two passes in
+//! the composed ops' arithmetic (the same bits).
 
 use std::collections::HashMap;
 
