@@ -95,6 +95,18 @@ pub(crate) fn contiguous<'a, T>(
     }
 }
 
+/// [`contiguous`] for an in-place op's destination.
+pub(crate) fn contiguous_mut<'a, T>(
+    v: &'a mut [T],
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a mut [T]> {
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&mut v[a..b]),
+        None => candle_core::bail!("{what}: input must be contiguous"),
+    }
+}
+
 /// Target entries of one block's column buffer (1 MB of float32: half a core's L2 on the
 /// machines measured in BENCHMARKS.md).
 const BLOCK_FLOATS: usize = 1 << 18;

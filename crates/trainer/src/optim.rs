@@ -201,17 +201,11 @@ struct Descend {
 }
 
 fn contiguous<'a, T>(v: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("sgd: a non-contiguous tensor"),
-    }
+    crate::im2col::contiguous(v, l, "sgd")
 }
 
 fn contiguous_mut<'a, T>(v: &'a mut [T], l: &Layout) -> candle_core::Result<&'a mut [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&mut v[a..b]),
-        None => candle_core::bail!("sgd: a non-contiguous tensor"),
-    }
+    crate::im2col::contiguous_mut(v, l, "sgd")
 }
 
 fn momentum_update<T: candle_core::WithDType>(b: &mut [T], g: &[T], p: &[T], m: f64, wd: f64) {
