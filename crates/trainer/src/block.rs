@@ -140,24 +140,47 @@ impl Packing {
         out
     }
 
-    /// `p` with every weight `[out, in]` transposed to `[in, out]` in place of it.
+    /// `p` with every weight `[out, in]` transposed to `[in, out]` in place of it, the
+    /// weights and the values between them copied on rayon's threads.
     fn transpose_weights<T: Real>(&self, cfg: &AttentionConfig, p: &[T]) -> Vec<T> {
-        const TILE: usize = 16;
-        let mut t = p.to_vec();
-        for (at, o, i) in self.weights(cfg) {
-            let (src, dst) = (&p[at..at + o * i], &mut t[at..at + o * i]);
-            // Tiles keep both sides in cache.
-            for r0 in (0..o).step_by(TILE) {
-                for c0 in (0..i).step_by(TILE) {
-                    for r in r0..(r0 + TILE).min(o) {
-                        for c in c0..(c0 + TILE).min(i) {
-                            dst[c * o + r] = src[r * i + c];
-                        }
-                    }
+        let mut t = vec![T::zero(); p.len()];
+        let mut weights = self.weights(cfg);
+        weights.sort_unstable_by_key(|&(at, ..)| at);
+        // `t` cut into the weights and the runs of values between them.
+        let mut jobs = Vec::with_capacity(2 * weights.len() + 1);
+        let (mut rest, mut at) = (&mut t[..], 0);
+        for (w_at, o, i) in weights {
+            let (gap, tail) = rest.split_at_mut(w_at - at);
+            let (weight, tail) = tail.split_at_mut(o * i);
+            jobs.push((at, gap, None));
+            jobs.push((w_at, weight, Some((o, i))));
+            (rest, at) = (tail, w_at + o * i);
+        }
+        jobs.push((at, rest, None));
+        jobs.into_par_iter()
+            .for_each(|(at, dst, shape)| match shape {
+                Some((o, i)) => transpose(&p[at..at + o * i], dst, (o, i)),
+                None => dst.copy_from_slice(&p[at..at + dst.len()]),
+            });
+        t
+    }
+}
+
+/// `dst [i, o]` = the transpose of `src [o, i]`, in square tiles. Each tile is written a
+/// destination row at a time: walking the source rows instead writes `o` values apart, and at
+/// `o = 1024` (a power of two; the feed-forward layers' first weight) those stores fall into
+/// the same few cache sets, 5-6 times slower (BENCHMARKS.md, "The serial part of the step").
+fn transpose<T: Copy>(src: &[T], dst: &mut [T], (o, i): (usize, usize)) {
+    const TILE: usize = 32;
+    for r0 in (0..o).step_by(TILE) {
+        let r1 = (r0 + TILE).min(o);
+        for c0 in (0..i).step_by(TILE) {
+            for c in c0..(c0 + TILE).min(i) {
+                for (d, r) in dst[c * o + r0..c * o + r1].iter_mut().zip(r0..r1) {
+                    *d = src[r * i + c];
                 }
             }
         }
-        t
     }
 }
 
@@ -1357,6 +1380,44 @@ mod tests {
     use crate::init::{detached, seeded_init, seeded_randn};
     use crate::nn::{AttentionBlock, AttentionConfig, seed_dropout};
     use crate::tests::max_diff;
+
+    /// The transposed copy: every weight `[out, in]` as `[in, out]`, every other value as it
+    /// was, at widths below, at and across the tile size.
+    #[test]
+    fn transposing_the_packed_weights_moves_each_weight_and_keeps_the_rest() {
+        for (width, ff_width) in [(12, 20), (32, 64), (40, 100)] {
+            let cfg = AttentionConfig {
+                width,
+                heads: 4,
+                ff_width,
+                dropout: 0.0,
+            };
+            let at = super::Packing::new(&cfg);
+            let p: Vec<f32> = (0..at.len).map(|v| v as f32).collect();
+            let t = at.transpose_weights(&cfg, &p);
+            let mut moved = vec![false; at.len];
+            for (w, o, i) in at.weights(&cfg) {
+                for r in 0..o {
+                    for c in 0..i {
+                        assert_eq!(t[w + c * o + r], p[w + r * i + c], "{width}: ({r}, {c})");
+                        moved[w + r * i + c] = true;
+                    }
+                }
+            }
+            let kept = (0..at.len).filter(|&k| !moved[k]);
+            assert!(
+                kept.clone().all(|k| t[k] == p[k]),
+                "{width}: a bias or gain moved"
+            );
+            // Per attention layer three biases, a gain and a shift; per feed-forward layer two
+            // biases, a gain and a shift.
+            assert_eq!(
+                kept.count(),
+                3 * 5 * width + 2 * (ff_width + 3 * width),
+                "{width}"
+            );
+        }
+    }
 
     /// The fused block against the block composed from its layers: the same values and the
     /// same gradients for both inputs and every parameter, in float64 (1e-11) and float32
