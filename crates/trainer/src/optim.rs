@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 use candle_nn::{Optimizer, VarMap};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
@@ -208,21 +209,42 @@ fn contiguous_mut<'a, T>(v: &'a mut [T], l: &Layout) -> candle_core::Result<&'a 
     crate::im2col::contiguous_mut(v, l, "sgd")
 }
 
+/// Values per task when a step runs on rayon's threads. Every value is updated on its own,
+/// so the result does not depend on how the slices are cut or on the number of threads.
+const CHUNK: usize = 1 << 15;
+
 fn momentum_update<T: candle_core::WithDType>(b: &mut [T], g: &[T], p: &[T], m: f64, wd: f64) {
     // As `step`: no decay term at all when the decay is 0 (`g + 0` would turn -0 into +0).
     let decay = wd != 0.0;
     let (m, wd, zero) = (T::from_f64(m), T::from_f64(wd), T::zero());
-    for ((b, &g), &p) in b.iter_mut().zip(g).zip(p) {
-        let d = if decay { g + (p * wd + zero) } else { g };
-        *b = (*b * m + zero) + d;
+    let run = |b: &mut [T], g: &[T], p: &[T]| {
+        for ((b, &g), &p) in b.iter_mut().zip(g).zip(p) {
+            let d = if decay { g + (p * wd + zero) } else { g };
+            *b = (*b * m + zero) + d;
+        }
+    };
+    if b.len() <= CHUNK {
+        return run(b, g, p);
     }
+    b.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK))
+        .zip(p.par_chunks(CHUNK))
+        .for_each(|((b, g), p)| run(b, g, p));
 }
 
 fn descend<T: candle_core::WithDType>(p: &mut [T], b: &[T], lr: f64) {
     let (lr, zero) = (T::from_f64(lr), T::zero());
-    for (p, &b) in p.iter_mut().zip(b) {
-        *p -= b * lr + zero;
+    let run = |p: &mut [T], b: &[T]| {
+        for (p, &b) in p.iter_mut().zip(b) {
+            *p -= b * lr + zero;
+        }
+    };
+    if p.len() <= CHUNK {
+        return run(p, b);
     }
+    p.par_chunks_mut(CHUNK)
+        .zip(b.par_chunks(CHUNK))
+        .for_each(|(p, b)| run(p, b));
 }
 
 impl InplaceOp3 for MomentumUpdate {
@@ -352,18 +374,20 @@ mod tests {
     }
 
     /// The in-place path (every step after the first) gives the bits of candle's composed
-    /// ops, float32, with and without decay, on values that include -0.
+    /// ops, float32, with and without decay, on values that include -0, on one thread and cut
+    /// into chunks.
     #[test]
     fn the_in_place_step_equals_the_composed_ops_bit_for_bit() {
         let dev = Device::Cpu;
-        for weight_decay in [5e-4, 0.0] {
+        // One slice, and one cut into tasks on rayon's threads.
+        for (n, weight_decay) in [(67usize, 5e-4), (67, 0.0), (2 * super::CHUNK + 5, 5e-4)] {
             let params = SgdParams {
                 lr: 0.01,
                 momentum: 0.9,
                 weight_decay,
                 nesterov: false,
             };
-            let init: Vec<f32> = (0..67)
+            let init: Vec<f32> = (0..n)
                 .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.1)
                 .collect();
             let mut init = init;
@@ -374,7 +398,7 @@ mod tests {
             let mut p = Tensor::new(init.as_slice(), &dev).unwrap();
             let mut buf: Option<Tensor> = None;
             for k in 0..5 {
-                let mut gv: Vec<f32> = (0..67)
+                let mut gv: Vec<f32> = (0..n)
                     .map(|i| ((i * 13 + k * 7) % 17) as f32 * 0.37 - 2.9)
                     .collect();
                 gv[5] = -0.0;
@@ -405,12 +429,12 @@ mod tests {
                 assert_eq!(
                     bits(var.as_tensor()),
                     bits(&p),
-                    "step {k}, decay {weight_decay}"
+                    "{n} values, step {k}, decay {weight_decay}"
                 );
                 assert_eq!(
                     bits(opt.state().values().next().unwrap()),
                     bits(buf.as_ref().unwrap()),
-                    "step {k}, decay {weight_decay}"
+                    "{n} values, step {k}, decay {weight_decay}"
                 );
             }
         }
