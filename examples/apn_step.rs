@@ -53,25 +53,40 @@ fn main() -> anyhow::Result<()> {
         let projection = Backbone::cached(2048, cfg.feature_dim, 0.8, vb.pp("backbone"))?;
         Ok(VideoModel::frames(projection, head, ModelKind::Apn))
     };
-    let mut run = |n: usize| -> anyhow::Result<f64> {
-        let t = std::time::Instant::now();
+    // Every step's time: on a shared machine the median and the fastest quarter say more
+    // than the mean.
+    let mut run = |n: usize| -> anyhow::Result<Vec<f64>> {
+        let mut times = Vec::with_capacity(n);
         for _ in 0..n {
+            let t = std::time::Instant::now();
             let mut up = Updater {
                 opt: &mut opt,
                 clip_norm: 20.0,
             };
             let at = At { epoch: 0, batch: 0 };
             iteration(&model, &mut up, &x, &y, &step, Some(&twin), at)?;
+            times.push(t.elapsed().as_secs_f64());
         }
-        Ok(t.elapsed().as_secs_f64())
+        Ok(times)
     };
     run(2)?;
-    let secs = run(steps)?;
+    let mut times = run(steps)?;
+    let secs: f64 = times.iter().sum();
+    if std::env::var_os("APN_STEP_TIMES").is_some() {
+        let ms: Vec<String> = times.iter().map(|t| format!("{:.0}", t * 1e3)).collect();
+        println!("{}", ms.join(" "));
+    }
+    times.sort_by(f64::total_cmp);
+    let (median, quartile) = (times[steps / 2], times[steps / 4]);
     println!(
-        "{:.1} clips/s ({steps} {} steps, {:.1} ms each)",
+        "{:.1} clips/s ({steps} {} steps, {:.1} ms each; median {:.1} ms = {:.1} clips/s, \
+         first quartile {:.1} ms)",
         40.0 * steps as f64 / secs,
         if ada { "ADA*" } else { "plain" },
-        secs * 1e3 / steps as f64
+        secs * 1e3 / steps as f64,
+        median * 1e3,
+        40.0 / median,
+        quartile * 1e3
     );
     Ok(())
 }
