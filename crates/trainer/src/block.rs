@@ -209,7 +209,9 @@ impl Packed {
         }
     }
 
-    /// The packed parameters `[P]`.
+    /// The packed parameters: `[P / W, W]`, rows of the model width `W` (`[P]` where a
+    /// parameter's size is not a multiple of `W`), in either case the values of one flat
+    /// vector in the order of `AttentionBlock::pack`.
     pub fn tensor(&self) -> &Tensor {
         &self.tensor
     }
@@ -412,7 +414,10 @@ impl Engine {
     /// Whether the packed parameters and the width fit this configuration.
     fn fits(&self, w: usize, lp: &Layout) -> bool {
         let h = self.cfg.heads;
-        w == self.cfg.width && h > 0 && w.is_multiple_of(h) && lp.dims() == [self.at.len]
+        w == self.cfg.width
+            && h > 0
+            && w.is_multiple_of(h)
+            && lp.shape().elem_count() == self.at.len
     }
 
     /// The packed parameters with transposed weights, made once per packing.
@@ -1517,6 +1522,23 @@ mod tests {
         let block = AttentionBlock::new(cfg, vb).unwrap();
         seeded_init(&vm, 2).unwrap();
         (vm, cfg, block)
+    }
+
+    /// The packed parameters are rows of the width holding the values of the flat
+    /// concatenation, in order, where every parameter's size is a multiple of the width.
+    #[test]
+    fn packing_in_rows_keeps_the_flat_order() {
+        let (_vm, cfg, block) = small_block(DType::F32);
+        let x = Tensor::zeros((2, 3, 8), DType::F32, &Device::Cpu).unwrap();
+        let packed = block.pack(&x).unwrap().unwrap();
+        let len = super::Packing::new(&cfg).len;
+        assert_eq!(packed.tensor().dims(), [len / cfg.width, cfg.width]);
+        let flat: Vec<f32> = packed.tensor().flatten_all().unwrap().to_vec1().unwrap();
+        let mut want = Vec::new();
+        for t in block.parameters() {
+            want.extend(t.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        }
+        assert_eq!(flat, want);
     }
 
     /// On a detached copy of the weights (ADA's ascent) the block gives the input's gradient

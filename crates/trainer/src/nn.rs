@@ -331,19 +331,27 @@ impl AttentionBlock {
         })
     }
 
-    /// The block's parameters as one flat tensor for the fused block (one concatenation; its
-    /// gradient flows back to every parameter), or `None` where the fused block does not run
+    /// The parameters in the order they are packed: per layer (encoder self-attention and
+    /// feed-forward, decoder self-attention, cross-attention and feed-forward) weight then
+    /// bias per linear layer, then the norm's gain and shift.
+    pub(crate) fn parameters(&self) -> Vec<&Tensor> {
+        let mut parts = self.enc_self.parameters();
+        parts.extend(self.enc_ff.parameters());
+        parts.extend(self.dec_self.parameters());
+        parts.extend(self.dec_cross.parameters());
+        parts.extend(self.dec_ff.parameters());
+        parts
+    }
+
+    /// The block's parameters as one tensor for the fused block (one concatenation, in rows
+    /// of the model width; its gradient flows back to every parameter), or `None` where the fused block does not run
     /// for inputs like `like` (another device or dtype). A model that calls the block several
     /// times per forward packs once and passes the result to [`AttentionBlock::forward_with`].
     /// Constant parameters are packed once and kept: a block on detached copies of variables
     /// (which share their storage) must not outlive an update of those variables (`vdg
     /// train` makes a fresh twin for every ascent and every evaluation).
     pub fn pack(&self, like: &Tensor) -> candle_core::Result<Option<crate::block::Packed>> {
-        let mut parts = self.enc_self.parameters();
-        parts.extend(self.enc_ff.parameters());
-        parts.extend(self.dec_self.parameters());
-        parts.extend(self.dec_cross.parameters());
-        parts.extend(self.dec_ff.parameters());
+        let parts = self.parameters();
         let expected = crate::block::Packing::new(&self.cfg).len;
         if !crate::attention::supported(like)
             || parts
@@ -353,12 +361,23 @@ impl AttentionBlock {
         {
             return Ok(None);
         }
+        // Rows of the model width, concatenated: the same values in the same order as one
+        // flat vector. The weights that already have rows of that width enter the
+        // concatenation as they are; a flattened weight would add a reshape to the graph,
+        // and with it a zero-filled gradient buffer and an addition over every value in
+        // backward (BENCHMARKS.md, "The serial part of the step").
+        let w = self.cfg.width;
+        let rows = parts.iter().all(|t| t.elem_count() % w == 0);
         let make = || -> candle_core::Result<crate::block::Packed> {
-            let flat = parts
+            let pieces = parts
                 .iter()
-                .map(|t| t.flatten_all())
+                .map(|t| match t.dims() {
+                    _ if !rows => t.flatten_all(),
+                    [_, c] if *c == w => Ok((*t).clone()),
+                    _ => t.reshape(((), w)),
+                })
                 .collect::<candle_core::Result<Vec<_>>>()?;
-            Ok(crate::block::Packed::new(Tensor::cat(&flat, 0)?))
+            Ok(crate::block::Packed::new(Tensor::cat(&pieces, 0)?))
         };
         if parts.iter().any(|t| t.track_op()) {
             return make().map(Some);
