@@ -150,25 +150,46 @@ impl candle_core::CustomOp1 for Dropout {
 /// below `keep`; the words are drawn a block at a time (`Rng::fill`, the same words in the
 /// same order as one `random::<f32>()` per value, which leaves the RNG at the same position)
 /// and turned into floats the way `rand` does, `(word >> 8) * 2^-24`, in a loop that
-/// vectorises (drawing one value at a time was 3-4 % of an APN training step).
+/// vectorises (drawing one value at a time was 3-4 % of an APN training step). Long masks
+/// are cut into spans drawn on rayon's threads, each from a copy of the RNG set to the
+/// span's first word (ChaCha's stream is seekable): the same words, and the RNG is left
+/// after the last one.
 pub fn dropout_mask(n: usize, p: f32, train: bool) -> Option<Vec<f32>> {
-    /// Words drawn per block: small enough to stay in the L1 cache.
-    const BLOCK: usize = 1024;
+    use rayon::prelude::*;
+    /// Values per span drawn on one thread.
+    const SPAN: usize = 1 << 16;
     if !train || p <= 0.0 {
         return None;
     }
     let keep = 1.0 - p;
     let mut mask = vec![0f32; n];
-    let mut words = [0u32; BLOCK];
     DROPOUT_RNG.with(|r| {
         let mut r = r.borrow_mut();
-        for out in mask.chunks_mut(BLOCK) {
-            let words = &mut words[..out.len()];
-            r.fill(words);
-            multipliers(words, keep, out);
+        if n <= SPAN {
+            return draw_multipliers(&mut r, keep, &mut mask);
         }
+        let start = r.get_word_pos();
+        let base = r.clone();
+        mask.par_chunks_mut(SPAN).enumerate().for_each(|(i, out)| {
+            let mut rng = base.clone();
+            rng.set_word_pos(start + (i * SPAN) as u128);
+            draw_multipliers(&mut rng, keep, out);
+        });
+        r.set_word_pos(start + n as u128);
     });
     Some(mask)
+}
+
+/// Fills `out` with multipliers drawn from `rng`, a block of words at a time.
+fn draw_multipliers(rng: &mut ChaCha8Rng, keep: f32, out: &mut [f32]) {
+    /// Words drawn per block: small enough to stay in the L1 cache.
+    const BLOCK: usize = 1024;
+    let mut words = [0u32; BLOCK];
+    for out in out.chunks_mut(BLOCK) {
+        let words = &mut words[..out.len()];
+        rng.fill(words);
+        multipliers(words, keep, out);
+    }
 }
 
 /// `out[i]` = `1/keep` where the uniform float of `words[i]` is below `keep`, else 0 (its own
@@ -593,8 +614,9 @@ mod tests {
         for (seed, p) in [(3u64, 0.5f32), (4, 0.8), (5, 0.1), (6, 0.999)] {
             seed_dropout(seed);
             let mut reference = ChaCha8Rng::seed_from_u64(seed);
-            // Lengths below, at and across the block size, in a row (the RNG carries on).
-            for n in [1usize, 7, 1023, 1024, 1025, 5000, 0, 3] {
+            // Lengths below, at and across the block size and the span drawn on one thread,
+            // in a row (the RNG carries on).
+            for n in [1usize, 7, 1023, 1024, 1025, 5000, 0, 3, 200_003, 65_536, 9] {
                 let got = dropout_mask(n, p, true).expect("training draws a mask");
                 assert_eq!(got, one_at_a_time(&mut reference, n, p), "n {n}, p {p}");
                 assert_eq!(dropout_state().1, reference.get_word_pos(), "n {n}, p {p}");
