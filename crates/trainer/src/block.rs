@@ -143,7 +143,7 @@ impl Packing {
     /// `p` with every weight `[out, in]` transposed to `[in, out]` in place of it, the
     /// weights and the values between them copied on rayon's threads.
     fn transpose_weights<T: Real>(&self, cfg: &AttentionConfig, p: &[T]) -> Vec<T> {
-        let mut t = vec![T::zero(); p.len()];
+        let mut t = spare_buffer(p.len());
         let mut weights = self.weights(cfg);
         weights.sort_unstable_by_key(|&(at, ..)| at);
         // `t` cut into the weights and the runs of values between them.
@@ -199,6 +199,45 @@ pub struct Packed {
 struct Transposed {
     f32: OnceLock<Vec<f32>>,
     f64: OnceLock<Vec<f64>>,
+}
+
+/// Float32 buffers of dropped transposed copies, for the next copy of the same size: every
+/// training forward makes one (6.5 MB for APN's block), and a fresh zero-filled buffer cost
+/// more than the transposition itself in fresh pages (BENCHMARKS.md, "The serial part of the
+/// step"). At most [`SPARES`] are kept.
+static SPARE: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
+
+/// Buffers [`SPARE`] keeps.
+const SPARES: usize = 4;
+
+impl Drop for Transposed {
+    fn drop(&mut self) {
+        if let (Some(t), Ok(mut spare)) = (self.f32.take(), SPARE.lock())
+            && spare.len() < SPARES
+        {
+            spare.push(t);
+        }
+    }
+}
+
+/// A buffer of `len` values whose contents the caller overwrites: a spare one of that size
+/// when there is one, else zeros.
+fn spare_buffer<T: Real>(len: usize) -> Vec<T> {
+    let reused = SPARE.lock().ok().and_then(|mut spare| {
+        let at = spare.iter().position(|b| b.len() == len)?;
+        let b: Box<dyn Any> = Box::new(spare.swap_remove(at));
+        // Only a float32 buffer can be taken for `T`; a float64 one is made below.
+        match b.downcast::<Vec<T>>() {
+            Ok(b) => Some(*b),
+            Err(b) => {
+                if let Ok(b) = b.downcast::<Vec<f32>>() {
+                    spare.push(*b);
+                }
+                None
+            }
+        }
+    });
+    reused.unwrap_or_else(|| vec![T::zero(); len])
 }
 
 impl Packed {
@@ -1387,7 +1426,7 @@ mod tests {
     use crate::tests::max_diff;
 
     /// The transposed copy: every weight `[out, in]` as `[in, out]`, every other value as it
-    /// was, at widths below, at and across the tile size.
+    /// was, at widths below, at and across the tile size, also in a reused buffer.
     #[test]
     fn transposing_the_packed_weights_moves_each_weight_and_keeps_the_rest() {
         for (width, ff_width) in [(12, 20), (32, 64), (40, 100)] {
@@ -1399,6 +1438,8 @@ mod tests {
             };
             let at = super::Packing::new(&cfg);
             let p: Vec<f32> = (0..at.len).map(|v| v as f32).collect();
+            // A spare buffer of NaNs: every value must be written over.
+            super::SPARE.lock().unwrap().push(vec![f32::NAN; at.len]);
             let t = at.transpose_weights(&cfg, &p);
             let mut moved = vec![false; at.len];
             for (w, o, i) in at.weights(&cfg) {
