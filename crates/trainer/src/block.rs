@@ -169,7 +169,8 @@ impl Packing {
 /// `dst [i, o]` = the transpose of `src [o, i]`, in square tiles. Each tile is written a
 /// destination row at a time: walking the source rows instead writes `o` values apart, and at
 /// `o = 1024` (a power of two; the feed-forward layers' first weight) those stores fall into
-/// the same few cache sets, 5-6 times slower (BENCHMARKS.md, "The serial part of the step").
+/// the same few cache sets, 5-6 times slower (BENCHMARKS.md, "The serial part of the APN
+/// step").
 fn transpose<T: Copy>(src: &[T], dst: &mut [T], (o, i): (usize, usize)) {
     const TILE: usize = 32;
     for r0 in (0..o).step_by(TILE) {
@@ -203,8 +204,8 @@ struct Transposed {
 
 /// Float32 buffers of dropped transposed copies, for the next copy of the same size: every
 /// training forward makes one (6.5 MB for APN's block), and a fresh zero-filled buffer cost
-/// more than the transposition itself in fresh pages (BENCHMARKS.md, "The serial part of the
-/// step"). At most [`SPARES`] are kept.
+/// about as much as the transposition itself in fresh pages (BENCHMARKS.md, "The serial part
+/// of the APN step"). At most [`SPARES`] are kept.
 static SPARE: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
 
 /// Buffers [`SPARE`] keeps.

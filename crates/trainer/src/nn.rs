@@ -80,10 +80,11 @@ pub fn set_dropout_state(seed: [u8; 32], word_pos: u128) {
 
 /// Inverted dropout with a seeded mask; a no-op outside training.
 ///
-/// On the CPU one op, [`Dropout`]: candle's product `x * mask` would, in backward, also
+/// On the CPU one op, `Dropout`: candle's product `x * mask` would, in backward, also
 /// compute the constant mask's gradient (a product, a zero-filled buffer and an addition
 /// over every value: on ADA's ascent, which takes the input's gradient through the
-/// projection's dropout on 2048-d features, 2-3 % of a step). Elsewhere the product.
+/// projection's dropout on 2048-d features, about 5 % of an ADA* step). Elsewhere the
+/// product.
 pub fn dropout(x: &Tensor, p: f32, train: bool) -> candle_core::Result<Tensor> {
     let Some(mask) = dropout_mask(x.elem_count(), p, train) else {
         return Ok(x.clone());
@@ -442,7 +443,7 @@ impl AttentionBlock {
         // flat vector. The weights that already have rows of that width enter the
         // concatenation as they are; a flattened weight would add a reshape to the graph,
         // and with it a zero-filled gradient buffer and an addition over every value in
-        // backward (BENCHMARKS.md, "The serial part of the step").
+        // backward (BENCHMARKS.md, "The serial part of the APN step").
         let w = self.cfg.width;
         let rows = parts.iter().all(|t| t.elem_count() % w == 0);
         let make = || -> candle_core::Result<crate::block::Packed> {
