@@ -422,12 +422,13 @@ impl AttentionBlock {
     }
 
     /// The block's parameters as one tensor for the fused block (one concatenation, in rows
-    /// of the model width; its gradient flows back to every parameter), or `None` where the fused block does not run
-    /// for inputs like `like` (another device or dtype). A model that calls the block several
-    /// times per forward packs once and passes the result to [`AttentionBlock::forward_with`].
-    /// Constant parameters are packed once and kept: a block on detached copies of variables
-    /// (which share their storage) must not outlive an update of those variables (`vdg
-    /// train` makes a fresh twin for every ascent and every evaluation).
+    /// of the model width; its gradient flows back to every parameter), or `None` where the
+    /// fused block does not run for inputs like `like` (another device or dtype). A model
+    /// that calls the block several times per forward packs once and passes the result to
+    /// [`AttentionBlock::forward_with`]. Constant parameters are packed once and kept: a
+    /// block on detached copies of variables (which share their storage) must not outlive
+    /// an update of those variables (`vdg train` makes a fresh twin for every ascent and
+    /// every evaluation).
     pub fn pack(&self, like: &Tensor) -> candle_core::Result<Option<crate::block::Packed>> {
         let parts = self.parameters();
         let expected = crate::block::Packing::new(&self.cfg).len;
@@ -561,8 +562,8 @@ mod tests {
     }
 
     /// The dropout op gives candle's `x * mask` and its input gradient bit for bit, in
-    /// float32 and float64, on a contiguous and a transposed input, and no gradient moves
-    /// outside training.
+    /// float32 and float64, on a contiguous and a transposed input; outside training the
+    /// input comes back as it is.
     #[test]
     fn the_dropout_op_equals_the_product_with_the_mask_and_its_gradient() {
         use candle_core::{Device, Var};
