@@ -120,16 +120,10 @@ impl candle_core::CustomOp1 for Dropout {
         s: &candle_core::CpuStorage,
         l: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use crate::im2col::contiguous;
-        use candle_core::CpuStorage;
         if l.shape().elem_count() != self.0.len() {
             candle_core::bail!("dropout: {:?} for a mask of {}", l.dims(), self.0.len());
         }
-        let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(self.apply(contiguous(v, l, "dropout")?)),
-            CpuStorage::F64(v) => CpuStorage::F64(self.apply(contiguous(v, l, "dropout")?)),
-            _ => candle_core::bail!("dropout: float32 or float64 only"),
-        };
+        let out = crate::rowops::float_map!(s, l, self.name(), |x| self.apply(x));
         Ok((out, l.shape().clone()))
     }
 

@@ -65,22 +65,24 @@ fn row_map<T: candle_core::WithDType>(x: &[T], v: &[T], f: impl Fn(T, T) -> T + 
     out
 }
 
-/// Applies `f` to a float32 or float64 storage's contiguous values (`$name` in errors).
+/// Applies `f` to a float32 or float64 storage's contiguous values (`$name` in errors): the
+/// dtype dispatch of a custom op's `cpu_fwd` on one input.
 macro_rules! float_map {
     ($s:expr, $l:expr, $name:expr, |$x:ident| $body:expr) => {
         match $s {
-            CpuStorage::F32(v) => {
-                let $x = slice(v, $l)?;
-                CpuStorage::F32($body)
+            candle_core::CpuStorage::F32(v) => {
+                let $x = $crate::im2col::contiguous(v, $l, $name)?;
+                candle_core::CpuStorage::F32($body)
             }
-            CpuStorage::F64(v) => {
-                let $x = slice(v, $l)?;
-                CpuStorage::F64($body)
+            candle_core::CpuStorage::F64(v) => {
+                let $x = $crate::im2col::contiguous(v, $l, $name)?;
+                candle_core::CpuStorage::F64($body)
             }
             _ => candle_core::bail!("{}: float32 or float64 only", $name),
         }
     };
 }
+pub(crate) use float_map;
 
 fn slice<'a, T>(v: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
     crate::im2col::contiguous(v, l, "row op")
