@@ -16,11 +16,12 @@
 //!    fused, the ReLU.
 //!
 //! Backward by the same blocks: the output gradient's lines gathered to `[C_out, n]`, the
-//! kernel gradient accumulated as `dy x cols^T` from columns recomputed from `x`, the input
-//! gradient as `kernel^T x dy` added back by [`scatter_cols`] (the adjoint of step 1); work is
-//! split into groups of whole clips (frames when the kernel does not reach across frames) so
-//! that the groups write disjoint parts of the input gradient, and the groups' partial kernel
-//! gradients are summed in a fixed order: results do not depend on the number of threads.
+//! kernel gradient accumulated transposed as `cols x dy^T` from columns recomputed from `x`,
+//! the input gradient as `kernel^T x dy` added back by [`scatter_cols`] (the adjoint of step
+//! 1); work is split into groups of whole clips (frames when the kernel does not reach across
+//! frames) so that the groups write disjoint parts of the input gradient, and the groups'
+//! partial kernel gradients are summed in a fixed order: results do not depend on the number
+//! of threads.
 //! Nothing of the forward pass but `x` and the kernel is kept, and no column matrix of the
 //! whole batch is ever built (the version before built and zero-filled it, 9-27 times the
 //! input, and transposed input and output; BENCHMARKS.md, "Convolution in cache-sized
@@ -271,6 +272,17 @@ fn product<T: Real>(
     }
 }
 
+/// The transpose `[cols, rows]` of the row-major `a [rows, cols]`.
+fn transposed<T: WithDType>(a: &[T], rows: usize, cols: usize) -> Vec<T> {
+    let mut t = vec![T::zero(); rows * cols];
+    for (i, row) in a.chunks_exact(cols).take(rows).enumerate() {
+        for (j, &v) in row.iter().enumerate() {
+            t[j * rows + i] = v;
+        }
+    }
+    t
+}
+
 /// A buffer of at least `n` entries (its contents are stale; callers overwrite them).
 fn at_least<T: WithDType>(v: &mut Vec<T>, n: usize) -> &mut [T] {
     if v.len() < n {
@@ -354,11 +366,16 @@ impl Convolution {
 
     /// The input and kernel gradients (each only when wanted) from the output gradient
     /// `dy [B*To, C_out, Ho*Wo]`, by the forward's blocks: per block the gradient's lines
-    /// gathered to `[C_out, n]`, the kernel gradient accumulated as `dy x cols^T` (columns
-    /// recomputed), the column gradients `kernel^T x dy` scattered into `dx` ([`scatter_cols`]).
-    /// The work is split into groups of whole clips (whole frames when the kernel does not
-    /// reach across frames), so that no two groups write the same input pixel; each group
-    /// keeps its own partial kernel gradient, and the partials are summed in group order.
+    /// gathered to `[C_out, n]`, the kernel gradient accumulated transposed, `[K, C_out]`, as
+    /// `cols x dy^T` (columns recomputed), the column gradients `kernel^T x dy` scattered
+    /// into `dx` ([`scatter_cols`]). The work is split into groups of whole clips (whole
+    /// frames when the kernel does not reach across frames), so that no two groups write the
+    /// same input pixel; each group keeps its own partial kernel gradient, and the partials
+    /// are summed in group order.
+    ///
+    /// Both products read their operands row by row: `dy x cols^T` (the kernel gradient
+    /// untransposed) read the columns across their rows and ran 20-30 % slower than the
+    /// forward's product of the same size (BENCHMARKS.md, "The kernel gradient transposed").
     fn bwd_cpu<T: Real>(
         &self,
         x: &[T],
@@ -387,6 +404,12 @@ impl Convolution {
         let per_group = units.div_ceil(groups).max(1);
         let groups = units.div_ceil(per_group);
         let wide = groups < rayon::current_num_threads();
+        // The kernel transposed, `[K, C_out]`, for the column gradients' product.
+        let wkt = if want_dx {
+            transposed(wk, co, k)
+        } else {
+            Vec::new()
+        };
         let mut dx = if want_dx {
             vec![zero; g.b * g.t * in_frame]
         } else {
@@ -403,8 +426,9 @@ impl Convolution {
             .into_par_iter()
             .enumerate()
             .map(|(group, mut dxg)| {
-                let mut dw = if want_dw {
-                    vec![zero; co * k]
+                // This group's part of the kernel gradient, transposed: `[K, C_out]`.
+                let mut dwt = if want_dw {
+                    vec![zero; k * co]
                 } else {
                     Vec::new()
                 };
@@ -428,10 +452,10 @@ impl Convolution {
                     if want_dw {
                         build_cols(&g, x, (l0, l1), cols);
                         product(
-                            &mut dw,
-                            Mat::rows(dys, n),
-                            Mat::t(cols, n),
-                            (co, k, n),
+                            &mut dwt,
+                            Mat::rows(cols, n),
+                            Mat::t(dys, n),
+                            (k, co, n),
                             true,
                             wide,
                         );
@@ -439,7 +463,7 @@ impl Convolution {
                     if let Some(dxg) = dxg.as_deref_mut() {
                         product(
                             cols,
-                            Mat::t(wk, k),
+                            Mat::rows(&wkt, co),
                             Mat::rows(dys, n),
                             (k, n, co),
                             false,
@@ -448,18 +472,19 @@ impl Convolution {
                         scatter_cols(&g, cols, (l0, l1), dxg, base);
                     }
                 }
-                dw
+                dwt
             })
             .collect();
         let mut dw = Vec::new();
         if want_dw {
             let mut parts = partials.into_iter();
-            dw = parts.next().unwrap_or_else(|| vec![zero; co * k]);
+            let mut dwt = parts.next().unwrap_or_else(|| vec![zero; k * co]);
             for part in parts {
-                for (a, b) in dw.iter_mut().zip(&part) {
+                for (a, b) in dwt.iter_mut().zip(&part) {
                     *a += *b;
                 }
             }
+            dw = transposed(&dwt, k, co);
         }
         (dx, dw)
     }
