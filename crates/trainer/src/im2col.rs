@@ -272,6 +272,20 @@ fn product<T: Real>(
     }
 }
 
+/// Lines `l0..l1` cut where an output frame (`ho` lines) ends: the runs `(la, lb)` whose
+/// lines lie in one frame.
+fn frame_runs((l0, l1): (usize, usize), ho: usize) -> impl Iterator<Item = (usize, usize)> {
+    let mut la = l0;
+    std::iter::from_fn(move || {
+        (la < l1).then(|| {
+            let lb = ((la / ho + 1) * ho).min(l1);
+            let run = (la, lb);
+            la = lb;
+            run
+        })
+    })
+}
+
 /// The transpose `[cols, rows]` of the row-major `a [rows, cols]`.
 fn transposed<T: WithDType>(a: &[T], rows: usize, cols: usize) -> Vec<T> {
     let mut t = vec![T::zero(); rows * cols];
@@ -345,13 +359,16 @@ impl Convolution {
                             false,
                             wide,
                         );
-                        for line in l0..l1 {
-                            let (bt, oy) = (line / ho, line % ho);
+                        // The block's lines of each output frame are contiguous in both
+                        // `ys` and the frame: one run per frame and channel.
+                        for (la, lb) in frame_runs((l0, l1), ho) {
+                            let (bt, oy) = (la / ho, la % ho);
                             let frame = &mut o[(bt - f0) * co * how..][..co * how];
+                            let len = (lb - la) * wo;
                             for c in 0..co {
                                 let b = bias.map_or(zero, |b| b[c]);
-                                let src = &ys[c * n + (line - l0) * wo..][..wo];
-                                let dst = &mut frame[c * how + oy * wo..][..wo];
+                                let src = &ys[c * n + (la - l0) * wo..][..len];
+                                let dst = &mut frame[c * how + oy * wo..][..len];
                                 for (d, &y) in dst.iter_mut().zip(src) {
                                     let y = y + b;
                                     *d = if !relu || y > zero { y } else { zero };
@@ -441,11 +458,12 @@ impl Convolution {
                     let l1 = (l0 + per_block).min(end);
                     let n = (l1 - l0) * wo;
                     let dys = at_least(&mut dys, co * n);
-                    for line in l0..l1 {
-                        let (bt, oy) = (line / ho, line % ho);
+                    for (la, lb) in frame_runs((l0, l1), ho) {
+                        let (bt, oy) = (la / ho, la % ho);
+                        let len = (lb - la) * wo;
                         for c in 0..co {
-                            dys[c * n + (line - l0) * wo..][..wo]
-                                .copy_from_slice(&dy[(bt * co + c) * how + oy * wo..][..wo]);
+                            dys[c * n + (la - l0) * wo..][..len]
+                                .copy_from_slice(&dy[(bt * co + c) * how + oy * wo..][..len]);
                         }
                     }
                     let cols = at_least(&mut cols, k * n);
@@ -735,4 +753,30 @@ pub fn conv(
         Some(b) => x.apply_op3(&wk, &b.contiguous()?, Convolution(g, relu))?,
         None => x.apply_op2(&wk, Convolution(g, relu))?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_runs_cut_the_lines_at_every_frame_end() {
+        // Frames of 5 lines; blocks that start inside, end inside, span several frames.
+        for (l0, l1) in [(0, 5), (3, 4), (3, 12), (5, 15), (7, 23), (0, 1)] {
+            let runs: Vec<_> = frame_runs((l0, l1), 5).collect();
+            let mut at = l0;
+            for &(la, lb) in &runs {
+                assert_eq!(la, at, "runs of {l0}..{l1}: {runs:?}");
+                assert!(
+                    la < lb && la / 5 == (lb - 1) / 5,
+                    "run {la}..{lb} leaves its frame"
+                );
+                at = lb;
+            }
+            assert_eq!(at, l1, "runs of {l0}..{l1} stop early: {runs:?}");
+            let frames = (l1 - 1) / 5 - l0 / 5 + 1;
+            assert_eq!(runs.len(), frames, "one run per frame for {l0}..{l1}");
+        }
+        assert_eq!(frame_runs((4, 4), 5).count(), 0);
+    }
 }
