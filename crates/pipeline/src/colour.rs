@@ -466,6 +466,95 @@ mod tests {
         assert!(e_limited > 3.0 * e.max(0.3), "{e_limited}");
     }
 
+    /// Files as users have them beyond the datasets' own formats (phone and screen recordings,
+    /// re-encoded downloads): 10-bit and 4:4:4 H.264 at an odd size, HEVC, VP9, AV1, PNG
+    /// frames (RGB) and motion JPEG (full range) decode to the `ffmpeg` program's pixels, every
+    /// frame, at their own size.
+    #[test]
+    fn uncommon_codecs_and_pixel_formats_decode_to_the_ffmpeg_programs_pixels() {
+        let d = tempfile::tempdir().unwrap();
+        let cases: [(&str, &[&str], (u32, u32)); 7] = [
+            (
+                "h264_10bit.mp4",
+                &["-pix_fmt", "yuv420p10le", "-c:v", "libx264"],
+                (320, 240),
+            ),
+            (
+                "h264_444_odd.mp4",
+                &[
+                    "-vf",
+                    "scale=321:241",
+                    "-pix_fmt",
+                    "yuv444p",
+                    "-c:v",
+                    "libx264",
+                ],
+                (321, 241),
+            ),
+            (
+                "hevc.mp4",
+                &[
+                    "-c:v",
+                    "libx265",
+                    "-preset",
+                    "ultrafast",
+                    "-x265-params",
+                    "log-level=error",
+                ],
+                (320, 240),
+            ),
+            (
+                "vp9.webm",
+                &[
+                    "-c:v",
+                    "libvpx-vp9",
+                    "-deadline",
+                    "realtime",
+                    "-cpu-used",
+                    "8",
+                ],
+                (320, 240),
+            ),
+            (
+                "av1.mkv",
+                &["-c:v", "libaom-av1", "-cpu-used", "8"],
+                (320, 240),
+            ),
+            (
+                "png_rgb.avi",
+                &["-c:v", "png", "-pix_fmt", "rgb24"],
+                (320, 240),
+            ),
+            (
+                "mjpeg_full.avi",
+                &["-c:v", "mjpeg", "-pix_fmt", "yuvj420p"],
+                (320, 240),
+            ),
+        ];
+        for (name, args, size) in cases {
+            let v = d.path().join(name);
+            let mut all = vec![
+                "-f",
+                "lavfi",
+                "-i",
+                "testsrc2=size=320x240:rate=25",
+                "-t",
+                "1",
+            ];
+            all.extend(args);
+            all.push(v.to_str().unwrap());
+            ffmpeg_cli(&all);
+            let (rgb, w, h, s) = ours(&v);
+            assert_eq!((w, h), size, "{name}");
+            assert_eq!((s.decoded_frames, s.kept_frames), (25, 25), "{name}: {s:?}");
+            let theirs = theirs(&v, "");
+            assert_eq!(rgb.len(), theirs.len(), "{name}");
+            let e = mean_abs(&rgb, &theirs);
+            eprintln!("{name}: mean |ours - ffmpeg| {e:.3}");
+            assert!(e < 1.0, "{name}: {e}");
+        }
+    }
+
     /// `video` through prep's encoder (JPEG q90) and back to packed RGB, with the decoder
     /// handing over YUV planes where it can (`yuv420`) or RGB only.
     fn through_jpeg(video: &std::path::Path, yuv420: bool) -> (Vec<u8>, u32) {
