@@ -317,18 +317,27 @@ fn with_slice<T: WithDType, R>(
     f(contiguous(cpu.as_slice::<T>()?, layout, "convolution")?)
 }
 
+/// The convolution of a geometry.
 #[derive(Debug, Clone, Copy)]
-/// The convolution of a geometry; with `.1`, a ReLU applied to its output in the same op.
-struct Convolution(Geometry, bool);
+struct Convolution {
+    g: Geometry,
+    /// A ReLU applied to the output in the same op.
+    relu: bool,
+    /// The output laid out `[B, C_out, Ho, Wo]` (a 2-D convolution: one input and one output
+    /// frame) instead of `[B, To, C_out, Ho, Wo]`: the same values, so that a 2-D caller
+    /// needs no reshape of input or output, each a graph node whose backward costs a
+    /// zero-filled buffer and an addition over the whole tensor in candle.
+    planar: bool,
+}
 
 impl Convolution {
     /// The output `[B*To, C_out, Ho*Wo]`: per block of output lines, the transposed columns
     /// ([`build_cols`]) and one product `kernel [C_out, K] x cols [K, n]`, written into the
     /// output frames with the bias and the ReLU. Tasks are ranges of output frames.
     fn fwd<T: Real>(&self, x: &[T], wk: &[T], bias: Option<&[T]>, co: usize) -> Vec<T> {
-        let g = self.0;
+        let g = self.g;
         let [to_n, ho, wo] = g.out;
-        let (how, k, relu, zero) = (ho * wo, g.cols(), self.1, T::zero());
+        let (how, k, relu, zero) = (ho * wo, g.cols(), self.relu, T::zero());
         let frames = g.b * to_n;
         let mut out = vec![zero; frames * co * how];
         if out.is_empty() {
@@ -401,7 +410,7 @@ impl Convolution {
         co: usize,
         (want_dx, want_dw): (bool, bool),
     ) -> (Vec<T>, Vec<T>) {
-        let g = self.0;
+        let g = self.g;
         let [to_n, ho, wo] = g.out;
         let (how, k, zero) = (ho * wo, g.cols(), T::zero());
         let in_frame = g.c * g.h * g.w;
@@ -508,7 +517,7 @@ impl Convolution {
     }
 
     fn check(&self, x: &Layout, wk: &Layout) -> candle_core::Result<usize> {
-        let g = self.0;
+        let g = self.g;
         let co = wk.dims()[0];
         if x.shape().elem_count() != g.b * g.t * g.c * g.h * g.w || wk.dims() != [co, g.cols()] {
             candle_core::bail!(
@@ -521,8 +530,12 @@ impl Convolution {
     }
 
     fn shape(&self, co: usize) -> Shape {
-        let [to, ho, wo] = self.0.out;
-        Shape::from((self.0.b, to, co, ho, wo))
+        let [to, ho, wo] = self.g.out;
+        if self.planar {
+            Shape::from((self.g.b, co, ho, wo))
+        } else {
+            Shape::from((self.g.b, to, co, ho, wo))
+        }
     }
 
     fn run(
@@ -561,7 +574,7 @@ impl Convolution {
 
     /// The output gradient before the fused ReLU (masked by the output), or as it is.
     fn through_relu(&self, grad: &Tensor, res: &Tensor) -> candle_core::Result<Tensor> {
-        if self.1 {
+        if self.relu {
             crate::fused::relu_grad(grad, res)
         } else {
             Ok(grad.clone())
@@ -576,7 +589,7 @@ impl Convolution {
         dy: &Tensor,
         want: (bool, bool, bool),
     ) -> candle_core::Result<[Option<Tensor>; 3]> {
-        let g = self.0;
+        let g = self.g;
         let co = wk.dim(0)?;
         let how = g.out[1] * g.out[2];
         let (want_dx, want_dw, want_db) = want;
@@ -717,7 +730,11 @@ pub(crate) fn conv_grads(
     dy: &Tensor,
     g: Geometry,
 ) -> candle_core::Result<(Tensor, Tensor)> {
-    let op = Convolution(g, false);
+    let op = Convolution {
+        g,
+        relu: false,
+        planar: false,
+    };
     let (x, wk, dy) = (x.contiguous()?, wk.contiguous()?, dy.contiguous()?);
     let want = (true, true, false);
     let [dx, dw, _] = match dy.dtype() {
@@ -734,7 +751,8 @@ pub(crate) fn conv_grads(
 /// A convolution through the lowering: `x [B, T, C, H, W]`, `w [C_out, C, kt, kh, kw]`,
 /// optional `bias [C_out]` -> `[B, To, C_out, Ho, Wo]` (the geometry's output), then a ReLU
 /// when `relu` (in the same op: only the output is kept, and its backward masks by it).
-/// CPU, float32 or float64, any layouts.
+/// A 2-D convolution (`T = To = 1`) may take `x [B, C, H, W]` and then returns `[B, C_out,
+/// Ho, Wo]`. CPU, float32 or float64, any layouts.
 pub fn conv(
     x: &Tensor,
     w: &Tensor,
@@ -743,21 +761,67 @@ pub fn conv(
     relu: bool,
 ) -> crate::error::Result<Tensor> {
     let co = w.dim(0)?;
+    let planar = x.rank() == 4;
+    if planar && (g.t != 1 || g.out[0] != 1) {
+        return Err(crate::error::Error::Config(format!(
+            "convolution: a 4-D input {:?} needs one input and one output frame, not {} and {}",
+            x.dims(),
+            g.t,
+            g.out[0]
+        )));
+    }
     // The kernel in the columns' order (a, p, q, c).
     let wk = w
         .permute((0, 2, 3, 4, 1))?
         .contiguous()?
         .reshape((co, g.cols()))?;
     let x = x.contiguous()?;
+    let op = Convolution { g, relu, planar };
     Ok(match bias {
-        Some(b) => x.apply_op3(&wk, &b.contiguous()?, Convolution(g, relu))?,
-        None => x.apply_op2(&wk, Convolution(g, relu))?,
+        Some(b) => x.apply_op3(&wk, &b.contiguous()?, op)?,
+        None => x.apply_op2(&wk, op)?,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_four_dimensional_input_gives_a_four_dimensional_output_or_a_clear_error() {
+        let dev = candle_core::Device::Cpu;
+        let x = Tensor::ones((2, 3, 5, 4), DType::F32, &dev).unwrap();
+        let w = Tensor::ones((6, 3, 1, 3, 3), DType::F32, &dev).unwrap();
+        let g = Geometry {
+            b: 2,
+            t: 1,
+            c: 3,
+            h: 5,
+            w: 4,
+            k: [1, 3, 3],
+            stride: [1, 1, 1],
+            padding: [0, 1, 1],
+            dilation: [1, 1, 1],
+            out: [1, 5, 4],
+        };
+        let y = conv(&x, &w, None, g, false).unwrap();
+        assert_eq!(y.dims(), [2, 6, 5, 4]);
+        let y5 = conv(&x.unsqueeze(1).unwrap(), &w, None, g, false).unwrap();
+        assert_eq!(y5.dims(), [2, 1, 6, 5, 4]);
+        let same = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(same, y5.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        // The centre pixel sees all 27 ones.
+        assert_eq!(same[2 * 4 + 1], 27.0);
+        let x3 = Tensor::ones((1, 3, 5, 4), DType::F32, &dev).unwrap();
+        let g3 = Geometry {
+            b: 1,
+            t: 2,
+            out: [2, 5, 4],
+            ..g
+        };
+        let err = conv(&x3, &w, None, g3, false).unwrap_err().to_string();
+        assert!(err.contains("one input and one output frame"), "{err}");
+    }
 
     #[test]
     fn frame_runs_cut_the_lines_at_every_frame_end() {

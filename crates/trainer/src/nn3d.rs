@@ -337,18 +337,12 @@ fn lowered_conv2d(
     relu: bool,
 ) -> Result<Tensor> {
     let (co, ci, kh, kw) = w.dims4()?;
-    let (n, c, h, wd) = x.dims4()?;
     let g = lowered_geometry(x, w, padding, stride, dilation)?;
-    let [_, ho, wo] = g.out;
-    // One GEMM for the batch: [N*Ho*Wo, K] x [K, C_out], then back to channels-first.
-    let y = crate::im2col::conv(
-        &x.reshape((n, 1, c, h, wd))?,
-        &w.reshape((co, ci, 1, kh, kw))?,
-        bias,
-        g,
-        relu,
-    )?;
-    Ok(y.reshape((n, co, ho, wo))?)
+    // `x [N, C, H, W]` as it is, and `[N, C_out, Ho, Wo]` straight out of the op: a reshape
+    // on either side would be a graph node, and candle's backward gives every node a
+    // zero-filled gradient buffer and an addition over the whole tensor (BENCHMARKS.md,
+    // "The kernel gradient transposed").
+    crate::im2col::conv(x, &w.reshape((co, ci, 1, kh, kw))?, bias, g, relu)
 }
 
 /// The lowering's geometry of a 2-D convolution of `x [N, C, H, W]` by `w [C_out, C, kh, kw]`.
