@@ -405,8 +405,13 @@ mod tests {
 
     /// A 1 s, 320x240 H.264 clip of FFmpeg's colourful test pattern, made by `extra` args.
     fn source(dir: &std::path::Path, name: &str, extra: &[&str]) -> std::path::PathBuf {
+        clip(dir, name, &[extra, &["-c:v", "libx264"]].concat())
+    }
+
+    /// A 1 s, 320x240, 25 fps clip of FFmpeg's colourful test pattern, encoded by `args`.
+    fn clip(dir: &std::path::Path, name: &str, args: &[&str]) -> std::path::PathBuf {
         let p = dir.join(name);
-        let mut args = vec![
+        let mut all = vec![
             "-f",
             "lavfi",
             "-i",
@@ -414,9 +419,9 @@ mod tests {
             "-t",
             "1",
         ];
-        args.extend(extra);
-        args.extend(["-c:v", "libx264", p.to_str().unwrap()]);
-        ffmpeg_cli(&args);
+        all.extend(args);
+        all.push(p.to_str().unwrap());
+        ffmpeg_cli(&all);
         p
     }
 
@@ -532,18 +537,7 @@ mod tests {
             ),
         ];
         for (name, args, size) in cases {
-            let v = d.path().join(name);
-            let mut all = vec![
-                "-f",
-                "lavfi",
-                "-i",
-                "testsrc2=size=320x240:rate=25",
-                "-t",
-                "1",
-            ];
-            all.extend(args);
-            all.push(v.to_str().unwrap());
-            ffmpeg_cli(&all);
+            let v = clip(d.path(), name, args);
             let (rgb, w, h, s) = ours(&v);
             assert_eq!((w, h), size, "{name}");
             assert_eq!((s.decoded_frames, s.kept_frames), (25, 25), "{name}: {s:?}");
