@@ -62,25 +62,42 @@ fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result
     }
 }
 
-impl Normalize {
-    /// The ReLU when fused: `max(y, 0)`.
-    fn activate<T: WithDType>(&self, y: T) -> T {
-        if self.relu && y < T::zero() {
-            T::zero()
-        } else {
-            y
-        }
-    }
+/// The output gradient through the fused ReLU of one channel, as candle's `relu` passes it:
+/// where the normalised value `x * scale + shift` is >= 0.
+#[derive(Debug, Clone, Copy)]
+struct Gate {
+    relu: bool,
+    scale: f64,
+    shift: f64,
+}
 
-    /// The output gradient through the fused ReLU, as candle's `relu` passes it (where the
-    /// normalised value is >= 0), given `x` at channel `ci`.
-    fn through_relu<T: WithDType>(&self, d: T, x: T, g: &[T], b: &[T], ci: usize) -> f64 {
+impl Gate {
+    #[inline]
+    fn pass<T: WithDType>(self, d: T, x: T) -> f64 {
         if !self.relu {
             return d.to_f64();
         }
-        let scale = self.invstd[ci] * g[ci].to_f64();
-        let y = T::from_f64(x.to_f64() * scale + (b[ci].to_f64() - self.mean[ci] * scale));
+        let y = T::from_f64(x.to_f64() * self.scale + self.shift);
         if y >= T::zero() { d.to_f64() } else { 0.0 }
+    }
+}
+
+/// The fused ReLU: `y` below zero becomes zero (`-0.0` and NaN pass as they are).
+#[inline]
+fn relu<T: WithDType>(y: T) -> T {
+    if y < T::zero() { T::zero() } else { y }
+}
+
+impl Normalize {
+    /// The fused ReLU's gate of channel `ci`, its constants taken once for the channel's
+    /// values.
+    fn gate<T: WithDType>(&self, g: &[T], b: &[T], ci: usize) -> Gate {
+        let scale = self.invstd[ci] * g[ci].to_f64();
+        Gate {
+            relu: self.relu,
+            scale,
+            shift: b[ci].to_f64() - self.mean[ci] * scale,
+        }
     }
 
     fn dims(l: &Layout) -> (usize, usize, usize) {
@@ -103,8 +120,15 @@ impl Normalize {
                 let ci = i % c;
                 let scale = self.invstd[ci] * g[ci].to_f64();
                 let shift = b[ci].to_f64() - self.mean[ci] * scale;
-                for (o, v) in o.iter_mut().zip(xi) {
-                    *o = self.activate(T::from_f64(v.to_f64() * scale + shift));
+                // Two loops, so that neither tests `relu` per value.
+                if self.relu {
+                    for (o, v) in o.iter_mut().zip(xi) {
+                        *o = relu(T::from_f64(v.to_f64() * scale + shift));
+                    }
+                } else {
+                    for (o, v) in o.iter_mut().zip(xi) {
+                        *o = T::from_f64(v.to_f64() * scale + shift);
+                    }
                 }
             });
         let _ = n;
@@ -125,11 +149,12 @@ impl Normalize {
             .into_par_iter()
             .map(|ci| {
                 let (mean, invstd) = (self.mean[ci], self.invstd[ci]);
+                let gate = self.gate(g, b, ci);
                 let (mut sb, mut sg) = (0.0f64, 0.0f64);
                 for ni in 0..n {
                     let at = (ni * c + ci) * s;
                     for (d, v) in dy[at..at + s].iter().zip(&x[at..at + s]) {
-                        let d = self.through_relu(*d, *v, g, b, ci);
+                        let d = gate.pass(*d, *v);
                         sb += d;
                         sg += d * (v.to_f64() - mean) * invstd;
                     }
@@ -146,16 +171,17 @@ impl Normalize {
                 let ci = i % c;
                 let (mean, invstd) = (self.mean[ci], self.invstd[ci]);
                 let k = g[ci].to_f64() * invstd;
+                let gate = self.gate(g, b, ci);
                 if self.batch_stats {
                     let (db, dg) = (dbeta[ci] / m, dgamma[ci] / m);
                     for (o, (d, v)) in o.iter_mut().zip(dyi.iter().zip(xi)) {
                         let xhat = (v.to_f64() - mean) * invstd;
-                        let d = self.through_relu(*d, *v, g, b, ci);
+                        let d = gate.pass(*d, *v);
                         *o = T::from_f64(k * (d - db - xhat * dg));
                     }
                 } else {
                     for (o, (d, v)) in o.iter_mut().zip(dyi.iter().zip(xi)) {
-                        *o = T::from_f64(k * self.through_relu(*d, *v, g, b, ci));
+                        *o = T::from_f64(k * gate.pass(*d, *v));
                     }
                 }
             });
