@@ -219,6 +219,13 @@ fn build_cols<T: WithDType>(g: &Geometry, x: &[T], lines: (usize, usize), cols: 
             let first = (at as isize + (lo * s) as isize + off) as usize;
             if s == 1 {
                 seg[lo..hi].copy_from_slice(&x[first..][..hi - lo]);
+            } else if s == 2 {
+                let len = hi - lo;
+                let xr = &x[first..][..2 * len - 1];
+                let seg = &mut seg[lo..hi];
+                for i in 0..len {
+                    seg[i] = xr[2 * i];
+                }
             } else {
                 let xr = &x[first..][..(hi - lo - 1) * s + 1];
                 for (i, v) in seg[lo..hi].iter_mut().enumerate() {
@@ -246,6 +253,13 @@ fn scatter_cols<T: WithDType>(
             if s == 1 {
                 for (d, v) in dx[first..][..hi - lo].iter_mut().zip(&seg[lo..hi]) {
                     *d += *v;
+                }
+            } else if s == 2 {
+                let seg = &seg[lo..hi];
+                // (A window wholly in the padding leaves `seg` empty.)
+                let dx = &mut dx[first..][..(2 * seg.len()).saturating_sub(1)];
+                for (i, v) in seg.iter().enumerate() {
+                    dx[2 * i] += *v;
                 }
             } else {
                 for (run, v) in dx[first..].chunks_mut(s).zip(&seg[lo..hi]) {
@@ -378,9 +392,16 @@ impl Convolution {
                                 let b = bias.map_or(zero, |b| b[c]);
                                 let src = &ys[c * n + (la - l0) * wo..][..len];
                                 let dst = &mut frame[c * how + oy * wo..][..len];
-                                for (d, &y) in dst.iter_mut().zip(src) {
-                                    let y = y + b;
-                                    *d = if !relu || y > zero { y } else { zero };
+                                // Two loops, so that neither tests `relu` per value.
+                                if relu {
+                                    for (d, &y) in dst.iter_mut().zip(src) {
+                                        let y = y + b;
+                                        *d = if y > zero { y } else { zero };
+                                    }
+                                } else {
+                                    for (d, &y) in dst.iter_mut().zip(src) {
+                                        *d = y + b;
+                                    }
                                 }
                             }
                         }
