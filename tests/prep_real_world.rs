@@ -464,6 +464,75 @@ fn sigterm_mid_run_keeps_complete_shards_and_a_rerun_gives_the_same_bytes() {
     }
 }
 
+/// A named pipe with a video's name (a half-set-up mirror, a streaming tool's output) is a
+/// failed video naming what it is; before, the run opened it and waited for a writer forever,
+/// deaf to SIGTERM. Run under a watchdog, so that a regression fails instead of hanging.
+#[cfg(unix)]
+#[test]
+fn a_named_pipe_among_the_videos_fails_that_video_and_the_run_ends() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("raw");
+    for (i, rel) in [
+        "UCF-101/PullUps/v_PullUps_g01_c01.avi",
+        "hmdb51/pullup/Clip_pullup_f_cm_np1_fr_med_0.avi",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let p = root.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        write_pattern_video(&p, "mpeg4", W, H, 25, 10, i as u32).unwrap();
+    }
+    let fifo = root.join("UCF-101/PullUps/v_PullUps_g02_c01.avi");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let out = tmp.path().join("out");
+    let mut child = vdg()
+        .args(["prep", "ucf-hmdb", "--ucf101"])
+        .arg(&root)
+        .arg("--hmdb51")
+        .arg(&root)
+        .arg("--out")
+        .arg(&out)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > Duration::from_secs(120) {
+            child.kill().unwrap();
+            panic!("vdg prep still running after 120 s with a named pipe among the videos");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("v_PullUps_g02_c01.avi") && err.contains("a named pipe"),
+        "{}",
+        text(&o)
+    );
+    let vids = videos(&out);
+    let by_id = |id: &str| vids.iter().find(|v| v.video_id == id).unwrap();
+    let pipe = by_id("ucf101/PullUps/v_PullUps_g02_c01.avi");
+    assert_eq!(pipe.status, "failed");
+    assert!(
+        pipe.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("not a regular file but a named pipe"),
+        "{:?}",
+        pipe.error
+    );
+    let good = by_id("ucf101/PullUps/v_PullUps_g01_c01.avi");
+    assert_eq!((good.status.as_str(), good.num_frames), ("ok", 10));
+}
+
 #[cfg(unix)]
 #[test]
 fn a_read_only_output_folder_is_a_clear_error_and_nothing_changes() {

@@ -393,6 +393,35 @@ struct Converter {
 /// Every frame is scaled to the output size of the first: a stream whose resolution
 /// changes part-way keeps one size (a warning says so).
 ///
+/// Fails unless `path` is a regular file or a link to one. A named pipe or a character
+/// device with a video's name would otherwise be opened: the open of a pipe waits for a writer
+/// forever, and no signal ends a run stuck in it (the stop flag is checked between videos).
+fn regular_file(path: &Path) -> Result<(), DecodeError> {
+    let meta = std::fs::metadata(path).map_err(|e| DecodeError::Open(e.to_string()))?;
+    if meta.is_file() {
+        return Ok(());
+    }
+    let ft = meta.file_type();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if ft.is_fifo() {
+            return Err(DecodeError::NotAFile("a named pipe"));
+        }
+        if ft.is_socket() {
+            return Err(DecodeError::NotAFile("a socket"));
+        }
+        if ft.is_char_device() || ft.is_block_device() {
+            return Err(DecodeError::NotAFile("a device"));
+        }
+    }
+    Err(DecodeError::NotAFile(if ft.is_dir() {
+        "a folder"
+    } else {
+        "another kind of file"
+    }))
+}
+
 /// An error from `on_frame` stops decoding and is returned as [`DecodeError::Sink`].
 pub fn decode_video<S, F>(
     path: &Path,
@@ -405,6 +434,7 @@ where
     F: FnMut(&Frame<'_>) -> Result<(), String>,
 {
     init();
+    regular_file(path)?;
     let mut ictx = ffmpeg::format::input(path).map_err(|e| DecodeError::Open(e.to_string()))?;
     let nb_streams = ictx.nb_streams() as usize;
     let format_name = ictx.format().name().to_owned();
@@ -791,6 +821,38 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A named pipe or a link to a device with a video's name fails at once, naming what it
+    /// is, instead of blocking the decoder (run on a helper thread, so that a regression
+    /// fails the test rather than hanging it).
+    #[cfg(unix)]
+    #[test]
+    fn a_named_pipe_or_a_device_is_refused_without_being_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("v_Punch_g01_c01.avi");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let dev = dir.path().join("v_Punch_g02_c01.avi");
+        std::os::unix::fs::symlink("/dev/zero", &dev).unwrap();
+        for (path, kind) in [(fifo, "a named pipe"), (dev, "a device")] {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let r = decode_video(&path, &DecodeOptions::default(), |_, _| true, |_| Ok(()));
+                let _ = tx.send(r.map(|_| ()).map_err(|e| e.to_string()));
+            });
+            let got = rx
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .unwrap_or_else(|_| panic!("decoding {kind} did not return within 60 s"));
+            let err = got.expect_err(kind);
+            assert!(
+                err.contains(kind) && err.contains("not a regular file"),
+                "{err}"
+            );
+        }
+    }
 
     #[test]
     fn output_size_keeps_aspect_and_never_upscales() {

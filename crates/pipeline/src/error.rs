@@ -9,6 +9,10 @@ pub enum DecodeError {
     /// The file could not be opened as a media file (corrupt, empty, not a video).
     #[error("cannot open as a video: {0}")]
     Open(String),
+    /// The path is not a regular file (or a link to one): opening a named pipe waits for a
+    /// writer, and a device may never end, so it is not opened at all.
+    #[error("not a regular file but {0}: only regular files are read")]
+    NotAFile(&'static str),
     /// The container has no video stream.
     #[error("no video stream")]
     NoVideoStream,
