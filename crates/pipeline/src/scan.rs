@@ -121,8 +121,17 @@ pub struct Scan {
     pub ignored: Vec<Ignored>,
 }
 
-/// Reads an annotation file as text, without the byte-order mark Windows editors write.
+/// Reads an annotation file as text, without the byte-order mark Windows editors write. Only
+/// a regular file (or a link to one) is opened: reading a named pipe waits for a writer.
 pub(crate) fn read_text(path: &Path) -> Result<String> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        let e = std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file (a folder, named pipe, socket or device)",
+        );
+        return Err(Error::io(path, e));
+    }
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     Ok(match text.strip_prefix('\u{feff}') {
         Some(rest) => rest.to_owned(),
@@ -322,6 +331,30 @@ pub fn scan_hmdb51(root: &Path) -> Result<Scan> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn an_annotation_file_that_is_a_named_pipe_is_an_error_not_a_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("labels.txt");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(read_text(&fifo).map_err(|e| e.to_string()));
+        });
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("reading a named pipe did not return within 60 s");
+        let err = got.expect_err("a named pipe is not read");
+        assert!(
+            err.contains("labels.txt") && err.contains("not a regular file"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn ucf_groups() {
