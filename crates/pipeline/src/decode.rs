@@ -830,22 +830,15 @@ mod tests {
     fn a_named_pipe_or_a_device_is_refused_without_being_opened() {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("v_Punch_g01_c01.avi");
-        let made = std::process::Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .unwrap();
-        assert!(made.success());
+        crate::testutil::mkfifo(&fifo);
         let dev = dir.path().join("v_Punch_g02_c01.avi");
         std::os::unix::fs::symlink("/dev/zero", &dev).unwrap();
         for (path, kind) in [(fifo, "a named pipe"), (dev, "a device")] {
-            let (tx, rx) = std::sync::mpsc::channel();
-            std::thread::spawn(move || {
-                let r = decode_video(&path, &DecodeOptions::default(), |_, _| true, |_| Ok(()));
-                let _ = tx.send(r.map(|_| ()).map_err(|e| e.to_string()));
+            let got = crate::testutil::within(60, &format!("decoding {kind}"), move || {
+                decode_video(&path, &DecodeOptions::default(), |_, _| true, |_| Ok(()))
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
             });
-            let got = rx
-                .recv_timeout(std::time::Duration::from_secs(60))
-                .unwrap_or_else(|_| panic!("decoding {kind} did not return within 60 s"));
             let err = got.expect_err(kind);
             assert!(
                 err.contains(kind) && err.contains("not a regular file"),

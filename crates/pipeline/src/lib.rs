@@ -23,5 +23,7 @@ pub mod prep;
 pub mod sample;
 pub mod scan;
 pub mod synthetic;
+#[cfg(all(test, unix))]
+mod testutil;
 
 pub use error::{DecodeError, Error, Result};

@@ -337,18 +337,10 @@ mod tests {
     fn an_annotation_file_that_is_a_named_pipe_is_an_error_not_a_wait() {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("labels.txt");
-        let made = std::process::Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .unwrap();
-        assert!(made.success());
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(read_text(&fifo).map_err(|e| e.to_string()));
+        crate::testutil::mkfifo(&fifo);
+        let got = crate::testutil::within(60, "reading a named pipe", move || {
+            read_text(&fifo).map_err(|e| e.to_string())
         });
-        let got = rx
-            .recv_timeout(std::time::Duration::from_secs(60))
-            .expect("reading a named pipe did not return within 60 s");
         let err = got.expect_err("a named pipe is not read");
         assert!(
             err.contains("labels.txt") && err.contains("not a regular file"),
