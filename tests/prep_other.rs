@@ -567,7 +567,7 @@ fn panics_in_a_worker_or_the_writer_never_hang_a_prep() {
         vdg_data::shard::read_videos_table(&clean.join(vdg_data::shard::VIDEOS_FILE)).unwrap();
     let victim = rows[5].video_id.clone();
     let run_with = |stage: &str, out: &Path| {
-        let mut child = vdg()
+        let child = vdg()
             .args([
                 "prep",
                 "synthetic",
@@ -582,15 +582,7 @@ fn panics_in_a_worker_or_the_writer_never_hang_a_prep() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        let started = std::time::Instant::now();
-        while child.try_wait().unwrap().is_none() {
-            if started.elapsed() > std::time::Duration::from_secs(120) {
-                let _ = child.kill();
-                panic!("prep with a {stage} panic hung");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        child.wait_with_output().unwrap()
+        wait_at_most(child, 120, &format!("prep with a {stage} panic"))
     };
     // Decoder: that video fails, named with its file; every other one is stored.
     let out = tmp.path().join("decode");

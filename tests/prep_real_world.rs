@@ -490,7 +490,7 @@ fn a_named_pipe_among_the_videos_fails_that_video_and_the_run_ends() {
         .unwrap();
     assert!(made.success());
     let out = tmp.path().join("out");
-    let mut child = vdg()
+    let child = vdg()
         .args(["prep", "ucf-hmdb", "--ucf101"])
         .arg(&root)
         .arg("--hmdb51")
@@ -501,15 +501,7 @@ fn a_named_pipe_among_the_videos_fails_that_video_and_the_run_ends() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let t0 = std::time::Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if t0.elapsed() > Duration::from_secs(120) {
-            child.kill().unwrap();
-            panic!("vdg prep still running after 120 s with a named pipe among the videos");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let o = child.wait_with_output().unwrap();
+    let o = wait_at_most(child, 120, "vdg prep with a named pipe among the videos");
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(

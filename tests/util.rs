@@ -22,6 +22,20 @@ pub fn run(args: &[&str]) -> Output {
     vdg().args(args).output().expect("vdg runs")
 }
 
+/// Waits for `child` to end, at most `secs`: past that it is killed and the test fails,
+/// naming `what`, instead of hanging.
+pub fn wait_at_most(mut child: std::process::Child, secs: u64, what: &str) -> Output {
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > std::time::Duration::from_secs(secs) {
+            let _ = child.kill();
+            panic!("{what}: still running after {secs} s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
 pub fn text(o: &Output) -> String {
     format!(
         "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
