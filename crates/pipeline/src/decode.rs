@@ -398,28 +398,36 @@ struct Converter {
 /// forever, and no signal ends a run stuck in it (the stop flag is checked between videos).
 fn regular_file(path: &Path) -> Result<(), DecodeError> {
     let meta = std::fs::metadata(path).map_err(|e| DecodeError::Open(e.to_string()))?;
+    match not_regular(&meta) {
+        None => Ok(()),
+        Some(kind) => Err(DecodeError::NotAFile(kind)),
+    }
+}
+
+/// What a path is when it is not a regular file ("a named pipe", "a device"...), or `None`.
+pub(crate) fn not_regular(meta: &std::fs::Metadata) -> Option<&'static str> {
     if meta.is_file() {
-        return Ok(());
+        return None;
     }
     let ft = meta.file_type();
     #[cfg(unix)]
     {
         use std::os::unix::fs::FileTypeExt;
         if ft.is_fifo() {
-            return Err(DecodeError::NotAFile("a named pipe"));
+            return Some("a named pipe");
         }
         if ft.is_socket() {
-            return Err(DecodeError::NotAFile("a socket"));
+            return Some("a socket");
         }
         if ft.is_char_device() || ft.is_block_device() {
-            return Err(DecodeError::NotAFile("a device"));
+            return Some("a device");
         }
     }
-    Err(DecodeError::NotAFile(if ft.is_dir() {
+    Some(if ft.is_dir() {
         "a folder"
     } else {
         "another kind of file"
-    }))
+    })
 }
 
 /// An error from `on_frame` stops decoding and is returned as [`DecodeError::Sink`].

@@ -125,10 +125,10 @@ pub struct Scan {
 /// a regular file (or a link to one) is opened: reading a named pipe waits for a writer.
 pub(crate) fn read_text(path: &Path) -> Result<String> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-    if !meta.is_file() {
+    if let Some(kind) = crate::decode::not_regular(&meta) {
         let e = std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
-            "not a regular file (a folder, named pipe, socket or device)",
+            format!("not a regular file but {kind}"),
         );
         return Err(Error::io(path, e));
     }

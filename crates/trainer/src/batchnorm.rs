@@ -89,8 +89,8 @@ fn relu<T: WithDType>(y: T) -> T {
 }
 
 impl Normalize {
-    /// The fused ReLU's gate of channel `ci`, its constants taken once for the channel's
-    /// values.
+    /// The channel `ci`'s normalisation `x * scale + shift` and the fused ReLU's gate on it,
+    /// its constants taken once for the channel's values.
     fn gate<T: WithDType>(&self, g: &[T], b: &[T], ci: usize) -> Gate {
         let scale = self.invstd[ci] * g[ci].to_f64();
         Gate {
@@ -117,9 +117,7 @@ impl Normalize {
             .zip(x.par_chunks(s))
             .enumerate()
             .for_each(|(i, (o, xi))| {
-                let ci = i % c;
-                let scale = self.invstd[ci] * g[ci].to_f64();
-                let shift = b[ci].to_f64() - self.mean[ci] * scale;
+                let Gate { scale, shift, .. } = self.gate(g, b, i % c);
                 // Two loops, so that neither tests `relu` per value.
                 if self.relu {
                     for (o, v) in o.iter_mut().zip(xi) {
