@@ -78,8 +78,20 @@ fn bench_run_writes_all_four_reports_and_resumes() {
             "none" => assert_eq!(method, "none"),
             // TSN's `ada` under the paper's protocol is the original image ADA.
             "ada" => assert!(method.starts_with("image ADA"), "{method}"),
-            _ => assert!(method.contains("lines 5, 13, 14"), "{method}"),
+            _ => assert!(
+                method.contains("lines 5, 13, 14") && method.contains("line 4's features"),
+                "{method}"
+            ),
         }
+        // Algorithm 1 as written: no deviation in how the ascent is anchored.
+        assert!(
+            r["deviations"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|d| !d.as_str().unwrap().contains("anchor")),
+            "{r}"
+        );
         assert!(
             r["deviations"]
                 .as_array()

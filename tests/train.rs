@@ -120,6 +120,7 @@ fn train_writes_a_run_folder_and_resumes_after_kill_to_the_same_numbers() {
         "direction = \"ucf->hmdb\"",
         "ada_method = \"video ADA per minibatch (Algorithm 1) against level2 and level3",
         "lines 5, 13, 14",
+        "anchors: line 4's features, before line 5's update",
         "backbone small_cnn (paper: ResNet-50)",
     ] {
         assert!(

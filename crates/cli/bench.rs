@@ -20,7 +20,7 @@ use vdg_trainer::models::ModelKind;
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Run the matrix (default: the embedded synthetic benchmark, TSN/TRN/APN without and
-    /// with ADA, 3 seeds, small CNN, CPU), then write and print the leaderboard.
+    /// with ADA, 8 seeds, small CNN, CPU), then write and print the leaderboard.
     Run(Box<BenchRunArgs>),
     /// Prepare the data, check every cell and write the numbered cell list (`plan.json`)
     /// without training: run it once, then start workers with `vdg bench run --cell K` or

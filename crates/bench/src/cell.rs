@@ -190,19 +190,6 @@ pub fn deviations(c: &TrainConfig, benchmark: &str, features: bool) -> Vec<Strin
                 .into(),
         );
     }
-    if matches!(
-        c.ada_method(),
-        Ok(vdg_trainer::train::AdaMethod::Video {
-            minimisation: vdg_trainer::step::Minimisation::Sequential,
-            ..
-        })
-    ) {
-        d.push(
-            "ADA anchor R0 taken at the weights after line 5's update (Algorithm 1 takes it \
-             before), so the transport cost starts at exactly 0"
-                .into(),
-        );
-    }
     let resnet = matches!(c.backbone, BackboneKind::Resnet18 | BackboneKind::Resnet50);
     if c.backbone != BackboneKind::Resnet50 {
         d.push(format!("backbone {} (paper: ResNet-50)", c.backbone.name()));

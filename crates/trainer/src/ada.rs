@@ -3,8 +3,9 @@
 //!
 //! Per minibatch, for each targeted feature `R`: start a copy of the input at the clean
 //! input, and take `t_max` gradient-ascent steps of size `eta` on
-//! `CE(h(R(x')), y) - gamma * c(R(x'), R(x))`, where `R(x)` is the clean feature (the
-//! anchor), `h` the classifier that reads `R` and `c` the [`TransportCost`]. What the copies
+//! `CE(h(R(x')), y) - gamma * c(R(x'), R0)`, where `R0` is the clean feature (the anchor:
+//! under Algorithm 1 the one line 4 extracted, before line 5's update), `h` the classifier
+//! that reads `R` and `c` the [`TransportCost`]. What the copies
 //! then train is the minimisation step's business ([`crate::step`]): under the paper's
 //! protocol one update per copy through `h(R)` after the clean update (Algorithm 1, lines 5,
 //! 13, 14); under the released code's, one joint cross-entropy on the clean batch and the
@@ -185,7 +186,7 @@ pub struct Ascent {
     /// One copy of the input per target feature, in the order of the targets.
     pub copies: Vec<Tensor>,
     /// Per target, the transport cost `c(R(x'), R0)` at each ascent step, measured before
-    /// the step (the first is 0 by construction: the anchor is that step's own feature).
+    /// the step (the first is 0 when the anchor is that step's own feature).
     pub costs: Vec<Vec<f64>>,
 }
 
@@ -194,22 +195,33 @@ pub struct Ascent {
 /// `forward(x)` runs the model in training mode and must be a fixed function of `x` for
 /// the duration of the call: the trainer restores the dropout and relation-subset RNGs
 /// before every call ([`crate::step`]), so every ascent step sees the same masks and subsets.
-/// The anchor `R0` of each target is its feature in the first ascent step, which runs on
-/// the clean input: the forward configuration of the anchor is exactly that of the ascent,
-/// and the transport cost starts at 0 ([`Ascent::costs`]). With `t_max = 0` the copies
-/// are the clean input.
+/// `anchors` holds the anchor `R0` of each target, in the order of `targets` (Algorithm 1:
+/// line 4's features, taken before line 5's update); without them the anchor of each target
+/// is its feature in the first ascent step, which runs on the clean input, and the
+/// transport cost starts at 0 ([`Ascent::costs`]). With `t_max = 0` the copies are the
+/// clean input.
 pub fn ascend(
     forward: &dyn Fn(&Tensor) -> Result<HeadOutput>,
     x: &Tensor,
     labels: &Tensor,
     targets: &[&str],
+    anchors: Option<&[Tensor]>,
     cfg: &AdaConfig,
 ) -> Result<Ascent> {
+    if let Some(a) = anchors
+        && a.len() != targets.len()
+    {
+        return Err(Error::Config(format!(
+            "{} anchors for {} targeted features",
+            a.len(),
+            targets.len()
+        )));
+    }
     let mut copies = Vec::with_capacity(targets.len());
     let mut all_costs = Vec::with_capacity(targets.len());
-    for &t in targets {
+    for (i, &t) in targets.iter().enumerate() {
         let mut adv = x.detach();
-        let mut anchor: Option<Tensor> = None;
+        let mut anchor: Option<Tensor> = anchors.map(|a| a[i].detach());
         let mut costs = Vec::with_capacity(cfg.t_max);
         for _ in 0..cfg.t_max {
             let v = Var::from_tensor(&adv)?;
@@ -245,7 +257,7 @@ pub fn ascend(
     })
 }
 
-/// [`ascend`]'s copies only.
+/// [`ascend`]'s copies only, each target anchored at its feature in the first ascent step.
 pub fn adversarial_copies(
     forward: &dyn Fn(&Tensor) -> Result<HeadOutput>,
     x: &Tensor,
@@ -253,5 +265,5 @@ pub fn adversarial_copies(
     targets: &[&str],
     cfg: &AdaConfig,
 ) -> Result<Vec<Tensor>> {
-    Ok(ascend(forward, x, labels, targets, cfg)?.copies)
+    Ok(ascend(forward, x, labels, targets, None, cfg)?.copies)
 }

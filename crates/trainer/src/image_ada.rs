@@ -167,7 +167,7 @@ pub fn run_phase(
             snap.restore(model);
             model.forward_t(v, true)
         };
-        let mut copies = ascend(&fwd, &batch.clips, &batch.labels, &["last"], &cfg)?.copies;
+        let mut copies = ascend(&fwd, &batch.clips, &batch.labels, &["last"], None, &cfg)?.copies;
         clips.push(copies.remove(0).to_device(&Device::Cpu)?);
         labels.extend(batch.labels.to_vec1::<u32>()?);
     }

@@ -163,18 +163,20 @@ pub fn iteration(
     at: At,
 ) -> Result<IterationLosses> {
     let (targets, ada, minimisation) = (&step.targets[..], &step.cfg, step.minimisation);
-    let make_copies = || -> Result<Vec<Tensor>> {
+    // The ascent replays the forward configuration `snap` (dropout masks, relation subsets)
+    // at the current weights, anchored at `anchors` or, without them, at each target's
+    // feature in its first step.
+    let make_copies = |snap: RngSnapshot, anchors: Option<&[Tensor]>| -> Result<Vec<Tensor>> {
         if targets.is_empty() {
             return Ok(Vec::new());
         }
-        let snap = RngSnapshot::take(model);
         let frozen = twin.map(|build| build()).transpose()?;
         let m = frozen.as_ref().unwrap_or(model);
         let fwd = |v: &Tensor| {
             snap.restore(m);
             m.forward_t(v, true)
         };
-        let copies = ascend(&fwd, x, labels, targets, ada)?.copies;
+        let copies = ascend(&fwd, x, labels, targets, anchors, ada)?.copies;
         // The model's own streams continue from where the ascent's did.
         if frozen.is_some() {
             RngSnapshot::take(m).restore(model);
@@ -183,11 +185,22 @@ pub fn iteration(
     };
     match minimisation {
         Minimisation::Sequential => {
-            // Line 5: the clean update.
-            let loss = cross_entropy(&model.forward_t(x, true)?.logits, labels)?;
+            // Line 4: the pyramid features of the clean batch, the anchors R0 of the
+            // ascent; line 5: the clean update on the same forward pass.
+            let snap = RngSnapshot::take(model);
+            let out = model.forward_t(x, true)?;
+            let anchors = targets
+                .iter()
+                .map(|t| Ok(out.feature(t)?.detach()))
+                .collect::<Result<Vec<_>>>()?;
+            let loss = cross_entropy(&out.logits, labels)?;
+            drop(out);
             let main = up.update(&loss, at)?;
-            // Lines 6-12 at the updated weights, then lines 13-14.
-            let copies = make_copies()?;
+            drop(loss);
+            // Lines 6-12 at the updated weights, in line 4's forward configuration and
+            // anchored at line 4's features, then lines 13-14.
+            let copies = make_copies(snap, Some(&anchors))?;
+            drop(anchors);
             let mut losses = Vec::with_capacity(copies.len());
             for (t, copy) in targets.iter().zip(&copies) {
                 let out = model.forward_t(copy, true)?;
@@ -200,7 +213,7 @@ pub fn iteration(
             })
         }
         Minimisation::Joint => {
-            let copies = make_copies()?;
+            let copies = make_copies(RngSnapshot::take(model), None)?;
             let n = 1 + copies.len();
             let xs: Vec<Tensor> = std::iter::once(x.clone()).chain(copies).collect();
             let x_all = if n == 1 {
@@ -303,7 +316,7 @@ mod tests {
             snap.restore(&model);
             model.forward_t(v, true)
         };
-        let a = ascend(&fixed, &x, &y, &targets, &ada(0.0)).unwrap();
+        let a = ascend(&fixed, &x, &y, &targets, None, &ada(0.0)).unwrap();
         for costs in &a.costs {
             assert_eq!(costs, &vec![0.0; 3]);
         }
@@ -311,17 +324,65 @@ mod tests {
         // is not 0 even though the input did not change.
         seed_dropout(5);
         let fresh = |v: &Tensor| model.forward_t(v, true);
-        let b = ascend(&fresh, &x, &y, &targets, &ada(0.0)).unwrap();
+        let b = ascend(&fresh, &x, &y, &targets, None, &ada(0.0)).unwrap();
         for costs in &b.costs {
             assert_eq!(costs[0], 0.0);
             assert!(costs[1] > 1e-6 && costs[2] > 1e-6, "{costs:?}");
         }
         // A moving copy in training mode: the cost starts at 0 and then grows.
-        let c = ascend(&fixed, &x, &y, &targets, &ada(1.0)).unwrap();
+        let c = ascend(&fixed, &x, &y, &targets, None, &ada(1.0)).unwrap();
         for costs in &c.costs {
             assert_eq!(costs[0], 0.0);
             assert!(costs[1] > 0.0, "{costs:?}");
         }
+    }
+
+    #[test]
+    fn the_ascent_is_anchored_at_line_4s_features_before_line_5s_update() {
+        let (vm, model) = apn(4);
+        let (x, y) = batch();
+        let targets = AdaVariant::AdaStar.targets(ModelKind::Apn).unwrap();
+        seed_dropout(7);
+        // Line 4 in one forward configuration, replayed by every ascent step.
+        let snap = RngSnapshot::take(&model);
+        let out = model.forward_t(&x, true).unwrap();
+        let anchors: Vec<Tensor> = targets
+            .iter()
+            .map(|t| out.feature(t).unwrap().detach())
+            .collect();
+        let fixed = |v: &Tensor| {
+            snap.restore(&model);
+            model.forward_t(v, true)
+        };
+        // At line 4's weights the anchor is the ascent's own first feature: cost exactly 0.
+        let same = ascend(&fixed, &x, &y, &targets, Some(&anchors), &ada(0.0)).unwrap();
+        for costs in &same.costs {
+            assert_eq!(costs, &vec![0.0; 3]);
+        }
+        // Line 5's update moves the weights; a copy that does not move (eta = 0) then sits
+        // at the same positive distance from line 4's anchor at every step.
+        let mut opt = SgdMomentum::from_varmap(&vm, SgdParams::default(), |_| true).unwrap();
+        let mut up = Updater {
+            opt: &mut opt,
+            clip_norm: 20.0,
+        };
+        up.update(
+            &cross_entropy(&out.logits, &y).unwrap(),
+            At { epoch: 0, batch: 0 },
+        )
+        .unwrap();
+        let after = ascend(&fixed, &x, &y, &targets, Some(&anchors), &ada(0.0)).unwrap();
+        for costs in &after.costs {
+            assert!(costs[0] > 1e-9, "{costs:?}");
+            assert!(costs.iter().all(|c| c == &costs[0]), "{costs:?}");
+        }
+        // Anchored at the updated weights' own feature instead, the distance is 0 again.
+        let own = ascend(&fixed, &x, &y, &targets, None, &ada(0.0)).unwrap();
+        for costs in &own.costs {
+            assert_eq!(costs, &vec![0.0; 3]);
+        }
+        // The anchors must be one per target.
+        assert!(ascend(&fixed, &x, &y, &targets, Some(&anchors[..1]), &ada(0.0)).is_err());
     }
 
     /// Runs `n` iterations of `minimisation` from a fresh model, the ascent on a detached
@@ -393,20 +454,36 @@ mod tests {
         };
         let at = At { epoch: 0, batch: 0 };
         let (x, y) = batch();
+        let targets = ["level2", "level3"];
+        // Line 4, its anchors copied out of the graph's buffers.
+        let snap = RngSnapshot::take(&model);
+        let out = model.forward_t(&x, true).unwrap();
+        let anchors: Vec<Tensor> = targets
+            .iter()
+            .map(|t| {
+                let f = out.feature(t).unwrap();
+                Tensor::from_vec(
+                    f.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    f.shape(),
+                    &Device::Cpu,
+                )
+                .unwrap()
+            })
+            .collect();
         // Line 5.
-        let loss = cross_entropy(&model.forward_t(&x, true).unwrap().logits, &y).unwrap();
-        up.update(&loss, at).unwrap();
+        up.update(&cross_entropy(&out.logits, &y).unwrap(), at)
+            .unwrap();
         if updates == 1 {
             return params(&vm);
         }
-        // Lines 6-12.
-        let targets = ["level2", "level3"];
-        let snap = RngSnapshot::take(&model);
+        // Lines 6-12: line 4's forward configuration at the updated weights.
         let fwd = |v: &Tensor| {
             snap.restore(&model);
             model.forward_t(v, true)
         };
-        let copies = ascend(&fwd, &x, &y, &targets, &ada(1.0)).unwrap().copies;
+        let copies = ascend(&fwd, &x, &y, &targets, Some(&anchors), &ada(1.0))
+            .unwrap()
+            .copies;
         // Line 13: h(R^II) of the level-II copies.
         let out = model.forward_t(&copies[0], true).unwrap();
         let logits = if level2_own_classifier {

@@ -258,7 +258,7 @@ impl AdaMethod {
                 targets.join(" and "),
                 match minimisation {
                     Minimisation::Sequential =>
-                        "minimisation: clean update, then one update per copy through its own classifier (lines 5, 13, 14)",
+                        "anchors: line 4's features, before line 5's update; minimisation: clean update, then one update per copy through its own classifier (lines 5, 13, 14)",
                     Minimisation::Joint =>
                         "minimisation: one joint update on the clean batch and the copies (released code)",
                 }
