@@ -9,7 +9,8 @@
 //! then train is the minimisation step's business ([`crate::step`]): under the paper's
 //! protocol one update per copy through `h(R)` after the clean update (Algorithm 1, lines 5,
 //! 13, 14); under the released code's, one joint cross-entropy on the clean batch and the
-//! copies. The variants say which features are targeted.
+//! copies, made by that code's ascent ([`ascend_redrawn`]). The variants say which features
+//! are targeted.
 
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -224,29 +225,9 @@ pub fn ascend(
         let mut anchor: Option<Tensor> = anchors.map(|a| a[i].detach());
         let mut costs = Vec::with_capacity(cfg.t_max);
         for _ in 0..cfg.t_max {
-            let v = Var::from_tensor(&adv)?;
-            let out = forward(v.as_tensor())?;
-            let r0 = match &anchor {
-                Some(r0) => r0.clone(),
-                None => {
-                    let r0 = out.feature(t)?.detach();
-                    anchor = Some(r0.clone());
-                    r0
-                }
-            };
-            let ce = cross_entropy(out.logits_for(t), labels)?;
-            let dist = cfg.cost.cost(out.feature(t)?, &r0)?;
-            costs.push(f64::from(
-                dist.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?,
-            ));
-            let obj = (ce - (dist * cfg.gamma)?)?;
-            let grads = obj.backward()?;
-            let g = grads.get(v.as_tensor()).ok_or_else(|| {
-                Error::Config(format!(
-                    "no gradient reaches the input through feature {t:?}"
-                ))
-            })?;
-            adv = (adv + (g * cfg.eta)?)?.detach();
+            let (moved, cost) = ascent_step(forward, &adv, labels, t, &mut anchor, cfg)?;
+            adv = moved;
+            costs.push(cost);
         }
         all_costs.push(costs);
         copies.push(adv);
@@ -255,6 +236,68 @@ pub fn ascend(
         copies,
         costs: all_costs,
     })
+}
+
+/// The released code's ascent (thuml/VideoDG, `main_val.py` with `--add_dg`): at each of
+/// the `t_max` steps the clean input's features are computed anew, without gradient, and
+/// then every copy, in the order of `targets`, takes one step against them. No forward
+/// configuration is replayed: `forward` draws its dropout masks and relation subsets afresh
+/// at every call, as every forward pass in training mode does there, so the anchors differ
+/// from step to step and the cost is not 0 even at the first step.
+pub fn ascend_redrawn(
+    forward: &dyn Fn(&Tensor) -> Result<HeadOutput>,
+    x: &Tensor,
+    labels: &Tensor,
+    targets: &[&str],
+    cfg: &AdaConfig,
+) -> Result<Ascent> {
+    let mut copies: Vec<Tensor> = targets.iter().map(|_| x.detach()).collect();
+    let mut costs: Vec<Vec<f64>> = targets.iter().map(|_| Vec::new()).collect();
+    let clean = x.detach();
+    for _ in 0..cfg.t_max {
+        let out = forward(&clean)?;
+        let anchors = targets
+            .iter()
+            .map(|t| Ok(out.feature(t)?.detach()))
+            .collect::<Result<Vec<_>>>()?;
+        drop(out);
+        for (i, (&t, anchor)) in targets.iter().zip(anchors).enumerate() {
+            let (moved, cost) =
+                ascent_step(forward, &copies[i], labels, t, &mut Some(anchor), cfg)?;
+            copies[i] = moved;
+            costs[i].push(cost);
+        }
+    }
+    Ok(Ascent { copies, costs })
+}
+
+/// One ascent step of the copy `adv` against feature `t`: the moved copy and the transport
+/// cost before the step. Without an `anchor`, the step's own feature becomes it.
+fn ascent_step(
+    forward: &dyn Fn(&Tensor) -> Result<HeadOutput>,
+    adv: &Tensor,
+    labels: &Tensor,
+    t: &str,
+    anchor: &mut Option<Tensor>,
+    cfg: &AdaConfig,
+) -> Result<(Tensor, f64)> {
+    let v = Var::from_tensor(adv)?;
+    let out = forward(v.as_tensor())?;
+    let r0 = match anchor {
+        Some(r0) => r0.clone(),
+        None => anchor.insert(out.feature(t)?.detach()).clone(),
+    };
+    let ce = cross_entropy(out.logits_for(t), labels)?;
+    let dist = cfg.cost.cost(out.feature(t)?, &r0)?;
+    let cost = f64::from(dist.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?);
+    let obj = (ce - (dist * cfg.gamma)?)?;
+    let grads = obj.backward()?;
+    let g = grads.get(v.as_tensor()).ok_or_else(|| {
+        Error::Config(format!(
+            "no gradient reaches the input through feature {t:?}"
+        ))
+    })?;
+    Ok(((adv + (g * cfg.eta)?)?.detach(), cost))
 }
 
 /// [`ascend`]'s copies only, each target anchored at its feature in the first ascent step.

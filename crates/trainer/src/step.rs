@@ -8,14 +8,16 @@
 //! ([`Minimisation::Joint`]) the copies are made first and one cross-entropy on the clean
 //! batch and the copies, through the main logits, makes one update.
 //!
-//! During the ascent every forward pass replays the same dropout masks and relation subsets
-//! ([`RngSnapshot`]), so the objective is a fixed function of the input and the anchor is
-//! the clean feature of exactly that forward configuration.
+//! Under the paper's protocol every forward pass of the ascent replays line 4's dropout masks
+//! and relation subsets ([`RngSnapshot`]), so the objective is a fixed function of the input
+//! and the anchors are line 4's features, of exactly that forward configuration, taken
+//! before line 5's update. Under the released code's the ascent is that code's
+//! ([`crate::ada::ascend_redrawn`]): fresh masks and clean features at every step.
 
 use candle_core::{DType, Tensor};
 use candle_nn::Optimizer;
 
-use crate::ada::{AdaConfig, ascend};
+use crate::ada::{AdaConfig, ascend, ascend_redrawn};
 use crate::error::{Error, Result};
 use crate::models::VideoModel;
 use crate::nn::{cross_entropy, dropout_state, set_dropout_state};
@@ -163,26 +165,40 @@ pub fn iteration(
     at: At,
 ) -> Result<IterationLosses> {
     let (targets, ada, minimisation) = (&step.targets[..], &step.cfg, step.minimisation);
-    // The ascent replays the forward configuration `snap` (dropout masks, relation subsets)
-    // at the current weights, anchored at `anchors` or, without them, at each target's
-    // feature in its first step.
-    let make_copies = |snap: RngSnapshot, anchors: Option<&[Tensor]>| -> Result<Vec<Tensor>> {
-        if targets.is_empty() {
-            return Ok(Vec::new());
-        }
-        let frozen = twin.map(|build| build()).transpose()?;
-        let m = frozen.as_ref().unwrap_or(model);
-        let fwd = |v: &Tensor| {
-            snap.restore(m);
-            m.forward_t(v, true)
+    // The ascent at the current weights: replaying the forward configuration `snap`
+    // (dropout masks, relation subsets), anchored at `anchors` or, without them, at each
+    // target's feature in its first step; or, without `snap`, the released code's ascent,
+    // every forward pass drawing afresh.
+    let make_copies =
+        |snap: Option<RngSnapshot>, anchors: Option<&[Tensor]>| -> Result<Vec<Tensor>> {
+            if targets.is_empty() {
+                return Ok(Vec::new());
+            }
+            let frozen = twin.map(|build| build()).transpose()?;
+            let m = frozen.as_ref().unwrap_or(model);
+            let ascent = match snap {
+                Some(snap) => {
+                    let fwd = |v: &Tensor| {
+                        snap.restore(m);
+                        m.forward_t(v, true)
+                    };
+                    ascend(&fwd, x, labels, targets, anchors, ada)?
+                }
+                None => {
+                    if frozen.is_some() {
+                        // The twin draws from where the model's streams are.
+                        RngSnapshot::take(model).restore(m);
+                    }
+                    let fwd = |v: &Tensor| m.forward_t(v, true);
+                    ascend_redrawn(&fwd, x, labels, targets, ada)?
+                }
+            };
+            // The model's own streams continue from where the ascent's did.
+            if frozen.is_some() {
+                RngSnapshot::take(m).restore(model);
+            }
+            Ok(ascent.copies)
         };
-        let copies = ascend(&fwd, x, labels, targets, anchors, ada)?.copies;
-        // The model's own streams continue from where the ascent's did.
-        if frozen.is_some() {
-            RngSnapshot::take(m).restore(model);
-        }
-        Ok(copies)
-    };
     match minimisation {
         Minimisation::Sequential => {
             // Line 4: the pyramid features of the clean batch, the anchors R0 of the
@@ -199,7 +215,7 @@ pub fn iteration(
             drop(loss);
             // Lines 6-12 at the updated weights, in line 4's forward configuration and
             // anchored at line 4's features, then lines 13-14.
-            let copies = make_copies(snap, Some(&anchors))?;
+            let copies = make_copies(Some(snap), Some(&anchors))?;
             drop(anchors);
             let mut losses = Vec::with_capacity(copies.len());
             for (t, copy) in targets.iter().zip(&copies) {
@@ -213,7 +229,7 @@ pub fn iteration(
             })
         }
         Minimisation::Joint => {
-            let copies = make_copies(RngSnapshot::take(model), None)?;
+            let copies = make_copies(None, None)?;
             let n = 1 + copies.len();
             let xs: Vec<Tensor> = std::iter::once(x.clone()).chain(copies).collect();
             let x_all = if n == 1 {
@@ -422,15 +438,76 @@ mod tests {
 
     #[test]
     fn the_ascent_on_a_detached_twin_gives_the_same_iteration() {
-        let (with, _) = run_iterations(Minimisation::Sequential, true, 2);
-        let (without, _) = run_iterations(Minimisation::Sequential, false, 2);
-        for ((name, a), (_, b)) in with.iter().zip(&without) {
-            let diff = a
+        for minimisation in [Minimisation::Sequential, Minimisation::Joint] {
+            let (with, _) = run_iterations(minimisation, true, 2);
+            let (without, _) = run_iterations(minimisation, false, 2);
+            for ((name, a), (_, b)) in with.iter().zip(&without) {
+                let diff = a
+                    .iter()
+                    .zip(b)
+                    .map(|(p, q)| (p - q).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(diff <= 1e-6, "{minimisation:?} {name}: {diff}");
+            }
+        }
+    }
+
+    /// The released code's iteration written out by hand (thuml/VideoDG `main_val.py` with
+    /// `--add_dg`): per ascent step the clean features anew, then one step of each copy,
+    /// every forward drawing fresh masks; one update on the clean batch and the copies.
+    fn released_by_hand() -> Vec<(String, Vec<f32>)> {
+        let (vm, model) = apn(2);
+        seed_dropout(9);
+        let mut opt = SgdMomentum::from_varmap(&vm, SgdParams::default(), |_| true).unwrap();
+        let mut up = Updater {
+            opt: &mut opt,
+            clip_norm: 20.0,
+        };
+        let (x, y) = batch();
+        let targets = AdaVariant::AdaStar.targets(ModelKind::Apn).unwrap();
+        let cfg = ada(1.0);
+        let mut copies = vec![x.clone(); targets.len()];
+        for _ in 0..cfg.t_max {
+            let src = model.forward_t(&x, true).unwrap();
+            let anchors: Vec<Tensor> = targets
                 .iter()
-                .zip(b)
-                .map(|(p, q)| (p - q).abs())
-                .fold(0.0f32, f32::max);
-            assert!(diff <= 1e-6, "{name}: {diff}");
+                .map(|t| src.feature(t).unwrap().detach())
+                .collect();
+            for (i, t) in targets.iter().enumerate() {
+                let v = candle_core::Var::from_tensor(&copies[i]).unwrap();
+                let out = model.forward_t(v.as_tensor(), true).unwrap();
+                let obj = crate::ada::objective(&out, t, &y, &anchors[i], &cfg).unwrap();
+                let g = obj.backward().unwrap().get(v.as_tensor()).unwrap().clone();
+                copies[i] = (&copies[i] + (g * cfg.eta).unwrap()).unwrap().detach();
+            }
+        }
+        let xs: Vec<Tensor> = std::iter::once(x).chain(copies).collect();
+        let x_all = Tensor::cat(&xs, 0).unwrap();
+        let y_all = Tensor::cat(&vec![y; xs.len()], 0).unwrap();
+        let out = model.forward_t(&x_all, true).unwrap();
+        up.update(
+            &cross_entropy(&out.logits, &y_all).unwrap(),
+            At { epoch: 0, batch: 0 },
+        )
+        .unwrap();
+        params(&vm)
+    }
+
+    #[test]
+    fn joint_minimisation_is_the_released_codes_iteration() {
+        let (got, losses) = run(Minimisation::Joint);
+        assert!(losses.copies.is_empty() && losses.main.is_finite());
+        assert_eq!(got, released_by_hand(), "not the released code's iteration");
+        // Its anchors are drawn afresh: with dropout on, even a copy that never moves is
+        // away from them at the first step (the replayed ascent starts at exactly 0).
+        let (_vm, model) = apn(5);
+        let (x, y) = batch();
+        let targets = AdaVariant::AdaStar.targets(ModelKind::Apn).unwrap();
+        seed_dropout(3);
+        let fresh = |v: &Tensor| model.forward_t(v, true);
+        let a = crate::ada::ascend_redrawn(&fresh, &x, &y, &targets, &ada(0.0)).unwrap();
+        for costs in &a.costs {
+            assert!(costs.iter().all(|&c| c > 1e-9), "{costs:?}");
         }
     }
 

@@ -260,7 +260,7 @@ impl AdaMethod {
                     Minimisation::Sequential =>
                         "anchors: line 4's features, before line 5's update; minimisation: clean update, then one update per copy through its own classifier (lines 5, 13, 14)",
                     Minimisation::Joint =>
-                        "minimisation: one joint update on the clean batch and the copies (released code)",
+                        "anchors: the clean features computed anew at every ascent step, fresh dropout and subsets each forward; minimisation: one joint update on the clean batch and the copies (released code)",
                 }
             ),
             AdaMethod::Image(p) => format!(
