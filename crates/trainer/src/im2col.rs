@@ -220,12 +220,7 @@ fn build_cols<T: WithDType>(g: &Geometry, x: &[T], lines: (usize, usize), cols: 
             if s == 1 {
                 seg[lo..hi].copy_from_slice(&x[first..][..hi - lo]);
             } else if s == 2 {
-                let len = hi - lo;
-                let xr = &x[first..][..2 * len - 1];
-                let seg = &mut seg[lo..hi];
-                for i in 0..len {
-                    seg[i] = xr[2 * i];
-                }
+                gather_even(&mut seg[lo..hi], &x[first..]);
             } else {
                 let xr = &x[first..][..(hi - lo - 1) * s + 1];
                 for (i, v) in seg[lo..hi].iter_mut().enumerate() {
@@ -235,6 +230,46 @@ fn build_cols<T: WithDType>(g: &Geometry, x: &[T], lines: (usize, usize), cols: 
         }
         _ => seg.fill(T::zero()),
     });
+}
+
+/// `seg[i] = x[2 i]` for every `i` of `seg` (`x` holds at least `2 seg.len() - 1` values),
+/// eight values at a time from sixteen where `x` holds the sixteenth: the compiler unrolls
+/// those blocks, which spares a loop count and an index computation per value.
+#[inline]
+fn gather_even<T: Copy>(seg: &mut [T], x: &[T]) {
+    let len = seg.len();
+    let mut i = 0;
+    while i + 8 <= len && 2 * i + 16 <= x.len() {
+        let src: &[T; 16] = x[2 * i..2 * i + 16].try_into().expect("16 values");
+        let dst: &mut [T; 8] = (&mut seg[i..i + 8]).try_into().expect("8 values");
+        for j in 0..8 {
+            dst[j] = src[2 * j];
+        }
+        i += 8;
+    }
+    for k in i..len {
+        seg[k] = x[2 * k];
+    }
+}
+
+/// The adjoint of [`gather_even`]: `dx[2 i] += seg[i]` (`dx` holds at least `2 seg.len() -
+/// 1` values; the odd ones are left as they are). An empty `seg` (a window wholly in the
+/// padding) touches nothing.
+#[inline]
+fn scatter_even<T: WithDType>(dx: &mut [T], seg: &[T]) {
+    let len = seg.len();
+    let mut i = 0;
+    while i + 8 <= len && 2 * i + 16 <= dx.len() {
+        let d: &mut [T; 16] = (&mut dx[2 * i..2 * i + 16]).try_into().expect("16 values");
+        let v: &[T; 8] = seg[i..i + 8].try_into().expect("8 values");
+        for j in 0..8 {
+            d[2 * j] += v[j];
+        }
+        i += 8;
+    }
+    for k in i..len {
+        dx[2 * k] += seg[k];
+    }
 }
 
 /// The adjoint of [`build_cols`]: adds the column gradients of lines `l0..l1` into `dx`, the
@@ -255,12 +290,7 @@ fn scatter_cols<T: WithDType>(
                     *d += *v;
                 }
             } else if s == 2 {
-                let seg = &seg[lo..hi];
-                // (A window wholly in the padding leaves `seg` empty.)
-                let dx = &mut dx[first..][..(2 * seg.len()).saturating_sub(1)];
-                for (i, v) in seg.iter().enumerate() {
-                    dx[2 * i] += *v;
-                }
+                scatter_even(&mut dx[first..], &seg[lo..hi]);
             } else {
                 for (run, v) in dx[first..].chunks_mut(s).zip(&seg[lo..hi]) {
                     run[0] += *v;
