@@ -728,9 +728,48 @@ fn t95(df: usize) -> f64 {
     }
 }
 
-/// One line per benchmark: the best model by mean target top-1 over its directions, and for
-/// every model trained with and without ADA the ADA effect: the mean over (direction, seed)
-/// pairs of (with - without), with its 95 % confidence interval (Student t over the pairs).
+/// The target top-1 differences `a - b` of the runs of cells `a` and `b` (model, ADA) of
+/// `benchmark` trained on the same direction with the same seed.
+fn paired_differences(
+    lb: &Leaderboard,
+    benchmark: &str,
+    a: (&str, &str),
+    b: (&str, &str),
+) -> Vec<f64> {
+    let cell = |r: &RunResult, (m, v): (&str, &str)| {
+        r.benchmark == benchmark && r.model == m && r.ada == v
+    };
+    lb.runs
+        .iter()
+        .filter(|w| cell(w, a))
+        .filter_map(|w| {
+            lb.runs
+                .iter()
+                .find(|r| cell(r, b) && r.direction == w.direction && r.seed == w.seed)
+                .map(|r| w.top1 - r.top1)
+        })
+        .collect()
+}
+
+/// `"{mean} [{low}, {high}]"`: the mean of paired differences and its 95 % confidence
+/// interval (Student t over the pairs); `None` without pairs.
+fn with_interval(diffs: &[f64]) -> Option<String> {
+    if diffs.is_empty() {
+        return None;
+    }
+    let (mean, sd) = mean_std(diffs);
+    let half = t95(diffs.len() - 1) * sd / (diffs.len() as f64).sqrt();
+    Some(if half.is_finite() {
+        format!("{mean:+.2} [{:+.2}, {:+.2}]", mean - half, mean + half)
+    } else {
+        format!("{mean:+.2} (one pair: no interval)")
+    })
+}
+
+/// One line per benchmark: the best model by mean target top-1 over its directions and its
+/// margin over the best cell of any other model, and for every model trained with and
+/// without ADA the ADA effect; each difference the mean over (direction, seed) pairs, with
+/// its 95 % confidence interval (Student t over the pairs).
 pub fn summary(lb: &Leaderboard) -> Vec<String> {
     let mut lines = Vec::new();
     let mut benchmarks: Vec<&String> = lb.aggregates.iter().map(|a| &a.benchmark).collect();
@@ -748,18 +787,38 @@ pub fn summary(lb: &Leaderboard) -> Vec<String> {
                 .or_default()
                 .push(a.mean);
         }
-        let Some(((m, v), best)) = by_cell
+        let means: Vec<((&str, &str), f64)> = by_cell
             .iter()
-            .map(|(k, v)| (k, v.iter().sum::<f64>() / v.len() as f64))
-            .max_by(|x, y| x.1.total_cmp(&y.1))
-        else {
+            .map(|(k, v)| (*k, v.iter().sum::<f64>() / v.len() as f64))
+            .collect();
+        let best_of = |skip: Option<&str>| {
+            means
+                .iter()
+                .filter(|((m, _), _)| Some(*m) != skip)
+                .max_by(|x, y| x.1.total_cmp(&y.1))
+                .copied()
+        };
+        let Some(((m, v), best)) = best_of(None) else {
             continue;
         };
-        let label = if *v == "none" {
-            display_model(m)
-        } else {
-            format!("{} + {v}", display_model(m))
+        let cell_label = |m: &str, v: &str| {
+            if v == "none" {
+                display_model(m)
+            } else {
+                format!("{} + {v}", display_model(m))
+            }
         };
+        let label = cell_label(m, v);
+        // The margin over the best cell of another model, on the runs both trained.
+        let margin = best_of(Some(m)).and_then(|((m2, v2), _)| {
+            with_interval(&paired_differences(lb, b, (m, v), (m2, v2))).map(|d| {
+                format!(
+                    "; {label} minus {} (the best cell of another model): {d} points, mean \
+                         over the (direction, seed) pairs both ran [95 % CI]",
+                    cell_label(m2, v2)
+                )
+            })
+        });
         let mut effects = Vec::new();
         let mut models: Vec<&str> = lb
             .runs
@@ -786,45 +845,14 @@ pub fn summary(lb: &Leaderboard) -> Vec<String> {
             variants.sort_by_key(|v| ada_rank(v));
             variants.dedup();
             for v in variants {
-                let diffs: Vec<f64> = lb
-                    .runs
-                    .iter()
-                    .filter(|r| &r.benchmark == b && r.model == m && r.ada == v)
-                    .filter_map(|w| {
-                        lb.runs
-                            .iter()
-                            .find(|r| {
-                                &r.benchmark == b
-                                    && r.model == m
-                                    && r.ada == "none"
-                                    && r.direction == w.direction
-                                    && r.seed == w.seed
-                            })
-                            .map(|r| w.top1 - r.top1)
-                    })
-                    .collect();
-                if diffs.is_empty() {
-                    continue;
+                if let Some(d) = with_interval(&paired_differences(lb, b, (m, v), (m, "none"))) {
+                    effects.push(format!("{} + {v} {d}", display_model(m)));
                 }
-                let (mean, sd) = mean_std(&diffs);
-                let half = t95(diffs.len() - 1) * sd / (diffs.len() as f64).sqrt();
-                effects.push(if half.is_finite() {
-                    format!(
-                        "{} + {v} {mean:+.2} [{:+.2}, {:+.2}]",
-                        display_model(m),
-                        mean - half,
-                        mean + half
-                    )
-                } else {
-                    format!(
-                        "{} + {v} {mean:+.2} (one pair: no interval)",
-                        display_model(m)
-                    )
-                });
             }
         }
         let mut line = format!(
-            "Summary ({b}): best {label}, {best:.2} % mean target top-1 over its directions"
+            "Summary ({b}): best {label}, {best:.2} % mean target top-1 over its directions{}",
+            margin.unwrap_or_default()
         );
         if !effects.is_empty() {
             let _ = write!(
@@ -1256,6 +1284,47 @@ mod tests {
     }
 
     #[test]
+    fn the_summary_pairs_runs_by_direction_and_seed_for_its_intervals() {
+        // Seeds 0-2 of one direction: TRN 60, 64, 68; APN 58, 60, 62; APN + ada_star 59,
+        // 61, 66 (the best APN cell, mean 62). A TRN run of a seed APN lacks counts in TRN's
+        // mean (64) but in no pair.
+        let mut runs = Vec::new();
+        for (seed, trn, apn, apn_ada) in [
+            (0, 60.0, 58.0, 59.0),
+            (1, 64.0, 60.0, 61.0),
+            (2, 68.0, 62.0, 66.0),
+        ] {
+            runs.push(run("ucf->hmdb", "trn", "none", seed, trn));
+            runs.push(run("ucf->hmdb", "apn", "none", seed, apn));
+            runs.push(run("ucf->hmdb", "apn", "ada_star", seed, apn_ada));
+        }
+        runs.push(run("ucf->hmdb", "trn", "none", 3, 64.0));
+        let lb = Leaderboard {
+            schema_version: LEADERBOARD_SCHEMA_VERSION,
+            tool_version: "0.1.0".into(),
+            git_revision: "abc".into(),
+            data_fingerprints: BTreeMap::new(),
+            config: serde_json::Value::Null,
+            classes: BTreeMap::new(),
+            aggregates: aggregate(&runs),
+            runs,
+            model_notes: BTreeMap::new(),
+        };
+        let line = summary(&lb).join("\n");
+        // TRN minus APN + ada_star: 1, 3, 2 -> mean 2, sd 1, t(2) = 4.303: +/- 2.48.
+        assert!(
+            line.contains("best TRN, 64.00 %")
+                && line.contains("TRN minus APN + ada_star (the best cell of another model): +2.00 [-0.48, +4.48] points"),
+            "{line}"
+        );
+        // APN's ADA effect: 1, 1, 4 -> mean 2, sd sqrt(3), half 4.303 * 1 = 4.30.
+        assert!(
+            line.contains("APN + ada_star +2.00 [-2.30, +6.30]"),
+            "{line}"
+        );
+    }
+
+    #[test]
     fn every_variant_gets_the_paper_row_of_that_variant() {
         let get = |b: &str, m: &str, a: &str| {
             paper_reference(b, m, a).map(|p| {
@@ -1506,7 +1575,7 @@ In-domain (source-validation) and target top-1 (%), and the DG gap between them,
 | TRN | ada_star | ucf->hmdb | 93.00 ± 0.00 | 53.00 ± 0.00 | 40.00 ± 0.00 | 8.33 |
 | APN | none | ucf->hmdb | 95.00 ± 0.00 | 55.00 ± 0.00 | 40.00 ± 0.00 | 8.33 |
 
-Summary (ucf_hmdb): best TSN, 60.50 % mean target top-1 over its directions; ADA effect, points, mean over (direction, seed) pairs [95 % CI]: TSN + ada -1.00 [-5.97, +3.97]; TRN + ada +2.00 (one pair: no interval); TRN + ada_star +1.00 (one pair: no interval).
+Summary (ucf_hmdb): best TSN, 60.50 % mean target top-1 over its directions; TSN minus APN (the best cell of another model): -5.00 (one pair: no interval) points, mean over the (direction, seed) pairs both ran [95 % CI]; ADA effect, points, mean over (direction, seed) pairs [95 % CI]: TSN + ada -1.00 [-5.97, +3.97]; TRN + ada +2.00 (one pair: no interval); TRN + ada_star +1.00 (one pair: no interval).
 ";
         assert_eq!(md, expected, "\n{md}");
         let csv = render_csv(&lb);
