@@ -1283,6 +1283,21 @@ mod tests {
         }
     }
 
+    /// A leaderboard of `runs` with their aggregates and nothing else.
+    fn leaderboard(runs: Vec<RunResult>) -> Leaderboard {
+        Leaderboard {
+            schema_version: LEADERBOARD_SCHEMA_VERSION,
+            tool_version: "0.1.0".into(),
+            git_revision: "abc".into(),
+            data_fingerprints: BTreeMap::new(),
+            config: serde_json::Value::Null,
+            classes: BTreeMap::new(),
+            aggregates: aggregate(&runs),
+            runs,
+            model_notes: BTreeMap::new(),
+        }
+    }
+
     #[test]
     fn the_summary_pairs_runs_by_direction_and_seed_for_its_intervals() {
         // Seeds 0-2 of one direction: TRN 60, 64, 68; APN 58, 60, 62; APN + ada_star 59,
@@ -1299,17 +1314,7 @@ mod tests {
             runs.push(run("ucf->hmdb", "apn", "ada_star", seed, apn_ada));
         }
         runs.push(run("ucf->hmdb", "trn", "none", 3, 64.0));
-        let lb = Leaderboard {
-            schema_version: LEADERBOARD_SCHEMA_VERSION,
-            tool_version: "0.1.0".into(),
-            git_revision: "abc".into(),
-            data_fingerprints: BTreeMap::new(),
-            config: serde_json::Value::Null,
-            classes: BTreeMap::new(),
-            aggregates: aggregate(&runs),
-            runs,
-            model_notes: BTreeMap::new(),
-        };
+        let lb = leaderboard(runs);
         let line = summary(&lb).join("\n");
         // TRN minus APN + ada_star: 1, 3, 2 -> mean 2, sd 1, t(2) = 4.303: +/- 2.48.
         assert!(
@@ -1471,17 +1476,7 @@ mod tests {
             ens(run("ucf->hmdb", "trn", "none", 0, 60.0)),
             ens(run("ucf->hmdb", "trn", "none", 1, 62.0)),
         ];
-        let lb = Leaderboard {
-            schema_version: LEADERBOARD_SCHEMA_VERSION,
-            tool_version: "0.1.0".into(),
-            git_revision: "abc".into(),
-            data_fingerprints: BTreeMap::new(),
-            config: serde_json::Value::Null,
-            classes: BTreeMap::new(),
-            aggregates: aggregate(&runs),
-            runs,
-            model_notes: BTreeMap::new(),
-        };
+        let lb = leaderboard(runs);
         let md = render_markdown(&lb);
         assert!(md.contains("| TRN | 61.00 ± 1.41 / — |"), "{md}");
         assert!(

@@ -310,6 +310,17 @@ mod tests {
         )
     }
 
+    /// `model`'s forward in training mode, every call replaying the random streams of `snap`.
+    fn replaying(
+        model: &VideoModel,
+        snap: RngSnapshot,
+    ) -> impl Fn(&Tensor) -> Result<crate::models::HeadOutput> + '_ {
+        move |v: &Tensor| {
+            snap.restore(model);
+            model.forward_t(v, true)
+        }
+    }
+
     fn ada(eta: f64) -> AdaConfig {
         AdaConfig {
             eta,
@@ -327,11 +338,7 @@ mod tests {
         // With eta = 0 the copy never moves: every step's cost must be exactly 0 when each
         // forward replays the anchor's dropout masks and relation subsets.
         seed_dropout(5);
-        let snap = RngSnapshot::take(&model);
-        let fixed = |v: &Tensor| {
-            snap.restore(&model);
-            model.forward_t(v, true)
-        };
+        let fixed = replaying(&model, RngSnapshot::take(&model));
         let a = ascend(&fixed, &x, &y, &targets, None, &ada(0.0)).unwrap();
         for costs in &a.costs {
             assert_eq!(costs, &vec![0.0; 3]);
@@ -366,10 +373,7 @@ mod tests {
             .iter()
             .map(|t| out.feature(t).unwrap().detach())
             .collect();
-        let fixed = |v: &Tensor| {
-            snap.restore(&model);
-            model.forward_t(v, true)
-        };
+        let fixed = replaying(&model, snap);
         // At line 4's weights the anchor is the ascent's own first feature: cost exactly 0.
         let same = ascend(&fixed, &x, &y, &targets, Some(&anchors), &ada(0.0)).unwrap();
         for costs in &same.costs {
@@ -401,6 +405,15 @@ mod tests {
         assert!(ascend(&fixed, &x, &y, &targets, Some(&anchors[..1]), &ada(0.0)).is_err());
     }
 
+    /// The APN of [`apn`] with seed 2, its SGD, dropout seeded: where every iteration test
+    /// starts.
+    fn from_scratch() -> (VarMap, VideoModel, SgdMomentum) {
+        let (vm, model) = apn(2);
+        seed_dropout(9);
+        let opt = SgdMomentum::from_varmap(&vm, SgdParams::default(), |_| true).unwrap();
+        (vm, model, opt)
+    }
+
     /// Runs `n` iterations of `minimisation` from a fresh model, the ascent on a detached
     /// twin when `use_twin`; returns the parameters and the last iteration's losses.
     fn run_iterations(
@@ -408,9 +421,7 @@ mod tests {
         use_twin: bool,
         n: usize,
     ) -> (Vec<(String, Vec<f32>)>, IterationLosses) {
-        let (vm, model) = apn(2);
-        seed_dropout(9);
-        let mut opt = SgdMomentum::from_varmap(&vm, SgdParams::default(), |_| true).unwrap();
+        let (vm, model, mut opt) = from_scratch();
         let mut up = Updater {
             opt: &mut opt,
             clip_norm: 20.0,
@@ -456,9 +467,7 @@ mod tests {
     /// `--add_dg`): per ascent step the clean features anew, then one step of each copy,
     /// every forward drawing fresh masks; one update on the clean batch and the copies.
     fn released_by_hand() -> Vec<(String, Vec<f32>)> {
-        let (vm, model) = apn(2);
-        seed_dropout(9);
-        let mut opt = SgdMomentum::from_varmap(&vm, SgdParams::default(), |_| true).unwrap();
+        let (vm, model, mut opt) = from_scratch();
         let mut up = Updater {
             opt: &mut opt,
             clip_norm: 20.0,
@@ -522,9 +531,7 @@ mod tests {
     /// Algorithm 1 written out by hand, with `level2_logits` choosing the classifier line 13
     /// trains through.
     fn by_hand(level2_own_classifier: bool, updates: usize) -> Vec<(String, Vec<f32>)> {
-        let (vm, model) = apn(2);
-        seed_dropout(9);
-        let mut opt = SgdMomentum::from_varmap(&vm, SgdParams::default(), |_| true).unwrap();
+        let (vm, model, mut opt) = from_scratch();
         let mut up = Updater {
             opt: &mut opt,
             clip_norm: 20.0,
@@ -554,10 +561,7 @@ mod tests {
             return params(&vm);
         }
         // Lines 6-12: line 4's forward configuration at the updated weights.
-        let fwd = |v: &Tensor| {
-            snap.restore(&model);
-            model.forward_t(v, true)
-        };
+        let fwd = replaying(&model, snap);
         let copies = ascend(&fwd, &x, &y, &targets, Some(&anchors), &ada(1.0))
             .unwrap()
             .copies;
