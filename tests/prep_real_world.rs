@@ -25,7 +25,8 @@ fn prep(ucf: &Path, hmdb: &Path, out: &Path, extra: &[&str]) -> std::process::Ou
 }
 
 /// UCF-101 with Biking as H.264 remuxed into AVI (no re-encoding) plus a copy of it cut
-/// short, and PullUps as MPEG-4; hmdb51 with two ride_bike clips. Every other manifest
+/// short, and PullUps as MPEG-4 (one with damage the decoder conceals); hmdb51 with two
+/// ride_bike clips. Every other manifest
 /// class has no videos (a partial download).
 fn partial_layout(root: &Path) {
     let ucf = root.join("UCF-101");
@@ -50,6 +51,16 @@ fn partial_layout(root: &Path) {
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         write_pattern_video(&p, "mpeg4", W, H, 25, 20, g).unwrap();
     }
+    // Every 4 % of the middle third's bytes flipped: every packet still decodes, and the
+    // decoder fills the damaged macroblocks from their neighbours.
+    let damaged = ucf.join("PullUps/v_PullUps_g03_c01.avi");
+    write_pattern_video(&damaged, "mpeg4", 160, 120, 25, 50, 4).unwrap();
+    let mut bytes = std::fs::read(&damaged).unwrap();
+    let n = bytes.len();
+    for i in (n / 3..2 * n / 3).step_by(n / 24) {
+        bytes[i] ^= 0x5a;
+    }
+    std::fs::write(&damaged, bytes).unwrap();
     // A name outside UCF101's v_<Class>_gGG_cCC pattern: kept, in a group of its own, counted.
     write_pattern_video(
         &ucf.join("PullUps/pullups extra.avi"),
@@ -139,6 +150,19 @@ fn h264_in_avi_is_kept_its_cut_copy_fails_and_empty_classes_are_named() {
         ("ok", 50),
         "{:?}",
         good.error
+    );
+    assert_eq!(good.warning, None);
+    // Concealed damage: kept, and the row says how many stored frames it touched.
+    let damaged = by_id("ucf101/PullUps/v_PullUps_g03_c01.avi");
+    assert_eq!(damaged.status, "ok", "{:?}", damaged.error);
+    assert!(
+        damaged
+            .warning
+            .as_deref()
+            .unwrap_or("")
+            .contains("frames kept were decoded from damaged data"),
+        "{:?}",
+        damaged.warning
     );
     let cut = by_id("ucf101/Biking/v_Biking_g02_c01.avi");
     assert_eq!(cut.status, "failed");

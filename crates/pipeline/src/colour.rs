@@ -4,7 +4,8 @@
 //! swscale converts with BT.601 limited-range coefficients unless told otherwise; a BT.709
 //! source (every HD camera: PKU-MMD and NTU RGB+D at 1080p) then comes out with shifted
 //! hues. ffmpeg-next does not expose `sws_setColorspaceDetails`, so this module calls it
-//! through `ffmpeg-sys-next` (with `jpeg.rs`, the only unsafe code in the pipeline).
+//! through `ffmpeg-sys-next` (with `jpeg.rs` and `decode::damaged`, the only unsafe code in the
+//! pipeline).
 #![allow(unsafe_code)]
 
 use ffmpeg::format::Pixel;

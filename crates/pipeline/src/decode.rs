@@ -509,6 +509,9 @@ where
         /// Full-range planes of the current frame, when its source is limited-range.
         yuv: [Vec<u8>; 3],
         yuv_frames: u32,
+        /// Kept frames FFmpeg decoded from damaged data, and the first one's index.
+        damaged: u32,
+        first_damaged: Option<u64>,
     }
     let mut st = State {
         conv: None,
@@ -524,6 +527,8 @@ where
         sar: 1.0,
         yuv: Default::default(),
         yuv_frames: 0,
+        damaged: 0,
+        first_damaged: None,
     };
     let mut packet_errors = 0u32;
     let mut first_packet_error: Option<String> = None;
@@ -580,6 +585,10 @@ where
             }
             if !select(i, rate) {
                 continue;
+            }
+            if damaged(&frame) {
+                st.damaged += 1;
+                st.first_damaged.get_or_insert(i);
             }
             let direct = opts.yuv420
                 && rotation == 0
@@ -805,6 +814,15 @@ where
     } else if let Some(t) = &tail_damage {
         warnings.push(format!("{t}; the decoded duration still matches"));
     }
+    if st.damaged > 0 {
+        warnings.push(format!(
+            "{} of the {} frames kept were decoded from damaged data, the decoder concealing \
+             the errors (first: source frame {})",
+            st.damaged,
+            st.kept,
+            st.first_damaged.unwrap_or_default()
+        ));
+    }
     warnings.extend(st.resized);
     Ok(DecodeStats {
         decoded_frames: decoded as u32,
@@ -824,6 +842,17 @@ where
         warning: (!warnings.is_empty()).then(|| warnings.join("; ")),
         yuv420_frames: st.yuv_frames,
     })
+}
+
+/// Whether the decoder flagged `frame` as decoded from damaged data (`decode_error_flags`:
+/// an invalid bitstream, a missing reference, or errors it concealed, e.g. an MPEG-4 frame
+/// whose damaged macroblocks it filled from their neighbours). FFmpeg outputs such frames
+/// without an error; ffmpeg-next has no accessor for the field.
+#[allow(unsafe_code)]
+fn damaged(frame: &VideoFrame) -> bool {
+    // SAFETY: `frame` wraps a live AVFrame the decoder has just filled; the field is a
+    // plain integer read in place.
+    unsafe { (*frame.as_ptr()).decode_error_flags != 0 }
 }
 
 #[cfg(test)]
@@ -954,6 +983,36 @@ mod tests {
         let mp4 = d.path().join("plain.mp4");
         remux(&src, &mp4, 0.0).unwrap();
         assert_eq!(decode_all(&mp4).unwrap().decoded_frames, 100);
+    }
+
+    #[test]
+    fn frames_decoded_from_damaged_data_are_kept_and_named_in_a_warning() {
+        let d = tempfile::tempdir().unwrap();
+        let avi = d.path().join("clip.avi");
+        write_pattern_video(&avi, "mpeg4", 160, 120, 25, 50, 4).unwrap();
+        let clean = decode_all(&avi).unwrap();
+        assert!(clean.warning.is_none(), "{clean:?}");
+        // Every 97th byte of the middle third flipped: the packets still decode, the
+        // decoder conceals the damaged macroblocks and says so only in the frames' flags.
+        let mut bytes = std::fs::read(&avi).unwrap();
+        let n = bytes.len();
+        for i in (n / 3..2 * n / 3).step_by(n / 24) {
+            bytes[i] ^= 0x5a;
+        }
+        let damaged = d.path().join("damaged.avi");
+        std::fs::write(&damaged, bytes).unwrap();
+        let keep_all =
+            |p: &Path| decode_video(p, &DecodeOptions::default(), |_, _| true, |_| Ok(()));
+        assert!(keep_all(&avi).unwrap().warning.is_none());
+        let s = keep_all(&damaged).unwrap();
+        let w = s.warning.unwrap_or_default();
+        assert!(
+            w.contains("frames kept were decoded from damaged data"),
+            "{w:?} ({} frames)",
+            s.decoded_frames
+        );
+        // Only kept frames count: a pass that keeps none has nothing to say.
+        assert!(decode_all(&damaged).unwrap().warning.is_none());
     }
 
     #[test]
