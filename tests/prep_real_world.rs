@@ -25,7 +25,8 @@ fn prep(ucf: &Path, hmdb: &Path, out: &Path, extra: &[&str]) -> std::process::Ou
 }
 
 /// UCF-101 with Biking as H.264 remuxed into AVI (no re-encoding) plus a copy of it cut
-/// short, and PullUps as MPEG-4 (one with damage the decoder conceals); hmdb51 with two
+/// short, and PullUps as MPEG-4 (one with damage the decoder conceals, one that loses frames
+/// inside the stream); hmdb51 with two
 /// ride_bike clips. Every other manifest
 /// class has no videos (a partial download).
 fn partial_layout(root: &Path) {
@@ -61,6 +62,16 @@ fn partial_layout(root: &Path) {
         bytes[i] ^= 0x5a;
     }
     std::fs::write(&damaged, bytes).unwrap();
+    // Denser damage, every 97th byte of the middle third: ten packets the decoder rejects,
+    // their frames lost inside a stream whose end is intact.
+    let lossy = ucf.join("PullUps/v_PullUps_g04_c01.avi");
+    write_pattern_video(&lossy, "mpeg4", 160, 120, 25, 50, 4).unwrap();
+    let mut bytes = std::fs::read(&lossy).unwrap();
+    let n = bytes.len();
+    for i in (n / 3..2 * n / 3).step_by(97) {
+        bytes[i] ^= 0x5a;
+    }
+    std::fs::write(&lossy, bytes).unwrap();
     // A name outside UCF101's v_<Class>_gGG_cCC pattern: kept, in a group of its own, counted.
     write_pattern_video(
         &ucf.join("PullUps/pullups extra.avi"),
@@ -163,6 +174,18 @@ fn h264_in_avi_is_kept_its_cut_copy_fails_and_empty_classes_are_named() {
             .contains("frames kept were decoded from damaged data"),
         "{:?}",
         damaged.warning
+    );
+    // Frames lost inside the stream, beyond max(2, 2 %): failed, the error says so.
+    let lossy = by_id("ucf101/PullUps/v_PullUps_g04_c01.avi");
+    assert_eq!(lossy.status, "failed");
+    assert!(
+        lossy
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("packets failed to decode, so their frames are lost inside the stream"),
+        "{:?}",
+        lossy.error
     );
     let cut = by_id("ucf101/Biking/v_Biking_g02_c01.avi");
     assert_eq!(cut.status, "failed");

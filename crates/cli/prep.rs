@@ -162,7 +162,8 @@ pub struct CommonPrep {
     #[arg(long, default_value = "512MiB", value_parser = parse_size, value_name = "SIZE")]
     shard_size: u64,
     /// Fail a video on any shortfall (over half a frame) against the duration its container
-    /// declares (default tolerance: max(2 frames, 2 %)).
+    /// declares, or on any frame lost inside the stream (a packet the decoder rejects);
+    /// default tolerance of either: max(2 frames, 2 %).
     #[arg(long)]
     strict_frame_count: bool,
     /// Encode every JPEG from RGB. By default a 4:2:0 BT.601 source stored at its own size

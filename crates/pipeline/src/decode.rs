@@ -532,6 +532,10 @@ where
     };
     let mut packet_errors = 0u32;
     let mut first_packet_error: Option<String> = None;
+    // The stream's packets handed to the decoder, and how many frames it had
+    // returned when the first of them failed.
+    let mut packets_sent = 0u64;
+    let mut frames_before_first_error = 0u64;
     let mut read_error: Option<String> = None;
     // The last packet of the stream was cut short or failed to decode.
     let mut tail_damage: Option<String> = None;
@@ -702,15 +706,16 @@ where
                 break;
             }
         }
-        if packet.stream() != stream_index {
+        // An empty packet carries no frame; FFmpeg's own tool skips them too (sent, one with
+        // no data would start the decoder's draining and lose the rest of the stream).
+        if packet.stream() != stream_index || packet.size() == 0 {
             continue;
         }
-        if packet.size() > 0
-            && let Some(t) = packet.pts().or(packet.dts())
-        {
+        if let Some(t) = packet.pts().or(packet.dts()) {
             let t = t as f64 * time_base;
             last_packet_ts = Some(last_packet_ts.map_or(t, |l| l.max(t)));
         }
+        packets_sent += 1;
         tail_damage = packet
             .is_corrupt()
             .then(|| "the last packet is cut short".to_owned());
@@ -725,7 +730,10 @@ where
                 // A damaged packet: FFmpeg's own tools log and go on; so do we, and the
                 // duration check below decides whether too much was lost.
                 packet_errors += 1;
-                first_packet_error.get_or_insert_with(|| e.to_string());
+                if first_packet_error.is_none() {
+                    first_packet_error = Some(e.to_string());
+                    frames_before_first_error = st.decoded;
+                }
                 tail_damage = Some(format!("the last packet fails to decode ({e})"));
             }
         }
@@ -804,11 +812,36 @@ where
     if let Some(e) = read_error {
         return Err(DecodeError::Read(format!("after {decoded} frames: {e}")));
     }
+    // Frames lost inside the stream: a packet the decoder rejects outright yields no frame,
+    // wherever it sits, and the duration check above only sees the end. Counted in packets,
+    // not by timestamps, so the gaps of a variable-frame-rate source are not losses.
+    let lost_tolerance = if opts.strict_frame_count {
+        0
+    } else {
+        DEFAULT_FRAME_SHORTFALL_ABS
+            .max((packets_sent as f64 * DEFAULT_FRAME_SHORTFALL_FRAC).floor() as u64)
+    };
+    if u64::from(packet_errors) > lost_tolerance {
+        let rule = if opts.strict_frame_count {
+            "--strict-frame-count".to_owned()
+        } else {
+            format!(
+                "max({DEFAULT_FRAME_SHORTFALL_ABS}, {} %)",
+                DEFAULT_FRAME_SHORTFALL_FRAC * 100.0
+            )
+        };
+        return Err(DecodeError::Truncated(format!(
+            "{packet_errors} of the stream's {packets_sent} packets failed to decode, so \
+             their frames are lost inside the stream (the first after {frames_before_first_error} \
+             decoded frames: {}); {lost_tolerance} may be lost ({rule})",
+            first_packet_error.unwrap_or_default(),
+        )));
+    }
     let mut warnings = Vec::new();
     if packet_errors > 0 {
         warnings.push(format!(
-            "{packet_errors} packet(s) failed to decode (first: {}); the decoded duration \
-             still matches",
+            "{packet_errors} of the stream's {packets_sent} packets failed to decode (first: \
+             {}), their frames lost; within the {lost_tolerance} tolerated",
             first_packet_error.unwrap_or_default()
         ));
     } else if let Some(t) = &tail_damage {
@@ -1014,6 +1047,59 @@ mod tests {
         );
         // Only kept frames count: a pass that keeps none has nothing to say.
         assert!(decode_all(&damaged).unwrap().warning.is_none());
+    }
+
+    #[test]
+    fn frames_lost_inside_the_stream_fail_the_video_beyond_the_tolerance() {
+        let d = tempfile::tempdir().unwrap();
+        let avi = d.path().join("clip.avi");
+        write_pattern_video(&avi, "mpeg4", 160, 120, 25, 50, 4).unwrap();
+        let bytes = std::fs::read(&avi).unwrap();
+        // Every `step`-th byte of the middle third flipped: the end of the stream is intact,
+        // so only the packets the decoder rejects say that frames are missing.
+        let damage = |step: usize| {
+            let mut b = bytes.clone();
+            let n = b.len();
+            for i in (n / 3..2 * n / 3).step_by(step) {
+                b[i] ^= 0x5a;
+            }
+            let p = d.path().join(format!("damaged-{step}.avi"));
+            std::fs::write(&p, b).unwrap();
+            p
+        };
+        let heavy = damage(97);
+        let err = decode_all(&heavy).unwrap_err();
+        assert!(
+            matches!(&err, DecodeError::Truncated(m) if m.contains("lost inside the stream")),
+            "{err}"
+        );
+        // One rejected packet is within the default tolerance: kept, and the warning says so;
+        // `strict_frame_count` tolerates none.
+        let light = damage(197);
+        let s = decode_all(&light).unwrap();
+        let w = s.warning.unwrap_or_default();
+        assert!(
+            w.contains("1 of the stream's") && w.contains("packets failed to decode"),
+            "{w}"
+        );
+        let strict = DecodeOptions {
+            strict_frame_count: true,
+            ..DecodeOptions::default()
+        };
+        let err = decode_video(&light, &strict, |_, _| false, |_| Ok(())).unwrap_err();
+        assert!(matches!(err, DecodeError::Truncated(_)), "{err}");
+        // The gaps of a variable-frame-rate stream are not losses: 20 of 100 frames dropped
+        // at the encoder, the AVI muxer writing empty chunks in their place.
+        let vfr = d.path().join("vfr.avi");
+        let mut w = VideoWriter::create(&vfr, "mpeg4", 96, 64, 25).unwrap();
+        for t in (0..100).filter(|t| t % 5 != 2) {
+            w.write_rgb_at(&pattern_frame(96, 64, t, 3), t as i64)
+                .unwrap();
+        }
+        w.finish().unwrap();
+        let s = decode_all(&vfr).unwrap();
+        assert_eq!(s.decoded_frames, 80, "{s:?}");
+        assert!(s.warning.is_none(), "{s:?}");
     }
 
     #[test]

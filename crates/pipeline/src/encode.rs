@@ -130,6 +130,12 @@ impl VideoWriter {
 
     /// Appends one frame of packed RGB24 (`width * height * 3` bytes).
     pub fn write_rgb(&mut self, rgb: &[u8]) -> Result<()> {
+        self.write_rgb_at(rgb, self.frames)
+    }
+
+    /// Appends one frame shown at frame slot `pts` (after the previous frame's): skipping
+    /// slots makes a variable-frame-rate stream, whose gaps AVI fills with empty chunks.
+    pub fn write_rgb_at(&mut self, rgb: &[u8], pts: i64) -> Result<()> {
         let row = self.width as usize * 3;
         if rgb.len() != row * self.height as usize {
             return Err(Error::Encode {
@@ -149,8 +155,8 @@ impl VideoWriter {
         self.scaler
             .run(&self.rgb, &mut self.yuv)
             .map_err(|e| ff(&self.path, "scale", e))?;
-        self.yuv.set_pts(Some(self.frames));
-        self.frames += 1;
+        self.yuv.set_pts(Some(pts));
+        self.frames = pts + 1;
         self.encoder
             .send_frame(&self.yuv)
             .map_err(|e| ff(&self.path, "encode", e))?;
