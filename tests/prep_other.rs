@@ -400,6 +400,56 @@ fn pku_mmd_label_rows_become_clips_with_exact_frame_ranges() {
 }
 
 #[test]
+fn frames_lost_inside_a_recording_fail_the_clips_from_there_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("pku");
+    std::fs::create_dir_all(root.join("RGB_VIDEO")).unwrap();
+    std::fs::create_dir_all(root.join("Label")).unwrap();
+    let video = root.join("RGB_VIDEO/0001-L.avi");
+    write_pattern_video(&video, "mpeg4", 160, 120, 30, 300, 1).unwrap();
+    // Every 23rd byte of 45-52 % of the file flipped: packets near the middle of the
+    // recording are rejected, their frames lost, and every later frame's index shifts.
+    let mut bytes = std::fs::read(&video).unwrap();
+    let n = bytes.len();
+    for i in (n * 45 / 100..n * 52 / 100).step_by(23) {
+        bytes[i] ^= 0x5a;
+    }
+    std::fs::write(&video, bytes).unwrap();
+    // Every domain needs a recording: clean ones in the other two views.
+    for (k, view) in ["M", "R"].iter().enumerate() {
+        let stem = format!("0001-{view}");
+        let p = root.join(format!("RGB_VIDEO/{stem}.avi"));
+        write_pattern_video(&p, "mpeg4", W, H, 30, 30, 2 + k as u32).unwrap();
+        std::fs::write(root.join(format!("Label/{stem}.txt")), "8,0,19,1\n").unwrap();
+    }
+    // Before the damage, across it, after it.
+    std::fs::write(
+        root.join("Label/0001-L.txt"),
+        "8,10,99,1\n1,120,180,1\n3,200,240,1\n",
+    )
+    .unwrap();
+    let out = tmp.path().join("out");
+    let o = prep(&["pku-mmd", "--root", s(&root), "--out", s(&out)]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let vids = videos(&out);
+    let status = |range: &str| {
+        let v = vids.iter().find(|v| v.video_id.contains(range)).unwrap();
+        (v.status.clone(), v.error.clone().unwrap_or_default())
+    };
+    let (before, e) = status("000010-000099");
+    assert_eq!(before, "ok", "{e}");
+    assert_eq!(
+        frames(&out)["pku_mmd/RGB_VIDEO/0001-L.avi/000010-000099-a08"].len(),
+        90
+    );
+    for range in ["000120-000180", "000200-000240"] {
+        let (st, e) = status(range);
+        assert_eq!(st, "failed", "{range}");
+        assert!(e.contains("lost before the clip's end"), "{range}: {e}");
+    }
+}
+
+#[test]
 fn ntu_cameras_are_domains_and_performers_never_straddle_the_split() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("nturgb+d_rgb");

@@ -83,6 +83,11 @@ pub struct DecodeOptions {
     /// Limited-range samples are expanded to full range, the rest is the decoder's own
     /// planes. JPEG stores exactly that colour space, so an encoder skips RGB altogether.
     pub yuv420: bool,
+    /// The caller cuts clips out of the stream and judges the frames lost inside it clip by
+    /// clip, from [`DecodeStats::lost_at`]: a loss shifts every later frame's index, so it
+    /// concerns the clips from there on, not the others. Without it, losing more than
+    /// max(2, 2 %) of the stream's packets fails the whole video.
+    pub lost_frames_per_clip: bool,
 }
 
 impl Default for DecodeOptions {
@@ -93,6 +98,7 @@ impl Default for DecodeOptions {
             stop_after_frames: None,
             require_rate: false,
             yuv420: false,
+            lost_frames_per_clip: false,
         }
     }
 }
@@ -176,6 +182,9 @@ pub struct DecodeStats {
     pub warning: Option<String>,
     /// How many of the frames handed over were [`Pixels::Yuv420`].
     pub yuv420_frames: u32,
+    /// For each packet the decoder rejected (its frame lost), how many frames it had
+    /// returned before: frame indices from there on are shifted by one more.
+    pub lost_at: Vec<u64>,
 }
 
 /// The size frames are stored at: the source `w x h` with its sample aspect ratio made
@@ -530,12 +539,11 @@ where
         damaged: 0,
         first_damaged: None,
     };
-    let mut packet_errors = 0u32;
     let mut first_packet_error: Option<String> = None;
-    // The stream's packets handed to the decoder, and how many frames it had
-    // returned when the first of them failed.
+    // The stream's packets handed to the decoder, and how many frames it had returned when
+    // each rejected one was sent.
     let mut packets_sent = 0u64;
-    let mut frames_before_first_error = 0u64;
+    let mut lost_at: Vec<u64> = Vec::new();
     let mut read_error: Option<String> = None;
     // The last packet of the stream was cut short or failed to decode.
     let mut tail_damage: Option<String> = None;
@@ -729,11 +737,8 @@ where
             Err(e) => {
                 // A damaged packet: FFmpeg's own tools log and go on; so do we, and the
                 // duration check below decides whether too much was lost.
-                packet_errors += 1;
-                if first_packet_error.is_none() {
-                    first_packet_error = Some(e.to_string());
-                    frames_before_first_error = st.decoded;
-                }
+                lost_at.push(st.decoded);
+                first_packet_error.get_or_insert_with(|| e.to_string());
                 tail_damage = Some(format!("the last packet fails to decode ({e})"));
             }
         }
@@ -743,6 +748,7 @@ where
     drain(&mut decoder, &mut st)?;
 
     let decoded = st.decoded;
+    let packet_errors = lost_at.len() as u64;
     if decoded == 0 {
         let why = read_error
             .or(first_packet_error)
@@ -821,7 +827,7 @@ where
         DEFAULT_FRAME_SHORTFALL_ABS
             .max((packets_sent as f64 * DEFAULT_FRAME_SHORTFALL_FRAC).floor() as u64)
     };
-    if u64::from(packet_errors) > lost_tolerance {
+    if !opts.lost_frames_per_clip && packet_errors > lost_tolerance {
         let rule = if opts.strict_frame_count {
             "--strict-frame-count".to_owned()
         } else {
@@ -832,16 +838,23 @@ where
         };
         return Err(DecodeError::Truncated(format!(
             "{packet_errors} of the stream's {packets_sent} packets failed to decode, so \
-             their frames are lost inside the stream (the first after {frames_before_first_error} \
-             decoded frames: {}); {lost_tolerance} may be lost ({rule})",
+             their frames are lost inside the stream (the first after {} decoded frames: {}); \
+             {lost_tolerance} may be lost ({rule})",
+            lost_at[0],
             first_packet_error.unwrap_or_default(),
         )));
     }
     let mut warnings = Vec::new();
     if packet_errors > 0 {
+        let judged = if opts.lost_frames_per_clip {
+            String::new()
+        } else {
+            format!("; within the {lost_tolerance} tolerated")
+        };
         warnings.push(format!(
-            "{packet_errors} of the stream's {packets_sent} packets failed to decode (first: \
-             {}), their frames lost; within the {lost_tolerance} tolerated",
+            "{packet_errors} of the stream's {packets_sent} packets failed to decode (first, \
+             after {} decoded frames: {}), their frames lost{judged}",
+            lost_at[0],
             first_packet_error.unwrap_or_default()
         ));
     } else if let Some(t) = &tail_damage {
@@ -874,6 +887,7 @@ where
         rotation,
         warning: (!warnings.is_empty()).then(|| warnings.join("; ")),
         yuv420_frames: st.yuv_frames,
+        lost_at,
     })
 }
 

@@ -25,7 +25,10 @@ use vdg_data::shard::{
 use vdg_data::{EncodedFrame, ShardMeta, VideoRow, VideoStatus};
 
 use crate::buffer::{DEFAULT_MEMORY_FRAMES, FrameBuffer};
-use crate::decode::{DecodeOptions, DecodeStats, Pixels, decode_video, keep_frame};
+use crate::decode::{
+    DEFAULT_FRAME_SHORTFALL_ABS, DEFAULT_FRAME_SHORTFALL_FRAC, DecodeOptions, DecodeStats, Pixels,
+    decode_video, keep_frame,
+};
 use crate::error::{Error, Result};
 use crate::plan::{ContentOptions, PartInfo, Plan, PlanItem};
 
@@ -887,6 +890,7 @@ pub fn process_unit(
         stop_after_frames: last.checked_add(1),
         require_rate: opts.max_fps.is_some(),
         yuv420: !opts.jpeg_via_rgb,
+        lost_frames_per_clip: items.iter().any(|it| it.clip.is_some()),
     };
     let max_fps = opts.max_fps;
     let wants = |i: u64, fps: f64, &(_, start, end): &(usize, u64, u64)| {
@@ -962,7 +966,31 @@ pub fn process_unit(
                             ),
                         );
                     }
-                    Some(_) => {
+                    Some(c) => {
+                        // A frame lost before the clip's end shifts or removes its frames:
+                        // the same tolerance as a shortfall, over the clip's length.
+                        let lost = s.lost_at.iter().filter(|&&at| at <= end).count() as u64;
+                        let tolerated = if opts.strict_frame_count {
+                            0
+                        } else {
+                            DEFAULT_FRAME_SHORTFALL_ABS.max(
+                                ((end - start + 1) as f64 * DEFAULT_FRAME_SHORTFALL_FRAC) as u64,
+                            )
+                        };
+                        if lost > tolerated {
+                            frames.clear();
+                            fail(
+                                row,
+                                format!(
+                                    "truncated or damaged: {lost} frames of the recording lost before the \
+                                     clip's end (packets the decoder rejected, the first after {} decoded \
+                                     frames), so its frames no longer match interval {start}-{end} ({}); \
+                                     {tolerated} may be lost",
+                                    s.lost_at[0], c.source
+                                ),
+                            );
+                            continue;
+                        }
                         let kept = frames.len() as u32;
                         fill_ok(row, &s, fps, kept, end - start + 1);
                     }
