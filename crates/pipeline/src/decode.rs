@@ -736,7 +736,7 @@ where
             Ok(()) => {}
             Err(e) => {
                 // A damaged packet: FFmpeg's own tools log and go on; so do we, and the
-                // duration check below decides whether too much was lost.
+                // count of such packets below decides whether too many frames were lost.
                 lost_at.push(st.decoded);
                 first_packet_error.get_or_insert_with(|| e.to_string());
                 tail_damage = Some(format!("the last packet fails to decode ({e})"));
