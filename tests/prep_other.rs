@@ -400,28 +400,30 @@ fn pku_mmd_label_rows_become_clips_with_exact_frame_ranges() {
 }
 
 #[test]
-fn frames_lost_inside_a_recording_fail_the_clips_from_there_on() {
+fn damage_inside_a_recording_concerns_the_clips_from_there_on() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("pku");
     std::fs::create_dir_all(root.join("RGB_VIDEO")).unwrap();
     std::fs::create_dir_all(root.join("Label")).unwrap();
-    let video = root.join("RGB_VIDEO/0001-L.avi");
-    write_pattern_video(&video, "mpeg4", 160, 120, 30, 300, 1).unwrap();
-    // Every 23rd byte of 45-52 % of the file flipped: packets near the middle of the
-    // recording are rejected, their frames lost, and every later frame's index shifts.
-    let mut bytes = std::fs::read(&video).unwrap();
-    let n = bytes.len();
-    for i in (n * 45 / 100..n * 52 / 100).step_by(23) {
-        bytes[i] ^= 0x5a;
-    }
-    std::fs::write(&video, bytes).unwrap();
-    // Every domain needs a recording: clean ones in the other two views.
-    for (k, view) in ["M", "R"].iter().enumerate() {
-        let stem = format!("0001-{view}");
-        let p = root.join(format!("RGB_VIDEO/{stem}.avi"));
-        write_pattern_video(&p, "mpeg4", W, H, 30, 30, 2 + k as u32).unwrap();
-        std::fs::write(root.join(format!("Label/{stem}.txt")), "8,0,19,1\n").unwrap();
-    }
+    // 300 frames with every `step`-th byte of 45-52 % of the file flipped: packets near the
+    // middle of the recording are damaged; the decoder conceals some and rejects others,
+    // whose frames are lost, and every later frame's index shifts.
+    let damaged_recording = |stem: &str, step: usize| {
+        let video = root.join(format!("RGB_VIDEO/{stem}.avi"));
+        write_pattern_video(&video, "mpeg4", 160, 120, 30, 300, 1).unwrap();
+        let mut bytes = std::fs::read(&video).unwrap();
+        let n = bytes.len();
+        for i in (n * 45 / 100..n * 52 / 100).step_by(step) {
+            bytes[i] ^= 0x5a;
+        }
+        std::fs::write(&video, bytes).unwrap();
+    };
+    damaged_recording("0001-L", 23);
+    damaged_recording("0001-M", 197);
+    std::fs::write(root.join("Label/0001-M.txt"), "8,10,99,1\n1,120,180,1\n").unwrap();
+    // Every domain needs a recording: a clean one in the third view.
+    write_pattern_video(&root.join("RGB_VIDEO/0001-R.avi"), "mpeg4", W, H, 30, 30, 2).unwrap();
+    std::fs::write(root.join("Label/0001-R.txt"), "8,0,19,1\n").unwrap();
     // Before the damage, across it, after it.
     std::fs::write(
         root.join("Label/0001-L.txt"),
@@ -436,16 +438,35 @@ fn frames_lost_inside_a_recording_fail_the_clips_from_there_on() {
         let v = vids.iter().find(|v| v.video_id.contains(range)).unwrap();
         (v.status.clone(), v.error.clone().unwrap_or_default())
     };
-    let (before, e) = status("000010-000099");
+    let (before, e) = status("0001-L.avi/000010-000099");
     assert_eq!(before, "ok", "{e}");
+    // The damage lies after this clip: its row says nothing of it.
+    let row = vids
+        .iter()
+        .find(|v| v.video_id.contains("000010-000099"))
+        .unwrap();
+    assert_eq!(row.warning, None);
     assert_eq!(
         frames(&out)["pku_mmd/RGB_VIDEO/0001-L.avi/000010-000099-a08"].len(),
         90
     );
-    for range in ["000120-000180", "000200-000240"] {
+    for range in ["0001-L.avi/000120-000180", "0001-L.avi/000200-000240"] {
         let (st, e) = status(range);
         assert_eq!(st, "failed", "{range}");
         assert!(e.contains("lost before the clip's end"), "{range}: {e}");
+    }
+    // Lighter damage: kept, and only the clip it concerns says so.
+    for v in vids.iter().filter(|v| v.video_id.contains("0001-M")) {
+        assert_eq!(v.status, "ok", "{v:?}");
+        let w = v.warning.as_deref().unwrap_or_default();
+        if v.video_id.contains("000010-000099") {
+            assert_eq!(w, "", "{}", v.video_id);
+        } else {
+            assert!(
+                w.contains("frames kept were decoded from damaged data"),
+                "{w}"
+            );
+        }
     }
 }
 

@@ -86,7 +86,9 @@ pub struct DecodeOptions {
     /// The caller cuts clips out of the stream and judges the frames lost inside it clip by
     /// clip, from [`DecodeStats::lost_at`]: a loss shifts every later frame's index, so it
     /// concerns the clips from there on, not the others. Without it, losing more than
-    /// max(2, 2 %) of the stream's packets fails the whole video.
+    /// max(2, 2 %) of the stream's packets fails the whole video. With it, the warning
+    /// leaves out the lost frames, the damaged ones ([`Frame::damaged`]) and a change of
+    /// resolution ([`DecodeStats::resized`]): the caller words them for each clip.
     pub lost_frames_per_clip: bool,
 }
 
@@ -120,6 +122,9 @@ pub struct Frame<'a> {
     pub width: u32,
     /// Height in pixels.
     pub height: u32,
+    /// The decoder flagged the frame as decoded from damaged data (concealed errors, a
+    /// missing reference, an invalid bitstream).
+    pub damaged: bool,
     /// The pixels.
     pub pixels: Pixels<'a>,
 }
@@ -185,6 +190,9 @@ pub struct DecodeStats {
     /// For each packet the decoder rejected (its frame lost), how many frames it had
     /// returned before: frame indices from there on are shifted by one more.
     pub lost_at: Vec<u64>,
+    /// The first frame whose size differs from the first frame's, and the warning that
+    /// says so.
+    pub resized: Option<(u64, String)>,
 }
 
 /// The size frames are stored at: the source `w x h` with its sample aspect ratio made
@@ -512,7 +520,7 @@ where
         scaled_size: (u32, u32),
         first_ts: Option<f64>,
         last_ts: Option<f64>,
-        resized: Option<String>,
+        resized: Option<(u64, String)>,
         colour: Option<Colour>,
         sar: f64,
         /// Full-range planes of the current frame, when its source is limited-range.
@@ -589,16 +597,20 @@ where
                     fh,
                 ));
             } else if st.resized.is_none() && (fw, fh) != st.src_size {
-                st.resized = Some(format!(
-                    "resolution changes at frame {i} from {}x{} to {fw}x{fh}; every frame is \
+                st.resized = Some((
+                    i,
+                    format!(
+                        "resolution changes at frame {i} from {}x{} to {fw}x{fh}; every frame is \
                      scaled to {}x{}",
-                    st.src_size.0, st.src_size.1, st.out_size.0, st.out_size.1
+                        st.src_size.0, st.src_size.1, st.out_size.0, st.out_size.1
+                    ),
                 ));
             }
             if !select(i, rate) {
                 continue;
             }
-            if damaged(&frame) {
+            let is_damaged = damaged(&frame);
+            if is_damaged {
                 st.damaged += 1;
                 st.first_damaged.get_or_insert(i);
             }
@@ -637,6 +649,7 @@ where
                     time_secs,
                     width: fw,
                     height: fh,
+                    damaged: is_damaged,
                     pixels,
                 })
                 .map_err(DecodeError::Sink)?;
@@ -670,6 +683,7 @@ where
                     time_secs,
                     width: c.out.width(),
                     height: c.out.height(),
+                    damaged: is_damaged,
                     pixels: Pixels::Rgb {
                         data: c.out.data(0),
                         stride: c.out.stride(0),
@@ -684,6 +698,7 @@ where
                     time_secs,
                     width: rw as u32,
                     height: rh as u32,
+                    damaged: is_damaged,
                     pixels: Pixels::Rgb {
                         data: &c.rotated,
                         stride: rw * 3,
@@ -846,21 +861,19 @@ where
     }
     let mut warnings = Vec::new();
     if packet_errors > 0 {
-        let judged = if opts.lost_frames_per_clip {
-            String::new()
-        } else {
-            format!("; within the {lost_tolerance} tolerated")
-        };
-        warnings.push(format!(
-            "{packet_errors} of the stream's {packets_sent} packets failed to decode (first, \
-             after {} decoded frames: {}), their frames lost{judged}",
-            lost_at[0],
-            first_packet_error.unwrap_or_default()
-        ));
+        if !opts.lost_frames_per_clip {
+            warnings.push(format!(
+                "{packet_errors} of the stream's {packets_sent} packets failed to decode (first, \
+                 after {} decoded frames: {}), their frames lost; within the {lost_tolerance} \
+                 tolerated",
+                lost_at[0],
+                first_packet_error.unwrap_or_default()
+            ));
+        }
     } else if let Some(t) = &tail_damage {
         warnings.push(format!("{t}; the decoded duration still matches"));
     }
-    if st.damaged > 0 {
+    if st.damaged > 0 && !opts.lost_frames_per_clip {
         warnings.push(format!(
             "{} of the {} frames kept were decoded from damaged data, the decoder concealing \
              the errors (first: source frame {})",
@@ -869,7 +882,9 @@ where
             st.first_damaged.unwrap_or_default()
         ));
     }
-    warnings.extend(st.resized);
+    if !opts.lost_frames_per_clip {
+        warnings.extend(st.resized.as_ref().map(|r| r.1.clone()));
+    }
     Ok(DecodeStats {
         decoded_frames: decoded as u32,
         kept_frames: st.kept,
@@ -888,6 +903,7 @@ where
         warning: (!warnings.is_empty()).then(|| warnings.join("; ")),
         yuv420_frames: st.yuv_frames,
         lost_at,
+        resized: st.resized,
     })
 }
 

@@ -897,6 +897,8 @@ pub fn process_unit(
         i >= start && i <= end && keep_frame(i - start, fps, max_fps)
     };
     let mut encoder = None;
+    // Frames handed over that the decoder flagged as damaged (worded per clip below).
+    let mut damaged_frames: Vec<u64> = Vec::new();
     let result = decode_video(
         &items[wanted[0].0].abs_path,
         &dopts,
@@ -913,6 +915,9 @@ pub fn process_unit(
                 }
             };
             let i = u64::from(f.source_frame);
+            if f.damaged {
+                damaged_frames.push(i);
+            }
             // `f` is only handed over when some clip wants it; fps is known by then.
             let mut targets = wanted
                 .iter()
@@ -993,6 +998,36 @@ pub fn process_unit(
                         }
                         let kept = frames.len() as u32;
                         fill_ok(row, &s, fps, kept, end - start + 1);
+                        // The recording's warning, less what concerns other clips.
+                        let mut notes = Vec::new();
+                        if lost > 0 {
+                            notes.push(format!(
+                                "{lost} frames of the recording lost before the clip's end \
+                                 (packets the decoder rejected, the first after {} decoded \
+                                 frames); within the {tolerated} tolerated",
+                                s.lost_at[0]
+                            ));
+                        }
+                        let damaged: Vec<u64> = damaged_frames
+                            .iter()
+                            .copied()
+                            .filter(|&d| {
+                                (start..=end).contains(&d)
+                                    && keep_frame(d - start, s.source_fps, max_fps)
+                            })
+                            .collect();
+                        if let Some((_, msg)) = s.resized.as_ref().filter(|r| r.0 <= end) {
+                            notes.push(msg.clone());
+                        }
+                        if let Some(first) = damaged.first() {
+                            notes.push(format!(
+                                "{} of the {kept} frames kept were decoded from damaged data, \
+                                 the decoder concealing the errors (first: source frame {first})",
+                                damaged.len()
+                            ));
+                        }
+                        notes.extend(row.warning.take());
+                        row.warning = (!notes.is_empty()).then(|| notes.join("; "));
                     }
                 }
             }
