@@ -104,11 +104,35 @@ pub fn seeded_randn(
 /// gradient): what a `VarBuilder::from_tensors` twin of a model is built on (ADA's ascent,
 /// evaluation). The copies see later in-place updates of the variables.
 pub fn detached(vm: &VarMap) -> Result<std::collections::HashMap<String, Tensor>> {
+    detached_with(vm, false)
+}
+
+/// [`detached`], except that BatchNorm running statistics stay `vm`'s own variables: a twin
+/// built on them updates the model's statistics in its training-mode forward passes, as
+/// forward passes on the model itself do (the released code's ascent).
+pub fn detached_sharing_statistics(
+    vm: &VarMap,
+) -> Result<std::collections::HashMap<String, Tensor>> {
+    detached_with(vm, true)
+}
+
+fn detached_with(
+    vm: &VarMap,
+    share_statistics: bool,
+) -> Result<std::collections::HashMap<String, Tensor>> {
     Ok(vm
         .data()
         .lock()
         .map_err(|_| crate::Error::Config("poisoned VarMap".into()))?
         .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .map(|(k, v)| {
+            let stats = k.ends_with("running_mean") || k.ends_with("running_var");
+            let t = if share_statistics && stats {
+                v.as_tensor().clone()
+            } else {
+                v.as_tensor().detach()
+            };
+            (k.clone(), t)
+        })
         .collect())
 }

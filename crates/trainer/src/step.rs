@@ -149,8 +149,22 @@ impl AdaStep {
 /// (`VarBuilder::from_tensors` over the current values): the ascent runs on it so that its
 /// backward passes compute the input's gradient only, not weight gradients that would be
 /// thrown away. Its BatchNorm running statistics are copies, so the ascent's forward passes
-/// do not move the model's.
+/// do not move the model's, unless it is built on the model's own
+/// ([`crate::init::detached_sharing_statistics`]: the released code's protocol).
 pub type Twin<'a> = &'a dyn Fn() -> Result<VideoModel>;
+
+/// How an iteration's ascent runs.
+enum AscentMode<'a> {
+    /// Algorithm 1: every forward pass replays `snap` (line 4's dropout masks and relation
+    /// subsets), the cost measured from `anchors` (line 4's features, one per target).
+    Replay {
+        snap: RngSnapshot,
+        anchors: &'a [Tensor],
+    },
+    /// The released code's: every forward pass draws afresh, the clean features recomputed
+    /// at each step.
+    Redrawn,
+}
 
 /// One iteration on the batch `x` with `labels`: plain training when `step.targets` is
 /// empty, otherwise video ADA against each target feature. With `twin` the ascent runs on
@@ -165,40 +179,38 @@ pub fn iteration(
     at: At,
 ) -> Result<IterationLosses> {
     let (targets, ada, minimisation) = (&step.targets[..], &step.cfg, step.minimisation);
-    // The ascent at the current weights: replaying the forward configuration `snap`
-    // (dropout masks, relation subsets), anchored at `anchors` or, without them, at each
-    // target's feature in its first step; or, without `snap`, the released code's ascent,
-    // every forward pass drawing afresh.
-    let make_copies =
-        |snap: Option<RngSnapshot>, anchors: Option<&[Tensor]>| -> Result<Vec<Tensor>> {
-            if targets.is_empty() {
-                return Ok(Vec::new());
+    // The ascent at the current weights: Algorithm 1's, replaying line 4's forward
+    // configuration (dropout masks, relation subsets) and anchored at line 4's features; or
+    // the released code's, every forward pass drawing afresh.
+    let make_copies = |mode: AscentMode<'_>| -> Result<Vec<Tensor>> {
+        if targets.is_empty() {
+            return Ok(Vec::new());
+        }
+        let frozen = twin.map(|build| build()).transpose()?;
+        let m = frozen.as_ref().unwrap_or(model);
+        let ascent = match mode {
+            AscentMode::Replay { snap, anchors } => {
+                let fwd = |v: &Tensor| {
+                    snap.restore(m);
+                    m.forward_t(v, true)
+                };
+                ascend(&fwd, x, labels, targets, Some(anchors), ada)?
             }
-            let frozen = twin.map(|build| build()).transpose()?;
-            let m = frozen.as_ref().unwrap_or(model);
-            let ascent = match snap {
-                Some(snap) => {
-                    let fwd = |v: &Tensor| {
-                        snap.restore(m);
-                        m.forward_t(v, true)
-                    };
-                    ascend(&fwd, x, labels, targets, anchors, ada)?
+            AscentMode::Redrawn => {
+                if frozen.is_some() {
+                    // The twin draws from where the model's streams are.
+                    RngSnapshot::take(model).restore(m);
                 }
-                None => {
-                    if frozen.is_some() {
-                        // The twin draws from where the model's streams are.
-                        RngSnapshot::take(model).restore(m);
-                    }
-                    let fwd = |v: &Tensor| m.forward_t(v, true);
-                    ascend_redrawn(&fwd, x, labels, targets, ada)?
-                }
-            };
-            // The model's own streams continue from where the ascent's did.
-            if frozen.is_some() {
-                RngSnapshot::take(m).restore(model);
+                let fwd = |v: &Tensor| m.forward_t(v, true);
+                ascend_redrawn(&fwd, x, labels, targets, ada)?
             }
-            Ok(ascent.copies)
         };
+        // The model's own streams continue from where the ascent's did.
+        if frozen.is_some() {
+            RngSnapshot::take(m).restore(model);
+        }
+        Ok(ascent.copies)
+    };
     match minimisation {
         Minimisation::Sequential => {
             // Line 4: the pyramid features of the clean batch, the anchors R0 of the
@@ -215,7 +227,10 @@ pub fn iteration(
             drop(loss);
             // Lines 6-12 at the updated weights, in line 4's forward configuration and
             // anchored at line 4's features, then lines 13-14.
-            let copies = make_copies(Some(snap), Some(&anchors))?;
+            let copies = make_copies(AscentMode::Replay {
+                snap,
+                anchors: &anchors,
+            })?;
             drop(anchors);
             let mut losses = Vec::with_capacity(copies.len());
             for (t, copy) in targets.iter().zip(&copies) {
@@ -229,7 +244,7 @@ pub fn iteration(
             })
         }
         Minimisation::Joint => {
-            let copies = make_copies(None, None)?;
+            let copies = make_copies(AscentMode::Redrawn)?;
             let n = 1 + copies.len();
             let xs: Vec<Tensor> = std::iter::once(x.clone()).chain(copies).collect();
             let x_all = if n == 1 {
@@ -253,6 +268,8 @@ pub fn iteration(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use candle_core::{DType, Device, Tensor};
     use candle_nn::{VarBuilder, VarMap};
 
@@ -459,6 +476,92 @@ mod tests {
                     .map(|(p, q)| (p - q).abs())
                     .fold(0.0f32, f32::max);
                 assert!(diff <= 1e-6, "{minimisation:?} {name}: {diff}");
+            }
+        }
+    }
+
+    /// A way to take a model's values for its twin ([`crate::init::detached`] and kin).
+    type Values = fn(&VarMap) -> Result<HashMap<String, Tensor>>;
+
+    #[test]
+    fn the_released_codes_ascent_moves_batchnorm_statistics_as_on_the_model_itself() {
+        use crate::models::blocks::BackboneKind;
+        // APN on pixels through the small CNN, whose BatchNorms train.
+        let pixel_apn = |vb: VarBuilder| {
+            let mut cfg = ModelConfig::tiny();
+            cfg.segments = 3;
+            let backbone = Backbone::new(
+                BackboneKind::SmallCnn,
+                cfg.feature_dim,
+                0.0,
+                vb.pp("backbone"),
+            )
+            .unwrap();
+            let head = build_head(ModelKind::Apn, &cfg, 3, 4, vb.pp("head")).unwrap();
+            VideoModel::frames(backbone, head, ModelKind::Apn)
+        };
+        let dev = Device::Cpu;
+        let x = seeded_randn(&[4, 3, 3, 16, 16], 12, DType::F32, &dev).unwrap();
+        let y = Tensor::new(&[0u32, 1, 2, 0], &dev).unwrap();
+        // One released-code iteration: the ascent on the model itself (`None`), or on a
+        // twin on detached weights whose statistics are the model's or copies.
+        let run = |twin: Option<Values>| {
+            let vm = VarMap::new();
+            let model = pixel_apn(VarBuilder::from_varmap(&vm, DType::F32, &dev));
+            seeded_init(&vm, 3).unwrap();
+            seed_dropout(9);
+            let mut opt =
+                SgdMomentum::from_varmap(&vm, SgdParams::default(), |n| !n.contains("running"))
+                    .unwrap();
+            let mut up = Updater {
+                opt: &mut opt,
+                clip_norm: 20.0,
+            };
+            let step = AdaStep {
+                targets: AdaVariant::AdaStar.targets(ModelKind::Apn).unwrap(),
+                cfg: ada(1.0),
+                minimisation: Minimisation::Joint,
+            };
+            let build = || -> Result<VideoModel> {
+                let values = (twin.unwrap())(&vm)?;
+                Ok(pixel_apn(VarBuilder::from_tensors(
+                    values,
+                    DType::F32,
+                    &dev,
+                )))
+            };
+            let twin_ref: Option<Twin<'_>> = twin.map(|_| &build as Twin<'_>);
+            iteration(
+                &model,
+                &mut up,
+                &x,
+                &y,
+                &step,
+                twin_ref,
+                At { epoch: 0, batch: 0 },
+            )
+            .unwrap();
+            params(&vm)
+        };
+        let on_model = run(None);
+        let shared = run(Some(crate::init::detached_sharing_statistics));
+        let copied = run(Some(crate::init::detached));
+        let stats = |n: &str| n.contains("running");
+        assert!(on_model.iter().any(|(n, _)| stats(n)), "no BatchNorm");
+        for (((name, a), (_, b)), (_, c)) in on_model.iter().zip(&shared).zip(&copied) {
+            let diff = |u: &[f32], v: &[f32]| {
+                u.iter()
+                    .zip(v)
+                    .map(|(p, q)| (p - q).abs())
+                    .fold(0.0f32, f32::max)
+            };
+            assert!(diff(a, b) <= 1e-6, "{name}: {}", diff(a, b));
+            // Copied statistics miss the ascent's forward passes; the weights do not
+            // depend on them (training mode normalises with the batch's statistics).
+            if stats(name) {
+                assert!(diff(a, c) > 1e-6, "{name}");
+            } else {
+                assert!(diff(a, c) <= 1e-6, "{name}: {}", diff(a, c));
             }
         }
     }

@@ -260,7 +260,7 @@ impl AdaMethod {
                     Minimisation::Sequential =>
                         "anchors: line 4's features, before line 5's update; minimisation: clean update, then one update per copy through its own classifier (lines 5, 13, 14)",
                     Minimisation::Joint =>
-                        "anchors: the clean features computed anew at every ascent step, fresh dropout and subsets each forward; minimisation: one joint update on the clean batch and the copies (released code)",
+                        "anchors: the clean features computed anew at every ascent step, fresh dropout and subsets each forward, BatchNorm statistics moved by each; minimisation: one joint update on the clean batch and the copies (released code)",
                 }
             ),
             AdaMethod::Image(p) => format!(
@@ -535,7 +535,9 @@ fn build(
     Ok((vm, model))
 }
 
-/// The model on detached copies of `vm`'s current values ([`crate::step::Twin`]).
+/// The model on detached copies of `vm`'s current values ([`crate::step::Twin`]); with
+/// `share_statistics`, on `vm`'s own BatchNorm running statistics, which its training-mode
+/// forward passes then update.
 fn twin(
     cfg: &TrainConfig,
     classes: usize,
@@ -543,8 +545,14 @@ fn twin(
     feature_dim: Option<usize>,
     vm: &VarMap,
     device: &Device,
+    share_statistics: bool,
 ) -> Result<VideoModel> {
-    let vb = VarBuilder::from_tensors(crate::init::detached(vm)?, DType::F32, device);
+    let values = if share_statistics {
+        crate::init::detached_sharing_statistics(vm)?
+    } else {
+        crate::init::detached(vm)?
+    };
+    let vb = VarBuilder::from_tensors(values, DType::F32, device);
     structure(cfg, classes, streams, feature_dim, vb)
 }
 fn io(path: &std::path::Path, e: std::io::Error) -> Error {
@@ -654,8 +662,19 @@ pub fn train_with(
     // of a ResNet trunk: 9 GB for 64 frames of ResNet-50 at 224), and on constants a CPU
     // ResNet trunk runs channels-last (`crate::infer`). Same values: evaluation draws no
     // random numbers, and the copy's forward is the same function.
+    let twin_of = |vm: &VarMap, streams: Streams, share_statistics: bool| {
+        twin(
+            cfg,
+            classes,
+            streams,
+            train_set.feature_dim,
+            vm,
+            &device,
+            share_statistics,
+        )
+    };
     let eval_on = |vm: &VarMap, streams: Streams, set: &ClipSet| {
-        let copy = twin(cfg, classes, streams, train_set.feature_dim, vm, &device)?;
+        let copy = twin_of(vm, streams, false)?;
         eval(&copy, set)
     };
     // `--recompute auto` is decided here, before any member is built from `cfg`.
@@ -814,7 +833,7 @@ pub fn train_with(
                     );
                     // The ascent needs only the input's gradient: run it on detached weights
                     // that replay the model's random streams.
-                    let frozen = twin(cfg, classes, streams, train_set.feature_dim, &vm, &device)?;
+                    let frozen = twin_of(&vm, streams, false)?;
                     RngSnapshot::take(&model).restore(&frozen);
                     let (clips, labels) =
                         image_ada::run_phase(&frozen, &train_set, lc, k, &ada_cfg, &dir, &device)?;
@@ -857,7 +876,9 @@ pub fn train_with(
                     }
                 };
                 let at = At { epoch, batch: bi };
-                let frozen = || twin(cfg, classes, streams, train_set.feature_dim, &vm, &device);
+                // The released code's ascent runs on the model in training mode, so its
+                // forward passes move the BatchNorm statistics; Algorithm 1's here do not.
+                let frozen = || twin_of(&vm, streams, cfg.protocol == Protocol::ReleasedCode);
                 let watch = planned_step
                     .take()
                     .and_then(crate::memcheck::FirstStep::start);
