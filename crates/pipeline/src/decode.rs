@@ -1133,6 +1133,47 @@ mod tests {
     }
 
     #[test]
+    fn divx_packed_b_frames_decode_to_the_same_frames_without_a_warning() {
+        let d = tempfile::tempdir().unwrap();
+        let plain = d.path().join("plain.avi");
+        let mut w = VideoWriter::create_with_b_frames(&plain, "mpeg4", 96, 64, 25, 1).unwrap();
+        for t in 0..60 {
+            w.write_rgb(&pattern_frame(96, 64, t, 5)).unwrap();
+        }
+        w.finish().unwrap();
+        let packed = d.path().join("packed.avi");
+        // I P B P B ...: every P-VOP but the last of a group of 12 takes its B-VOP along.
+        let pairs = crate::encode::pack_b_frames(&plain, &packed).unwrap();
+        assert!(pairs >= 20, "{pairs} pairs packed");
+        let frames = |p: &Path| {
+            let mut all = Vec::new();
+            let s = decode_video(
+                p,
+                &DecodeOptions::default(),
+                |_, _| true,
+                |f| {
+                    if let Pixels::Rgb { data, stride } = f.pixels {
+                        for row in data.chunks(stride).take(f.height as usize) {
+                            all.extend_from_slice(&row[..3 * f.width as usize]);
+                        }
+                    }
+                    Ok(())
+                },
+            )
+            .unwrap();
+            (s, all)
+        };
+        let (a, pixels_a) = frames(&plain);
+        let (b, pixels_b) = frames(&packed);
+        assert_eq!((a.decoded_frames, b.decoded_frames), (60, 60));
+        assert!(b.warning.is_none() && b.lost_at.is_empty(), "{b:?}");
+        assert!(
+            pixels_a == pixels_b,
+            "the packed file decodes to other frames"
+        );
+    }
+
+    #[test]
     fn a_late_start_is_not_a_shortfall() {
         let d = tempfile::tempdir().unwrap();
         let (nut, mkv) = (h264_source(d.path(), "nut"), h264_source(d.path(), "mkv"));

@@ -253,6 +253,96 @@ pub fn remux(src: &Path, dst: &Path, shift_secs: f64) -> Result<()> {
         .map_err(|e| ff(dst, "write trailer", e))
 }
 
+/// Rewrites the MPEG-4 part 2 AVI `src` (B-frames, one VOP per chunk in decoding order) into
+/// `dst` as DivX 5 wrote such streams, "packed B-frames": each P-VOP and the B-VOP after it
+/// in one chunk, then a placeholder chunk (a not-coded VOP) where the B-VOP was, and a
+/// `DivX503b1393p` user-data string in the first chunk that marks the stream packed. The
+/// chunk count and the frames are the same; only their packaging differs. No encoder in
+/// Debian's FFmpeg writes this, yet DivX-era collections are full of it. Returns how many
+/// P- and B-VOP pairs were packed.
+pub fn pack_b_frames(src: &Path, dst: &Path) -> Result<usize> {
+    const VOP: [u8; 4] = [0, 0, 1, 0xB6];
+    // The coding type of the first VOP in `data`: 0 I, 1 P, 2 B, 3 S.
+    let vop_type = |data: &[u8]| data.windows(5).find(|w| w[..4] == VOP).map(|w| w[4] >> 6);
+    init();
+    let mut ictx = ffmpeg::format::input(src).map_err(|e| ff(src, "open", e))?;
+    let ist = ictx
+        .streams()
+        .best(ffmpeg::media::Type::Video)
+        .ok_or_else(|| Error::Encode {
+            path: src.to_owned(),
+            message: "no video stream".into(),
+        })?;
+    let (index, rate, params) = (ist.index(), ist.avg_frame_rate(), ist.parameters());
+    let mut chunks: Vec<Vec<u8>> = Vec::new();
+    loop {
+        let mut packet = ffmpeg::Packet::empty();
+        match packet.read(&mut ictx) {
+            Ok(()) => {}
+            Err(ffmpeg::Error::Eof) => break,
+            Err(e) => return Err(ff(src, "read", e)),
+        }
+        if packet.stream() == index {
+            chunks.push(packet.data().unwrap_or_default().to_vec());
+        }
+    }
+    let first_vop = chunks
+        .first()
+        .and_then(|c| c.windows(4).position(|w| w == VOP))
+        .ok_or_else(|| Error::Encode {
+            path: src.to_owned(),
+            message: "no MPEG-4 VOP in the first packet".into(),
+        })?;
+    chunks[0].splice(
+        first_vop..first_vop,
+        [0, 0, 1, 0xB2].iter().chain(b"DivX503b1393p").copied(),
+    );
+    // A P-VOP, not coded: modulo time base 0, marker, a 5-bit time increment, marker,
+    // vop_coded 0, stuffing to the byte. The decoder shows the buffered B-VOP instead.
+    let placeholder = [0, 0, 1, 0xB6, 0b0101_0000, 0b0100_1111];
+    let mut packed: Vec<Vec<u8>> = Vec::with_capacity(chunks.len());
+    let mut pairs = 0;
+    let mut it = chunks.into_iter().peekable();
+    while let Some(c) = it.next() {
+        if vop_type(&c) == Some(1) && it.peek().is_some_and(|n| vop_type(n) == Some(2)) {
+            let b = it.next().unwrap_or_default();
+            packed.push([c, b].concat());
+            packed.push(placeholder.to_vec());
+            pairs += 1;
+        } else {
+            packed.push(c);
+        }
+    }
+    let mut octx = ffmpeg::format::output(dst).map_err(|e| ff(dst, "output", e))?;
+    let mut ost = octx
+        .add_stream(ffmpeg::encoder::find(ffmpeg::codec::Id::None))
+        .map_err(|e| ff(dst, "add stream", e))?;
+    ost.set_parameters(params);
+    let tb = ffmpeg::Rational(rate.denominator(), rate.numerator());
+    ost.set_time_base(tb);
+    ost.set_rate(rate);
+    ost.set_avg_frame_rate(rate);
+    octx.write_header()
+        .map_err(|e| ff(dst, "write header", e))?;
+    let ost_tb = octx.stream(0).map(|s| s.time_base()).unwrap_or(tb);
+    for (i, c) in packed.iter().enumerate() {
+        let mut packet = ffmpeg::Packet::copy(c);
+        packet.set_pts(Some(i as i64));
+        packet.set_dts(Some(i as i64));
+        packet.rescale_ts(tb, ost_tb);
+        packet.set_stream(0);
+        if vop_type(c) == Some(0) {
+            packet.set_flags(ffmpeg::codec::packet::Flags::KEY);
+        }
+        packet
+            .write_interleaved(&mut octx)
+            .map_err(|e| ff(dst, "write packet", e))?;
+    }
+    octx.write_trailer()
+        .map_err(|e| ff(dst, "write trailer", e))?;
+    Ok(pairs)
+}
+
 /// A deterministic test pattern: a gradient background with a square that moves with `t`.
 /// Distinct `seed`s give distinct colours; the content varies enough to be JPEG-realistic.
 pub fn pattern_frame(width: u32, height: u32, t: u32, seed: u32) -> Vec<u8> {
