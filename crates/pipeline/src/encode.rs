@@ -192,21 +192,47 @@ impl VideoWriter {
     }
 }
 
+fn no_video(path: &Path) -> Error {
+    Error::Encode {
+        path: path.to_owned(),
+        message: "no video stream".into(),
+    }
+}
+
+/// `src` opened, and the index of its best video stream.
+fn open_video(src: &Path) -> Result<(ffmpeg::format::context::Input, usize)> {
+    init();
+    let ictx = ffmpeg::format::input(src).map_err(|e| ff(src, "open", e))?;
+    let index = ictx
+        .streams()
+        .best(ffmpeg::media::Type::Video)
+        .ok_or_else(|| no_video(src))?
+        .index();
+    Ok((ictx, index))
+}
+
+/// The next packet of any stream, `None` at the end (a new packet each time: `Packet::read`
+/// does not unreference the old one).
+fn next_packet(
+    ictx: &mut ffmpeg::format::context::Input,
+    src: &Path,
+) -> Result<Option<ffmpeg::Packet>> {
+    let mut packet = ffmpeg::Packet::empty();
+    match packet.read(ictx) {
+        Ok(()) => Ok(Some(packet)),
+        Err(ffmpeg::Error::Eof) => Ok(None),
+        Err(e) => Err(ff(src, "read", e)),
+    }
+}
+
 /// Copies the video stream of `src` into `dst` (container from its extension) without
 /// re-encoding, every timestamp moved `shift_secs` earlier (negative: later). This makes the
 /// files real collections are full of: H.264 remuxed into AVI, an MP4 whose edit list cuts
 /// its first frames (a positive shift gives them negative times), a stream that starts late.
 pub fn remux(src: &Path, dst: &Path, shift_secs: f64) -> Result<()> {
-    init();
-    let mut ictx = ffmpeg::format::input(src).map_err(|e| ff(src, "open", e))?;
-    let ist = ictx
-        .streams()
-        .best(ffmpeg::media::Type::Video)
-        .ok_or_else(|| Error::Encode {
-            path: src.to_owned(),
-            message: "no video stream".into(),
-        })?;
-    let (ist_index, ist_tb) = (ist.index(), ist.time_base());
+    let (mut ictx, ist_index) = open_video(src)?;
+    let ist = ictx.stream(ist_index).ok_or_else(|| no_video(src))?;
+    let ist_tb = ist.time_base();
     let (rate, avg) = (ist.rate(), ist.avg_frame_rate());
     let mut octx = ffmpeg::format::output(dst).map_err(|e| ff(dst, "output", e))?;
     let mut ost = octx
@@ -229,14 +255,7 @@ pub fn remux(src: &Path, dst: &Path, shift_secs: f64) -> Result<()> {
         .map_err(|e| ff(dst, "write header", e))?;
     let ost_tb = octx.stream(0).map(|s| s.time_base()).unwrap_or(ist_tb);
     let shift = (shift_secs * f64::from(ist_tb).recip()).round() as i64;
-    loop {
-        // A new packet each time (`Packet::read` does not unreference the old one).
-        let mut packet = ffmpeg::Packet::empty();
-        match packet.read(&mut ictx) {
-            Ok(()) => {}
-            Err(ffmpeg::Error::Eof) => break,
-            Err(e) => return Err(ff(src, "read", e)),
-        }
+    while let Some(mut packet) = next_packet(&mut ictx, src)? {
         if packet.stream() != ist_index {
             continue;
         }
@@ -264,24 +283,11 @@ pub fn pack_b_frames(src: &Path, dst: &Path) -> Result<usize> {
     const VOP: [u8; 4] = [0, 0, 1, 0xB6];
     // The coding type of the first VOP in `data`: 0 I, 1 P, 2 B, 3 S.
     let vop_type = |data: &[u8]| data.windows(5).find(|w| w[..4] == VOP).map(|w| w[4] >> 6);
-    init();
-    let mut ictx = ffmpeg::format::input(src).map_err(|e| ff(src, "open", e))?;
-    let ist = ictx
-        .streams()
-        .best(ffmpeg::media::Type::Video)
-        .ok_or_else(|| Error::Encode {
-            path: src.to_owned(),
-            message: "no video stream".into(),
-        })?;
-    let (index, rate, params) = (ist.index(), ist.avg_frame_rate(), ist.parameters());
+    let (mut ictx, index) = open_video(src)?;
+    let ist = ictx.stream(index).ok_or_else(|| no_video(src))?;
+    let (rate, params) = (ist.avg_frame_rate(), ist.parameters());
     let mut chunks: Vec<Vec<u8>> = Vec::new();
-    loop {
-        let mut packet = ffmpeg::Packet::empty();
-        match packet.read(&mut ictx) {
-            Ok(()) => {}
-            Err(ffmpeg::Error::Eof) => break,
-            Err(e) => return Err(ff(src, "read", e)),
-        }
+    while let Some(packet) = next_packet(&mut ictx, src)? {
         if packet.stream() == index {
             chunks.push(packet.data().unwrap_or_default().to_vec());
         }
