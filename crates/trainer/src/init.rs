@@ -107,6 +107,12 @@ pub fn detached(vm: &VarMap) -> Result<std::collections::HashMap<String, Tensor>
     detached_with(vm, false)
 }
 
+/// Whether the variable `name` is a BatchNorm running statistic (not trained by the
+/// optimiser; moved by training-mode forward passes).
+pub fn is_running_statistic(name: &str) -> bool {
+    name.ends_with("running_mean") || name.ends_with("running_var")
+}
+
 /// [`detached`], except that BatchNorm running statistics stay `vm`'s own variables: a twin
 /// built on them updates the model's statistics in its training-mode forward passes, as
 /// forward passes on the model itself do (the released code's ascent).
@@ -126,8 +132,7 @@ fn detached_with(
         .map_err(|_| crate::Error::Config("poisoned VarMap".into()))?
         .iter()
         .map(|(k, v)| {
-            let stats = k.ends_with("running_mean") || k.ends_with("running_var");
-            let t = if share_statistics && stats {
+            let t = if share_statistics && is_running_statistic(k) {
                 v.as_tensor().clone()
             } else {
                 v.as_tensor().detach()

@@ -759,8 +759,7 @@ pub fn train_with(
                 BackboneKind::Resnet18 | BackboneKind::Resnet50
             );
         let mut opt = SgdMomentum::from_varmap(&vm, params, |n| {
-            let stats = n.ends_with("running_mean") || n.ends_with("running_var");
-            !(stats || (partial_bn && is_frozen_bn(n)))
+            !(crate::init::is_running_statistic(n) || (partial_bn && is_frozen_bn(n)))
         })?;
         let mut state = MemberState {
             epochs_done: 0,
