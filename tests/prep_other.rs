@@ -1,7 +1,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use vdg_pipeline::encode::write_pattern_video;
+use vdg_pipeline::encode::{VideoWriter, pattern_frame, remux_without_head, write_pattern_video};
 
 use crate::util::*;
 
@@ -470,6 +470,57 @@ fn damage_inside_a_recording_concerns_the_clips_from_there_on() {
     }
 }
 
+/// A recording cut before its first keyframe (a capture started mid-stream) decodes from
+/// the next one, FFmpeg dropping the frames before without an error: every frame index
+/// shifts, so every clip fails, naming the frames lost at the start.
+#[test]
+fn a_recording_cut_before_its_first_keyframe_fails_its_clips() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("pku");
+    std::fs::create_dir_all(root.join("RGB_VIDEO")).unwrap();
+    std::fs::create_dir_all(root.join("Label")).unwrap();
+    // H.264 with B-frames, its first 3 packets cut: the next keyframe is frame 12, and the
+    // 9 packets before it that are left cannot be decoded.
+    let whole = tmp.path().join("whole.nut");
+    let mut w = VideoWriter::create_with_b_frames(&whole, "libx264", 96, 64, 25, 2).unwrap();
+    for t in 0..150 {
+        w.write_rgb(&pattern_frame(96, 64, t, 3)).unwrap();
+    }
+    w.finish().unwrap();
+    remux_without_head(&whole, &root.join("RGB_VIDEO/0001-L.avi"), 3).unwrap();
+    std::fs::write(root.join("Label/0001-L.txt"), "8,10,59,1\n1,70,119,1\n").unwrap();
+    for (view, seed) in [("M", 2), ("R", 3)] {
+        write_pattern_video(
+            &root.join(format!("RGB_VIDEO/0001-{view}.avi")),
+            "mpeg4",
+            W,
+            H,
+            30,
+            30,
+            seed,
+        )
+        .unwrap();
+        std::fs::write(root.join(format!("Label/0001-{view}.txt")), "8,0,19,1\n").unwrap();
+    }
+    let out = tmp.path().join("out");
+    let o = prep(&["pku-mmd", "--root", s(&root), "--out", s(&out)]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let vids = videos(&out);
+    for v in &vids {
+        let e = v.error.clone().unwrap_or_default();
+        if v.video_id.contains("0001-L") {
+            assert_eq!(v.status, "failed", "{}", v.video_id);
+            assert!(
+                e.contains("lost before the clip's end")
+                    && e.contains("at its start, before its first keyframe"),
+                "{e}"
+            );
+        } else {
+            assert_eq!(v.status, "ok", "{}: {e}", v.video_id);
+        }
+    }
+}
+
 #[test]
 fn ntu_cameras_are_domains_and_performers_never_straddle_the_split() {
     let tmp = tempfile::tempdir().unwrap();
@@ -623,6 +674,114 @@ fn synthetic_prep_never_deletes_a_folder_it_did_not_make() {
         before
     );
     drop(lock);
+}
+
+/// A video whose decoding stops making progress is given up on after `--stall-timeout`: it
+/// is recorded as failed with its file named, a fresh worker goes on with the rest, and the
+/// run ends, whether the stuck call returns once given up on (an FFmpeg read, interrupted)
+/// or never does (a read blocked in the kernel). More such videos than workers stop the run
+/// with an error naming them; a rerun then resumes from the complete shards, and with
+/// `--retry-failed` ends with the bytes of a run that never stalled. (Stalls injected
+/// through the debug build's `VDG_INJECT_STALL` hook.)
+#[test]
+fn a_video_that_stops_making_progress_never_hangs_a_prep() {
+    let tmp = tempfile::tempdir().unwrap();
+    let small = ["--scale", "tiny", "--shard-size", "20KiB", "-q"];
+    let clean = tmp.path().join("clean");
+    let mut args = vec!["synthetic", "--out", s(&clean)];
+    args.extend(small);
+    let o = prep(&args);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let rows =
+        vdg_data::shard::read_videos_table(&clean.join(vdg_data::shard::VIDEOS_FILE)).unwrap();
+    let (victim, second) = (rows[5].video_id.clone(), rows[30].video_id.clone());
+    let name = |id: &str| {
+        Path::new(id)
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned()
+    };
+    let run_with = |inject: &str, jobs: &str, out: &Path, extra: &[&str]| {
+        let child = vdg()
+            .args(["prep", "synthetic", "--out", s(out), "-j", jobs])
+            .args(small)
+            .args(extra)
+            .env("VDG_INJECT_STALL", inject)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_at_most(child, 120, &format!("prep with {inject} stalled"))
+    };
+    let stored = |dir: &Path| -> BTreeMap<String, Vec<u8>> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .filter(|e| e.file_type().unwrap().is_file())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("frames-") || n == vdg_data::shard::VIDEOS_FILE)
+            .map(|n| (n.clone(), std::fs::read(dir.join(n)).unwrap()))
+            .collect()
+    };
+    let want = frames(&clean);
+
+    // One stalled video, never returning (one worker) or returning once given up on (two).
+    for (inject, jobs) in [(format!("{victim}:forever"), "1"), (victim.clone(), "2")] {
+        let out = tmp.path().join(format!("stall-{jobs}"));
+        let o = run_with(&inject, jobs, &out, &["--stall-timeout", "1"]);
+        assert_eq!(o.status.code(), Some(1), "{inject}: {}", text(&o));
+        let rows =
+            vdg_data::shard::read_videos_table(&out.join(vdg_data::shard::VIDEOS_FILE)).unwrap();
+        assert_eq!(rows.len(), want.len());
+        for r in &rows {
+            if r.video_id == victim {
+                assert_eq!(r.status, vdg_data::VideoStatus::Failed);
+                let e = r.error.clone().unwrap_or_default();
+                assert!(
+                    e.contains("no progress for 1 s") && e.contains(&name(&victim)),
+                    "{e}"
+                );
+            } else {
+                assert_eq!(r.status, vdg_data::VideoStatus::Ok, "{}", r.video_id);
+            }
+        }
+        // Read back independently: every other video's frames as the clean run stored them.
+        let got = frames(&out);
+        assert!(!got.contains_key(&victim));
+        for (id, f) in &want {
+            if *id != victim {
+                assert_eq!(got.get(id), Some(f), "{id}");
+            }
+        }
+    }
+
+    // Two stalled videos, one worker: the second stops the run, naming both.
+    let out = tmp.path().join("two");
+    let o = run_with(
+        &format!("{victim}:forever,{second}:forever"),
+        "1",
+        &out,
+        &["--stall-timeout", "1"],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains("no progress for 1 s on 2 videos")
+            && t.contains(&name(&victim))
+            && t.contains(&name(&second)),
+        "{t}"
+    );
+    assert!(!out.join(vdg_data::shard::PREP_FILE).exists());
+    let kept = stored(&out).len();
+    assert!(kept >= 5, "{kept} complete shards kept");
+    // A rerun resumes (the first one stays failed, as recorded in a complete shard) ...
+    let o = run_with("", "1", &out, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    // ... and retrying it gives what a run that never stalled wrote, byte for byte.
+    let o = run_with("", "1", &out, &["--retry-failed"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(stored(&out), stored(&clean));
 }
 
 /// A panic while decoding one video makes that video a failed row naming its file; a panic

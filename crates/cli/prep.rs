@@ -123,6 +123,7 @@ impl SyntheticArgs {
                 jpeg_via_rgb: false,
                 strict: false,
                 retry_failed: false,
+                stall_timeout: vdg_pipeline::prep::DEFAULT_STALL_TIMEOUT_SECS,
                 part: None,
                 force: false,
             },
@@ -162,7 +163,8 @@ pub struct CommonPrep {
     #[arg(long, default_value = "512MiB", value_parser = parse_size, value_name = "SIZE")]
     shard_size: u64,
     /// Fail a video on any shortfall (over half a frame) against the duration its container
-    /// declares, or on any frame lost inside the stream (a packet the decoder rejects);
+    /// declares, or on any frame lost inside the stream (a packet the decoder rejects) or at
+    /// its start (before its first keyframe);
     /// default tolerance of either: max(2 frames, 2 %).
     #[arg(long)]
     strict_frame_count: bool,
@@ -179,6 +181,13 @@ pub struct CommonPrep {
     /// on any rerun.
     #[arg(long)]
     retry_failed: bool,
+    /// Give up on a video whose decoding makes no progress (no packet read, no frame
+    /// decoded) for this many seconds, e.g. a file on a network file system that stopped
+    /// answering: it is recorded as failed, with its path, and a fresh worker goes on with
+    /// the rest; past one such video per worker the run stops (complete shards kept).
+    /// 0: wait for ever.
+    #[arg(long, default_value_t = vdg_pipeline::prep::DEFAULT_STALL_TIMEOUT_SECS, value_name = "SECS")]
+    stall_timeout: u64,
     /// Decode only part I of N of the plan (0-based; balanced by file bytes, whole
     /// recordings together) into --out, for a job array; `vdg prep merge` joins the parts.
     #[arg(long, value_name = "I/N", value_parser = vdg_data::parse_part)]
@@ -355,6 +364,7 @@ pub fn run(cmd: PrepCommand, quiet: bool) -> Result<ExitCode> {
                 jobs: jobs.unwrap_or(0),
                 force,
                 interrupt: Some(stop.flag.clone()),
+                stall_timeout: stall_timeout(vdg_pipeline::prep::DEFAULT_STALL_TIMEOUT_SECS),
                 ..RunOptions::default()
             };
             let result = merge_parts(&parts, &lock, &run, &reporter);
@@ -501,6 +511,7 @@ fn prep_with_lock(
         force: c.force,
         retry_failed: c.retry_failed,
         interrupt: Some(stop.flag.clone()),
+        stall_timeout: stall_timeout(c.stall_timeout),
     };
     let lock = match lock {
         Some(l) => l,
@@ -792,6 +803,11 @@ fn parse_size(s: &str) -> Result<u64, String> {
         return Err("the shard size must be positive".into());
     }
     Ok(v)
+}
+
+/// `--stall-timeout` seconds as the run takes them (0: none).
+fn stall_timeout(secs: u64) -> Option<std::time::Duration> {
+    (secs > 0).then(|| std::time::Duration::from_secs(secs))
 }
 
 #[cfg(test)]

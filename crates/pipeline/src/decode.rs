@@ -21,6 +21,7 @@ use ffmpeg_next as ffmpeg;
 
 use crate::colour::{Colour, Matrix, expand_limited_range, rotate_rgb, rotation_of_display_matrix};
 use crate::error::DecodeError;
+use crate::stall::Watch;
 
 /// Default short side of stored frames, in pixels (smaller videos are never upscaled).
 pub const DEFAULT_SHORT_SIDE: u32 = 256;
@@ -190,6 +191,11 @@ pub struct DecodeStats {
     /// For each packet the decoder rejected (its frame lost), how many frames it had
     /// returned before: frame indices from there on are shifted by one more.
     pub lost_at: Vec<u64>,
+    /// Frames lost at the stream's start without an error (packets before the first
+    /// keyframe or parameter sets, which decoders drop silently), from the time between the
+    /// stream's first packet and its first decoded frame: every frame index is shifted by
+    /// this many. Not counted in [`DecodeStats::lost_at`].
+    pub lost_at_start: u64,
     /// The first frame whose size differs from the first frame's, and the warning that
     /// says so.
     pub resized: Option<(u64, String)>,
@@ -451,6 +457,23 @@ pub(crate) fn not_regular(meta: &std::fs::Metadata) -> Option<&'static str> {
 pub fn decode_video<S, F>(
     path: &Path,
     opts: &DecodeOptions,
+    select: S,
+    on_frame: F,
+) -> Result<DecodeStats, DecodeError>
+where
+    S: FnMut(u64, f64) -> bool,
+    F: FnMut(&Frame<'_>) -> Result<(), String>,
+{
+    decode_video_watched(path, opts, None, select, on_frame)
+}
+
+/// [`decode_video`], beating `watch` for every packet read and every frame decoded, and
+/// giving up with [`DecodeError::Abandoned`] once it is abandoned: FFmpeg polls it around
+/// its reads (its interrupt callback), this loop between packets.
+pub fn decode_video_watched<S, F>(
+    path: &Path,
+    opts: &DecodeOptions,
+    watch: Option<&std::sync::Arc<Watch>>,
     mut select: S,
     mut on_frame: F,
 ) -> Result<DecodeStats, DecodeError>
@@ -460,7 +483,25 @@ where
 {
     init();
     regular_file(path)?;
-    let mut ictx = ffmpeg::format::input(path).map_err(|e| DecodeError::Open(e.to_string()))?;
+    let abandoned = || watch.is_some_and(|w| w.is_abandoned());
+    let opened = match watch {
+        Some(w) => {
+            let w = w.clone();
+            ffmpeg::format::input_with_interrupt(path, move || w.is_abandoned())
+        }
+        None => ffmpeg::format::input(path),
+    };
+    let mut ictx = match opened {
+        Ok(c) => c,
+        Err(_) if abandoned() => return Err(DecodeError::Abandoned),
+        Err(e) => return Err(DecodeError::Open(e.to_string())),
+    };
+    let beat = || {
+        if let Some(w) = watch {
+            w.beat();
+        }
+    };
+    beat();
     let nb_streams = ictx.nb_streams() as usize;
     let format_name = ictx.format().name().to_owned();
     let container_secs = (ictx.duration() > 0)
@@ -519,6 +560,11 @@ where
         src_size: (u32, u32),
         scaled_size: (u32, u32),
         first_ts: Option<f64>,
+        /// The very first decoded frame's time (`None` when it has none).
+        head_ts: Option<f64>,
+        /// Packets meant to be shown sent so far, and how many when the first frame came.
+        shown_sent: u64,
+        shown_sent_at_head: u64,
         last_ts: Option<f64>,
         resized: Option<(u64, String)>,
         colour: Option<Colour>,
@@ -538,6 +584,9 @@ where
         src_size: (0, 0),
         scaled_size: (0, 0),
         first_ts: None,
+        head_ts: None,
+        shown_sent: 0,
+        shown_sent_at_head: 0,
         last_ts: None,
         resized: None,
         colour: None,
@@ -557,6 +606,9 @@ where
     let mut tail_damage: Option<String> = None;
     // Latest packet time: frames of H.264 in AVI carry none of their own.
     let mut last_packet_ts: Option<f64> = None;
+    // Earliest time of a packet meant to be shown (an edit list's pre-roll is flagged
+    // discard: decoded for reference, never shown).
+    let mut first_packet_ts: Option<f64> = None;
     let mut frame = VideoFrame::empty();
 
     let mut drain = |decoder: &mut ffmpeg::decoder::Video,
@@ -569,9 +621,14 @@ where
                 Err(ffmpeg::Error::Eof) => return Ok(()),
                 Err(e) => return Err(DecodeError::Decode(e.to_string())),
             }
+            beat();
             let i = st.decoded;
             st.decoded += 1;
             let time_secs = frame.timestamp().map(|t| t as f64 * time_base);
+            if i == 0 {
+                st.head_ts = time_secs;
+                st.shown_sent_at_head = st.shown_sent;
+            }
             if let Some(t) = time_secs {
                 st.first_ts.get_or_insert(t);
                 st.last_ts = Some(st.last_ts.map_or(t, |l: f64| l.max(t)));
@@ -720,7 +777,12 @@ where
         // packet it reads into, so reusing one leaked every packet's data (memory grew with
         // the file: 200 MB for a 20-minute clip).
         let mut packet = ffmpeg::Packet::empty();
-        match packet.read(&mut ictx) {
+        let read = packet.read(&mut ictx);
+        if abandoned() {
+            return Err(DecodeError::Abandoned);
+        }
+        beat();
+        match read {
             Ok(()) => {}
             Err(ffmpeg::Error::Eof) => break,
             Err(e) if is_eagain(&e) => continue,
@@ -737,8 +799,14 @@ where
         if let Some(t) = packet.pts().or(packet.dts()) {
             let t = t as f64 * time_base;
             last_packet_ts = Some(last_packet_ts.map_or(t, |l| l.max(t)));
+            if !discarded(&packet) {
+                first_packet_ts = Some(first_packet_ts.map_or(t, |f| f.min(t)));
+            }
         }
         packets_sent += 1;
+        if !discarded(&packet) {
+            st.shown_sent += 1;
+        }
         tail_damage = packet
             .is_corrupt()
             .then(|| "the last packet is cut short".to_owned());
@@ -842,7 +910,41 @@ where
         DEFAULT_FRAME_SHORTFALL_ABS
             .max((packets_sent as f64 * DEFAULT_FRAME_SHORTFALL_FRAC).floor() as u64)
     };
-    if !opts.lost_frames_per_clip && packet_errors > lost_tolerance {
+    // Frames lost at the start without an error: a stream cut before its first keyframe or
+    // parameter sets decodes from the first point it can, and FFmpeg drops what comes
+    // before. Measured twice, and the smaller taken, so that neither measure's blind spot
+    // makes a loss of a good file: in time, from the first shown packet to the first
+    // decoded frame (an AVI muxer can put a late stream's first packet at time 0), and in
+    // packets, those sent before the first frame came (two fields of an interlaced frame
+    // come in two packets). Each less the decoder's reordering delay (a frame of a stream
+    // without presentation times, as AVI's, takes the time of the packet that completed
+    // it, up to that many frames late) and the packets it rejected before any frame
+    // (counted above).
+    // SAFETY: `decoder` wraps a live, opened codec context; the field is a plain integer.
+    #[allow(unsafe_code)]
+    let reorder_delay = unsafe { (*decoder.as_ptr()).has_b_frames }.max(0) as u64;
+    let rejected_first = lost_at.iter().take_while(|&&at| at == 0).count() as u64;
+    let by_time = match (st.head_ts, first_packet_ts) {
+        (Some(f), Some(p)) if rate > 0.0 && f > p => ((f - p) * rate).round() as u64,
+        _ => 0,
+    };
+    let by_packets = st.shown_sent_at_head.saturating_sub(1);
+    let lost_at_start = by_time
+        .min(by_packets)
+        .saturating_sub(reorder_delay)
+        .saturating_sub(rejected_first);
+    let head_loss = |f: f64, p: f64| {
+        format!(
+            "the stream's first {lost_at_start} frames could not be decoded (its first frame \
+             is at {f:.2} s, its first packet at {p:.2} s: cut before a keyframe or the \
+             parameter sets?)"
+        )
+    };
+    let head_note = match (st.head_ts, first_packet_ts) {
+        (Some(f), Some(p)) if lost_at_start > 0 => Some(head_loss(f, p)),
+        _ => None,
+    };
+    if !opts.lost_frames_per_clip && packet_errors + lost_at_start > lost_tolerance {
         let rule = if opts.strict_frame_count {
             "--strict-frame-count".to_owned()
         } else {
@@ -851,15 +953,24 @@ where
                 DEFAULT_FRAME_SHORTFALL_FRAC * 100.0
             )
         };
+        let mut why: Vec<String> = head_note.into_iter().collect();
+        if packet_errors > 0 {
+            why.push(format!(
+                "{packet_errors} of the stream's {packets_sent} packets failed to decode, so \
+                 their frames are lost inside the stream (the first after {} decoded frames: {})",
+                lost_at[0],
+                first_packet_error.unwrap_or_default(),
+            ));
+        }
         return Err(DecodeError::Truncated(format!(
-            "{packet_errors} of the stream's {packets_sent} packets failed to decode, so \
-             their frames are lost inside the stream (the first after {} decoded frames: {}); \
-             {lost_tolerance} may be lost ({rule})",
-            lost_at[0],
-            first_packet_error.unwrap_or_default(),
+            "{}; {lost_tolerance} may be lost ({rule})",
+            why.join("; ")
         )));
     }
     let mut warnings = Vec::new();
+    if let Some(h) = head_note.filter(|_| !opts.lost_frames_per_clip) {
+        warnings.push(format!("{h}; within the {lost_tolerance} tolerated"));
+    }
     if packet_errors > 0 {
         if !opts.lost_frames_per_clip {
             warnings.push(format!(
@@ -903,8 +1014,18 @@ where
         warning: (!warnings.is_empty()).then(|| warnings.join("; ")),
         yuv420_frames: st.yuv_frames,
         lost_at,
+        lost_at_start,
         resized: st.resized,
     })
+}
+
+/// Whether the demuxer flagged `packet` to be decoded but not shown (the pre-roll before an
+/// MP4 edit list's start). ffmpeg-next's packet flags leave this one out.
+#[allow(unsafe_code)]
+fn discarded(packet: &ffmpeg::Packet) -> bool {
+    // SAFETY: `packet` wraps a live AVPacket just read; the field is a plain integer.
+    use ffmpeg::packet::Ref;
+    unsafe { (*packet.as_ptr()).flags & ffmpeg::ffi::AV_PKT_FLAG_DISCARD != 0 }
 }
 
 /// Whether the decoder flagged `frame` as decoded from damaged data (`decode_error_flags`:
@@ -970,7 +1091,9 @@ mod tests {
         assert!((0..50).all(|i| keep_frame(i, 25.0, Some(30.0))));
     }
 
-    use crate::encode::{VideoWriter, pattern_frame, remux, write_pattern_video};
+    use crate::encode::{
+        VideoWriter, pattern_frame, remux, remux_without_head, write_pattern_video,
+    };
 
     fn decode_all(path: &Path) -> Result<DecodeStats, DecodeError> {
         decode_video(path, &DecodeOptions::default(), |_, _| false, |_| Ok(()))
@@ -997,6 +1120,100 @@ mod tests {
         }
         w.finish().unwrap();
         p
+    }
+
+    #[test]
+    fn a_watched_decode_beats_as_it_goes_and_stops_once_abandoned() {
+        use crate::stall::Watch;
+        use std::sync::Arc;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("v.avi");
+        write_pattern_video(&p, "mpeg4", 64, 48, 25, 30, 0).unwrap();
+        let opts = DecodeOptions::default();
+
+        // Every packet read and every frame decoded is a beat.
+        let w = Arc::new(Watch::new());
+        let s = decode_video_watched(&p, &opts, Some(&w), |_, _| true, |_| Ok(())).unwrap();
+        assert_eq!(s.decoded_frames, 30);
+        assert!(w.beats() >= 60, "{} beats", w.beats());
+
+        // Abandoned part-way: decoding stops at the next packet, with its own error.
+        let w = Arc::new(Watch::new());
+        let mut frames = 0;
+        let err = decode_video_watched(
+            &p,
+            &opts,
+            Some(&w),
+            |_, _| true,
+            |_| {
+                frames += 1;
+                if frames == 5 {
+                    w.abandon();
+                }
+                Ok(())
+            },
+        )
+        .unwrap_err();
+        assert_eq!(err, DecodeError::Abandoned);
+        assert!(
+            frames < 8,
+            "{frames} frames handed over after abandoning at 5"
+        );
+
+        // Abandoned before it starts: FFmpeg's own reads give up (its interrupt callback),
+        // so the file is not even opened (no beat, which follows the opening).
+        let w = Arc::new(Watch::new());
+        w.abandon();
+        let err = decode_video_watched(&p, &opts, Some(&w), |_, _| true, |_| Ok(())).unwrap_err();
+        assert_eq!(err, DecodeError::Abandoned);
+        assert_eq!(w.beats(), 0);
+    }
+
+    #[test]
+    fn frames_lost_at_the_start_of_the_stream_are_counted() {
+        let d = tempfile::tempdir().unwrap();
+        // Annex B for AVI, as MP4 and Matroska need it otherwise.
+        let (annex_b, mp4_style) = (h264_source(d.path(), "nut"), h264_source(d.path(), "mkv"));
+        let strict = DecodeOptions {
+            strict_frame_count: true,
+            ..DecodeOptions::default()
+        };
+        let per_clip = DecodeOptions {
+            lost_frames_per_clip: true,
+            ..DecodeOptions::default()
+        };
+        for ext in ["avi", "mp4", "mkv"] {
+            let src = if ext == "avi" { &annex_b } else { &mp4_style };
+            // Whole: nothing lost, even under --strict-frame-count (AVI's frames take the
+            // time of the packet that completed them, two B-frames late here).
+            let whole = d.path().join(format!("whole.{ext}"));
+            remux(src, &whole, 0.0).unwrap();
+            let s = decode_video(&whole, &strict, |_, _| false, |_| Ok(())).unwrap();
+            assert_eq!(
+                (s.decoded_frames, s.lost_at_start),
+                (100, 0),
+                "{ext}: {s:?}"
+            );
+            assert!(s.warning.is_none(), "{ext}: {s:?}");
+
+            // Cut after its first keyframe: the packets up to the next one are dropped by
+            // the decoder without an error, and counted now.
+            let cut = d.path().join(format!("head.{ext}"));
+            remux_without_head(src, &cut, 3).unwrap();
+            let s = decode_video(&cut, &per_clip, |_, _| false, |_| Ok(())).unwrap();
+            // Frames 12-99 decode (the next keyframe is frame 12): 9 of the 97 packets left
+            // cannot be. Counted 9 here in AVI, 8 in MP4 and Matroska: the allowance for the
+            // decoder's reordering (two frames) may take up to that many off.
+            assert_eq!(s.decoded_frames, 88, "{ext}: {s:?}");
+            assert!((7..=9).contains(&s.lost_at_start), "{ext}: {s:?}");
+            assert!(s.warning.is_none(), "{ext}: {s:?}");
+            let err = decode_all(&cut).unwrap_err();
+            assert!(
+                matches!(&err, DecodeError::Truncated(m)
+                    if m.contains(&format!("first {} frames could not be decoded", s.lost_at_start))),
+                "{ext}: {err}"
+            );
+        }
     }
 
     #[test]

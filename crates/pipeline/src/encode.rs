@@ -230,6 +230,17 @@ fn next_packet(
 /// files real collections are full of: H.264 remuxed into AVI, an MP4 whose edit list cuts
 /// its first frames (a positive shift gives them negative times), a stream that starts late.
 pub fn remux(src: &Path, dst: &Path, shift_secs: f64) -> Result<()> {
+    remux_packets(src, dst, shift_secs, 0)
+}
+
+/// Copies the video stream of `src` into `dst` without its first `skip` packets (in
+/// decoding order), as a capture started or a download cut in the middle of a group of
+/// pictures leaves it: the packets up to the next keyframe cannot be decoded.
+pub fn remux_without_head(src: &Path, dst: &Path, skip: usize) -> Result<()> {
+    remux_packets(src, dst, 0.0, skip)
+}
+
+fn remux_packets(src: &Path, dst: &Path, shift_secs: f64, skip: usize) -> Result<()> {
     let (mut ictx, ist_index) = open_video(src)?;
     let ist = ictx.stream(ist_index).ok_or_else(|| no_video(src))?;
     let ist_tb = ist.time_base();
@@ -255,8 +266,13 @@ pub fn remux(src: &Path, dst: &Path, shift_secs: f64) -> Result<()> {
         .map_err(|e| ff(dst, "write header", e))?;
     let ost_tb = octx.stream(0).map(|s| s.time_base()).unwrap_or(ist_tb);
     let shift = (shift_secs * f64::from(ist_tb).recip()).round() as i64;
+    let mut seen = 0;
     while let Some(mut packet) = next_packet(&mut ictx, src)? {
         if packet.stream() != ist_index {
+            continue;
+        }
+        seen += 1;
+        if seen <= skip {
             continue;
         }
         packet.set_pts(packet.pts().map(|t| t - shift));

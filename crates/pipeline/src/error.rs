@@ -38,6 +38,9 @@ pub enum DecodeError {
     /// The frame consumer (JPEG encoding) failed.
     #[error("{0}")]
     Sink(String),
+    /// Prep's stall watchdog gave up on the video ([`crate::stall::Watch::abandon`]).
+    #[error("given up on: no progress within the stall timeout")]
+    Abandoned,
 }
 
 /// Fatal errors of scanning and prep (a single bad video is a [`DecodeError`], not this).
@@ -97,9 +100,23 @@ pub enum Error {
         /// What failed.
         message: String,
     },
-    /// A worker thread could not be started.
-    #[error("thread pool: {0}")]
-    ThreadPool(#[from] rayon::ThreadPoolBuildError),
+    /// More videos made no progress than a run leaves behind (one per worker): their files
+    /// may be on a file system that stopped answering.
+    #[error(
+        "{path}: no progress for {secs} s on {} videos ({}), more than the {cap} a run gives up          on and goes past; their files may be on a file system that stopped answering. Complete          shards are kept; rerun the same command to resume (`--stall-timeout` sets the wait)",
+        files.len(),
+        files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+    )]
+    Stalled {
+        /// The output folder.
+        path: PathBuf,
+        /// The videos given up on, in order.
+        files: Vec<PathBuf>,
+        /// The stall timeout.
+        secs: f64,
+        /// How many a run goes past.
+        cap: usize,
+    },
 }
 
 /// `Result` with this crate's [`Error`].

@@ -7,7 +7,8 @@
 //! - [`decode`]: in-process FFmpeg decoding (ffmpeg-next) with frame counting, resize and
 //!   truncation checks; [`colour`]: colour matrix, range, sample aspect and rotation;
 //!   [`jpeg`]: JPEG encoding.
-//! - [`prep`]: [`prep::run_prep`], the resumable, deterministic job runner.
+//! - [`prep`]: [`prep::run_prep`], the resumable, deterministic job runner; [`stall`]: the
+//!   heartbeat its watchdog reads.
 //! - [`encode`]: writing videos (tests, samples, synthetic data).
 //!
 //! This is the only videodg crate that links FFmpeg.
@@ -22,6 +23,7 @@ pub mod plan;
 pub mod prep;
 pub mod sample;
 pub mod scan;
+pub mod stall;
 pub mod synthetic;
 #[cfg(all(test, unix))]
 mod testutil;

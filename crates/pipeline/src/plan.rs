@@ -79,8 +79,8 @@ pub struct Plan {
     pub manifest: Manifest,
     /// Content options.
     pub options: ContentOptions,
-    /// Videos in write order (sorted by video id).
-    pub items: Vec<PlanItem>,
+    /// Videos in write order (sorted by video id); shared with prep's decoding workers.
+    pub items: std::sync::Arc<[PlanItem]>,
     /// Units of decoding work: consecutive items that are clips of one recording (decoded
     /// once for all of them), or single videos.
     pub units: Vec<std::ops::Range<usize>>,
@@ -264,7 +264,7 @@ pub fn build_plan(manifest: &Manifest, scans: &[&Scan], options: &ContentOptions
     Ok(Plan {
         manifest: manifest.clone(),
         options: options.clone(),
-        items,
+        items: items.into(),
         units,
         skipped_out_of_benchmark: skipped,
         ignored,
@@ -362,7 +362,7 @@ impl Plan {
                 videos: items.len() as u64,
             }),
             fingerprint: vdg_data::atomic::hex(&h.finalize()),
-            items,
+            items: items.into(),
             units,
             ..self.clone()
         })
@@ -403,7 +403,7 @@ impl Plan {
         Plan {
             manifest,
             options,
-            items,
+            items: items.into(),
             units,
             skipped_out_of_benchmark,
             ignored: Vec::new(),

@@ -1,6 +1,6 @@
 //! The resumable, deterministic prep job runner.
 //!
-//! Workers (a rayon pool of `jobs` threads, one FFmpeg decoder each) decode and JPEG-encode
+//! Workers (`jobs` threads, one FFmpeg decoder each) decode and JPEG-encode
 //! videos; a single writer appends them to frame shards **in plan order**, holding at most
 //! a small window of finished videos, so memory is bounded by about `2 x jobs` videos and
 //! the bytes written do not depend on `jobs` or on timing. A shard is closed (footer written,
@@ -8,12 +8,17 @@
 //! covers, so after a crash a rerun keeps every complete shard, deletes `.tmp` leftovers and
 //! continues from the first video not in a complete shard, producing the same bytes as an
 //! uninterrupted run. `videos.parquet` and then `prep.json` are written last.
+//!
+//! A watchdog ([`RunOptions::stall_timeout`]) gives up on a worker whose video makes no
+//! progress: the video is recorded as failed and a fresh worker takes the stuck one's
+//! place, so a file system that stops answering or a decoder that never returns cannot
+//! hang the run; past one such video per worker the run stops with [`Error::Stalled`].
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex, mpsc};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -27,10 +32,11 @@ use vdg_data::{EncodedFrame, ShardMeta, VideoRow, VideoStatus};
 use crate::buffer::{DEFAULT_MEMORY_FRAMES, FrameBuffer};
 use crate::decode::{
     DEFAULT_FRAME_SHORTFALL_ABS, DEFAULT_FRAME_SHORTFALL_FRAC, DecodeOptions, DecodeStats, Pixels,
-    decode_video, keep_frame,
+    decode_video_watched, keep_frame,
 };
 use crate::error::{Error, Result};
 use crate::plan::{ContentOptions, PartInfo, Plan, PlanItem};
+use crate::stall::Watch;
 
 /// Name of the lock file held while prep writes a folder.
 pub const LOCK_FILE: &str = ".vdg-prep.lock";
@@ -43,6 +49,12 @@ pub const INPUTS_FILE: &str = "inputs.json";
 /// Where shards are moved while a rerun rebuilds from them: videos that need no redoing
 /// are copied from here rather than decoded again. Removed when the run completes.
 pub const REUSE_DIR: &str = ".vdg-reuse";
+
+/// `vdg prep --stall-timeout`'s default: ten minutes without a packet read or a frame
+/// decoded. No good file comes near it (one frame's decoding is the longest wait, about
+/// 20 ms for 4K HEVC on one core: datasets.md); a network file system that stopped
+/// answering does.
+pub const DEFAULT_STALL_TIMEOUT_SECS: u64 = 600;
 
 /// Options that do not change what is written.
 #[derive(Debug, Clone, Default)]
@@ -57,6 +69,10 @@ pub struct RunOptions {
     /// Set (by a signal handler) to stop the run at the next video: complete shards stay,
     /// and the run ends with [`Error::Interrupted`].
     pub interrupt: Option<std::sync::Arc<AtomicBool>>,
+    /// Give up on a video whose decoding makes no progress (no packet read, no frame
+    /// decoded) for this long: it is recorded as failed and a fresh worker takes its place
+    /// ([`crate::stall`]). `None`: wait for ever.
+    pub stall_timeout: Option<std::time::Duration>,
 }
 
 /// Progress reported by [`run_prep`]; the CLI turns these into bars or log lines.
@@ -673,7 +689,7 @@ fn run_locked(
             out,
             run,
             start,
-            &reuse,
+            reuse,
             merge.is_some(),
             &mut rows,
             &mut shards,
@@ -834,6 +850,24 @@ fn fill_ok(row: &mut VideoRow, s: &DecodeStats, fps: f64, kept: u32, decoded_in_
     row.warning = s.warning.clone();
 }
 
+/// How a recording lost the frames before a clip's end: `at_start` before its first
+/// decodable frame, `rejected` in packets the decoder rejected (`lost_at`, in order).
+fn lost_how(at_start: u64, rejected: u64, lost_at: &[u64]) -> String {
+    let mut how = Vec::new();
+    if at_start > 0 {
+        how.push(format!(
+            "{at_start} at its start, before its first keyframe or parameter sets"
+        ));
+    }
+    if rejected > 0 {
+        how.push(format!(
+            "{rejected} in packets the decoder rejected, the first after {} decoded frames",
+            lost_at[0]
+        ));
+    }
+    how.join("; ")
+}
+
 fn fail(row: &mut VideoRow, error: String) {
     row.status = VideoStatus::Failed;
     row.error = Some(error);
@@ -850,11 +884,13 @@ fn kept_fps(source_fps: f64, max_fps: Option<f64>) -> f64 {
 /// recording in a single decoding pass. Never fails: a bad video becomes a failed row.
 /// The unit holds at most `memory_frames` frames in memory; past that its buffers spill to
 /// anonymous files in `spill_dir` ([`crate::buffer`]).
+/// `watch`, when given, is beaten as decoding progresses and stops it once abandoned.
 pub fn process_unit(
     items: &[PlanItem],
     opts: &ContentOptions,
     spill_dir: &Path,
     memory_frames: usize,
+    watch: Option<&Arc<Watch>>,
 ) -> Vec<(VideoRow, FrameBuffer)> {
     let budget = std::sync::Arc::new(AtomicUsize::new(0));
     let mut out: Vec<(VideoRow, FrameBuffer)> = items
@@ -899,9 +935,10 @@ pub fn process_unit(
     let mut encoder = None;
     // Frames handed over that the decoder flagged as damaged (worded per clip below).
     let mut damaged_frames: Vec<u64> = Vec::new();
-    let result = decode_video(
+    let result = decode_video_watched(
         &items[wanted[0].0].abs_path,
         &dopts,
+        watch,
         |i, fps| wanted.iter().any(|w| wants(i, fps, w)),
         |f| {
             let enc = match &mut encoder {
@@ -974,7 +1011,9 @@ pub fn process_unit(
                     Some(c) => {
                         // A frame lost before the clip's end shifts or removes its frames:
                         // the same tolerance as a shortfall, over the clip's length.
-                        let lost = s.lost_at.iter().filter(|&&at| at <= end).count() as u64;
+                        let rejected = s.lost_at.iter().filter(|&&at| at <= end).count() as u64;
+                        let lost = s.lost_at_start + rejected;
+                        let how = lost_how(s.lost_at_start, rejected, &s.lost_at);
                         let tolerated = if opts.strict_frame_count {
                             0
                         } else {
@@ -988,10 +1027,9 @@ pub fn process_unit(
                                 row,
                                 format!(
                                     "truncated or damaged: {lost} frames of the recording lost before the \
-                                     clip's end (packets the decoder rejected, the first after {} decoded \
-                                     frames), so its frames no longer match interval {start}-{end} ({}); \
-                                     {tolerated} may be lost",
-                                    s.lost_at[0], c.source
+                                     clip's end ({how}), so its frames no longer match interval \
+                                     {start}-{end} ({}); {tolerated} may be lost",
+                                    c.source
                                 ),
                             );
                             continue;
@@ -1003,9 +1041,7 @@ pub fn process_unit(
                         if lost > 0 {
                             notes.push(format!(
                                 "{lost} frames of the recording lost before the clip's end \
-                                 (packets the decoder rejected, the first after {} decoded \
-                                 frames); within the {tolerated} tolerated",
-                                s.lost_at[0]
+                                 ({how}); within the {tolerated} tolerated"
                             ));
                         }
                         let damaged: Vec<u64> = damaged_frames
@@ -1047,6 +1083,298 @@ struct Gate {
     cv: Condvar,
 }
 
+impl Gate {
+    /// Wakes every worker waiting for the writer and tells it to stop.
+    fn abort(&self) {
+        if let Ok(mut st) = self.state.lock() {
+            st.1 = true;
+        }
+        self.cv.notify_all();
+    }
+}
+
+/// What the writer receives.
+enum Msg {
+    /// The video at this plan position, decoded, copied or failed.
+    Video(usize, Box<Done>),
+    /// The workers stopped the run ([`Shared::error`] says why).
+    Stopped,
+}
+
+/// What the decoding workers share. Owned rather than borrowed: a worker stuck inside
+/// FFmpeg is left behind when the stall watchdog gives up on it, and may outlive the run.
+struct Shared {
+    items: Arc<[PlanItem]>,
+    options: ContentOptions,
+    out: PathBuf,
+    /// Units from the resume position on (a resumed unit may start mid-recording).
+    units: Vec<std::ops::Range<usize>>,
+    reuse: BTreeMap<String, Reusable>,
+    /// A merge: a unit that cannot be copied stops the run rather than being decoded.
+    copy_only: bool,
+    /// Backpressure: a worker stays within this many units of the writer's.
+    window: usize,
+    next: AtomicUsize,
+    gate: Gate,
+    stop: AtomicBool,
+    decoded: AtomicUsize,
+    copied: AtomicUsize,
+    /// Why the workers stopped the run (a merge that cannot copy a video, stalled videos).
+    error: Mutex<Option<Error>>,
+    /// Notified when a worker's loop ends.
+    ended: Condvar,
+    ended_lock: Mutex<()>,
+}
+
+impl Shared {
+    /// Stops the run with `e` (the first error is kept) and tells the writer.
+    fn fail(&self, e: Error, tx: &mpsc::Sender<Msg>) {
+        if let Ok(mut slot) = self.error.lock() {
+            slot.get_or_insert(e);
+        }
+        self.stop.store(true, Ordering::SeqCst);
+        self.gate.abort();
+        let _ = tx.send(Msg::Stopped);
+    }
+}
+
+/// One decoding worker as the stall watchdog sees it.
+#[derive(Default)]
+struct Slot(Mutex<SlotState>);
+
+#[derive(Default)]
+struct SlotState {
+    /// The unit it is working on (index into [`Shared::units`]) and its progress.
+    busy: Option<(usize, Arc<Watch>)>,
+    /// The watchdog gave up on it: its unit was reported as failed, and what it returns, if
+    /// it ever returns, is dropped.
+    abandoned: bool,
+    /// Its loop has ended.
+    ended: bool,
+}
+
+impl Slot {
+    fn is_abandoned(&self) -> bool {
+        self.0.lock().map_or(true, |s| s.abandoned)
+    }
+
+    /// Neither ended nor given up on: the end of the run waits for it.
+    fn is_live(&self) -> bool {
+        self.0.lock().is_ok_and(|s| !s.abandoned && !s.ended)
+    }
+}
+
+struct Worker {
+    slot: Arc<Slot>,
+    handle: std::thread::JoinHandle<()>,
+}
+
+fn spawn_worker(shared: &Arc<Shared>, tx: &mpsc::Sender<Msg>, n: usize) -> Result<Worker> {
+    let slot = Arc::new(Slot::default());
+    let (sh, sl, tx) = (shared.clone(), slot.clone(), tx.clone());
+    let handle = std::thread::Builder::new()
+        .name(format!("vdg-decode-{n}"))
+        .spawn(move || {
+            let _ended = Ended(&sh, &sl, &tx);
+            work(&sh, &sl, &tx);
+        })
+        .map_err(|e| Error::io(&shared.out, e))?;
+    Ok(Worker { slot, handle })
+}
+
+/// Marks a worker ended when its thread ends, and a panic outside the guarded decoding as
+/// the run's error (the writer would otherwise wait for that unit for ever).
+struct Ended<'a>(&'a Shared, &'a Slot, &'a mpsc::Sender<Msg>);
+
+impl Drop for Ended<'_> {
+    fn drop(&mut self) {
+        let Ended(shared, slot, tx) = *self;
+        if std::thread::panicking() {
+            shared.fail(
+                Error::io(
+                    &shared.out,
+                    std::io::Error::other(
+                        "a decoding worker panicked (its message is above); shards completed \
+                         before it are kept, rerun to resume",
+                    ),
+                ),
+                tx,
+            );
+        }
+        if let Ok(mut st) = slot.0.lock() {
+            st.ended = true;
+        }
+        let _guard = shared.ended_lock.lock();
+        shared.ended.notify_all();
+    }
+}
+
+/// A worker's loop: takes the next unit, decodes (or copies) it and hands its videos to
+/// the writer, until none is left or the run stops.
+fn work(shared: &Shared, slot: &Slot, tx: &mpsc::Sender<Msg>) {
+    loop {
+        if shared.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let u = shared.next.fetch_add(1, Ordering::SeqCst);
+        let Some(range) = shared.units.get(u) else {
+            return;
+        };
+        // Backpressure: stay within `window` units of the one the writer is in.
+        {
+            let Ok(mut st) = shared.gate.state.lock() else {
+                return;
+            };
+            while u >= shared.units.partition_point(|r| r.end <= st.0) + shared.window && !st.1 {
+                st = match shared.gate.cv.wait(st) {
+                    Ok(s) => s,
+                    Err(_) => return,
+                };
+            }
+            if st.1 {
+                return;
+            }
+        }
+        let items = &shared.items[range.clone()];
+        let watch = Arc::new(Watch::new());
+        match slot.0.lock() {
+            Ok(mut st) => st.busy = Some((u, watch.clone())),
+            Err(_) => return,
+        }
+        let done = match copy_unit(items, &shared.reuse) {
+            Some(d) => {
+                shared.copied.fetch_add(d.len(), Ordering::Relaxed);
+                d
+            }
+            None if shared.copy_only => {
+                shared.fail(
+                    Error::OutputMismatch {
+                        path: shared.out.clone(),
+                        message: format!(
+                            "{}: no part folder holds a readable copy of it; rerun its part, \
+                             then merge again",
+                            items[0].row.video_id
+                        ),
+                    },
+                    tx,
+                );
+                return;
+            }
+            None => {
+                shared.decoded.fetch_add(items.len(), Ordering::Relaxed);
+                process_unit_guarded(items, &shared.options, &shared.out, &watch)
+            }
+        };
+        // Hand the unit over, unless the watchdog gave up on it meanwhile (it reported it).
+        match slot.0.lock() {
+            Ok(mut st) if !st.abandoned => st.busy = None,
+            _ => return,
+        }
+        for (k, (row, frames)) in done.into_iter().enumerate() {
+            if tx
+                .send(Msg::Video(range.start + k, Box::new(Done { row, frames })))
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+}
+
+/// Gives up on a worker whose unit has made no progress for `timeout`: its videos are
+/// recorded as failed, FFmpeg is asked to stop ([`Watch::abandon`]) and a fresh worker
+/// takes its place. Past `jobs` such workers (each may hold a thread that never returns),
+/// the run stops with [`Error::Stalled`]. Runs until `wake` is dropped.
+fn watchdog(
+    shared: &Arc<Shared>,
+    workers: &Mutex<Vec<Worker>>,
+    tx: mpsc::Sender<Msg>,
+    timeout: std::time::Duration,
+    wake: mpsc::Receiver<()>,
+) {
+    let poll = (timeout / 4).clamp(
+        std::time::Duration::from_millis(10),
+        std::time::Duration::from_secs(1),
+    );
+    let cap = workers.lock().map_or(1, |w| w.len()).max(1);
+    let mut stalled: Vec<PathBuf> = Vec::new();
+    while let Err(mpsc::RecvTimeoutError::Timeout) = wake.recv_timeout(poll) {
+        let slots: Vec<Arc<Slot>> = match workers.lock() {
+            Ok(w) => w.iter().map(|w| w.slot.clone()).collect(),
+            Err(_) => return,
+        };
+        for slot in slots {
+            let gave_up = match slot.0.lock() {
+                Ok(mut st) => match st.busy.clone() {
+                    Some((u, w)) if !st.abandoned && w.idle() >= timeout => {
+                        st.abandoned = true;
+                        w.abandon();
+                        Some((u, w))
+                    }
+                    _ => None,
+                },
+                Err(_) => None,
+            };
+            let Some((u, w)) = gave_up else { continue };
+            {
+                let _guard = shared.ended_lock.lock();
+                shared.ended.notify_all();
+            }
+            let range = shared.units[u].clone();
+            let items = &shared.items[range.clone()];
+            let path = items[0].abs_path.clone();
+            let secs = timeout.as_secs_f64();
+            stalled.push(path.clone());
+            if stalled.len() > cap {
+                shared.fail(
+                    Error::Stalled {
+                        path: shared.out.clone(),
+                        files: std::mem::take(&mut stalled),
+                        secs,
+                        cap,
+                    },
+                    &tx,
+                );
+                return;
+            }
+            let message = format!(
+                "{}: no progress for {secs} s, after {} packets read and frames decoded: a read \
+                 that does not return (a file system that stopped answering?) or a decoder that \
+                 does not return; given up on and marked failed (`--retry-failed` tries it \
+                 again)",
+                path.display(),
+                w.beats()
+            );
+            for (k, it) in items.iter().enumerate() {
+                let mut row = it.row.clone();
+                fail(&mut row, message.clone());
+                let done = Done {
+                    row,
+                    frames: FrameBuffer::from_vec(Vec::new()),
+                };
+                if tx
+                    .send(Msg::Video(range.start + k, Box::new(done)))
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            let n = workers.lock().map_or(0, |w| w.len());
+            match spawn_worker(shared, &tx, n) {
+                Ok(worker) => {
+                    if let Ok(mut w) = workers.lock() {
+                        w.push(worker);
+                    }
+                }
+                Err(e) => {
+                    shared.fail(e, &tx);
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// Decodes (or copies from `reuse`) and writes every video from `start` on; returns how many
 /// were decoded and how many copied.
 #[allow(clippy::too_many_arguments)]
@@ -1055,43 +1383,49 @@ fn write_remaining(
     out: &Path,
     run: &RunOptions,
     start: usize,
-    reuse: &BTreeMap<String, Reusable>,
+    reuse: BTreeMap<String, Reusable>,
     copy_only: bool,
     rows: &mut Vec<VideoRow>,
     shards: &mut Vec<ShardInfo>,
     progress: &dyn Progress,
 ) -> Result<(u64, u64)> {
-    let (decoded, copied) = (AtomicUsize::new(0), AtomicUsize::new(0));
-    // A merge that cannot copy a video stops with this error rather than decoding it.
-    let copy_error: Mutex<Option<Error>> = Mutex::new(None);
     let jobs = if run.jobs == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     } else {
         run.jobs
     };
-    // Backpressure counts units, not videos: a PKU-MMD recording is one unit of ~20 clips,
-    // and a window of clips let only one recording decode at a time whatever `jobs` was.
-    let window = 2 * jobs;
-    // Units from the resume position on (a resumed unit may start mid-recording).
-    let units: Vec<std::ops::Range<usize>> = plan
-        .units
-        .iter()
-        .filter(|u| u.end > start)
-        .map(|u| u.start.max(start)..u.end)
-        .collect();
-    let next = AtomicUsize::new(0);
-    let gate = Gate {
-        state: Mutex::new((start, false)),
-        cv: Condvar::new(),
-    };
-    let stop = AtomicBool::new(false);
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(jobs)
-        .thread_name(|i| format!("vdg-decode-{i}"))
-        .build()?;
-    let (tx, rx) = mpsc::channel::<(usize, Done)>();
+    let shared = Arc::new(Shared {
+        items: plan.items.clone(),
+        options: plan.options.clone(),
+        out: out.to_owned(),
+        units: plan
+            .units
+            .iter()
+            .filter(|u| u.end > start)
+            .map(|u| u.start.max(start)..u.end)
+            .collect(),
+        reuse,
+        copy_only,
+        // Backpressure counts units, not videos: a PKU-MMD recording is one unit of ~20
+        // clips, and a window of clips let only one recording decode at a time whatever
+        // `jobs` was.
+        window: 2 * jobs,
+        next: AtomicUsize::new(0),
+        gate: Gate {
+            state: Mutex::new((start, false)),
+            cv: Condvar::new(),
+        },
+        stop: AtomicBool::new(false),
+        decoded: AtomicUsize::new(0),
+        copied: AtomicUsize::new(0),
+        error: Mutex::new(None),
+        ended: Condvar::new(),
+        ended_lock: Mutex::new(()),
+    });
+    let (tx, rx) = mpsc::channel::<Msg>();
+    let workers: Mutex<Vec<Worker>> = Mutex::new(Vec::new());
 
-    std::thread::scope(|ts| {
+    let result = std::thread::scope(|ts| {
         let writer = ts.spawn(|| {
             // A panic in the writer must stop the run with an error, not leave the workers
             // waiting for a position that never comes.
@@ -1103,7 +1437,7 @@ fn write_remaining(
                     rx,
                     rows,
                     shards,
-                    &gate,
+                    &shared.gate,
                     progress,
                     run.interrupt.as_deref(),
                 )
@@ -1119,88 +1453,82 @@ fn write_remaining(
                 })
             });
             if r.is_err() {
-                stop.store(true, Ordering::SeqCst);
-                if let Ok(mut st) = gate.state.lock() {
-                    st.1 = true;
-                }
-                gate.cv.notify_all();
+                shared.stop.store(true, Ordering::SeqCst);
+                shared.gate.abort();
             }
             r
         });
-        pool.scope(|s| {
-            for _ in 0..jobs {
-                let tx = tx.clone();
-                let (next, gate, stop, units) = (&next, &gate, &stop, &units);
-                let (decoded, copied, copy_error) = (&decoded, &copied, &copy_error);
-                s.spawn(move |_| {
-                    loop {
-                        if stop.load(Ordering::SeqCst) {
-                            return;
-                        }
-                        let u = next.fetch_add(1, Ordering::SeqCst);
-                        let Some(range) = units.get(u) else { return };
-                        // Backpressure: stay within `window` units of the one the writer is in.
-                        {
-                            let Ok(mut st) = gate.state.lock() else {
-                                return;
-                            };
-                            while u >= units.partition_point(|r| r.end <= st.0) + window && !st.1 {
-                                st = match gate.cv.wait(st) {
-                                    Ok(s) => s,
-                                    Err(_) => return,
-                                };
-                            }
-                            if st.1 {
-                                return;
-                            }
-                        }
-                        let items = &plan.items[range.clone()];
-                        let done = match copy_unit(items, reuse) {
-                            Some(d) => {
-                                copied.fetch_add(d.len(), Ordering::Relaxed);
-                                d
-                            }
-                            None if copy_only => {
-                                if let Ok(mut e) = copy_error.lock() {
-                                    e.get_or_insert_with(|| Error::OutputMismatch {
-                                        path: out.to_owned(),
-                                        message: format!(
-                                            "{}: no part folder holds a readable copy of it; \
-                                             rerun its part, then merge again",
-                                            items[0].row.video_id
-                                        ),
-                                    });
-                                }
-                                stop.store(true, Ordering::SeqCst);
-                                return;
-                            }
-                            None => {
-                                decoded.fetch_add(items.len(), Ordering::Relaxed);
-                                process_unit_guarded(items, &plan.options, out)
-                            }
-                        };
-                        for (k, (row, frames)) in done.into_iter().enumerate() {
-                            if tx.send((range.start + k, Done { row, frames })).is_err() {
-                                return;
-                            }
-                        }
+        for n in 0..jobs {
+            match spawn_worker(&shared, &tx, n) {
+                Ok(w) => {
+                    if let Ok(mut ws) = workers.lock() {
+                        ws.push(w);
                     }
-                });
+                }
+                Err(e) => {
+                    shared.fail(e, &tx);
+                    break;
+                }
             }
+        }
+        let (wake_tx, wake_rx) = mpsc::channel::<()>();
+        let dog = run.stall_timeout.map(|timeout| {
+            let (shared, workers, tx) = (&shared, &workers, tx.clone());
+            ts.spawn(move || watchdog(shared, workers, tx, timeout, wake_rx))
         });
         drop(tx);
-        match writer.join() {
+        let r = match writer.join() {
             Ok(r) => r,
             Err(p) => std::panic::resume_unwind(p),
+        };
+        // Nothing is left to decode (or the run failed): idle workers end. Wait for those
+        // the watchdog has not given up on; it may still give up on one.
+        shared.stop.store(true, Ordering::SeqCst);
+        shared.gate.abort();
+        // (Checked under `ended_lock`, which a worker takes to say it ended and the watchdog
+        // to say it gave up on one, so no wake-up is missed.)
+        let waiting = || {
+            workers
+                .lock()
+                .is_ok_and(|ws| ws.iter().any(|w| w.slot.is_live()))
+        };
+        let mut g = shared.ended_lock.lock().unwrap_or_else(|e| e.into_inner());
+        while waiting() {
+            g = match shared
+                .ended
+                .wait_timeout(g, std::time::Duration::from_secs(1))
+            {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
         }
-    })
-    .map_err(
-        |e| match copy_error.lock().ok().and_then(|mut c| c.take()) {
-            Some(copy) => copy,
+        drop(g);
+        drop(wake_tx);
+        if let Some(dog) = dog
+            && let Err(p) = dog.join()
+        {
+            std::panic::resume_unwind(p);
+        }
+        // Join every worker but those given up on (left behind, detached). A worker that
+        // panicked has made its error the run's ([`Ended`]).
+        let ws = std::mem::take(&mut *workers.lock().unwrap_or_else(|e| e.into_inner()));
+        for w in ws {
+            if !w.slot.is_abandoned() {
+                let _ = w.handle.join();
+            }
+        }
+        r
+    });
+    result.map_err(
+        |e| match shared.error.lock().ok().and_then(|mut c| c.take()) {
+            Some(first) => first,
             None => e,
         },
     )?;
-    Ok((decoded.into_inner() as u64, copied.into_inner() as u64))
+    Ok((
+        shared.decoded.load(Ordering::Relaxed) as u64,
+        shared.copied.load(Ordering::Relaxed) as u64,
+    ))
 }
 
 /// The unit's videos as an earlier run stored them, when every one of them can be copied
@@ -1232,7 +1560,7 @@ fn write_in_order(
     plan: &Plan,
     out: &Path,
     start: usize,
-    rx: mpsc::Receiver<(usize, Done)>,
+    rx: mpsc::Receiver<Msg>,
     rows: &mut Vec<VideoRow>,
     shards: &mut Vec<ShardInfo>,
     gate: &Gate,
@@ -1244,13 +1572,13 @@ fn write_in_order(
     let mut pos = start;
     let mut current: Option<(FrameShardWriter, usize, Vec<VideoRow>)> = None;
     while pos < total {
-        let Ok((i, done)) = rx.recv() else {
+        let Ok(Msg::Video(i, done)) = rx.recv() else {
             return Err(Error::Io {
                 path: out.to_owned(),
                 source: std::io::Error::other("decode workers stopped early"),
             });
         };
-        pending.insert(i, done);
+        pending.insert(i, *done);
         if interrupt.is_some_and(|f| f.load(Ordering::SeqCst)) {
             // The shard being written is dropped (its temporary file is removed on rerun).
             return Err(Error::Interrupted {
@@ -1341,17 +1669,39 @@ fn injected_delay() {
     }
 }
 
+/// Test hook, honoured by debug builds only: `VDG_INJECT_STALL=<video id>[,...]` makes
+/// decoding those videos stop making progress until the watchdog gives up on them (then
+/// they go on, as an FFmpeg read interrupted by the watch would); `<video id>:forever`
+/// never returns, as a read blocked in the kernel.
+fn injected_stall(video_id: &str, watch: &Watch) {
+    #[cfg(debug_assertions)]
+    if let Ok(v) = std::env::var("VDG_INJECT_STALL") {
+        for entry in v.split(',') {
+            let forever = entry.strip_suffix(":forever") == Some(video_id);
+            if forever || entry == video_id {
+                while forever || !watch.is_abandoned() {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+            }
+        }
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = (video_id, watch);
+}
+
 /// [`process_unit`], with a panic in decoding turned into failed rows naming the files.
 fn process_unit_guarded(
     items: &[PlanItem],
     opts: &ContentOptions,
     spill_dir: &Path,
+    watch: &Arc<Watch>,
 ) -> Vec<(VideoRow, FrameBuffer)> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         for it in items {
             injected_panic("decode", &it.row.video_id);
+            injected_stall(&it.row.video_id, watch);
         }
-        process_unit(items, opts, spill_dir, memory_frames())
+        process_unit(items, opts, spill_dir, memory_frames(), Some(watch))
     }))
     .unwrap_or_else(|p| {
         let msg = panic_message(&p);
