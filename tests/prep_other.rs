@@ -767,7 +767,7 @@ fn a_video_that_stops_making_progress_never_hangs_a_prep() {
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     let t = text(&o);
     assert!(
-        t.contains("no progress for 1 s on 2 videos")
+        t.contains("no progress for 1 s on 2 video(s)")
             && t.contains(&name(&victim))
             && t.contains(&name(&second)),
         "{t}"

@@ -738,6 +738,41 @@ fn parts_merged_give_the_bytes_of_one_machine() {
         "{}",
         text(&o)
     );
+    // A copy that makes no progress stops the merge, which never records a video the parts
+    // hold as failed (stall injected through the debug build's hook); merging again gives
+    // the bytes of one machine.
+    let stuck = videos(&p3[1])
+        .into_iter()
+        .find(|v| v.status == "ok")
+        .unwrap()
+        .video_id;
+    let m = tmp.path().join("m-stalled");
+    let child = vdg()
+        .args(["prep", "merge", "--stall-timeout", "1", "--out"])
+        .arg(&m)
+        .args(&p3)
+        .env("VDG_INJECT_STALL", format!("{stuck}:forever"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let o = wait_at_most(child, 120, "a merge with a stalled copy");
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let name = Path::new(&stuck).file_name().unwrap().to_string_lossy();
+    assert!(
+        text(&o).contains("no progress for 1 s on 1 video(s)") && text(&o).contains(&*name),
+        "{}",
+        text(&o)
+    );
+    assert!(!m.join(vdg_data::shard::PREP_FILE).exists());
+    let o = vdg()
+        .args(["prep", "merge", "--out"])
+        .arg(&m)
+        .args(&p3)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_same_outputs(&m, &whole);
 }
 
 /// The shipped Slurm job files, run as a 3-task array would run them (three processes at

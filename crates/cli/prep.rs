@@ -87,6 +87,11 @@ pub enum PrepCommand {
         /// Copying threads (default: all cores). Does not change the output.
         #[arg(long, short = 'j', value_name = "N")]
         jobs: Option<usize>,
+        /// Stop (exit 2, complete shards kept) when copying a video makes no progress for
+        /// this many seconds, e.g. a part folder on a network file system that stopped
+        /// answering. 0: wait for ever.
+        #[arg(long, default_value_t = vdg_pipeline::prep::DEFAULT_STALL_TIMEOUT_SECS, value_name = "SECS")]
+        stall_timeout: u64,
         /// Replace an existing prep of other inputs in --out.
         #[arg(long)]
         force: bool,
@@ -354,6 +359,7 @@ pub fn run(cmd: PrepCommand, quiet: bool) -> Result<ExitCode> {
             out,
             parts,
             jobs,
+            stall_timeout: stall_secs,
             force,
         } => {
             let lock =
@@ -364,7 +370,7 @@ pub fn run(cmd: PrepCommand, quiet: bool) -> Result<ExitCode> {
                 jobs: jobs.unwrap_or(0),
                 force,
                 interrupt: Some(stop.flag.clone()),
-                stall_timeout: stall_timeout(vdg_pipeline::prep::DEFAULT_STALL_TIMEOUT_SECS),
+                stall_timeout: stall_timeout(stall_secs),
                 ..RunOptions::default()
             };
             let result = merge_parts(&parts, &lock, &run, &reporter);

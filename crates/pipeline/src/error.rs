@@ -100,10 +100,14 @@ pub enum Error {
         /// What failed.
         message: String,
     },
-    /// More videos made no progress than a run leaves behind (one per worker): their files
-    /// may be on a file system that stopped answering.
+    /// More videos made no progress than a run goes past (one per worker; none in a merge,
+    /// which must copy every video): their files may be on a file system that stopped
+    /// answering.
     #[error(
-        "{path}: no progress for {secs} s on {} videos ({}), more than the {cap} a run gives up          on and goes past; their files may be on a file system that stopped answering. Complete          shards are kept; rerun the same command to resume (`--stall-timeout` sets the wait)",
+        "{path}: no progress for {secs} s on {} video(s) ({}); a run goes past at most {cap} \
+         (one per worker; a merge none), so it stops: their files may be on a file system that \
+         stopped answering. Complete shards are kept; rerun the same command to resume \
+         (`--stall-timeout` sets the wait)",
         files.len(),
         files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
     )]

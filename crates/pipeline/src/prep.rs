@@ -1241,6 +1241,9 @@ fn work(shared: &Shared, slot: &Slot, tx: &mpsc::Sender<Msg>) {
             Ok(mut st) => st.busy = Some((u, watch.clone())),
             Err(_) => return,
         }
+        for it in items {
+            injected_stall(&it.row.video_id, &watch);
+        }
         let done = match copy_unit(items, &shared.reuse) {
             Some(d) => {
                 shared.copied.fetch_add(d.len(), Ordering::Relaxed);
@@ -1284,7 +1287,8 @@ fn work(shared: &Shared, slot: &Slot, tx: &mpsc::Sender<Msg>) {
 /// Gives up on a worker whose unit has made no progress for `timeout`: its videos are
 /// recorded as failed, FFmpeg is asked to stop ([`Watch::abandon`]) and a fresh worker
 /// takes its place. Past `jobs` such workers (each may hold a thread that never returns),
-/// the run stops with [`Error::Stalled`]. Runs until `wake` is dropped.
+/// or at the first in a merge, the run stops with [`Error::Stalled`]. Runs until `wake` is
+/// dropped.
 fn watchdog(
     shared: &Arc<Shared>,
     workers: &Mutex<Vec<Worker>>,
@@ -1296,7 +1300,12 @@ fn watchdog(
         std::time::Duration::from_millis(10),
         std::time::Duration::from_secs(1),
     );
-    let cap = workers.lock().map_or(1, |w| w.len()).max(1);
+    // A merge promises the parts' bytes: it stops rather than record a video as failed.
+    let cap = if shared.copy_only {
+        0
+    } else {
+        workers.lock().map_or(1, |w| w.len()).max(1)
+    };
     let mut stalled: Vec<PathBuf> = Vec::new();
     while let Err(mpsc::RecvTimeoutError::Timeout) = wake.recv_timeout(poll) {
         let slots: Vec<Arc<Slot>> = match workers.lock() {
@@ -1699,7 +1708,6 @@ fn process_unit_guarded(
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         for it in items {
             injected_panic("decode", &it.row.video_id);
-            injected_stall(&it.row.video_id, watch);
         }
         process_unit(items, opts, spill_dir, memory_frames(), Some(watch))
     }))
