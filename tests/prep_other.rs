@@ -784,6 +784,64 @@ fn a_video_that_stops_making_progress_never_hangs_a_prep() {
     assert_eq!(stored(&out), stored(&clean));
 }
 
+/// SIGTERM stops a video being decoded at once, not when it ends (a PKU-MMD recording takes
+/// half a minute; a scheduler kills a job 30 s after SIGTERM by default): shown with a video
+/// whose decoding makes no progress until the run stops (the debug build's
+/// `VDG_INJECT_STALL` hook, which ends when the video's watch says so, as FFmpeg's reads
+/// do). Complete shards are kept and a rerun gives the bytes of an uninterrupted run.
+#[test]
+fn sigterm_stops_the_videos_being_decoded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let small = ["--scale", "tiny", "--shard-size", "20KiB", "-q", "-j", "1"];
+    let clean = tmp.path().join("clean");
+    let mut args = vec!["synthetic", "--out", s(&clean)];
+    args.extend(small);
+    assert_eq!(prep(&args).status.code(), Some(0));
+    let rows =
+        vdg_data::shard::read_videos_table(&clean.join(vdg_data::shard::VIDEOS_FILE)).unwrap();
+    let out = tmp.path().join("out");
+    let child = vdg()
+        .args(["prep", "synthetic", "--out", s(&out)])
+        .args(small)
+        .env("VDG_INJECT_STALL", &rows[20].video_id)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the shards before it are written, the run stuck on it.
+    let shard = out.join("frames-00019.parquet");
+    let t0 = std::time::Instant::now();
+    while !shard.exists() && t0.elapsed() < std::time::Duration::from_secs(60) {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(!out.join("frames-00020.parquet").exists());
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    // The stall timeout is the default 600 s: only the signal can end it.
+    let o = wait_at_most(child, 60, "prep stopped by SIGTERM while decoding");
+    assert_eq!(o.status.code(), Some(130), "{}", text(&o));
+    assert!(text(&o).contains("interrupted by a signal"), "{}", text(&o));
+    assert!(shard.exists(), "complete shards are kept");
+    let mut args = vec!["synthetic", "--out", s(&out)];
+    args.extend(small);
+    let o = prep(&args);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(frames(&out), frames(&clean));
+    for name in [
+        "frames-00000.parquet",
+        "frames-00047.parquet",
+        "videos.parquet",
+    ] {
+        assert_eq!(
+            std::fs::read(out.join(name)).unwrap(),
+            std::fs::read(clean.join(name)).unwrap(),
+            "{name}"
+        );
+    }
+}
+
 /// A panic while decoding one video makes that video a failed row naming its file; a panic
 /// in the shard writer stops the run with an error. Neither hangs (injected through the
 /// debug build's `VDG_INJECT_PANIC` hook).

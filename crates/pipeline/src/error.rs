@@ -38,8 +38,9 @@ pub enum DecodeError {
     /// The frame consumer (JPEG encoding) failed.
     #[error("{0}")]
     Sink(String),
-    /// Prep's stall watchdog gave up on the video ([`crate::stall::Watch::abandon`]).
-    #[error("given up on: no progress within the stall timeout")]
+    /// Prep's stall watchdog gave up on the video ([`crate::stall::Watch::abandon`]), or the
+    /// run was asked to stop.
+    #[error("given up on: no progress within the stall timeout, or the run was stopped")]
     Abandoned,
 }
 

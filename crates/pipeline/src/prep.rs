@@ -66,8 +66,9 @@ pub struct RunOptions {
     /// Redo the videos recorded as failed (a transient I/O error, a replaced file); the
     /// others are kept.
     pub retry_failed: bool,
-    /// Set (by a signal handler) to stop the run at the next video: complete shards stay,
-    /// and the run ends with [`Error::Interrupted`].
+    /// Set (by a signal handler) to stop the run: videos being decoded stop at their next
+    /// packet ([`crate::stall::Watch::stopped_by`]), complete shards stay, and the run ends
+    /// with [`Error::Interrupted`].
     pub interrupt: Option<std::sync::Arc<AtomicBool>>,
     /// Give up on a video whose decoding makes no progress (no packet read, no frame
     /// decoded) for this long: it is recorded as failed and a fresh worker takes its place
@@ -1121,6 +1122,8 @@ struct Shared {
     copied: AtomicUsize,
     /// Why the workers stopped the run (a merge that cannot copy a video, stalled videos).
     error: Mutex<Option<Error>>,
+    /// The run's stop flag (a signal): it also stops the videos being decoded.
+    interrupt: Option<Arc<AtomicBool>>,
     /// Notified when a worker's loop ends.
     ended: Condvar,
     ended_lock: Mutex<()>,
@@ -1236,7 +1239,7 @@ fn work(shared: &Shared, slot: &Slot, tx: &mpsc::Sender<Msg>) {
             }
         }
         let items = &shared.items[range.clone()];
-        let watch = Arc::new(Watch::new());
+        let watch = Arc::new(Watch::stopped_by(shared.interrupt.clone()));
         match slot.0.lock() {
             Ok(mut st) => st.busy = Some((u, watch.clone())),
             Err(_) => return,
@@ -1428,6 +1431,7 @@ fn write_remaining(
         decoded: AtomicUsize::new(0),
         copied: AtomicUsize::new(0),
         error: Mutex::new(None),
+        interrupt: run.interrupt.clone(),
         ended: Condvar::new(),
         ended_lock: Mutex::new(()),
     });

@@ -10,6 +10,7 @@
 //! never reads cannot be interrupted; such a thread is left behind, and the run goes on
 //! without it.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -21,6 +22,8 @@ pub struct Watch {
     last_beat_ms: AtomicU64,
     beats: AtomicU64,
     abandoned: AtomicBool,
+    /// The run's stop flag (a signal): set, the work is given up on too.
+    stop: Option<Arc<AtomicBool>>,
 }
 
 impl Default for Watch {
@@ -32,11 +35,18 @@ impl Default for Watch {
 impl Watch {
     /// A watch whose last beat is now.
     pub fn new() -> Watch {
+        Watch::stopped_by(None)
+    }
+
+    /// A watch that also counts as abandoned once `stop` is set (SIGINT, SIGTERM), so a
+    /// long video being decoded does not hold the run's stop back.
+    pub fn stopped_by(stop: Option<Arc<AtomicBool>>) -> Watch {
         Watch {
             origin: Instant::now(),
             last_beat_ms: AtomicU64::new(0),
             beats: AtomicU64::new(0),
             abandoned: AtomicBool::new(false),
+            stop,
         }
     }
 
@@ -64,9 +74,10 @@ impl Watch {
         self.abandoned.store(true, Ordering::SeqCst);
     }
 
-    /// Whether the work was given up on.
+    /// Whether the work was given up on, or the run asked to stop.
     pub fn is_abandoned(&self) -> bool {
         self.abandoned.load(Ordering::SeqCst)
+            || self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst))
     }
 }
 
@@ -84,6 +95,11 @@ mod tests {
         assert_eq!(w.beats(), 1);
         assert!(!w.is_abandoned());
         w.abandon();
+        assert!(w.is_abandoned());
+        let flag = Arc::new(AtomicBool::new(false));
+        let w = Watch::stopped_by(Some(flag.clone()));
+        assert!(!w.is_abandoned());
+        flag.store(true, Ordering::SeqCst);
         assert!(w.is_abandoned());
     }
 }
