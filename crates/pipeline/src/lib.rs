@@ -27,5 +27,6 @@ pub mod stall;
 pub mod synthetic;
 #[cfg(all(test, unix))]
 mod testutil;
+mod unpack;
 
 pub use error::{DecodeError, Error, Result};
