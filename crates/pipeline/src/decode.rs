@@ -193,9 +193,10 @@ pub struct DecodeStats {
     /// returned before: frame indices from there on are shifted by one more.
     pub lost_at: Vec<u64>,
     /// Frames lost at the stream's start without an error (packets before the first
-    /// keyframe or parameter sets, which decoders drop silently), from the time between the
-    /// stream's first packet and its first decoded frame: every frame index is shifted by
-    /// this many. Not counted in [`DecodeStats::lost_at`].
+    /// keyframe or parameter sets, which decoders drop silently): the smaller of the time
+    /// from the first shown packet to the first decoded frame and the packets sent before
+    /// it, less the decoder's reordering delay. Every frame index is shifted by this many.
+    /// Not counted in [`DecodeStats::lost_at`].
     pub lost_at_start: u64,
     /// The first frame whose size differs from the first frame's, and the warning that
     /// says so.
