@@ -1154,6 +1154,8 @@ struct SlotState {
     abandoned: bool,
     /// Its loop has ended.
     ended: bool,
+    /// The unit the watchdog has already warned about.
+    warned: Option<usize>,
 }
 
 impl Slot {
@@ -1309,6 +1311,7 @@ fn watchdog(
     } else {
         workers.lock().map_or(1, |w| w.len()).max(1)
     };
+    let warn_after = (timeout / 2).min(std::time::Duration::from_secs(60));
     let mut stalled: Vec<PathBuf> = Vec::new();
     while let Err(mpsc::RecvTimeoutError::Timeout) = wake.recv_timeout(poll) {
         let slots: Vec<Arc<Slot>> = match workers.lock() {
@@ -1316,6 +1319,7 @@ fn watchdog(
             Err(_) => return,
         };
         for slot in slots {
+            let mut warn = None;
             let gave_up = match slot.0.lock() {
                 Ok(mut st) => match st.busy.clone() {
                     Some((u, w)) if !st.abandoned && w.idle() >= timeout => {
@@ -1323,10 +1327,28 @@ fn watchdog(
                         w.abandon();
                         Some((u, w))
                     }
+                    Some((u, w))
+                        if !st.abandoned && st.warned != Some(u) && w.idle() >= warn_after =>
+                    {
+                        st.warned = Some(u);
+                        warn = Some((u, w.idle()));
+                        None
+                    }
                     _ => None,
                 },
                 Err(_) => None,
             };
+            if let Some((u, idle)) = warn {
+                // Said while it is still waiting, so a stall on a file system that stopped
+                // answering is seen before the timeout.
+                tracing::warn!(
+                    "{}: no packet read and no frame decoded for {:.0} s; given up on at {} s \
+                     (--stall-timeout)",
+                    shared.items[shared.units[u].start].abs_path.display(),
+                    idle.as_secs_f64(),
+                    timeout.as_secs_f64()
+                );
+            }
             let Some((u, w)) = gave_up else { continue };
             {
                 let _guard = shared.ended_lock.lock();
