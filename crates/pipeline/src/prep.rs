@@ -1187,6 +1187,28 @@ fn spawn_worker(shared: &Arc<Shared>, tx: &mpsc::Sender<Msg>, n: usize) -> Resul
     Ok(Worker { slot, handle })
 }
 
+/// Starts worker `n` and adds it to `workers`; if no thread can be started, stops the run
+/// with that error and returns false.
+fn add_worker(
+    shared: &Arc<Shared>,
+    workers: &Mutex<Vec<Worker>>,
+    tx: &mpsc::Sender<Msg>,
+    n: usize,
+) -> bool {
+    match spawn_worker(shared, tx, n) {
+        Ok(w) => {
+            if let Ok(mut ws) = workers.lock() {
+                ws.push(w);
+            }
+            true
+        }
+        Err(e) => {
+            shared.fail(e, tx);
+            false
+        }
+    }
+}
+
 /// Marks a worker ended when its thread ends, and a panic outside the guarded decoding as
 /// the run's error (the writer would otherwise wait for that unit for ever).
 struct Ended<'a>(&'a Shared, &'a Slot, &'a mpsc::Sender<Msg>);
@@ -1394,16 +1416,8 @@ fn watchdog(
                 }
             }
             let n = workers.lock().map_or(0, |w| w.len());
-            match spawn_worker(shared, &tx, n) {
-                Ok(worker) => {
-                    if let Ok(mut w) = workers.lock() {
-                        w.push(worker);
-                    }
-                }
-                Err(e) => {
-                    shared.fail(e, &tx);
-                    return;
-                }
+            if !add_worker(shared, workers, &tx, n) {
+                return;
             }
         }
     }
@@ -1494,16 +1508,8 @@ fn write_remaining(
             r
         });
         for n in 0..jobs {
-            match spawn_worker(&shared, &tx, n) {
-                Ok(w) => {
-                    if let Ok(mut ws) = workers.lock() {
-                        ws.push(w);
-                    }
-                }
-                Err(e) => {
-                    shared.fail(e, &tx);
-                    break;
-                }
+            if !add_worker(&shared, &workers, &tx, n) {
+                break;
             }
         }
         let (wake_tx, wake_rx) = mpsc::channel::<()>();
