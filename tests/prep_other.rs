@@ -731,12 +731,20 @@ fn a_video_that_stops_making_progress_never_hangs_a_prep() {
         let out = tmp.path().join(format!("stall-{jobs}"));
         let o = run_with(&inject, jobs, &out, &["--stall-timeout", "1"]);
         assert_eq!(o.status.code(), Some(1), "{inject}: {}", text(&o));
-        // Said while it waits, naming the file, then when it gives up.
+        // Said while it waits, naming the file, then when it gives up; at the end, if
+        // its thread is still inside it.
         let waiting = log_line(&o, "no packet read and no frame decoded for");
         assert!(
             waiting.contains(&name(&victim)) && waiting.contains("given up on at 1 s"),
             "{waiting}"
         );
+        if inject.ends_with(":forever") {
+            assert!(
+                log_line(&o, "the worker given up on is still inside it").contains(&name(&victim)),
+                "{}",
+                text(&o)
+            );
+        }
         let rows =
             vdg_data::shard::read_videos_table(&out.join(vdg_data::shard::VIDEOS_FILE)).unwrap();
         assert_eq!(rows.len(), want.len());

@@ -1167,6 +1167,15 @@ impl Slot {
     fn is_live(&self) -> bool {
         self.0.lock().is_ok_and(|s| !s.abandoned && !s.ended)
     }
+
+    /// The unit it was given up on in, while its thread is still inside it.
+    fn stuck_in(&self) -> Option<usize> {
+        let st = self.0.lock().ok()?;
+        match &st.busy {
+            Some((u, _)) if st.abandoned && !st.ended => Some(*u),
+            _ => None,
+        }
+    }
 }
 
 struct Worker {
@@ -1556,6 +1565,13 @@ fn write_remaining(
         for w in ws {
             if !w.slot.is_abandoned() {
                 let _ = w.handle.join();
+            } else if let Some(u) = w.slot.stuck_in() {
+                // A call blocked in the kernel can hold the process's exit back.
+                tracing::warn!(
+                    "{}: the worker given up on is still inside it; vdg may not exit until \
+                     the system returns from that call",
+                    shared.items[shared.units[u].start].abs_path.display()
+                );
             }
         }
         r
