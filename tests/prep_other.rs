@@ -770,6 +770,32 @@ fn a_video_that_stops_making_progress_never_hangs_a_prep() {
         }
     }
 
+    // A writer that makes no progress cannot be given up on, but is named while it waits.
+    let out = tmp.path().join("slow-writer");
+    let child = vdg()
+        .args([
+            "prep",
+            "synthetic",
+            "--out",
+            s(&out),
+            "--stall-timeout",
+            "1",
+        ])
+        .args(small)
+        .env("VDG_INJECT_DELAY_MS", format!("1500:{victim}"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let o = wait_at_most(child, 120, "prep with a slow writer");
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        log_line(&o, "the shard writer has made no progress for").contains("frames-00005.parquet"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(stored(&out), stored(&clean));
+
     // Two stalled videos, one worker: the second stops the run, naming both.
     let out = tmp.path().join("two");
     let o = run_with(

@@ -1124,6 +1124,8 @@ struct Shared {
     error: Mutex<Option<Error>>,
     /// The run's stop flag (a signal): it also stops the videos being decoded.
     interrupt: Option<Arc<AtomicBool>>,
+    /// What the writer is inside of.
+    writing: Writing,
     /// Notified when a worker's loop ends.
     ended: Condvar,
     ended_lock: Mutex<()>,
@@ -1138,6 +1140,46 @@ impl Shared {
         self.stop.store(true, Ordering::SeqCst);
         self.gate.abort();
         let _ = tx.send(Msg::Stopped);
+    }
+}
+
+/// What the writer is inside of, for the watchdog: the shard it writes while it writes a
+/// video or closes a shard, that write's progress (a beat per frame), and whether the
+/// watchdog has said so. A stalled write cannot be given up on; it is named in a warning.
+#[derive(Default)]
+struct Writing(Mutex<Option<(PathBuf, Arc<Watch>, bool)>>);
+
+impl Writing {
+    /// Marks the writer inside a write to `shard` until the guard is dropped.
+    fn during(&self, shard: PathBuf) -> WritingGuard<'_> {
+        let watch = Arc::new(Watch::new());
+        if let Ok(mut w) = self.0.lock() {
+            *w = Some((shard, watch.clone(), false));
+        }
+        WritingGuard(self, watch)
+    }
+
+    /// The shard and how long, if the writer has been inside one write for `after` and the
+    /// watchdog has not said so yet.
+    fn stalled(&self, after: std::time::Duration) -> Option<(PathBuf, std::time::Duration)> {
+        let mut w = self.0.lock().ok()?;
+        let (shard, watch, warned) = w.as_mut()?;
+        let idle = watch.idle();
+        if *warned || idle < after {
+            return None;
+        }
+        *warned = true;
+        Some((shard.clone(), idle))
+    }
+}
+
+struct WritingGuard<'a>(&'a Writing, Arc<Watch>);
+
+impl Drop for WritingGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut w) = self.0.0.lock() {
+            *w = None;
+        }
     }
 }
 
@@ -1345,6 +1387,14 @@ fn watchdog(
     let warn_after = (timeout / 2).min(std::time::Duration::from_secs(60));
     let mut stalled: Vec<PathBuf> = Vec::new();
     while let Err(mpsc::RecvTimeoutError::Timeout) = wake.recv_timeout(poll) {
+        if let Some((shard, idle)) = shared.writing.stalled(warn_after) {
+            tracing::warn!(
+                "{}: the shard writer has made no progress for {:.0} s (its file system may \
+                 have stopped answering); the run waits for it",
+                shard.display(),
+                idle.as_secs_f64()
+            );
+        }
         let slots: Vec<Arc<Slot>> = match workers.lock() {
             Ok(w) => w.iter().map(|w| w.slot.clone()).collect(),
             Err(_) => return,
@@ -1477,6 +1527,7 @@ fn write_remaining(
         copied: AtomicUsize::new(0),
         error: Mutex::new(None),
         interrupt: run.interrupt.clone(),
+        writing: Writing::default(),
         ended: Condvar::new(),
         ended_lock: Mutex::new(()),
     });
@@ -1495,7 +1546,7 @@ fn write_remaining(
                     rx,
                     rows,
                     shards,
-                    &shared.gate,
+                    (&shared.gate, &shared.writing),
                     progress,
                     run.interrupt.as_deref(),
                 )
@@ -1620,7 +1671,7 @@ fn write_in_order(
     rx: mpsc::Receiver<Msg>,
     rows: &mut Vec<VideoRow>,
     shards: &mut Vec<ShardInfo>,
-    gate: &Gate,
+    (gate, writing): (&Gate, &Writing),
     progress: &dyn Progress,
     interrupt: Option<&AtomicBool>,
 ) -> Result<()> {
@@ -1655,7 +1706,8 @@ fn write_in_order(
             let Some((writer, _, shard_rows)) = current.as_mut() else {
                 unreachable!("shard writer was just created")
             };
-            injected_delay();
+            let inside = writing.during(out.join(shard::frames_file_name(writer.index())));
+            injected_delay(&row.video_id);
             if row.status == VideoStatus::Ok {
                 injected_panic("writer", &row.video_id);
                 let spill = |e: String| Error::Io {
@@ -1663,6 +1715,7 @@ fn write_in_order(
                     source: std::io::Error::other(format!("{}: {e}", row.video_id)),
                 };
                 let frames = frames.into_frames().map_err(spill)?.map(|f| {
+                    inside.1.beat();
                     f.map_err(|e| vdg_data::Error::Io {
                         path: out.to_owned(),
                         source: std::io::Error::other(e),
@@ -1674,6 +1727,7 @@ fn write_in_order(
             } else {
                 drop(frames);
             }
+            drop(inside);
             progress.event(&PrepEvent::VideoDone { row: &row });
             shard_rows.push(row.clone());
             rows.push(row);
@@ -1685,6 +1739,7 @@ fn write_in_order(
             if (writer.bytes() >= plan.options.shard_target_bytes || pos == total)
                 && let Some((w, first, videos)) = current.take()
             {
+                let _inside = writing.during(out.join(shard::frames_file_name(w.index())));
                 let info = finish_shard(plan, w, first, videos)?;
                 progress.event(&PrepEvent::ShardWritten { info: &info });
                 shards.push(info);
@@ -1715,15 +1770,23 @@ fn injected_panic(stage: &str, video_id: &str) {
 }
 
 /// Test hook, honoured by debug builds only: `VDG_INJECT_DELAY_MS=<ms>` makes the writer
-/// wait that long before each video, so tests can signal a run while it is writing.
-fn injected_delay() {
+/// wait that long before each video, so tests can signal a run while it is writing;
+/// `<ms>:<video id>` before that video only.
+fn injected_delay(video_id: &str) {
     #[cfg(debug_assertions)]
-    if let Some(ms) = std::env::var("VDG_INJECT_DELAY_MS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        std::thread::sleep(std::time::Duration::from_millis(ms));
+    if let Ok(v) = std::env::var("VDG_INJECT_DELAY_MS") {
+        let (ms, only) = match v.split_once(':') {
+            Some((ms, id)) => (ms, Some(id)),
+            None => (v.as_str(), None),
+        };
+        if let Ok(ms) = ms.parse::<u64>()
+            && only.is_none_or(|id| id == video_id)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
     }
+    #[cfg(not(debug_assertions))]
+    let _ = video_id;
 }
 
 /// Test hook, honoured by debug builds only: `VDG_INJECT_STALL=<video id>[,...]` makes
