@@ -545,6 +545,7 @@ where
         container_secs,
         fps: rate,
     });
+    let nal_units = NalUnits::of(stream.parameters().id(), &extradata(&stream.parameters()));
     // MPEG-4 Part 2 goes through FFmpeg's unpacker of packed B-frames ([`crate::unpack`]).
     let mut unpacker = (stream.parameters().id() == ffmpeg::codec::Id::MPEG4)
         .then(|| Unpacker::new(&stream.parameters(), stream.time_base()))
@@ -808,15 +809,21 @@ where
             None => vec![packet],
         };
         for packet in packets {
+            // Before the first frame, a packet of parameter sets or SEI alone (some AVI
+            // muxers give them a chunk) is no picture: it neither starts the stream's time
+            // nor is a frame lost if the decoder rejects it.
+            let picture = st.decoded > 0
+                || nal_units.is_none_or(|n| n.holds_picture(packet.data().unwrap_or_default()));
+            let shown = picture && !discarded(&packet);
             if let Some(t) = packet.pts().or(packet.dts()) {
                 let t = t as f64 * time_base;
                 last_packet_ts = Some(last_packet_ts.map_or(t, |l| l.max(t)));
-                if !discarded(&packet) {
+                if shown {
                     first_packet_ts = Some(first_packet_ts.map_or(t, |f| f.min(t)));
                 }
             }
             packets_sent += 1;
-            if !discarded(&packet) {
+            if shown {
                 st.shown_sent += 1;
             }
             tail_damage = packet
@@ -829,6 +836,7 @@ where
             )?;
             match sent {
                 Ok(()) => {}
+                Err(_) if !picture => {}
                 Err(e) => {
                     // A damaged packet: FFmpeg's own tools log and go on; so do we, and the
                     // count of such packets below decides whether too many frames were lost.
@@ -1032,6 +1040,93 @@ where
     })
 }
 
+/// How an H.264 or HEVC stream's packets delimit their NAL units: start codes (Annex B:
+/// AVI, MPEG-TS, raw streams) or a big-endian length of this many bytes (MP4, Matroska, and
+/// AVIs remuxed from them, whose extradata is an `avcC`/`hvcC` record, version byte 1).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum NalUnits {
+    AnnexB { hevc: bool },
+    Sized { hevc: bool, len: usize },
+}
+
+impl NalUnits {
+    /// The framing of a stream of `codec` with `extradata`; `None` for other codecs.
+    fn of(codec: ffmpeg::codec::Id, extradata: &[u8]) -> Option<NalUnits> {
+        let hevc = match codec {
+            ffmpeg::codec::Id::H264 => false,
+            ffmpeg::codec::Id::HEVC => true,
+            _ => return None,
+        };
+        // The length size's field: byte 4 of `avcC`, byte 21 of `hvcC`.
+        let at = if hevc { 21 } else { 4 };
+        Some(match extradata {
+            [1, ..] if extradata.len() > at => NalUnits::Sized {
+                hevc,
+                len: usize::from(extradata[at] & 3) + 1,
+            },
+            _ => NalUnits::AnnexB { hevc },
+        })
+    }
+
+    /// Whether `data` holds a coded picture (a VCL NAL unit) rather than only parameter
+    /// sets or SEI. Anything it cannot parse counts as a picture.
+    fn holds_picture(self, data: &[u8]) -> bool {
+        if data.is_empty() {
+            return true;
+        }
+        let vcl = |hevc: bool, header: u8| {
+            if hevc {
+                (header >> 1) & 0x3f < 32
+            } else {
+                (1..=5).contains(&(header & 0x1f))
+            }
+        };
+        match self {
+            NalUnits::AnnexB { hevc } => {
+                if !(data.starts_with(&[0, 0, 1]) || data.starts_with(&[0, 0, 0, 1])) {
+                    return true;
+                }
+                data.windows(4)
+                    .filter(|w| w[..3] == [0, 0, 1])
+                    .any(|w| vcl(hevc, w[3]))
+            }
+            NalUnits::Sized { hevc, len } => {
+                let mut at = 0;
+                while at < data.len() {
+                    let Some(size) = data.get(at..at + len) else {
+                        return true;
+                    };
+                    let size = size.iter().fold(0usize, |n, &b| n << 8 | usize::from(b));
+                    let Some(&header) = data.get(at + len) else {
+                        return true;
+                    };
+                    if size == 0 || vcl(hevc, header) {
+                        return true;
+                    }
+                    at += len + size;
+                }
+                false
+            }
+        }
+    }
+}
+
+/// The codec parameters' extradata (empty when there is none).
+#[allow(unsafe_code)]
+fn extradata(params: &ffmpeg::codec::Parameters) -> Vec<u8> {
+    // SAFETY: `params` wraps live codec parameters; `extradata` holds `extradata_size`
+    // bytes when it is not null. The bytes are copied out.
+    unsafe {
+        let p = params.as_ptr();
+        let (data, size) = ((*p).extradata, (*p).extradata_size);
+        if data.is_null() || size <= 0 {
+            Vec::new()
+        } else {
+            std::slice::from_raw_parts(data, size as usize).to_vec()
+        }
+    }
+}
+
 /// Whether the demuxer flagged `packet` to be decoded but not shown (the pre-roll before an
 /// MP4 edit list's start). ffmpeg-next's packet flags leave this one out.
 #[allow(unsafe_code)]
@@ -1226,6 +1321,73 @@ mod tests {
                     if m.contains(&format!("first {} frames could not be decoded", s.lost_at_start))),
                 "{ext}: {err}"
             );
+        }
+    }
+
+    #[test]
+    fn nal_units_tell_pictures_from_parameter_sets_in_both_framings() {
+        use ffmpeg::codec::Id;
+        let annex_b = NalUnits::of(Id::H264, &[]).unwrap();
+        assert_eq!(annex_b, NalUnits::AnnexB { hevc: false });
+        // SPS (7), PPS (8), SEI (6): no picture; with an IDR slice (5) or a slice (1): one.
+        let sets = [
+            &[0, 0, 0, 1, 0x67, 9, 9][..],
+            &[0, 0, 1, 0x68, 9],
+            &[0, 0, 1, 0x06, 9],
+        ]
+        .concat();
+        assert!(!annex_b.holds_picture(&sets));
+        assert!(annex_b.holds_picture(&[&sets[..], &[0, 0, 1, 0x65, 9]].concat()));
+        assert!(annex_b.holds_picture(&[0, 0, 1, 0x41, 9]));
+        // Length-prefixed (`avcC`, 4-byte lengths): a length of 256-511 bytes begins with
+        // 00 00 01, which must not be read as a start code.
+        let sized = NalUnits::of(Id::H264, &[1, 0x64, 0, 0x1f, 0xff, 0xe1]).unwrap();
+        assert_eq!(
+            sized,
+            NalUnits::Sized {
+                hevc: false,
+                len: 4
+            }
+        );
+        let mut slice = vec![0, 0, 1, 0x2c, 0x41];
+        slice.resize(4 + 0x12c, 0);
+        assert!(sized.holds_picture(&slice));
+        let mut sei = vec![0, 0, 1, 0x2c, 0x06];
+        sei.resize(4 + 0x12c, 0);
+        assert!(!sized.holds_picture(&sei));
+        assert!(sized.holds_picture(&[sei.clone(), slice.clone()].concat()));
+        // HEVC: VPS (32), SPS (33) no picture; an IDR slice (19) one. Other codecs: none.
+        let hevc = NalUnits::of(Id::HEVC, &[]).unwrap();
+        assert!(!hevc.holds_picture(&[0, 0, 1, 32 << 1, 1, 0, 0, 1, 33 << 1, 1]));
+        assert!(hevc.holds_picture(&[0, 0, 1, 19 << 1, 1]));
+        assert_eq!(NalUnits::of(Id::MPEG4, &[]), None);
+    }
+
+    /// Parameter sets in an AVI chunk of their own: the decoder rejects that chunk (no
+    /// picture in it), but no frame is lost, at the start or inside the stream.
+    #[test]
+    fn parameter_sets_in_a_chunk_of_their_own_lose_no_frame() {
+        let d = tempfile::tempdir().unwrap();
+        let strict = DecodeOptions {
+            strict_frame_count: true,
+            ..DecodeOptions::default()
+        };
+        for b_frames in [0, 2] {
+            let nut = d.path().join(format!("src{b_frames}.nut"));
+            let mut w =
+                VideoWriter::create_with_b_frames(&nut, "libx264", 96, 64, 25, b_frames).unwrap();
+            for t in 0..100 {
+                w.write_rgb(&pattern_frame(96, 64, t, 3)).unwrap();
+            }
+            w.finish().unwrap();
+            let avi = d.path().join(format!("split{b_frames}.avi"));
+            let sets = crate::encode::split_parameter_sets(&nut, &avi).unwrap();
+            assert!(sets > 0);
+            let s = decode_video(&avi, &strict, |_, _| false, |_| Ok(()))
+                .unwrap_or_else(|e| panic!("{b_frames} B-frames: {e}"));
+            assert_eq!(s.decoded_frames, 100, "{s:?}");
+            assert!(s.lost_at.is_empty() && s.lost_at_start == 0, "{s:?}");
+            assert!(s.warning.is_none(), "{s:?}");
         }
     }
 

@@ -335,6 +335,54 @@ pub fn pack_b_frames(src: &Path, dst: &Path) -> Result<usize> {
             packed.push(c);
         }
     }
+    write_chunks(dst, params, rate, &packed, |_, c| vop_type(c) == Some(0))?;
+    Ok(pairs)
+}
+
+/// Copies the H.264 stream (Annex B, as NUT or AVI hold it) of `src` into `dst` with the
+/// parameter sets and SEI of its first packet in a packet of their own, one frame slot
+/// before the first picture, as some AVI muxers write them. Returns the first packet's size.
+pub fn split_parameter_sets(src: &Path, dst: &Path) -> Result<usize> {
+    let (mut ictx, index) = open_video(src)?;
+    let ist = ictx.stream(index).ok_or_else(|| no_video(src))?;
+    let (rate, params) = (ist.avg_frame_rate(), ist.parameters());
+    let mut chunks: Vec<Vec<u8>> = Vec::new();
+    while let Some(packet) = next_packet(&mut ictx, src)? {
+        if packet.stream() == index {
+            chunks.push(packet.data().unwrap_or_default().to_vec());
+        }
+    }
+    // The first slice NAL unit of an IDR picture (type 5), with its start code.
+    let idr = |c: &[u8]| {
+        c.windows(4)
+            .position(|w| w[..3] == [0, 0, 1] && w[3] & 0x1f == 5)
+    };
+    let slice = chunks
+        .first()
+        .and_then(|c| idr(c).map(|p| if p > 0 && c[p - 1] == 0 { p - 1 } else { p }))
+        .ok_or_else(|| Error::Encode {
+            path: src.to_owned(),
+            message: "no H.264 IDR slice in the first packet".into(),
+        })?;
+    let first = chunks.remove(0);
+    let (sets, picture) = first.split_at(slice);
+    let size = sets.len();
+    chunks.splice(0..0, [sets.to_vec(), picture.to_vec()]);
+    write_chunks(dst, params, rate, &chunks, |i, c| {
+        i == 0 || idr(c).is_some()
+    })?;
+    Ok(size)
+}
+
+/// Writes `chunks` as the video stream of `dst`, one per frame slot at `rate`, the ones
+/// `key` picks (by index and bytes) flagged as keyframes.
+fn write_chunks(
+    dst: &Path,
+    params: ffmpeg::codec::Parameters,
+    rate: ffmpeg::Rational,
+    chunks: &[Vec<u8>],
+    key: impl Fn(usize, &[u8]) -> bool,
+) -> Result<()> {
     let mut octx = ffmpeg::format::output(dst).map_err(|e| ff(dst, "output", e))?;
     let mut ost = octx
         .add_stream(ffmpeg::encoder::find(ffmpeg::codec::Id::None))
@@ -347,13 +395,13 @@ pub fn pack_b_frames(src: &Path, dst: &Path) -> Result<usize> {
     octx.write_header()
         .map_err(|e| ff(dst, "write header", e))?;
     let ost_tb = octx.stream(0).map(|s| s.time_base()).unwrap_or(tb);
-    for (i, c) in packed.iter().enumerate() {
+    for (i, c) in chunks.iter().enumerate() {
         let mut packet = ffmpeg::Packet::copy(c);
         packet.set_pts(Some(i as i64));
         packet.set_dts(Some(i as i64));
         packet.rescale_ts(tb, ost_tb);
         packet.set_stream(0);
-        if vop_type(c) == Some(0) {
+        if key(i, c) {
             packet.set_flags(ffmpeg::codec::packet::Flags::KEY);
         }
         packet
@@ -361,8 +409,7 @@ pub fn pack_b_frames(src: &Path, dst: &Path) -> Result<usize> {
             .map_err(|e| ff(dst, "write packet", e))?;
     }
     octx.write_trailer()
-        .map_err(|e| ff(dst, "write trailer", e))?;
-    Ok(pairs)
+        .map_err(|e| ff(dst, "write trailer", e))
 }
 
 /// A deterministic test pattern: a gradient background with a square that moves with `t`.
