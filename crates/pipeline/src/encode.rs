@@ -299,15 +299,7 @@ pub fn pack_b_frames(src: &Path, dst: &Path) -> Result<usize> {
     const VOP: [u8; 4] = [0, 0, 1, 0xB6];
     // The coding type of the first VOP in `data`: 0 I, 1 P, 2 B, 3 S.
     let vop_type = |data: &[u8]| data.windows(5).find(|w| w[..4] == VOP).map(|w| w[4] >> 6);
-    let (mut ictx, index) = open_video(src)?;
-    let ist = ictx.stream(index).ok_or_else(|| no_video(src))?;
-    let (rate, params) = (ist.avg_frame_rate(), ist.parameters());
-    let mut chunks: Vec<Vec<u8>> = Vec::new();
-    while let Some(packet) = next_packet(&mut ictx, src)? {
-        if packet.stream() == index {
-            chunks.push(packet.data().unwrap_or_default().to_vec());
-        }
-    }
+    let (mut chunks, rate, params) = video_chunks(src)?;
     let first_vop = chunks
         .first()
         .and_then(|c| c.windows(4).position(|w| w == VOP))
@@ -343,15 +335,7 @@ pub fn pack_b_frames(src: &Path, dst: &Path) -> Result<usize> {
 /// parameter sets and SEI of its first packet in a packet of their own, one frame slot
 /// before the first picture, as some AVI muxers write them. Returns the first packet's size.
 pub fn split_parameter_sets(src: &Path, dst: &Path) -> Result<usize> {
-    let (mut ictx, index) = open_video(src)?;
-    let ist = ictx.stream(index).ok_or_else(|| no_video(src))?;
-    let (rate, params) = (ist.avg_frame_rate(), ist.parameters());
-    let mut chunks: Vec<Vec<u8>> = Vec::new();
-    while let Some(packet) = next_packet(&mut ictx, src)? {
-        if packet.stream() == index {
-            chunks.push(packet.data().unwrap_or_default().to_vec());
-        }
-    }
+    let (mut chunks, rate, params) = video_chunks(src)?;
     // The first slice NAL unit of an IDR picture (type 5), with its start code.
     let idr = |c: &[u8]| {
         c.windows(4)
@@ -372,6 +356,21 @@ pub fn split_parameter_sets(src: &Path, dst: &Path) -> Result<usize> {
         i == 0 || idr(c).is_some()
     })?;
     Ok(size)
+}
+
+/// The bytes of every packet of `src`'s video stream, its average frame rate and its codec
+/// parameters.
+fn video_chunks(src: &Path) -> Result<(Vec<Vec<u8>>, ffmpeg::Rational, ffmpeg::codec::Parameters)> {
+    let (mut ictx, index) = open_video(src)?;
+    let ist = ictx.stream(index).ok_or_else(|| no_video(src))?;
+    let (rate, params) = (ist.avg_frame_rate(), ist.parameters());
+    let mut chunks: Vec<Vec<u8>> = Vec::new();
+    while let Some(packet) = next_packet(&mut ictx, src)? {
+        if packet.stream() == index {
+            chunks.push(packet.data().unwrap_or_default().to_vec());
+        }
+    }
+    Ok((chunks, rate, params))
 }
 
 /// Writes `chunks` as the video stream of `dst`, one per frame slot at `rate`, the ones
