@@ -954,15 +954,12 @@ where
         .min(by_packets)
         .saturating_sub(reorder_delay)
         .saturating_sub(rejected_first);
-    let head_loss = |f: f64, p: f64| {
-        format!(
+    let head_note = match (st.head_ts, first_packet_ts) {
+        (Some(f), Some(p)) if lost_at_start > 0 => Some(format!(
             "the stream's first {lost_at_start} frames could not be decoded (its first frame \
              is at {f:.2} s, its first packet at {p:.2} s: cut before a keyframe or the \
              parameter sets?)"
-        )
-    };
-    let head_note = match (st.head_ts, first_packet_ts) {
-        (Some(f), Some(p)) if lost_at_start > 0 => Some(head_loss(f, p)),
+        )),
         _ => None,
     };
     if !opts.lost_frames_per_clip && packet_errors + lost_at_start > lost_tolerance {
