@@ -6,7 +6,9 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::Subcommand;
 use vdg_data::atomic::AtomicFile;
-use vdg_trainer::devcheck::{Scale, parity, throughput};
+use vdg_trainer::devcheck::{
+    MIXED_PRECISION_GRADIENT_TOLERANCE, Scale, Verdict, parity, roundoff_ratio, throughput,
+};
 use vdg_trainer::train::Precision;
 
 #[derive(Debug, Subcommand)]
@@ -19,7 +21,9 @@ pub enum DeviceCommand {
         #[arg(long, default_value = "cpu")]
         device: String,
         /// Trunk convolutions in f32 (tolerance 1e-3), or bf16/f16 mixed precision
-        /// (tolerance 5e-2; bf16 needs CUDA).
+        /// (tolerances 5e-2 logits, 0.25 gradients; bf16 needs CUDA). A mixed-precision
+        /// row is "unresolved" (not failed) where its float32 errors, scaled by how much
+        /// coarser the half type rounds, already exceed the tolerances.
         #[arg(long, value_enum, default_value = "f32")]
         precision: Precision,
         /// Also write the rows as JSON here.
@@ -72,7 +76,7 @@ pub fn run(cmd: DeviceCommand) -> Result<ExitCode> {
                     r.logits_error,
                     r.gradient_error,
                     r.worst_gradient_error,
-                    if r.passed() { "ok" } else { "FAIL" },
+                    r.verdict().label(),
                     r.worst_parameter,
                     if r.missing_gradients.is_empty() {
                         String::new()
@@ -82,14 +86,37 @@ pub fn run(cmd: DeviceCommand) -> Result<ExitCode> {
                 );
             }
             write_json(out.as_ref(), &rows)?;
-            let failed = rows.iter().filter(|r| !r.passed()).count();
+            let count = |v: Verdict| rows.iter().filter(|r| r.verdict() == v).count();
+            let (failed, unresolved) = (count(Verdict::Fail), count(Verdict::Unresolved));
             println!(
                 "{} of {} models within {:e} of the CPU float64 reference on {device} ({})",
-                rows.len() - failed,
+                count(Verdict::Ok),
                 rows.len(),
                 rows.first().map_or(0.0, |r| r.tolerance),
                 precision.name()
             );
+            for r in rows.iter().filter(|r| r.verdict() == Verdict::Unresolved) {
+                let (logits, gradients) = r.expected_half_errors().unwrap_or_default();
+                println!(
+                    "{}: unresolved, not failed: its float32 errors ({:.1e} logits, {:.1e} \
+                     gradients) times the {} rounding's {}x give {:.1e} and {:.1e}, beyond the \
+                     tolerances ({:e}, {:e}): at this model's conditioning the check cannot \
+                     tell {} rounding from a wrong kernel (its float32 row judges the kernels)",
+                    r.model,
+                    r.float32_errors.map_or(0.0, |e| e.0),
+                    r.float32_errors.map_or(0.0, |e| e.1),
+                    precision.name(),
+                    roundoff_ratio(precision),
+                    logits,
+                    gradients,
+                    r.tolerance,
+                    MIXED_PRECISION_GRADIENT_TOLERANCE,
+                    precision.name()
+                );
+            }
+            if unresolved > 0 {
+                println!("{unresolved} unresolved, {failed} failed");
+            }
             Ok(if failed == 0 {
                 ExitCode::SUCCESS
             } else {

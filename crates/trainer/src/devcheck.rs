@@ -69,6 +69,44 @@ pub struct ParityRow {
     pub precision: String,
     /// The tolerance applied to the logits.
     pub tolerance: f64,
+    /// Mixed precision: the same model's errors in float32 on the same device (logits, all
+    /// gradients together), which measure how much the model amplifies rounding.
+    pub float32_errors: Option<(f64, f64)>,
+}
+
+/// A parity row's outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Within the tolerances, every gradient present.
+    Ok,
+    /// Outside a tolerance where the check can tell: a wrong result.
+    Fail,
+    /// Mixed precision outside a tolerance that the half type's rounding alone is expected to
+    /// exceed at this model's conditioning ([`ParityRow::expected_half_errors`]): the check
+    /// cannot tell rounding from a wrong kernel here, so it judges neither way.
+    Unresolved,
+}
+
+impl Verdict {
+    /// As printed: `ok`, `FAIL`, `unresolved`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Verdict::Ok => "ok",
+            Verdict::Fail => "FAIL",
+            Verdict::Unresolved => "unresolved",
+        }
+    }
+}
+
+/// How many times coarser a half type's rounding is than float32's: unit roundoffs 2^-8
+/// (bf16, 8 significant bits), 2^-11 (f16) and 2^-24 (float32).
+pub fn roundoff_ratio(precision: Precision) -> f64 {
+    match precision {
+        Precision::F32 => 1.0,
+        Precision::Bf16 => 65536.0,
+        Precision::F16 => 8192.0,
+    }
 }
 
 impl ParityRow {
@@ -83,6 +121,43 @@ impl ParityRow {
             self.gradient_error <= MIXED_PRECISION_GRADIENT_TOLERANCE
         };
         self.logits_error <= self.tolerance && grads_ok && self.missing_gradients.is_empty()
+    }
+
+    /// Mixed precision: the errors (logits, all gradients) the half type's rounding alone
+    /// would give, estimated as the model's float32 errors times [`roundoff_ratio`]. Rough
+    /// (within about 10x either way on the models here: BENCHMARKS.md, "GPU (CUDA)"), but an
+    /// estimate above a tolerance says the model amplifies rounding past what the check
+    /// can resolve at this precision.
+    pub fn expected_half_errors(&self) -> Option<(f64, f64)> {
+        let ratio = roundoff_ratio(self.precision_kind()?);
+        let (logits, gradients) = self.float32_errors?;
+        Some((logits * ratio, gradients * ratio))
+    }
+
+    fn precision_kind(&self) -> Option<Precision> {
+        [Precision::F32, Precision::Bf16, Precision::F16]
+            .into_iter()
+            .find(|p| p.name() == self.precision)
+    }
+
+    /// [`Verdict::Ok`] when [`Self::passed`]; a mixed-precision row that is out of a
+    /// tolerance only where [`Self::expected_half_errors`] is out of it too (with every
+    /// gradient present) is [`Verdict::Unresolved`]; anything else fails.
+    pub fn verdict(&self) -> Verdict {
+        if self.passed() {
+            return Verdict::Ok;
+        }
+        let Some((logits, gradients)) = self.expected_half_errors() else {
+            return Verdict::Fail;
+        };
+        let logits_explained = self.logits_error <= self.tolerance || logits > self.tolerance;
+        let gradients_explained = self.gradient_error <= MIXED_PRECISION_GRADIENT_TOLERANCE
+            || gradients > MIXED_PRECISION_GRADIENT_TOLERANCE;
+        if self.missing_gradients.is_empty() && logits_explained && gradients_explained {
+            Verdict::Unresolved
+        } else {
+            Verdict::Fail
+        }
     }
 }
 
@@ -150,7 +225,15 @@ fn rel_l2(a: &Tensor, reference: &Tensor) -> Result<f64> {
 /// Runs every registered model on `device` (trunk convolutions in `precision`) and on the
 /// CPU float64 reference; one row per model, and one more for TSM with its residual blocks
 /// recomputed in backward (`--recompute`, [`crate::recompute`]) on the device.
+///
+/// Mixed precision also runs the float32 comparison on `device` first and records its errors
+/// in each row ([`ParityRow::float32_errors`]), for [`ParityRow::verdict`].
 pub fn parity(device: &Device, precision: Precision) -> Result<Vec<ParityRow>> {
+    let float32 = if precision == Precision::F32 {
+        None
+    } else {
+        Some(parity(device, Precision::F32)?)
+    };
     let cfg = ModelConfig::tiny();
     let classes = 4;
     let mut rows = Vec::new();
@@ -244,6 +327,10 @@ pub fn parity(device: &Device, precision: Precision) -> Result<Vec<ParityRow>> {
                 }
             }
         }
+        // The float32 run went through the same models in the same order.
+        let float32_errors = float32
+            .as_ref()
+            .map(|f| (f[rows.len()].logits_error, f[rows.len()].gradient_error));
         rows.push(ParityRow {
             model: if recompute {
                 format!("{} --recompute", kind.name())
@@ -265,6 +352,7 @@ pub fn parity(device: &Device, precision: Precision) -> Result<Vec<ParityRow>> {
                 Precision::F32 => PARITY_TOLERANCE,
                 Precision::Bf16 | Precision::F16 => MIXED_PRECISION_TOLERANCE,
             },
+            float32_errors,
         });
     }
     Ok(rows)
@@ -480,9 +568,74 @@ mod tests {
         let half = parity(&Device::Cpu, Precision::F16).unwrap();
         for (f, h) in full.iter().zip(&half) {
             assert!(h.passed(), "{h:?}");
+            // The half-precision rows carry the float32 run's errors on the same device.
+            assert_eq!(
+                h.float32_errors,
+                Some((f.logits_error, f.gradient_error)),
+                "{h:?}"
+            );
             // The trunk really ran in f16: its error is far above float32's.
             assert!(h.logits_error > 10.0 * f.logits_error, "{f:?} {h:?}");
         }
+    }
+
+    #[test]
+    fn a_half_precision_row_is_unresolved_only_where_rounding_explains_it() {
+        // Non-local's bf16 row on an H200 (BENCHMARKS.md, "GPU (CUDA)") and its float32 row.
+        let row =
+            |errors: (f64, f64), float32: Option<(f64, f64)>, precision: Precision| ParityRow {
+                model: "non_local".into(),
+                backbone: "resnet18".into(),
+                device: "cuda:0".into(),
+                input: vec![2, 8, 3, 32, 32],
+                logits_error: errors.0,
+                gradient_error: errors.1,
+                worst_gradient_error: errors.1,
+                worst_parameter: String::new(),
+                parameters: 10,
+                missing_gradients: Vec::new(),
+                seconds: 0.0,
+                precision: precision.name().into(),
+                tolerance: MIXED_PRECISION_TOLERANCE,
+                float32_errors: float32,
+            };
+        // Non-local's float32 logits error; its gradients' rounded down from 3.0e-5.
+        let ill = Some((7.5e-6, 2.0e-5));
+        let well = Some((3.2e-7, 3.1e-7));
+        assert_eq!(
+            row((6.5e-2, 0.57), ill, Precision::Bf16).verdict(),
+            Verdict::Unresolved
+        );
+        // f16 rounds 8x finer: 2.0e-5 x 8192 = 0.16 is within the gradient tolerance, so
+        // its 0.57 is not the rounding's (bf16: 2.0e-5 x 65536 = 1.3, beyond it).
+        assert_eq!(
+            row((6.5e-2, 0.57), ill, Precision::F16).verdict(),
+            Verdict::Fail
+        );
+        // A well-conditioned model (I3D's float32 row) out of tolerance fails.
+        assert_eq!(
+            row((6.5e-2, 0.57), well, Precision::Bf16).verdict(),
+            Verdict::Fail
+        );
+        // Without its float32 row, or with a gradient missing, nothing is excused.
+        assert_eq!(
+            row((6.5e-2, 0.57), None, Precision::Bf16).verdict(),
+            Verdict::Fail
+        );
+        let mut missing = row((6.5e-2, 0.57), ill, Precision::Bf16);
+        missing.missing_gradients.push("w".into());
+        assert_eq!(missing.verdict(), Verdict::Fail);
+        // Within the tolerances is ok whatever the conditioning.
+        assert_eq!(
+            row((1e-3, 1e-2), well, Precision::Bf16).verdict(),
+            Verdict::Ok
+        );
+        // Out of the logits tolerance with logits the rounding does not explain: fails even
+        // where the gradients would be excused.
+        assert_eq!(
+            row((6.5e-2, 0.57), Some((1e-8, 2.0e-5)), Precision::Bf16).verdict(),
+            Verdict::Fail
+        );
     }
 
     #[test]
