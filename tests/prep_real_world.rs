@@ -865,6 +865,69 @@ fn the_slurm_job_files_prep_in_parts_and_merge() {
     assert!(lines[3].contains("bench report /b"), "{printed}");
 }
 
+/// `scripts/bundle`: the binary and the libraries it links, outside the C runtime, in one
+/// folder; its wrapper runs a prep with none of the caller's environment, loading FFmpeg
+/// from the bundle, and gives the bytes of the installed binary.
+#[test]
+fn a_bundled_vdg_preps_with_its_own_libraries() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = write_layout(&tmp.path().join("raw"));
+    let whole = tmp.path().join("whole");
+    let expected = prep(&layout.root, &layout.root, &whole, &[]);
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let bundle = tmp.path().join("bundle");
+    let o = std::process::Command::new("bash")
+        .arg(repo.join("scripts/bundle"))
+        .args(["--bin", env!("CARGO_BIN_EXE_vdg"), "--out"])
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let manifest = std::fs::read_to_string(bundle.join("MANIFEST")).unwrap();
+    for lib in ["libavcodec.so.", "libavformat.so.", "libturbojpeg.so."] {
+        assert!(
+            manifest.lines().any(|l| l.starts_with(lib)),
+            "{lib} not bundled:\n{manifest}"
+        );
+    }
+    // The C runtime stays the machine's.
+    assert!(
+        !manifest.lines().any(|l| l.starts_with("libc.so")),
+        "{manifest}"
+    );
+    assert!(manifest.contains("glibc >= 2."), "{manifest}");
+
+    let out = tmp.path().join("bundled");
+    let root = layout.root.to_str().unwrap();
+    let o = std::process::Command::new(bundle.join("bin/vdg"))
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("LD_DEBUG", "libs")
+        .current_dir(tmp.path())
+        .args([
+            "prep", "ucf-hmdb", "--ucf101", root, "--hmdb51", root, "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), expected.status.code(), "{}", text(&o));
+    let loaded = String::from_utf8_lossy(&o.stderr);
+    let from_bundle = format!(
+        "calling init: {}/bin/../lib/libavcodec.so.",
+        bundle.display()
+    );
+    assert!(
+        loaded.contains(&from_bundle),
+        "FFmpeg not loaded from the bundle: {}",
+        loaded
+            .lines()
+            .filter(|l| l.contains("libavcodec"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_same_outputs(&out, &whole);
+}
+
 /// The test layout (`write_layout`) under `root/raw`, prepared into `root/prep` (some of
 /// its videos fail by design: exit 1).
 fn prepared_layout(root: &Path) -> std::path::PathBuf {
