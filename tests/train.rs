@@ -573,6 +573,47 @@ fn bad_training_inputs_are_clear_errors() {
 /// labels, would sit at chance. Measured with these settings (the default bench's, on the
 /// `small` scale to keep the test short; 2026-12-02): 86-92 % at the selected epoch over seeds
 /// 0-2 (114 validation clips); the threshold is 60 %.
+/// A loader that stops getting data (a read that does not return: the debug-build hook
+/// `VDG_INJECT_LOADER_DELAY_MS` holds it) stops the run within `--stall-timeout`, naming the
+/// shard it was reading, instead of hanging; the run then resumes to completion.
+#[test]
+fn a_loader_that_stops_reading_stops_the_run_naming_its_shard() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepared(tmp.path());
+    let d = data.to_str().unwrap();
+    let out = tmp.path().join("run");
+    let o = out.to_str().unwrap();
+    let args = train_args(d, o, &["--model", "trn", "--epochs", "1"]);
+    let mut stalled = args.clone();
+    stalled.extend(["--stall-timeout", "1"]);
+    let started = Instant::now();
+    let child = vdg()
+        .args(&stalled)
+        .env("VDG_INJECT_LOADER_DELAY_MS", "20000")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let r = wait_at_most(child, 60, "a train whose loader stalls");
+    assert_eq!(r.status.code(), Some(2), "{}", text(&r));
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "stopped after {:?}, not within the 1 s timeout",
+        started.elapsed()
+    );
+    let line = log_line(&r, "no batch read for 1 s");
+    assert!(
+        line.contains(&format!("{}/frames-00000.parquet", d)),
+        "{line}"
+    );
+    // Nothing but the stall went wrong: the same run, resumed, finishes.
+    let mut resumed = args.clone();
+    resumed.push("--resume");
+    let r = run(&resumed);
+    assert_eq!(r.status.code(), Some(0), "{}", text(&r));
+    assert!(out.join("metrics.json").exists());
+}
+
 #[test]
 fn a_temporal_model_learns_the_source_far_above_chance() {
     let tmp = tempfile::tempdir().unwrap();

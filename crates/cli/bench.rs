@@ -101,7 +101,12 @@ pub fn run(cmd: BenchCommand, quiet: bool) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        BenchCommand::Run(a) => bench_run(&a, quiet),
+        BenchCommand::Run(a) => {
+            vdg_trainer::loader::set_stall_timeout(vdg_trainer::loader::stall_timeout_secs(
+                a.stall_timeout,
+            ));
+            bench_run(&a, quiet)
+        }
     }
 }
 

@@ -73,6 +73,9 @@ impl TrainProgress for Reporter {
 
 /// Runs `vdg train`.
 pub fn run(a: TrainArgs, quiet: bool) -> Result<ExitCode> {
+    vdg_trainer::loader::set_stall_timeout(vdg_trainer::loader::stall_timeout_secs(
+        a.stall_timeout,
+    ));
     let (record, spec) = resolve(&a, env!("VDG_GIT_REV"))?;
     if let Some(w) = random_init_problem(&record.train, &record.benchmark, a.features.is_some()) {
         tracing::warn!("{w}");

@@ -126,6 +126,11 @@ pub struct TrainArgs {
     /// Continue the run in --out from its last checkpoint.
     #[arg(long)]
     pub resume: bool,
+    /// Stop with an error naming the files being read when no batch comes from them for
+    /// this many seconds (a network file system that stopped answering), instead of waiting
+    /// for ever. 0: wait for ever. Changes no result.
+    #[arg(long, default_value_t = vdg_trainer::loader::DEFAULT_STALL_TIMEOUT_SECS, value_name = "SECS")]
+    pub stall_timeout: u64,
 }
 
 /// `config.toml` of a run.

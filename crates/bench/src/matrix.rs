@@ -76,6 +76,11 @@ pub struct BenchRunArgs {
     /// parallel"); results do not depend on it.
     #[arg(long, value_name = "N")]
     pub jobs: Option<usize>,
+    /// Stop a cell with an error naming the files being read when no batch comes from them
+    /// for this many seconds (a network file system that stopped answering); the cell is
+    /// left unfinished for a rerun. 0: wait for ever. Changes no result.
+    #[arg(long, default_value_t = vdg_trainer::loader::DEFAULT_STALL_TIMEOUT_SECS, value_name = "SECS")]
+    pub stall_timeout: u64,
     /// Benchmark name (see `vdg bench list`).
     #[arg(long)]
     benchmark: Option<String>,
@@ -677,6 +682,7 @@ fn matrix(a: &BenchRunArgs, host: &Host<'_>, plan_only: bool) -> Result<MatrixOu
         ada_phases: cfg.ada_phases,
         ada_phase_interval: cfg.ada_phase_interval,
         resume: true,
+        stall_timeout: a.stall_timeout,
     };
     for (d, model, ada, seed, oracle) in &specs {
         let (record, _) = resolve(

@@ -27,6 +27,17 @@ pub enum Error {
     /// The device asked for is not available in this build or on this machine.
     #[error("{0}")]
     Device(String),
+    /// No batch came from the loader within the stall timeout.
+    #[error(
+        "no batch read for {seconds:.0} s (--stall-timeout): the loader is stuck reading {}: a read that does not return (a file system that stopped answering?); stopping",
+        if files.is_empty() { "its input".to_string() } else { files.join(", ") }
+    )]
+    Stalled {
+        /// The timeout that passed.
+        seconds: f64,
+        /// The files of the batch being read.
+        files: Vec<String>,
+    },
     /// The loss became NaN or infinite.
     #[error(
         "the loss is {value} at epoch {epoch}, batch {batch}; stopping (lower the learning rate or check the data)"

@@ -21,7 +21,9 @@
 //! depend on thread timing.
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
@@ -332,18 +334,124 @@ pub fn make_batch(
     })
 }
 
-/// Batches of one epoch, prepared by a background thread two batches ahead.
-pub fn batches(
-    set: &ClipSet,
-    cfg: LoaderConfig,
-    epoch: usize,
-    device: Device,
-) -> impl Iterator<Item = Result<Batch>> {
+/// How long [`batches`] waits for the next batch before giving up, in milliseconds (0: for
+/// ever). Process-wide: an operational setting, like thread counts, not part of a run's
+/// configuration (it changes no number).
+static STALL_TIMEOUT_MS: AtomicU64 = AtomicU64::new(DEFAULT_STALL_TIMEOUT_SECS * 1000);
+
+/// The default of [`set_stall_timeout`]: ten minutes, as `vdg prep`'s. One batch of the
+/// paper's shapes (40 clips x 5 frames of JPEG) takes well under a second to read and decode.
+pub const DEFAULT_STALL_TIMEOUT_SECS: u64 = 600;
+
+/// Sets how long [`batches`] waits for a batch before it returns [`Error::Stalled`] naming
+/// the files being read (`vdg train --stall-timeout`); `None` waits for ever.
+pub fn set_stall_timeout(timeout: Option<Duration>) {
+    let ms = timeout.map_or(0, |t| {
+        u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1)
+    });
+    STALL_TIMEOUT_MS.store(ms, Ordering::Relaxed);
+}
+
+/// `--stall-timeout SECS` as [`set_stall_timeout`] takes it: 0 is `None` (for ever).
+pub fn stall_timeout_secs(secs: u64) -> Option<Duration> {
+    (secs > 0).then(|| Duration::from_secs(secs))
+}
+
+fn stall_timeout() -> Option<Duration> {
+    match STALL_TIMEOUT_MS.load(Ordering::Relaxed) {
+        0 => None,
+        ms => Some(Duration::from_millis(ms)),
+    }
+}
+
+/// The file video `index` is read from: its frames shard, or its feature file.
+fn source_file(set: &ClipSet, index: usize) -> Option<PathBuf> {
+    let shard = set.videos.get(index)?.shard?;
+    Some(match set.feature_dim {
+        Some(_) => set.dir.join(crate::features::features_file_name(shard)),
+        None => frames_path(&set.dir, shard),
+    })
+}
+
+/// The batches of one epoch ([`batches`]): each waited for at most the stall timeout.
+pub struct Batches {
+    rx: mpsc::Receiver<Result<Batch>>,
+    /// The files of the batch being read (set by the loader thread before it reads).
+    reading: Arc<Mutex<Vec<PathBuf>>>,
+    timeout: Option<Duration>,
+    ended: bool,
+}
+
+impl Batches {
+    /// Batches from `rx`, with `reading` naming what the producer reads.
+    fn new(
+        rx: mpsc::Receiver<Result<Batch>>,
+        reading: Arc<Mutex<Vec<PathBuf>>>,
+        timeout: Option<Duration>,
+    ) -> Self {
+        Batches {
+            rx,
+            reading,
+            timeout,
+            ended: false,
+        }
+    }
+}
+
+impl Iterator for Batches {
+    type Item = Result<Batch>;
+
+    fn next(&mut self) -> Option<Result<Batch>> {
+        if self.ended {
+            return None;
+        }
+        let Some(timeout) = self.timeout else {
+            return self.rx.recv().ok();
+        };
+        match self.rx.recv_timeout(timeout) {
+            Ok(b) => Some(b),
+            Err(mpsc::RecvTimeoutError::Disconnected) => None,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                // The loader thread stays blocked where it is; the run stops with its files.
+                self.ended = true;
+                let files = self
+                    .reading
+                    .lock()
+                    .map(|f| {
+                        f.iter()
+                            .map(|p| p.display().to_string())
+                            .collect::<Vec<_>>()
+                    })
+                    .unwrap_or_default();
+                Some(Err(Error::Stalled {
+                    seconds: timeout.as_secs_f64(),
+                    files,
+                }))
+            }
+        }
+    }
+}
+
+/// Batches of one epoch, prepared by a background thread two batches ahead. A batch that
+/// does not come within the stall timeout ([`set_stall_timeout`]: a read that does not return,
+/// say from a network file system that stopped answering) ends the iteration with
+/// [`Error::Stalled`], naming the files it was reading, instead of waiting for ever.
+pub fn batches(set: &ClipSet, cfg: LoaderConfig, epoch: usize, device: Device) -> Batches {
     let (tx, rx) = mpsc::sync_channel::<Result<Batch>>(2);
     let set = set.clone();
     let order = epoch_order(set.len(), &cfg, epoch);
+    let reading = Arc::new(Mutex::new(Vec::new()));
+    let watched = reading.clone();
     std::thread::spawn(move || {
         for chunk in order.chunks(cfg.batch_size.max(1)) {
+            let mut files: Vec<PathBuf> =
+                chunk.iter().filter_map(|&i| source_file(&set, i)).collect();
+            files.sort();
+            files.dedup();
+            if let Ok(mut r) = watched.lock() {
+                *r = files;
+            }
+            inject_delay();
             let b = make_batch(&set, chunk, &cfg, epoch, &device);
             let stop = b.is_err();
             if tx.send(b).is_err() || stop {
@@ -351,12 +459,71 @@ pub fn batches(
             }
         }
     });
-    rx.into_iter()
+    Batches::new(rx, reading, stall_timeout())
+}
+
+/// Debug builds: `VDG_INJECT_LOADER_DELAY_MS=<ms>` holds the loader that long before its
+/// first batch, once per process: a read that does not return, for the tests.
+fn inject_delay() {
+    if !cfg!(debug_assertions) {
+        return;
+    }
+    static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let ms = std::env::var("VDG_INJECT_LOADER_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(ms) = ms
+        && !DONE.swap(true, Ordering::SeqCst)
+    {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_that_does_not_come_in_time_is_an_error_naming_the_files() {
+        let files = Arc::new(Mutex::new(vec![PathBuf::from(
+            "/data/frames-00003.parquet",
+        )]));
+        // The producer holds its end open and sends nothing: a read that does not return.
+        let (tx, rx) = mpsc::sync_channel::<Result<Batch>>(2);
+        let mut it = Batches::new(rx, files.clone(), Some(Duration::from_millis(50)));
+        let started = std::time::Instant::now();
+        match it.next().map(|r| r.map(|_| ())) {
+            Some(Err(e @ Error::Stalled { .. })) => {
+                let m = e.to_string();
+                assert!(m.contains("/data/frames-00003.parquet"), "{m}");
+                assert!(m.contains("no batch read for 0 s"), "{m}");
+            }
+            other => panic!("expected a stall, got {other:?}"),
+        }
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        assert!(it.next().is_none(), "the iteration ends after a stall");
+        drop(tx);
+        // A producer that ends ends the iteration; without a timeout, nothing times out.
+        let (tx, rx) = mpsc::sync_channel::<Result<Batch>>(2);
+        drop(tx);
+        assert!(
+            Batches::new(rx, files.clone(), Some(Duration::from_millis(50)))
+                .next()
+                .is_none()
+        );
+        let (tx, rx) = mpsc::sync_channel::<Result<Batch>>(2);
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            tx.send(Err(Error::Config("sent late".into()))).unwrap();
+        });
+        match Batches::new(rx, files, None).next().map(|r| r.map(|_| ())) {
+            Some(Err(Error::Config(m))) => assert_eq!(m, "sent late"),
+            other => panic!("expected the late batch, got {other:?}"),
+        }
+        sender.join().unwrap();
+        assert_eq!(stall_timeout_secs(0), None);
+        assert_eq!(stall_timeout_secs(5), Some(Duration::from_secs(5)));
+    }
 
     #[test]
     fn segment_sampling_follows_tsn() {
