@@ -170,6 +170,60 @@ fn features_match_the_backbone_resume_to_the_same_bytes_and_refuse_other_options
 
 /// `vdg bench run --features` trains every cell on the cache, and the reports mark the frozen
 /// backbone.
+/// A read of the prepared frames that does not return (debug hook
+/// `VDG_INJECT_LOADER_DELAY_MS`) stops `vdg features` within `--stall-timeout`, naming the
+/// shard, instead of hanging; the rerun gives the features of a run that never stalled.
+#[test]
+fn a_read_that_does_not_return_stops_features_naming_the_shard() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepared_synthetic(tmp.path());
+    let clean = tmp.path().join("clean");
+    let o = features(&data, &clean, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let out = tmp.path().join("feat");
+    let args = [
+        "features",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--backbone",
+        "small_cnn",
+        "--input-size",
+        "32",
+        "--shard-videos",
+        "10",
+        "--batch-frames",
+        "7",
+        "-q",
+        "--stall-timeout",
+        "1",
+    ];
+    let started = std::time::Instant::now();
+    let child = vdg()
+        .args(args)
+        .env("VDG_INJECT_LOADER_DELAY_MS", "20000")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let o = wait_at_most(child, 60, "a features run whose read stalls");
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    let line = log_line(&o, "no batch read for 1 s");
+    assert!(
+        line.contains(&format!("{}/frames-00000.parquet", data.display())),
+        "{line}"
+    );
+    let o = features(&data, &out, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(read_features(&out), read_features(&clean));
+}
+
 #[test]
 fn bench_runs_on_a_feature_cache_and_marks_it() {
     let tmp = tempfile::tempdir().unwrap();

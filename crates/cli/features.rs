@@ -50,10 +50,18 @@ pub struct FeaturesArgs {
     /// them) instead of refusing.
     #[arg(long)]
     force: bool,
+    /// Stop with an error naming the shard when a read of its frames does not return for
+    /// this many seconds (a network file system that stopped answering); a rerun resumes
+    /// after the last finished shard. 0: wait for ever.
+    #[arg(long, default_value_t = vdg_trainer::loader::DEFAULT_STALL_TIMEOUT_SECS, value_name = "SECS")]
+    stall_timeout: u64,
 }
 
 /// Runs `vdg features`.
 pub fn run(a: FeaturesArgs, quiet: bool) -> Result<ExitCode> {
+    vdg_trainer::loader::set_stall_timeout(vdg_trainer::loader::stall_timeout_secs(
+        a.stall_timeout,
+    ));
     let backbone = BackboneKind::from_name(&a.backbone)?;
     let mut opts = FeaturesOptions::new(a.data.clone(), a.out.clone(), backbone);
     opts.weights = a.weights.clone();

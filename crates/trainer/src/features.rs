@@ -467,7 +467,12 @@ fn shard_features(
                 continue;
             };
             let wanted: Vec<u32> = run.iter().map(|&(_, f)| f).collect();
-            jpegs.extend(read_frames_at(&frames_path(data, shard), first, &wanted)?);
+            let path = frames_path(data, shard);
+            // Waited for at most --stall-timeout (a file system that stopped answering).
+            jpegs.extend(crate::loader::read_watched(
+                vec![path.clone()],
+                move || Ok(read_frames_at(&path, first, &wanted)?),
+            )?);
         }
         let pixels: Vec<Vec<f32>> = jpegs
             .par_iter()

@@ -462,8 +462,45 @@ pub fn batches(set: &ClipSet, cfg: LoaderConfig, epoch: usize, device: Device) -
     Batches::new(rx, reading, stall_timeout())
 }
 
+/// Runs the read `f` of `files` on a thread of its own and waits for it at most the stall
+/// timeout ([`set_stall_timeout`]): past that, [`Error::Stalled`] naming the files, and the
+/// thread is left to itself (a read blocked in the kernel cannot be cancelled). For reads
+/// outside [`batches`] (`vdg features`).
+pub fn read_watched<T: Send + 'static>(
+    files: Vec<PathBuf>,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let Some(timeout) = stall_timeout() else {
+        return f();
+    };
+    let (tx, rx) = mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("vdg-read".into())
+        .spawn(move || {
+            inject_delay();
+            let _ = tx.send(f());
+        })
+        .map_err(|e| Error::Config(format!("starting a reader thread: {e}")))?;
+    match rx.recv_timeout(timeout) {
+        Ok(r) => r,
+        Err(mpsc::RecvTimeoutError::Timeout) => Err(Error::Stalled {
+            seconds: timeout.as_secs_f64(),
+            files: files.iter().map(|p| p.display().to_string()).collect(),
+        }),
+        Err(mpsc::RecvTimeoutError::Disconnected) => Err(Error::Config(format!(
+            "the reader of {} ended without a result",
+            files
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
 /// Debug builds: `VDG_INJECT_LOADER_DELAY_MS=<ms>` holds the loader that long before its
-/// first batch, once per process: a read that does not return, for the tests.
+/// first batch (or [`read_watched`] before its first read), once per process: a read that
+/// does not return, for the tests.
 fn inject_delay() {
     if !cfg!(debug_assertions) {
         return;
