@@ -688,6 +688,7 @@ fn device_checks_run_on_the_cpu_and_refuse_cuda_in_a_cpu_build() {
     for r in rows {
         let e = r["logits_error"].as_f64().unwrap();
         assert!(e > 0.0 && e < 1e-3, "{r}");
+        assert_eq!(r["verdict"], "ok", "{r}");
     }
     let json = tmp.path().join("throughput.json");
     let o = run(&["device", "throughput", "--out", json.to_str().unwrap()]);

@@ -85,7 +85,21 @@ pub fn run(cmd: DeviceCommand) -> Result<ExitCode> {
                     }
                 );
             }
-            write_json(out.as_ref(), &rows)?;
+            // Each row with its verdict, as printed.
+            #[derive(serde::Serialize)]
+            struct Judged<'a> {
+                #[serde(flatten)]
+                row: &'a vdg_trainer::devcheck::ParityRow,
+                verdict: Verdict,
+            }
+            let judged: Vec<Judged> = rows
+                .iter()
+                .map(|row| Judged {
+                    row,
+                    verdict: row.verdict(),
+                })
+                .collect();
+            write_json(out.as_ref(), &judged)?;
             let count = |v: Verdict| rows.iter().filter(|r| r.verdict() == v).count();
             let (failed, unresolved) = (count(Verdict::Fail), count(Verdict::Unresolved));
             println!(
