@@ -310,18 +310,24 @@ impl InplaceOp2 for Descend {
 
 /// Scales the gradients of `vars` so their global L2 norm is at most `max_norm`; returns the
 /// norm before clipping.
+///
+/// The per-parameter sums of squares are read back together, in one copy (on a GPU, one
+/// wait for the device instead of one per parameter), and added in float64 in `vars`' order.
 pub fn clip_grad_norm(grads: &mut GradStore, vars: &[(String, Var)], max_norm: f64) -> Result<f64> {
-    let mut total = 0.0f64;
-    for (_, v) in vars {
-        if let Some(g) = grads.get(v.as_tensor()) {
-            total += f64::from(
-                g.sqr()?
-                    .sum_all()?
-                    .to_dtype(candle_core::DType::F32)?
-                    .to_scalar::<f32>()?,
-            );
-        }
-    }
+    let sums = vars
+        .iter()
+        .filter_map(|(_, v)| grads.get(v.as_tensor()))
+        .map(|g| g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F32))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let total: f64 = if sums.is_empty() {
+        0.0
+    } else {
+        Tensor::stack(&sums, 0)?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(f64::from)
+            .sum()
+    };
     let norm = total.sqrt();
     if norm > max_norm && norm.is_finite() {
         let scale = max_norm / (norm + 1e-6);
@@ -438,6 +444,33 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn the_gradient_norm_covers_every_parameter_with_a_gradient() {
+        let dev = Device::Cpu;
+        let a = Var::from_tensor(&Tensor::new(&[3.0f32, 0.0], &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::new(&[[0.0f32], [4.0]], &dev).unwrap()).unwrap();
+        let unused = Var::from_tensor(&Tensor::new(&[12.0f32], &dev).unwrap()).unwrap();
+        let loss = ((a.as_tensor().sqr().unwrap().sum_all().unwrap()
+            + b.as_tensor().sqr().unwrap().sum_all().unwrap())
+        .unwrap()
+            * 0.5)
+            .unwrap();
+        let mut grads = loss.backward().unwrap();
+        let vars = [
+            ("a".to_string(), a.clone()),
+            ("unused".to_string(), unused),
+            ("b".to_string(), b.clone()),
+        ];
+        // Gradients (3, 0) and (0, 4): norm 5, the parameter without one left out.
+        let norm = clip_grad_norm(&mut grads, &vars, 10.0).unwrap();
+        assert_eq!(norm, 5.0);
+        let norm = clip_grad_norm(&mut grads, &vars, 1.0).unwrap();
+        assert_eq!(norm, 5.0);
+        let ga: Vec<f32> = grads.get(a.as_tensor()).unwrap().to_vec1().unwrap();
+        assert!((ga[0] - 0.6).abs() < 1e-6 && ga[1] == 0.0, "{ga:?}");
+        assert_eq!(clip_grad_norm(&mut grads, &vars[1..2], 1.0).unwrap(), 0.0);
     }
 
     #[test]
