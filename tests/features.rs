@@ -24,7 +24,7 @@ fn prepared_synthetic(root: &Path) -> PathBuf {
     out
 }
 
-fn features(data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+fn features_args<'a>(data: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
         "features",
         "--data",
@@ -43,7 +43,11 @@ fn features(data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
         args.extend_from_slice(&["--batch-frames", "7"]);
     }
     args.extend_from_slice(extra);
-    run(&args)
+    args
+}
+
+fn features(data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    run(&features_args(data, out, extra))
 }
 
 /// Every feature row of a folder, read with the generic Parquet reader:
@@ -181,32 +185,9 @@ fn a_read_that_does_not_return_stops_features_naming_the_shard() {
     let o = features(&data, &clean, &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let out = tmp.path().join("feat");
-    let args = [
-        "features",
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--backbone",
-        "small_cnn",
-        "--input-size",
-        "32",
-        "--shard-videos",
-        "10",
-        "--batch-frames",
-        "7",
-        "-q",
-        "--stall-timeout",
-        "1",
-    ];
+    let args = features_args(&data, &out, &["--stall-timeout", "1"]);
     let started = std::time::Instant::now();
-    let child = vdg()
-        .args(args)
-        .env("VDG_INJECT_LOADER_DELAY_MS", "20000")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_with_env(&args, "VDG_INJECT_LOADER_DELAY_MS", "20000");
     let o = wait_at_most(child, 60, "a features run whose read stalls");
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(

@@ -587,13 +587,7 @@ fn a_loader_that_stops_reading_stops_the_run_naming_its_shard() {
     let mut stalled = args.clone();
     stalled.extend(["--stall-timeout", "1"]);
     let started = Instant::now();
-    let child = vdg()
-        .args(&stalled)
-        .env("VDG_INJECT_LOADER_DELAY_MS", "20000")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_with_env(&stalled, "VDG_INJECT_LOADER_DELAY_MS", "20000");
     let r = wait_at_most(child, 60, "a train whose loader stalls");
     assert_eq!(r.status.code(), Some(2), "{}", text(&r));
     assert!(

@@ -22,6 +22,17 @@ pub fn run(args: &[&str]) -> Output {
     vdg().args(args).output().expect("vdg runs")
 }
 
+/// Starts the CLI with `args` and `key=value` added to its environment, output piped.
+pub fn spawn_with_env(args: &[&str], key: &str, value: &str) -> std::process::Child {
+    vdg()
+        .args(args)
+        .env(key, value)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("vdg starts")
+}
+
 /// Waits for `child` to end, at most `secs`: past that it is killed and the test fails,
 /// naming `what`, instead of hanging.
 pub fn wait_at_most(mut child: std::process::Child, secs: u64, what: &str) -> Output {
