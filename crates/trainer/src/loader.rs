@@ -379,22 +379,41 @@ pub struct Batches {
     /// The files of the batch being read (set by the loader thread before it reads).
     reading: Arc<Mutex<Vec<PathBuf>>>,
     timeout: Option<Duration>,
+    /// The producer, joined when it hangs up: a panic there is an error, not an epoch that
+    /// silently ends early.
+    producer: Option<std::thread::JoinHandle<()>>,
     ended: bool,
 }
 
 impl Batches {
-    /// Batches from `rx`, with `reading` naming what the producer reads.
+    /// Batches from `rx`, with `reading` naming what the `producer` reads.
     fn new(
         rx: mpsc::Receiver<Result<Batch>>,
         reading: Arc<Mutex<Vec<PathBuf>>>,
         timeout: Option<Duration>,
+        producer: Option<std::thread::JoinHandle<()>>,
     ) -> Self {
         Batches {
             rx,
             reading,
             timeout,
+            producer,
             ended: false,
         }
+    }
+
+    /// The end of the batches: `None` when the producer finished, an error when it panicked.
+    fn hung_up(&mut self) -> Option<Result<Batch>> {
+        self.ended = true;
+        let panic = self.producer.take()?.join().err()?;
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Some(Err(Error::Config(format!(
+            "the loader's thread panicked ({what}); the epoch cannot be completed"
+        ))))
     }
 }
 
@@ -406,11 +425,14 @@ impl Iterator for Batches {
             return None;
         }
         let Some(timeout) = self.timeout else {
-            return self.rx.recv().ok();
+            return match self.rx.recv() {
+                Ok(b) => Some(b),
+                Err(_) => self.hung_up(),
+            };
         };
         match self.rx.recv_timeout(timeout) {
             Ok(b) => Some(b),
-            Err(mpsc::RecvTimeoutError::Disconnected) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => self.hung_up(),
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 // The loader thread stays blocked where it is; the run stops with its files.
                 self.ended = true;
@@ -442,7 +464,7 @@ pub fn batches(set: &ClipSet, cfg: LoaderConfig, epoch: usize, device: Device) -
     let order = epoch_order(set.len(), &cfg, epoch);
     let reading = Arc::new(Mutex::new(Vec::new()));
     let watched = reading.clone();
-    std::thread::spawn(move || {
+    let producer = std::thread::spawn(move || {
         for chunk in order.chunks(cfg.batch_size.max(1)) {
             let mut files: Vec<PathBuf> =
                 chunk.iter().filter_map(|&i| source_file(&set, i)).collect();
@@ -459,7 +481,7 @@ pub fn batches(set: &ClipSet, cfg: LoaderConfig, epoch: usize, device: Device) -
             }
         }
     });
-    Batches::new(rx, reading, stall_timeout())
+    Batches::new(rx, reading, stall_timeout(), Some(producer))
 }
 
 /// Runs the read `f` of `files` on a thread of its own and waits for it at most the stall
@@ -527,7 +549,7 @@ mod tests {
         )]));
         // The producer holds its end open and sends nothing: a read that does not return.
         let (tx, rx) = mpsc::sync_channel::<Result<Batch>>(2);
-        let mut it = Batches::new(rx, files.clone(), Some(Duration::from_millis(50)));
+        let mut it = Batches::new(rx, files.clone(), Some(Duration::from_millis(50)), None);
         let started = std::time::Instant::now();
         match it.next().map(|r| r.map(|_| ())) {
             Some(Err(e @ Error::Stalled { .. })) => {
@@ -544,7 +566,7 @@ mod tests {
         let (tx, rx) = mpsc::sync_channel::<Result<Batch>>(2);
         drop(tx);
         assert!(
-            Batches::new(rx, files.clone(), Some(Duration::from_millis(50)))
+            Batches::new(rx, files.clone(), Some(Duration::from_millis(50)), None)
                 .next()
                 .is_none()
         );
@@ -553,11 +575,29 @@ mod tests {
             std::thread::sleep(Duration::from_millis(100));
             tx.send(Err(Error::Config("sent late".into()))).unwrap();
         });
-        match Batches::new(rx, files, None).next().map(|r| r.map(|_| ())) {
+        match Batches::new(rx, files.clone(), None, None)
+            .next()
+            .map(|r| r.map(|_| ()))
+        {
             Some(Err(Error::Config(m))) => assert_eq!(m, "sent late"),
             other => panic!("expected the late batch, got {other:?}"),
         }
         sender.join().unwrap();
+        // A producer that panics is an error after what it sent, not a short epoch.
+        for timeout in [None, Some(Duration::from_secs(5))] {
+            let (tx, rx) = mpsc::sync_channel::<Result<Batch>>(2);
+            let producer = std::thread::spawn(move || {
+                tx.send(Err(Error::Config("first".into()))).unwrap();
+                panic!("a bad clip");
+            });
+            let mut it = Batches::new(rx, files.clone(), timeout, Some(producer));
+            assert!(matches!(it.next(), Some(Err(Error::Config(m))) if m == "first"));
+            match it.next().map(|r| r.map(|_| ())) {
+                Some(Err(Error::Config(m))) => assert!(m.contains("a bad clip"), "{m}"),
+                other => panic!("expected the panic as an error, got {other:?}"),
+            }
+            assert!(it.next().is_none());
+        }
         assert_eq!(stall_timeout_secs(0), None);
         assert_eq!(stall_timeout_secs(5), Some(Duration::from_secs(5)));
     }
