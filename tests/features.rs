@@ -172,8 +172,6 @@ fn features_match_the_backbone_resume_to_the_same_bytes_and_refuse_other_options
     assert_eq!(outputs(&out), outputs(&fresh));
 }
 
-/// `vdg bench run --features` trains every cell on the cache, and the reports mark the frozen
-/// backbone.
 /// A read of the prepared frames that does not return (debug hook
 /// `VDG_INJECT_LOADER_DELAY_MS`) stops `vdg features` within `--stall-timeout`, naming the
 /// shard, instead of hanging; the rerun gives the features of a run that never stalled.
@@ -205,6 +203,8 @@ fn a_read_that_does_not_return_stops_features_naming_the_shard() {
     assert_eq!(read_features(&out), read_features(&clean));
 }
 
+/// `vdg bench run --features` trains every cell on the cache, and the reports mark the frozen
+/// backbone.
 #[test]
 fn bench_runs_on_a_feature_cache_and_marks_it() {
     let tmp = tempfile::tempdir().unwrap();

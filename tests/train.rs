@@ -568,11 +568,6 @@ fn bad_training_inputs_are_clear_errors() {
     );
 }
 
-/// The pipeline learns: TRN on the embedded synthetic benchmark reaches a source-validation
-/// accuracy far above chance (1/6). A loader that misaligned clips and labels, or shuffled the
-/// labels, would sit at chance. Measured with these settings (the default bench's, on the
-/// `small` scale to keep the test short; 2026-12-02): 86-92 % at the selected epoch over seeds
-/// 0-2 (114 validation clips); the threshold is 60 %.
 /// A loader that stops getting data (a read that does not return: the debug-build hook
 /// `VDG_INJECT_LOADER_DELAY_MS` holds it) stops the run within `--stall-timeout`, naming the
 /// shard it was reading, instead of hanging; the run then resumes to completion.
@@ -608,6 +603,11 @@ fn a_loader_that_stops_reading_stops_the_run_naming_its_shard() {
     assert!(out.join("metrics.json").exists());
 }
 
+/// The pipeline learns: TRN on the embedded synthetic benchmark reaches a source-validation
+/// accuracy far above chance (1/6). A loader that misaligned clips and labels, or shuffled the
+/// labels, would sit at chance. Measured with these settings (the default bench's, on the
+/// `small` scale to keep the test short; 2026-12-02): 86-92 % at the selected epoch over seeds
+/// 0-2 (114 validation clips); the threshold is 60 %.
 #[test]
 fn a_temporal_model_learns_the_source_far_above_chance() {
     let tmp = tempfile::tempdir().unwrap();
