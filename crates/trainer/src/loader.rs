@@ -436,15 +436,7 @@ impl Iterator for Batches {
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 // The loader thread stays blocked where it is; the run stops with its files.
                 self.ended = true;
-                let files = self
-                    .reading
-                    .lock()
-                    .map(|f| {
-                        f.iter()
-                            .map(|p| p.display().to_string())
-                            .collect::<Vec<_>>()
-                    })
-                    .unwrap_or_default();
+                let files = self.reading.lock().map(|f| shown(&f)).unwrap_or_default();
                 Some(Err(Error::Stalled {
                     seconds: timeout.as_secs_f64(),
                     files,
@@ -507,17 +499,18 @@ pub fn read_watched<T: Send + 'static>(
         Ok(r) => r,
         Err(mpsc::RecvTimeoutError::Timeout) => Err(Error::Stalled {
             seconds: timeout.as_secs_f64(),
-            files: files.iter().map(|p| p.display().to_string()).collect(),
+            files: shown(&files),
         }),
         Err(mpsc::RecvTimeoutError::Disconnected) => Err(Error::Config(format!(
             "the reader of {} ended without a result",
-            files
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
+            shown(&files).join(", ")
         ))),
     }
+}
+
+/// The paths as an error names them.
+fn shown(files: &[PathBuf]) -> Vec<String> {
+    files.iter().map(|p| p.display().to_string()).collect()
 }
 
 /// Debug builds: `VDG_INJECT_LOADER_DELAY_MS=<ms>` holds the loader that long before its
