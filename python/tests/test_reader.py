@@ -66,3 +66,47 @@ def test_training_draws_are_seeded(prepared):
     assert [a.indices(i) for i in range(len(a))] == [b.indices(i) for i in range(len(b))]
     a.set_epoch(1)
     assert any(a.indices(i) != b.indices(i) for i in range(len(a)))
+
+
+def _clip_items(clips, items):
+    return [(clips.indices(i), [im.tobytes() for im in clips[i][0]], clips[i][1]) for i in items]
+
+
+def test_forked_workers_read_the_same_clips(prepared):
+    # PyTorch's DataLoader pickles the dataset into forked (or spawned) worker processes; a
+    # worker must open its own shards, not use the parent's open files.
+    import multiprocessing as mp
+    import pickle
+
+    clips = VideoClips(prepared / "prep", domain="hmdb", num_segments=3)
+    items = list(range(len(clips)))
+    want = _clip_items(clips, items)  # the parent has the shards open before the fork
+    for method in ("fork", "spawn"):
+        with mp.get_context(method).Pool(2) as pool:
+            jobs = [(pickle.loads(pickle.dumps(clips)), [i]) for i in items]
+            got = pool.starmap(_clip_items, jobs)
+        assert [g[0] for g in got] == want, method
+
+
+def test_a_rewritten_shard_is_read_again(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from videodg_reader import Video
+
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+    def write(fill: bytes, n: int) -> None:
+        t = pa.table({"image": [{"bytes": fill * (i + 1), "path": None} for i in range(n)]},
+                     schema=pa.schema([("image", image)]))
+        pq.write_table(t, tmp_path / "frames-00000.parquet", row_group_size=4)
+
+    video = Video("v", 0, "x", "d", "train", num_frames=4, shard=0, first_row=4)
+    write(b"a", 12)
+    assert read_frames(tmp_path, video, [3, 0, 3]) == [b"aaaaaaaa", b"aaaaa", b"aaaaaaaa"]
+    write(b"bb", 8)  # another size: the cached footer must not be used
+    assert read_frames(tmp_path, video, [1]) == [b"bb" * 6]
+    with pytest.raises(IndexError):
+        read_frames(tmp_path, video, [4])
+    with pytest.raises(IndexError):
+        read_frames(tmp_path, Video("w", 0, "x", "d", "train", 4, 0, 6), [3])

@@ -18,8 +18,12 @@ distribution, other numbers.
 
 from __future__ import annotations
 
+import bisect
 import io
+import os
 import random
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -69,22 +73,75 @@ def _image_bytes(column) -> list:
     return column.to_pylist()
 
 
+class _Shard:
+    """One open frame shard: its footer parsed once, and where each row group starts."""
+
+    def __init__(self, path: Path) -> None:
+        st = path.stat()
+        self.stamp = (st.st_size, st.st_mtime_ns)
+        self.file = pq.ParquetFile(path)
+        meta = self.file.metadata
+        self.starts = [0]
+        for g in range(meta.num_row_groups):
+            self.starts.append(self.starts[-1] + meta.row_group(g).num_rows)
+        self.lock = threading.Lock()
+
+    def read(self, rows: Sequence[int]) -> dict:
+        """The JPEG bytes of the shard's rows ``rows``, reading only their row groups."""
+        groups = {}
+        for r in rows:
+            g = bisect.bisect_right(self.starts, r) - 1
+            if not 0 <= g < len(self.starts) - 1:
+                raise IndexError(f"row {r} is outside {self.file.metadata.num_rows} rows")
+            groups.setdefault(g, []).append(r)
+        out = {}
+        with self.lock:
+            for g, inside in sorted(groups.items()):
+                table = self.file.read_row_group(g, columns=["image"])
+                images = _image_bytes(table.column("image"))
+                for r in inside:
+                    out[r] = images[r - self.starts[g]]
+        return out
+
+
+# Shards opened by this process (keyed by path), the most recently read last; footers are
+# parsed once, as vdg's own loader keeps them (a shard of 1,000 short videos, as SSv2's are,
+# has 1,000 row groups and a footer of 0.6 MB: parsing it per clip cost 18x the reading;
+# BENCHMARKS.md). A file whose size or modification time changed is opened again; a forked
+# worker (PyTorch's DataLoader) opens its own. Threads share them, one read at a time each.
+_OPEN_SHARDS: "OrderedDict[Path, _Shard]" = OrderedDict()
+_OPEN_PID = os.getpid()
+_OPEN_LOCK = threading.Lock()
+_MAX_OPEN_SHARDS = 32
+
+
+def _shard(path: Path) -> _Shard:
+    global _OPEN_PID
+    with _OPEN_LOCK:
+        if _OPEN_PID != os.getpid():
+            _OPEN_SHARDS.clear()
+            _OPEN_PID = os.getpid()
+        shard = _OPEN_SHARDS.get(path)
+        if shard is not None:
+            st = path.stat()
+            if shard.stamp == (st.st_size, st.st_mtime_ns):
+                _OPEN_SHARDS.move_to_end(path)
+                return shard
+            del _OPEN_SHARDS[path]
+        shard = _Shard(path)
+        _OPEN_SHARDS[path] = shard
+        while len(_OPEN_SHARDS) > _MAX_OPEN_SHARDS:
+            _OPEN_SHARDS.popitem(last=False)
+        return shard
+
+
 def read_frames(prep: Path, video: Video, indices: Sequence[int]) -> List[bytes]:
     """The JPEG bytes of frames ``indices`` (within the video, any order, repeats allowed)."""
+    for i in indices:
+        if not 0 <= i < video.num_frames:
+            raise IndexError(f"frame {i} of {video.video_id}, which has {video.num_frames}")
     path = Path(prep) / f"frames-{video.shard:05d}.parquet"
-    f = pq.ParquetFile(path)
-    wanted = sorted({video.first_row + i for i in indices})
-    rows = {}
-    start = 0
-    for g in range(f.num_row_groups):
-        n = f.metadata.row_group(g).num_rows
-        inside = [r for r in wanted if start <= r < start + n]
-        if inside:
-            table = f.read_row_group(g, columns=["image"])
-            images = _image_bytes(table.column("image"))
-            for r in inside:
-                rows[r] = images[r - start]
-        start += n
+    rows = _shard(path).read(sorted({video.first_row + i for i in indices}))
     return [rows[video.first_row + i] for i in indices]
 
 
