@@ -865,6 +865,174 @@ fn the_slurm_job_files_prep_in_parts_and_merge() {
     assert!(lines[3].contains("bench report /b"), "{printed}");
 }
 
+/// `deploy/array/vdg-task.sh`, the job file for any scheduler: a 3-task Grid Engine array
+/// (indices from 1) preps the parts and the merge gives the bytes of one machine; each other
+/// scheduler's variables give the right part and cores; a task that cannot know its place
+/// in the array is refused, naming what to set.
+#[test]
+fn the_job_file_for_any_scheduler_finds_its_part_and_merges_to_the_same_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = write_layout(&tmp.path().join("raw"));
+    let root = layout.root.to_str().unwrap();
+    let whole = tmp.path().join("whole");
+    let opts = ["--shard-size", "30KiB"];
+    assert_eq!(
+        prep(&layout.root, &layout.root, &whole, &opts)
+            .status
+            .code(),
+        Some(1)
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/array/vdg-task.sh");
+    let parts = tmp.path().join("parts");
+    let merged = tmp.path().join("merged");
+    // A scheduler starts the task with its own variables and little else.
+    let task = |vars: &[(&str, &str)]| {
+        let mut c = std::process::Command::new("bash");
+        c.arg(&script)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap())
+            .env("VDG", env!("CARGO_BIN_EXE_vdg"))
+            .env(
+                "BENCHMARK_ARGS",
+                format!("ucf-hmdb --ucf101 {root} --hmdb51 {root}"),
+            )
+            .env("PREP_OPTIONS", opts.join(" "))
+            .env("PARTS", &parts)
+            .env("OUT", &merged)
+            .envs(vars.iter().copied())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        c
+    };
+    let sge = |i: u32| {
+        let id = i.to_string();
+        let vars = [
+            ("TASK", "prep"),
+            ("SGE_TASK_ID", id.as_str()),
+            ("SGE_TASK_FIRST", "1"),
+            ("SGE_TASK_LAST", "3"),
+            ("SGE_TASK_STEPSIZE", "1"),
+            ("NSLOTS", "1"),
+        ];
+        task(&vars).spawn().unwrap()
+    };
+    let tasks: Vec<_> = (1..=3).map(sge).collect();
+    for t in tasks {
+        let o = t.wait_with_output().unwrap();
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    }
+    for i in 0..3 {
+        assert!(parts.join(format!("part-{i}/videos.parquet")).is_file());
+    }
+    let o = task(&[("TASK", "merge"), ("NSLOTS", "1")])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_same_outputs(&merged, &whole);
+
+    // Each scheduler's numbering and core count, as the command a task would run.
+    let p = parts.display();
+    let cases: &[(&[(&str, &str)], String)] = &[
+        (
+            &[("SLURM_ARRAY_TASK_ID", "6"), ("SLURM_ARRAY_TASK_MIN", "2")],
+            format!("--out {p}/part-2 --part 2/3 --jobs 5"),
+        ),
+        (
+            &[("PBS_ARRAY_INDEX", "2"), ("NCPUS", "4")],
+            format!("--out {p}/part-2 --part 2/3 --jobs 4"),
+        ),
+        (
+            &[("PBS_ARRAYID", "0"), ("PBS_NUM_PPN", "3")],
+            format!("--out {p}/part-0 --part 0/3 --jobs 3"),
+        ),
+        (
+            &[("LSB_JOBINDEX", "3"), ("LSB_DJOB_NUMPROC", "2")],
+            format!("--out {p}/part-2 --part 2/3 --jobs 2"),
+        ),
+        (
+            &[("JOB_COMPLETION_INDEX", "1")],
+            format!("--out {p}/part-1 --part 1/3 --jobs 0"),
+        ),
+    ];
+    for (vars, want) in cases {
+        let mut c = task(vars);
+        c.env("TASK", "prep")
+            .env("DRY_RUN", "1")
+            .env("ARRAY_SIZE", "3");
+        if vars[0].0.starts_with("SLURM") {
+            c.env("SLURM_ARRAY_TASK_STEP", "2")
+                .env("SLURM_ARRAY_TASK_COUNT", "3")
+                .env("SLURM_CPUS_PER_TASK", "5");
+        }
+        let o = c.output().unwrap();
+        assert_eq!(o.status.code(), Some(0), "{vars:?}: {}", text(&o));
+        let printed = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            printed.contains(&format!(
+                "prep ucf-hmdb --ucf101 {root} --hmdb51 {root} {want}"
+            )) && printed.trim_end().ends_with("--shard-size 30KiB"),
+            "{vars:?}: {printed}"
+        );
+    }
+    let o = task(&[
+        ("TASK", "bench"),
+        ("DRY_RUN", "1"),
+        ("LSB_JOBINDEX", "2"),
+        ("ARRAY_SIZE", "2"),
+        ("BENCH_OPTIONS", "--scale tiny"),
+    ])
+    .output()
+    .unwrap();
+    let printed = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        printed.contains(&format!(
+            "bench run --out {} --part 1/2 --scale tiny",
+            merged.display()
+        )),
+        "{printed}"
+    );
+
+    // Refused, exit 2, naming what is wrong: no array, LSF's 0 for a job outside an array,
+    // no size where the scheduler gives none, a size that contradicts the scheduler's, an
+    // index outside the array (an array counted from 1 where 0 was expected), no TASK.
+    let refused: &[(&[(&str, &str)], &str)] = &[
+        (&[("TASK", "prep")], "none of SLURM_ARRAY_TASK_ID"),
+        (
+            &[("TASK", "prep"), ("LSB_JOBINDEX", "0")],
+            "none of SLURM_ARRAY_TASK_ID",
+        ),
+        (
+            &[("TASK", "prep"), ("PBS_ARRAY_INDEX", "1")],
+            "set ARRAY_SIZE",
+        ),
+        (
+            &[
+                ("TASK", "prep"),
+                ("ARRAY_SIZE", "4"),
+                ("SGE_TASK_ID", "1"),
+                ("SGE_TASK_FIRST", "1"),
+                ("SGE_TASK_LAST", "3"),
+            ],
+            "ARRAY_SIZE=4, but the scheduler runs 3 tasks",
+        ),
+        (
+            &[("TASK", "prep"), ("ARRAY_SIZE", "3"), ("PBS_ARRAYID", "3")],
+            "task 3 is outside 0..2",
+        ),
+        (
+            &[("TASK", "train")],
+            "expected prep, merge, bench or report",
+        ),
+        (&[], "set TASK"),
+    ];
+    for (vars, want) in refused {
+        let o = task(vars).env("DRY_RUN", "1").output().unwrap();
+        assert_eq!(o.status.code(), Some(2), "{vars:?}: {}", text(&o));
+        assert!(o.stdout.is_empty(), "{vars:?}: {}", text(&o));
+        assert!(text(&o).contains(want), "{vars:?}: {}", text(&o));
+    }
+}
+
 /// `scripts/bundle`: the binary and the libraries it links, outside the C runtime, in one
 /// folder; its wrapper runs a prep with none of the caller's environment, loading FFmpeg
 /// from the bundle, and gives the bytes of the installed binary.
