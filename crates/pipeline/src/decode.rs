@@ -516,11 +516,7 @@ where
     let declared = u64::try_from(stream.frames()).ok().filter(|&n| n > 0);
     let time_base = f64::from(stream.time_base());
     let stream_secs = (stream.duration() > 0).then(|| stream.duration() as f64 * time_base);
-    let tag_duration = stream
-        .metadata()
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case("DURATION"))
-        .and_then(|(_, v)| parse_tag_duration(v));
+    let tag_duration = stream_tag(&stream, c"DURATION").and_then(|v| parse_tag_duration(&v));
     let rotation = stream
         .side_data()
         .find(|d| d.kind() == ffmpeg::codec::packet::side_data::Type::DisplayMatrix)
@@ -1124,6 +1120,30 @@ fn extradata(params: &ffmpeg::codec::Parameters) -> Vec<u8> {
     }
 }
 
+/// The value of the stream's tag `key` (matched as FFmpeg matches, ignoring ASCII case), its
+/// bytes read as UTF-8 with the invalid ones replaced. Tags hold whatever the muxer wrote
+/// (HMDB51's AVIs are known to carry text that is not UTF-8), and ffmpeg-next's dictionary
+/// hands every entry out as a `&str` without checking it, so no entry goes through it.
+#[allow(unsafe_code)]
+fn stream_tag(stream: &ffmpeg::format::stream::Stream<'_>, key: &std::ffi::CStr) -> Option<String> {
+    // SAFETY: `stream` wraps a live AVStream of the open input; `av_dict_get` only reads its
+    // metadata (null when there is none) and returns an entry of it or null; the entry's value
+    // is a NUL-terminated string owned by the dictionary, copied out before returning.
+    unsafe {
+        let entry = ffmpeg::ffi::av_dict_get(
+            (*stream.as_ptr()).metadata,
+            key.as_ptr(),
+            std::ptr::null(),
+            0,
+        );
+        (!entry.is_null() && !(*entry).value.is_null()).then(|| {
+            std::ffi::CStr::from_ptr((*entry).value)
+                .to_string_lossy()
+                .into_owned()
+        })
+    }
+}
+
 /// Whether the demuxer flagged `packet` to be decoded but not shown (the pre-roll before an
 /// MP4 edit list's start). ffmpeg-next's packet flags leave this one out.
 #[allow(unsafe_code)]
@@ -1225,6 +1245,49 @@ mod tests {
         }
         w.finish().unwrap();
         p
+    }
+
+    /// Tags that are not UTF-8 (HMDB51's AVIs are known to carry such text) are read with the
+    /// bad bytes replaced, found whatever the case of their key, and such a video decodes
+    /// whole; Matroska's DURATION tag is read through the same path.
+    #[test]
+    fn tags_that_are_not_utf8_are_read_lossily_and_the_video_is_complete() {
+        use std::os::unix::ffi::OsStrExt;
+        init();
+        let d = tempfile::tempdir().unwrap();
+        let src = h264_source(d.path(), "mkv");
+        for (ext, codec) in [("mkv", "copy"), ("avi", "mpeg4")] {
+            let out = d.path().join(format!("latin1.{ext}"));
+            let ok = std::process::Command::new("ffmpeg")
+                .args(["-v", "error", "-y", "-i"])
+                .arg(&src)
+                .args(["-c:v", codec, "-metadata:s:v:0"])
+                .arg(std::ffi::OsStr::from_bytes(b"title=caf\xe9 \xff"))
+                .arg(&out)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "ffmpeg could not write {ext}");
+            let input = ffmpeg::format::input(&out).unwrap();
+            let stream = input.streams().best(ffmpeg::media::Type::Video).unwrap();
+            assert_eq!(
+                stream_tag(&stream, c"title").as_deref(),
+                Some("caf\u{fffd} \u{fffd}"),
+                "{ext}"
+            );
+            assert_eq!(stream_tag(&stream, c"TITLE"), stream_tag(&stream, c"title"));
+            assert_eq!(stream_tag(&stream, c"no-such-tag"), None);
+            if ext == "mkv" {
+                let secs = stream_tag(&stream, c"duration").and_then(|v| parse_tag_duration(&v));
+                assert!(secs.is_some_and(|s| (s - 4.0).abs() < 0.05), "{secs:?}");
+            }
+            let stats = decode_all(&out).unwrap();
+            assert_eq!(
+                (stats.decoded_frames, stats.reached_end),
+                (100, true),
+                "{ext}"
+            );
+        }
     }
 
     #[test]
