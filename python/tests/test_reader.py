@@ -110,3 +110,39 @@ def test_a_rewritten_shard_is_read_again(tmp_path):
         read_frames(tmp_path, video, [4])
     with pytest.raises(IndexError):
         read_frames(tmp_path, Video("w", 0, "x", "d", "train", 4, 0, 6), [3])
+
+
+@pytest.fixture(scope="module")
+def featured(prepared):
+    subprocess.run(
+        [VDG, "features", "--data", str(prepared / "prep"), "--backbone", "small_cnn",
+         "--input-size", "32", "--every", "2", "--shard-videos", "5", "--out",
+         str(prepared / "feat"), "-q"],
+        check=True, capture_output=True,
+    )
+    return prepared / "feat"
+
+
+def test_features_are_the_rows_an_independent_reader_sees(prepared, featured):
+    # DuckDB reads every cached frame of each video; the reader's clips must be those rows.
+    import duckdb
+    import numpy as np
+
+    from videodg_reader import VideoFeatures, read_features
+
+    frames = {v.video_id: v for v in VideoClips(prepared / "prep", domain="hmdb").videos}
+    clips = VideoFeatures(featured, domain="hmdb", num_segments=5)
+    assert len(clips) == len(frames) > 5  # over several shards (--shard-videos 5)
+    con = duckdb.connect()
+    for i, v in enumerate(clips.videos):
+        assert v.num_frames == (frames[v.video_id].num_frames + 1) // 2  # --every 2
+        got = con.execute(
+            f"select frame_index, feature from '{featured}/features-*.parquet' "
+            "where video_id = ? order by frame_index", [v.video_id]).fetchall()
+        assert [r[0] for r in got] == list(range(v.num_frames))
+        want = np.array([got[k][1] for k in clips.indices(i)], dtype=np.float32)
+        x, label = clips[i]
+        assert x.dtype == np.float32 and x.shape == (5, 256) and label == v.label
+        assert np.array_equal(x, want)
+        assert np.array_equal(read_features(featured, v, [0, 0]), np.array([got[0][1]] * 2,
+                                                                            dtype=np.float32))

@@ -1,4 +1,5 @@
-"""Read a folder written by ``vdg prep`` from Python, with pyarrow and Pillow only.
+"""Read a folder written by ``vdg prep`` (or ``vdg features``) from Python, with pyarrow and
+Pillow only (and numpy for features).
 
 ``VideoClips`` is a map-style dataset (``len`` and indexing, as ``torch.utils.data.Dataset``
 expects; PyTorch itself is not needed) of one domain's videos, each item a TSN clip of
@@ -7,6 +8,9 @@ expects; PyTorch itself is not needed) of one domain's videos, each item a TSN c
     from videodg_reader import VideoClips
     clips = VideoClips("out", domain="ucf", split="train", num_segments=5, train=True)
     images, label = clips[0]          # 5 PIL images, an int
+
+``VideoFeatures`` gives the same clips from a ``vdg features`` folder, each item a float32
+array ``(num_segments, D)`` of the cached features and the label.
 
 Frame indices follow vdg's own loader (``crates/trainer/src/loader.rs``,
 ``segment_indices``): evaluation takes segment centres, ``int(tick / 2 + k * tick)`` with
@@ -31,7 +35,14 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import pyarrow.parquet as pq
 from PIL import Image
 
-__all__ = ["VideoClips", "Video", "segment_indices", "read_frames"]
+__all__ = [
+    "VideoClips",
+    "VideoFeatures",
+    "Video",
+    "segment_indices",
+    "read_frames",
+    "read_features",
+]
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,17 @@ def segment_indices(n: int, m: int, train: bool, rng: Optional[random.Random] = 
     return [0] * m
 
 
+def _values(column):
+    """A shard column's values, indexable by row: bytes for ``image``, for ``feature`` the
+    rows of a float32 array (``fixed_size_list<float32>[D]``)."""
+    if hasattr(column.type, "list_size"):
+        import numpy as np  # only features need it
+
+        flat = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        return np.asarray(flat, dtype=np.float32).reshape(-1, column.type.list_size)
+    return _image_bytes(column)
+
+
 def _image_bytes(column) -> list:
     # Shard schema 3: `image` is {bytes, path} (Hugging Face's Image layout); 1 and 2: binary.
     if hasattr(column.type, "num_fields"):
@@ -86,8 +108,9 @@ class _Shard:
             self.starts.append(self.starts[-1] + meta.row_group(g).num_rows)
         self.lock = threading.Lock()
 
-    def read(self, rows: Sequence[int]) -> dict:
-        """The JPEG bytes of the shard's rows ``rows``, reading only their row groups."""
+    def read(self, rows: Sequence[int], column: str = "image") -> dict:
+        """``column``'s values at the shard's rows ``rows`` (JPEG bytes for ``image``, a float32
+        vector for ``feature``), reading only their row groups."""
         groups = {}
         for r in rows:
             g = bisect.bisect_right(self.starts, r) - 1
@@ -97,10 +120,10 @@ class _Shard:
         out = {}
         with self.lock:
             for g, inside in sorted(groups.items()):
-                table = self.file.read_row_group(g, columns=["image"])
-                images = _image_bytes(table.column("image"))
+                table = self.file.read_row_group(g, columns=[column])
+                values = _values(table.column(column))
                 for r in inside:
-                    out[r] = images[r - self.starts[g]]
+                    out[r] = values[r - self.starts[g]]
         return out
 
 
@@ -135,14 +158,29 @@ def _shard(path: Path) -> _Shard:
         return shard
 
 
-def read_frames(prep: Path, video: Video, indices: Sequence[int]) -> List[bytes]:
-    """The JPEG bytes of frames ``indices`` (within the video, any order, repeats allowed)."""
+def _check_indices(video: Video, indices: Sequence[int]) -> None:
     for i in indices:
         if not 0 <= i < video.num_frames:
             raise IndexError(f"frame {i} of {video.video_id}, which has {video.num_frames}")
+
+
+def read_frames(prep: Path, video: Video, indices: Sequence[int]) -> List[bytes]:
+    """The JPEG bytes of frames ``indices`` (within the video, any order, repeats allowed)."""
+    _check_indices(video, indices)
     path = Path(prep) / f"frames-{video.shard:05d}.parquet"
     rows = _shard(path).read(sorted({video.first_row + i for i in indices}))
     return [rows[video.first_row + i] for i in indices]
+
+
+def read_features(features: Path, video: Video, indices: Sequence[int]):
+    """The cached features of frames ``indices`` of a ``vdg features`` folder, as a float32
+    ``numpy`` array of shape ``(len(indices), D)`` (``video`` from that folder's videos)."""
+    import numpy as np
+
+    _check_indices(video, indices)
+    path = Path(features) / f"features-{video.shard:05d}.parquet"
+    rows = _shard(path).read(sorted({video.first_row + i for i in indices}), "feature")
+    return np.stack([rows[video.first_row + i] for i in indices])
 
 
 class VideoClips:
@@ -203,3 +241,17 @@ class VideoClips:
         if self.transform is not None:
             images = [self.transform(im) for im in images]
         return images, v.label
+
+
+class VideoFeatures(VideoClips):
+    """The same clips from a ``vdg features`` folder: each item the cached features of the
+    clip's frames, a float32 ``numpy`` array ``(num_segments, D)``, and the label. Indices are
+    drawn over the cached frames (every ``--every``-th prepared frame), as vdg trains on them.
+    ``transform``, if given, is applied to the array."""
+
+    def __getitem__(self, i: int) -> Tuple[object, int]:
+        v = self.videos[i]
+        x = read_features(self.prep, v, self.indices(i))
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, v.label
