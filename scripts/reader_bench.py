@@ -1,10 +1,11 @@
 """Clips/s of python/videodg_reader's `read_frames` on an SSv2-shaped shard.
 
 The shape of `cargo bench --bench prep -- loader_ssv2` (benches/prep.rs): one shard of 1,000
-videos of 40 frames, a row group each (a footer of about a megabyte), 3,000-byte stand-ins
-for the JPEGs; 100 clips of 5 frames (4, 12, 20, 28, 36) read per round, the videos taken
-in the same order. The shard is written here with pyarrow in vdg's schema-3 layout
-(`image` a {bytes, path} struct); the reader is whichever `videodg_reader` is on the path:
+videos of 40 frames, a row group each, 3,000-byte stand-ins for the JPEGs; 100 clips of 5
+frames (4, 12, 20, 28, 36) read per round, the videos taken in the same order. The shard is
+written here with pyarrow in vdg's schema-3 layout (`image` a {bytes, path} struct) but
+fewer columns, so its footer is 0.33 MB where vdg's writer gives the same videos 0.61 MB;
+the reader is whichever `videodg_reader` is on the path:
 
     PYTHONPATH=python python3 scripts/reader_bench.py [--rounds 7] [--shard <frames-NNNNN.parquet>]
 

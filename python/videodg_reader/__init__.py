@@ -96,7 +96,8 @@ def _image_bytes(column) -> list:
 
 
 class _Shard:
-    """One open frame shard: its footer parsed once, and where each row group starts."""
+    """One open shard (frames or features): its footer parsed once, and the first row of
+    each row group."""
 
     def __init__(self, path: Path) -> None:
         st = path.stat()
@@ -129,8 +130,8 @@ class _Shard:
 
 # Shards opened by this process (keyed by path), the most recently read last; footers are
 # parsed once, as vdg's own loader keeps them (a shard of 1,000 short videos, as SSv2's are,
-# has 1,000 row groups and a footer of 0.6 MB: parsing it per clip cost 18x the reading;
-# BENCHMARKS.md). A file whose size or modification time changed is opened again; a forked
+# has 1,000 row groups and a footer of 0.6 MB: with it parsed once instead of per clip, clips
+# came 15-22x faster; BENCHMARKS.md). A file whose size or modification time changed is opened again; a forked
 # worker (PyTorch's DataLoader) opens its own. Threads share them, one read at a time each.
 _OPEN_SHARDS: "OrderedDict[Path, _Shard]" = OrderedDict()
 _OPEN_PID = os.getpid()
