@@ -775,22 +775,28 @@ fn parts_merged_give_the_bytes_of_one_machine() {
     assert_same_outputs(&m, &whole);
 }
 
+/// The prep options of the job-file tests (small shards, so the parts hold several).
+const JOB_FILE_PREP_OPTIONS: [&str; 2] = ["--shard-size", "30KiB"];
+
+/// The test layout under `dir/raw` and its single-machine prep in `dir/whole` (with failed
+/// videos: exit 1), which the job files' parts must merge into.
+fn prep_for_job_files(dir: &Path) -> (Layout, std::path::PathBuf) {
+    let layout = write_layout(&dir.join("raw"));
+    let whole = dir.join("whole");
+    let o = prep(&layout.root, &layout.root, &whole, &JOB_FILE_PREP_OPTIONS);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    (layout, whole)
+}
+
 /// The shipped Slurm job files, run as a 3-task array would run them (three processes at
 /// once with the array's environment), then the merge job: the bytes of one machine. The
 /// dry run prints each task's command.
 #[test]
 fn the_slurm_job_files_prep_in_parts_and_merge() {
     let tmp = tempfile::tempdir().unwrap();
-    let layout = write_layout(&tmp.path().join("raw"));
+    let (layout, whole) = prep_for_job_files(tmp.path());
     let root = layout.root.to_str().unwrap();
-    let whole = tmp.path().join("whole");
-    let opts = ["--shard-size", "30KiB"];
-    assert_eq!(
-        prep(&layout.root, &layout.root, &whole, &opts)
-            .status
-            .code(),
-        Some(1)
-    );
+    let opts = JOB_FILE_PREP_OPTIONS;
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let parts = tmp.path().join("parts");
     let merged = tmp.path().join("merged");
@@ -872,16 +878,9 @@ fn the_slurm_job_files_prep_in_parts_and_merge() {
 #[test]
 fn the_job_file_for_any_scheduler_finds_its_part_and_merges_to_the_same_bytes() {
     let tmp = tempfile::tempdir().unwrap();
-    let layout = write_layout(&tmp.path().join("raw"));
+    let (layout, whole) = prep_for_job_files(tmp.path());
     let root = layout.root.to_str().unwrap();
-    let whole = tmp.path().join("whole");
-    let opts = ["--shard-size", "30KiB"];
-    assert_eq!(
-        prep(&layout.root, &layout.root, &whole, &opts)
-            .status
-            .code(),
-        Some(1)
-    );
+    let opts = JOB_FILE_PREP_OPTIONS;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/array/vdg-task.sh");
     let parts = tmp.path().join("parts");
     let merged = tmp.path().join("merged");
