@@ -788,6 +788,34 @@ fn prep_for_job_files(dir: &Path) -> (Layout, std::path::PathBuf) {
     (layout, whole)
 }
 
+/// `bash script` with what the job files of these tests read (the vdg under test, the
+/// benchmark and its options, the parts and merged folders), output captured; with `clean`,
+/// nothing of this process's environment but `PATH`, as a scheduler starts a task.
+fn job_file_command(
+    script: &Path,
+    clean: bool,
+    root: &str,
+    parts: &Path,
+    merged: &Path,
+) -> std::process::Command {
+    let mut c = std::process::Command::new("bash");
+    c.arg(script);
+    if clean {
+        c.env_clear().env("PATH", std::env::var_os("PATH").unwrap());
+    }
+    c.env("VDG", env!("CARGO_BIN_EXE_vdg"))
+        .env(
+            "BENCHMARK_ARGS",
+            format!("ucf-hmdb --ucf101 {root} --hmdb51 {root}"),
+        )
+        .env("PREP_OPTIONS", JOB_FILE_PREP_OPTIONS.join(" "))
+        .env("PARTS", parts)
+        .env("OUT", merged)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    c
+}
+
 /// The shipped Slurm job files, run as a 3-task array would run them (three processes at
 /// once with the array's environment), then the merge job: the bytes of one machine. The
 /// dry run prints each task's command.
@@ -796,25 +824,14 @@ fn the_slurm_job_files_prep_in_parts_and_merge() {
     let tmp = tempfile::tempdir().unwrap();
     let (layout, whole) = prep_for_job_files(tmp.path());
     let root = layout.root.to_str().unwrap();
-    let opts = JOB_FILE_PREP_OPTIONS;
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let parts = tmp.path().join("parts");
     let merged = tmp.path().join("merged");
     let job = |script: &str, index: Option<u32>| {
-        let mut c = std::process::Command::new("bash");
-        c.arg(repo.join("deploy/slurm").join(script))
-            .env("VDG", env!("CARGO_BIN_EXE_vdg"))
-            .env(
-                "BENCHMARK_ARGS",
-                format!("ucf-hmdb --ucf101 {root} --hmdb51 {root}"),
-            )
-            .env("PREP_OPTIONS", opts.join(" "))
-            .env("PARTS", &parts)
-            .env("OUT", &merged)
-            .env("SLURM_ARRAY_TASK_COUNT", "3")
-            .env("SLURM_CPUS_PER_TASK", "1")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
+        let script = repo.join("deploy/slurm").join(script);
+        let mut c = job_file_command(&script, false, root, &parts, &merged);
+        c.env("SLURM_ARRAY_TASK_COUNT", "3")
+            .env("SLURM_CPUS_PER_TASK", "1");
         if let Some(i) = index {
             c.env("SLURM_ARRAY_TASK_ID", i.to_string());
         }
@@ -880,27 +897,13 @@ fn the_job_file_for_any_scheduler_finds_its_part_and_merges_to_the_same_bytes() 
     let tmp = tempfile::tempdir().unwrap();
     let (layout, whole) = prep_for_job_files(tmp.path());
     let root = layout.root.to_str().unwrap();
-    let opts = JOB_FILE_PREP_OPTIONS;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/array/vdg-task.sh");
     let parts = tmp.path().join("parts");
     let merged = tmp.path().join("merged");
     // A scheduler starts the task with its own variables and little else.
     let task = |vars: &[(&str, &str)]| {
-        let mut c = std::process::Command::new("bash");
-        c.arg(&script)
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap())
-            .env("VDG", env!("CARGO_BIN_EXE_vdg"))
-            .env(
-                "BENCHMARK_ARGS",
-                format!("ucf-hmdb --ucf101 {root} --hmdb51 {root}"),
-            )
-            .env("PREP_OPTIONS", opts.join(" "))
-            .env("PARTS", &parts)
-            .env("OUT", &merged)
-            .envs(vars.iter().copied())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
+        let mut c = job_file_command(&script, true, root, &parts, &merged);
+        c.envs(vars.iter().copied());
         c
     };
     let sge = |i: u32| {
