@@ -775,6 +775,76 @@ fn parts_merged_give_the_bytes_of_one_machine() {
     assert_same_outputs(&m, &whole);
 }
 
+/// `vdg prep verify`: a prep verifies; a shard changed in place at its size (which a rerun
+/// of `vdg prep` calls up to date), a cut videos table, an unlisted shard, a leftover and a
+/// missing prep.json are each named (exit 2); `--force` rebuilds the same bytes, which verify.
+#[test]
+fn verify_names_every_file_that_differs_from_prep_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (layout, out) = prep_for_job_files(tmp.path());
+    let verify = |extra: &[&str]| {
+        let mut args = vec!["prep", "verify", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let o = verify(&[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("all match prep.json"), "{}", text(&o));
+    let before = std::fs::read(out.join("frames-00001.parquet")).unwrap();
+
+    // One bit of a shard's JPEG bytes, its size unchanged.
+    let mut bytes = before.clone();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 1;
+    std::fs::write(out.join("frames-00001.parquet"), &bytes).unwrap();
+    let rerun = prep(&layout.root, &layout.root, &out, &JOB_FILE_PREP_OPTIONS);
+    assert!(text(&rerun).contains("nothing to do"), "{}", text(&rerun));
+    let o = verify(&["-j", "2"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("frames-00001.parquet: same size, but its SHA-256 is not"),
+        "{}",
+        text(&o)
+    );
+    assert!(!text(&o).contains("frames-00000.parquet:"), "{}", text(&o));
+
+    // A cut videos table, an unlisted shard and a leftover of an interrupted write.
+    let table = std::fs::read(out.join("videos.parquet")).unwrap();
+    std::fs::write(out.join("videos.parquet"), &table[..table.len() - 10]).unwrap();
+    std::fs::write(out.join("frames-00099.parquet"), b"PAR1").unwrap();
+    std::fs::write(out.join("frames-00002.parquet.tmp"), b"").unwrap();
+    let o = verify(&["-q"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    for want in [
+        "videos.parquet: ",
+        "bytes where prep.json records",
+        "frames-00099.parquet: not listed in prep.json",
+        "frames-00002.parquet.tmp: not listed in prep.json",
+        "2 of ",
+        "2 stray file(s)",
+    ] {
+        assert!(text(&o).contains(want), "{want}: {}", text(&o));
+    }
+
+    // Rebuilt with --force (the strays removed by hand): the first bytes again.
+    std::fs::remove_file(out.join("frames-00099.parquet")).unwrap();
+    std::fs::remove_file(out.join("frames-00002.parquet.tmp")).unwrap();
+    let mut forced = JOB_FILE_PREP_OPTIONS.to_vec();
+    forced.push("--force");
+    prep(&layout.root, &layout.root, &out, &forced);
+    assert_eq!(
+        std::fs::read(out.join("frames-00001.parquet")).unwrap(),
+        before
+    );
+    let o = verify(&[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+
+    std::fs::remove_file(out.join("prep.json")).unwrap();
+    let o = verify(&[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("prep.json: is missing"), "{}", text(&o));
+}
+
 /// The prep options of the job-file tests (small shards, so the parts hold several).
 const JOB_FILE_PREP_OPTIONS: [&str; 2] = ["--shard-size", "30KiB"];
 

@@ -96,6 +96,18 @@ pub enum PrepCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Check a prepared folder against its prep.json: every shard and videos.parquet of the
+    /// recorded size and SHA-256, no unlisted shard or leftover beside them. Exit 0 when all
+    /// match, 2 naming each file that does not. Run it after copying a folder to another
+    /// machine: a rerun of `vdg prep` checks sizes only.
+    Verify {
+        /// The prepared folder.
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+        /// Hashing threads (default: all cores).
+        #[arg(long, short = 'j', value_name = "N")]
+        jobs: Option<usize>,
+    },
 }
 
 /// `vdg prep synthetic`'s own options.
@@ -388,7 +400,58 @@ pub fn run(cmd: PrepCommand, quiet: bool) -> Result<ExitCode> {
             let scan = scan_ntu(&videos).context("scanning NTU RGB+D")?;
             prep_with(&manifest, &[&scan], &common, quiet)
         }
+        PrepCommand::Verify { dir, jobs } => verify(&dir, jobs.unwrap_or(0), quiet),
     }
+}
+
+/// `vdg prep verify`: one line per file that does not match, then the verdict.
+fn verify(dir: &Path, jobs: usize, quiet: bool) -> Result<ExitCode> {
+    let started = std::time::Instant::now();
+    let bar = logging::new_bar(quiet, "files");
+    let done = |c: &vdg_pipeline::verify::FileCheck, total: usize| {
+        if let Some(b) = &bar {
+            b.set_length(total as u64);
+            b.inc(1);
+        }
+        if let Some(p) = &c.problem {
+            logging::suspend(|| eprintln!("{}: {p}", c.path.display()));
+        }
+    };
+    let result = vdg_pipeline::verify::verify(dir, jobs, &done);
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    logging::set_bar(None);
+    let v = result.with_context(|| format!("verifying {}", dir.display()))?;
+    for p in &v.stray {
+        eprintln!(
+            "{}: not listed in prep.json (a shard of another run, or the leftover of an \
+             interrupted write); readers that glob frames-*.parquet would take it in",
+            p.display()
+        );
+    }
+    let bytes: u64 = v.checked.iter().map(|c| c.bytes).sum();
+    let bad = v.checked.iter().filter(|c| c.problem.is_some()).count();
+    let what = format!(
+        "{} file(s), {:.1} MB, of {} in {:.1} s",
+        v.checked.len(),
+        bytes as f64 / 1e6,
+        dir.display(),
+        started.elapsed().as_secs_f64()
+    );
+    if v.ok() {
+        if !quiet {
+            println!("verified {what}: all match prep.json");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!(
+        "error: {bad} of {what} do not match prep.json, {} stray file(s); copy the damaged \
+         files again from where this folder came from, or rebuild it with the same `vdg prep` \
+         command and --force",
+        v.stray.len()
+    );
+    Ok(ExitCode::from(2))
 }
 
 fn prep_with(

@@ -28,5 +28,6 @@ pub mod synthetic;
 #[cfg(all(test, unix))]
 mod testutil;
 mod unpack;
+pub mod verify;
 
 pub use error::{DecodeError, Error, Result};

@@ -256,7 +256,7 @@ fn remove(path: &Path) -> Result<()> {
     }
 }
 
-fn read_record(path: &Path) -> Option<PrepRecord> {
+pub(crate) fn read_record(path: &Path) -> Option<PrepRecord> {
     let text = std::fs::read_to_string(path).ok()?;
     serde_json::from_str(&text).ok()
 }
