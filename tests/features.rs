@@ -175,6 +175,69 @@ fn features_match_the_backbone_resume_to_the_same_bytes_and_refuse_other_options
 /// A read of the prepared frames that does not return (debug hook
 /// `VDG_INJECT_LOADER_DELAY_MS`) stops `vdg features` within `--stall-timeout`, naming the
 /// shard, instead of hanging; the rerun gives the features of a run that never stalled.
+/// A feature folder verifies against its features.json (shards and videos.parquet); a shard
+/// changed in place at its size is named by verify, and a rerun of `vdg features` computes it
+/// again (it used to keep it and record its new hash as good) to the bytes of a clean run.
+#[test]
+fn verify_checks_a_feature_folder_and_a_rerun_recomputes_a_changed_shard() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepared_synthetic(tmp.path());
+    let out = tmp.path().join("feat");
+    let o = features(&data, &out, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let verify = || run(&["prep", "verify", out.to_str().unwrap()]);
+    let o = verify();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("all match features.json"), "{}", text(&o));
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("features.json")).unwrap()).unwrap();
+    assert_eq!(record["videos_table"]["file"], "videos.parquet");
+    let shards = record["shards"].as_array().unwrap().len();
+    assert!(
+        text(&o).contains(&format!("verified {} file(s)", shards + 1)),
+        "{}",
+        text(&o)
+    );
+    let clean = std::fs::read(out.join("features-00001.parquet")).unwrap();
+
+    // One bit of the middle of a shard, its size unchanged; a stray shard beside it.
+    let mut bytes = clean.clone();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 1;
+    std::fs::write(out.join("features-00001.parquet"), &bytes).unwrap();
+    std::fs::write(out.join("features-00042.parquet"), b"PAR1").unwrap();
+    let o = verify();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    for want in [
+        "features-00001.parquet: same size, but its SHA-256 is not the one features.json records",
+        "features-00042.parquet: not listed in features.json",
+        "vdg features",
+    ] {
+        assert!(text(&o).contains(want), "{want}: {}", text(&o));
+    }
+    assert!(
+        !text(&o).contains("features-00000.parquet:"),
+        "{}",
+        text(&o)
+    );
+
+    // The rerun computes the changed shard again: the clean bytes, and verify passes.
+    std::fs::remove_file(out.join("features-00042.parquet")).unwrap();
+    let o = features(&data, &out, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("features-00001.parquet: its bytes changed"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        std::fs::read(out.join("features-00001.parquet")).unwrap(),
+        clean
+    );
+    let o = verify();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
 #[test]
 fn a_read_that_does_not_return_stops_features_naming_the_shard() {
     let tmp = tempfile::tempdir().unwrap();

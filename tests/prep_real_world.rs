@@ -777,7 +777,8 @@ fn parts_merged_give_the_bytes_of_one_machine() {
 
 /// `vdg prep verify`: a prep verifies; a shard changed in place at its size (which a rerun
 /// of `vdg prep` calls up to date), a cut videos table, an unlisted shard, a leftover and a
-/// missing prep.json are each named (exit 2); `--force` rebuilds the same bytes, which verify.
+/// missing prep.json are each named (exit 2); `--force` rebuilds the same bytes, which verify;
+/// a rerun that rebuilds decodes a changed shard's videos again rather than keep it.
 #[test]
 fn verify_names_every_file_that_differs_from_prep_json() {
     let tmp = tempfile::tempdir().unwrap();
@@ -832,6 +833,23 @@ fn verify_names_every_file_that_differs_from_prep_json() {
     let mut forced = JOB_FILE_PREP_OPTIONS.to_vec();
     forced.push("--force");
     prep(&layout.root, &layout.root, &out, &forced);
+    assert_eq!(
+        std::fs::read(out.join("frames-00001.parquet")).unwrap(),
+        before
+    );
+    let o = verify(&[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+
+    // A rerun that is not "nothing to do" (the videos table lost) with a shard changed at its
+    // size: its videos are decoded again (it used to be kept, its new hash recorded as good).
+    std::fs::write(out.join("frames-00001.parquet"), &bytes).unwrap();
+    std::fs::remove_file(out.join("videos.parquet")).unwrap();
+    let rerun = prep(&layout.root, &layout.root, &out, &JOB_FILE_PREP_OPTIONS);
+    assert!(
+        text(&rerun).contains("frames-00001.parquet: its bytes changed since prep.json"),
+        "{}",
+        text(&rerun)
+    );
     assert_eq!(
         std::fs::read(out.join("frames-00001.parquet")).unwrap(),
         before

@@ -96,12 +96,13 @@ pub enum PrepCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Check a prepared folder against its prep.json: every shard and videos.parquet of the
-    /// recorded size and SHA-256, no unlisted shard or leftover beside them. Exit 0 when all
-    /// match, 2 naming each file that does not. Run it after copying a folder to another
-    /// machine: a rerun of `vdg prep` checks sizes only.
+    /// Check a prepared folder against its prep.json (or a feature folder of `vdg features`
+    /// against its features.json): every shard and videos.parquet of the recorded size and
+    /// SHA-256, no unlisted shard or leftover beside them. Exit 0 when all match, 2 naming
+    /// each file that does not. Run it after copying a folder to another machine: reruns of
+    /// `vdg prep` and `vdg features` check sizes only.
     Verify {
-        /// The prepared folder.
+        /// The prepared folder, or a feature folder.
         #[arg(value_name = "DIR")]
         dir: PathBuf,
         /// Hashing threads (default: all cores).
@@ -417,17 +418,51 @@ fn verify(dir: &Path, jobs: usize, quiet: bool) -> Result<ExitCode> {
             logging::suspend(|| eprintln!("{}: {p}", c.path.display()));
         }
     };
-    let result = vdg_pipeline::verify::verify(dir, jobs, &done);
+    // A feature folder (`vdg features`) is checked against its features.json the same way.
+    let features = if dir.join(vdg_data::shard::PREP_FILE).exists() {
+        None
+    } else {
+        vdg_trainer::features::FeaturesRecord::open(dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+    };
+    let result = match &features {
+        Some(record) => {
+            let listed: Vec<&vdg_data::shard::ShardInfo> =
+                record.shards.iter().chain(&record.videos_table).collect();
+            vdg_data::verify::verify_listed(
+                dir,
+                vdg_trainer::features::FEATURES_FILE,
+                &listed,
+                "features-",
+                jobs,
+                &done,
+            )
+            .map_err(anyhow::Error::from)
+        }
+        None => vdg_pipeline::verify::verify(dir, jobs, &done).map_err(anyhow::Error::from),
+    };
     if let Some(b) = bar {
         b.finish_and_clear();
     }
     logging::set_bar(None);
     let v = result.with_context(|| format!("verifying {}", dir.display()))?;
+    let record = v.record;
+    let shards = if features.is_some() {
+        "features-*.parquet"
+    } else {
+        "frames-*.parquet"
+    };
     for p in &v.stray {
         eprintln!(
-            "{}: not listed in prep.json (a shard of another run, or the leftover of an \
-             interrupted write); readers that glob frames-*.parquet would take it in",
+            "{}: not listed in {record} (a shard of another run, or the leftover of an \
+             interrupted write); readers that glob {shards} would take it in",
             p.display()
+        );
+    }
+    if features.as_ref().is_some_and(|f| f.videos_table.is_none()) {
+        eprintln!(
+            "note: {record} of this feature folder predates recording videos.parquet's hash; \
+             that file was not checked (rerun `vdg features` with --force to record it)"
         );
     }
     let bytes: u64 = v.checked.iter().map(|c| c.bytes).sum();
@@ -441,15 +476,20 @@ fn verify(dir: &Path, jobs: usize, quiet: bool) -> Result<ExitCode> {
     );
     if v.ok() {
         if !quiet {
-            println!("verified {what}: all match prep.json");
+            println!("verified {what}: all match {record}");
         }
         return Ok(ExitCode::SUCCESS);
     }
     eprintln!(
-        "error: {bad} of {what} do not match prep.json, {} stray file(s); copy the damaged \
-         files again from where this folder came from, or rebuild it with the same `vdg prep` \
+        "error: {bad} of {what} do not match {record}, {} stray file(s); copy the damaged \
+         files again from where this folder came from, or rebuild it with the same `{}` \
          command and --force",
-        v.stray.len()
+        v.stray.len(),
+        if features.is_some() {
+            "vdg features"
+        } else {
+            "vdg prep"
+        }
     );
     Ok(ExitCode::from(2))
 }

@@ -25,6 +25,7 @@ pub mod export;
 pub mod manifest;
 pub mod shard;
 pub mod split;
+pub mod verify;
 
 pub use error::{Error, Result};
 pub use manifest::{Manifest, SplitRule};

@@ -536,6 +536,9 @@ fn run_locked(
         plan,
         retry_failed: run.retry_failed,
     };
+    // The hashes the last finished run recorded: a shard kept below must still have those
+    // bytes, or the new prep.json would record a damaged shard (bit rot, a bad copy) as good.
+    let mut recorded: BTreeMap<String, String> = BTreeMap::new();
     if let Some(rec) = read_record(&prep_path) {
         if rec.plan_fingerprint == plan.fingerprint && is_complete(out, &rec) && !run.force {
             let rows = shard::read_videos_table(&out.join(VIDEOS_FILE))?;
@@ -579,6 +582,11 @@ fn run_locked(
         }
         // Same plan but outputs missing, inputs changed or failures to retry: rebuild from
         // whatever shards still verify and hold nothing to redo.
+        recorded = rec
+            .shards
+            .iter()
+            .map(|s| (s.file.clone(), s.sha256.clone()))
+            .collect();
         remove(&prep_path)?;
         remove(&out.join(VIDEOS_FILE))?;
     } else if prep_path.exists() && !run.force {
@@ -634,12 +642,25 @@ fn run_locked(
             let bytes = std::fs::metadata(path)
                 .map_err(|e| Error::io(path, e))?
                 .len();
+            let file = shard::frames_file_name(index);
+            let sha256 = sha256_file(path)?;
+            if recorded.get(&file).is_some_and(|h| *h != sha256) {
+                // Not reused either: its videos are decoded again; later shards are rebuilt.
+                tracing::warn!(
+                    "{}: its bytes changed since {PREP_FILE} recorded them; decoding its videos \
+                     again",
+                    path.display()
+                );
+                keep = false;
+                remove(path)?;
+                continue;
+            }
             shards.push(ShardInfo {
-                file: shard::frames_file_name(index),
+                file,
                 videos: meta.videos.len() as u64,
                 frames: meta.videos.iter().map(|r| u64::from(r.num_frames)).sum(),
                 bytes,
-                sha256: sha256_file(path)?,
+                sha256,
             });
             rows.extend(meta.videos);
         }

@@ -9,7 +9,8 @@
 //! - `videos.parquet`: the prepared folder's table, with `shard`/`first_row` pointing into
 //!   the feature shards and `num_frames` the number of cached frames.
 //! - `features.json`: [`FeaturesRecord`] (backbone, weights and their SHA-256, input size,
-//!   frame stride, the prepared folder's `prep.json`, shard hashes, fingerprint).
+//!   frame stride, the prepared folder's `prep.json`, the shards' and `videos.parquet`'s
+//!   sizes and hashes, fingerprint); `vdg prep verify` checks a folder against it.
 //!
 //! Frames are read with the evaluation view (shorter side to `S * 256 / 224`, centre `S x S`
 //! crop, no flip) and the backbone runs in evaluation mode: the cache is deterministic, and
@@ -119,6 +120,10 @@ pub struct FeaturesRecord {
     pub frames: u64,
     /// The shards.
     pub shards: Vec<ShardInfo>,
+    /// `videos.parquet` (size and SHA-256; absent in folders written before it was
+    /// recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub videos_table: Option<ShardInfo>,
     /// The prepared folder's `prep.json`, verbatim (manifest, fingerprint).
     pub prep: serde_json::Value,
     /// Hash of everything that determines the bytes (prep fingerprint, backbone, weights,
@@ -251,7 +256,15 @@ pub fn run_features(
         .map(|r| cached_frames(r.num_frames, opts.every).len() as u64)
         .sum();
 
-    // Resume: keep complete shards of this fingerprint; remove temporary files.
+    // Resume: keep complete shards of this fingerprint; remove temporary files. A shard that
+    // the last finished run recorded must still hash as recorded: kept as it is, its changed
+    // bytes (bit rot, a bad copy) would be recorded as good in the new features.json.
+    let recorded: BTreeMap<String, String> = match FeaturesRecord::open(&opts.out) {
+        Ok(Some(r)) if r.fingerprint == fingerprint => {
+            r.shards.into_iter().map(|s| (s.file, s.sha256)).collect()
+        }
+        _ => BTreeMap::new(),
+    };
     let mut kept: BTreeMap<u32, (ShardMeta, ShardInfo)> = BTreeMap::new();
     let mut paths = std::fs::read_dir(&opts.out)
         .map_err(|e| io(&opts.out, e))?
@@ -311,6 +324,14 @@ pub fn run_features(
             bytes: std::fs::metadata(&path).map_err(|e| io(&path, e))?.len(),
             sha256: vdg_data::atomic::sha256_file(&path)?,
         };
+        if recorded.get(&name).is_some_and(|h| *h != info.sha256) {
+            tracing::warn!(
+                "{}: its bytes changed since {FEATURES_FILE} recorded them; computing it again",
+                path.display()
+            );
+            std::fs::remove_file(&path).map_err(|e| io(&path, e))?;
+            continue;
+        }
         kept.insert(index, (meta, info));
     }
     let done_frames: u64 = kept.values().map(|(_, i)| i.frames).sum();
@@ -399,7 +420,14 @@ pub fn run_features(
             },
         })
         .collect();
-    write_videos_table(&opts.out.join(VIDEOS_FILE), &table)?;
+    let committed = write_videos_table(&opts.out.join(VIDEOS_FILE), &table)?;
+    let videos_table = ShardInfo {
+        file: VIDEOS_FILE.to_owned(),
+        videos: table.len() as u64,
+        frames: table.iter().map(|r| u64::from(r.num_frames)).sum(),
+        bytes: committed.bytes,
+        sha256: committed.sha256,
+    };
     let record = FeaturesRecord {
         schema_version: FEATURES_SCHEMA_VERSION,
         tool_version: env!("CARGO_PKG_VERSION").into(),
@@ -413,6 +441,7 @@ pub fn run_features(
         videos: usable.len(),
         frames: total_frames,
         shards,
+        videos_table: Some(videos_table),
         prep,
         fingerprint,
     };
