@@ -4,6 +4,8 @@
     python3 scripts/gpu_peers_torch.py --peers ../shared/peers [--device cuda:0] [--json OUT]
 
 Measures what `vdg device throughput --scale paper` measures, with PyTorch on the same device:
+  - one small operation (an add of two 40 x 256 float32 tensors, in chains of 1000): what
+    each op of a graph of small ops costs the host;
   - the APN step on 2048-d features (B = 40, M = 5, D = 256, FFN 1024), plain and with
     Algorithm 1 (ADA*), by running ../shared/peers/apn_torch.py's own model and steps on the
     GPU (its batch and model moved there, the device synchronised after every step);
@@ -64,6 +66,19 @@ def main():
         rows.append(dict(work=work, shapes=shapes, per_second=per_second, unit=unit, note=extra))
         print(f"torch {torch.__version__} {name}: {work} ({shapes}){extra}: "
               f"{per_second:.1f} {unit}/s", flush=True)
+
+    # One small operation (vdg's `small_op` row): chains of 1000 adds of 40 x 256 float32.
+    x0 = torch.randn(40, 256, device=dev)
+    b = torch.randn(40, 256, device=dev)
+
+    def chain():
+        x = x0
+        for _ in range(1000):
+            x = x + b
+
+    secs = [timed(chain, min(a.min_time, 2.0))[0] for _ in range(a.reps)]
+    report("small_op", "add of two 40x256 float32 tensors, chains of 1000",
+           1000 / statistics.median(secs), "ops", f" [median of {a.reps}]")
 
     peer = load_peer(a.peers)
     peer.LR = 0.001

@@ -700,12 +700,31 @@ fn device_checks_run_on_the_cpu_and_refuse_cuda_in_a_cpu_build() {
     assert_eq!(
         works,
         [
+            "small_op",
             "apn_step_plain",
             "apn_step_ada_star",
             "resnet50_inference",
             "i3d_train_step"
         ]
     );
+    let json = tmp.path().join("profile.json");
+    let o = run(&[
+        "device",
+        "profile",
+        "--iterations",
+        "2",
+        "--out",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("all phases"), "{}", text(&o));
+    let rows: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 5);
+    assert!(rows[0]["phase"].as_str().unwrap().starts_with("forward"));
+    // Forward and backward do real work on every step.
+    assert!(rows[0]["issue_ms"].as_f64().unwrap() > 0.0);
+    assert!(rows[2]["issue_ms"].as_f64().unwrap() > 0.0);
     #[cfg(not(feature = "cuda"))]
     {
         let o = run(&["device", "parity", "--device", "cuda"]);

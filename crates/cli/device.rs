@@ -7,7 +7,8 @@ use anyhow::{Context, Result};
 use clap::Subcommand;
 use vdg_data::atomic::AtomicFile;
 use vdg_trainer::devcheck::{
-    MIXED_PRECISION_GRADIENT_TOLERANCE, Scale, Verdict, parity, roundoff_ratio, throughput,
+    MIXED_PRECISION_GRADIENT_TOLERANCE, Scale, Verdict, parity, roundoff_ratio, step_phases,
+    throughput,
 };
 use vdg_trainer::train::Precision;
 
@@ -40,6 +41,20 @@ pub enum DeviceCommand {
         /// (small shapes, seconds on a CPU).
         #[arg(long, default_value = "quick")]
         scale: String,
+        /// Also write the rows as JSON here.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// The plain APN step of `throughput` cut into phases (forward, loss read-back,
+    /// backward, gradient clip, SGD step), the device synchronised after each: how long the
+    /// host takes to issue each phase and how long the device then needs to finish it.
+    Profile {
+        /// `cpu` or `cuda[:N]`.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Timed steps (after three untimed ones).
+        #[arg(long, default_value_t = 20)]
+        iterations: usize,
         /// Also write the rows as JSON here.
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
@@ -151,6 +166,28 @@ pub fn run(cmd: DeviceCommand) -> Result<ExitCode> {
                     r.work, r.per_second, r.unit, r.shapes, r.iterations, r.device
                 );
             }
+            write_json(out.as_ref(), &rows)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        DeviceCommand::Profile {
+            device,
+            iterations,
+            out,
+        } => {
+            let dev = vdg_trainer::device::device(&device)?;
+            let rows = step_phases(&dev, iterations).context("profile")?;
+            println!(
+                "plain APN step on {device} (B=40, M=5, 2048-d features, D=256), ms per step, \
+                 mean of {iterations}:"
+            );
+            println!("{:<46} {:>9} {:>9}", "phase", "issue", "wait");
+            for r in &rows {
+                println!("{:<46} {:>9.2} {:>9.2}", r.phase, r.issue_ms, r.wait_ms);
+            }
+            let (issue, wait) = rows
+                .iter()
+                .fold((0.0, 0.0), |(i, w), r| (i + r.issue_ms, w + r.wait_ms));
+            println!("{:<46} {:>9.2} {:>9.2}", "all phases", issue, wait);
             write_json(out.as_ref(), &rows)?;
             Ok(ExitCode::SUCCESS)
         }

@@ -13,7 +13,7 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::{Optimizer, VarBuilder, VarMap};
 use serde::Serialize;
 
 use crate::ada::{AdaConfig, AdaVariant};
@@ -406,29 +406,178 @@ fn timed(
     Ok((start.elapsed().as_secs_f64() / n as f64, n))
 }
 
+/// The APN head on 256-d features, B = 40, M = 5 (BENCHMARKS.md's shapes), as `vdg train
+/// --features` runs it on a ResNet-50 cache: 2048-d trunk features, the projection to D
+/// (dropout 0.8), the head; the shapes of ../shared/peers/apn_torch.py's `apn-feat`
+/// configurations.
+struct ApnOnFeatures {
+    cfg: ModelConfig,
+    vm: VarMap,
+    model: VideoModel,
+    opt: SgdMomentum,
+    x: Tensor,
+    y: Tensor,
+}
+
+impl ApnOnFeatures {
+    fn new(device: &Device) -> Result<Self> {
+        let cfg = ModelConfig::default();
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, device);
+        let head = build_head(ModelKind::Apn, &cfg, 12, 0, vb.pp("head"))?;
+        let projection = Backbone::cached(2048, cfg.feature_dim, 0.8, vb.pp("backbone"))?;
+        seeded_init(&vm, 0)?;
+        let model = VideoModel::frames(projection, head, ModelKind::Apn);
+        let opt = SgdMomentum::from_varmap(&vm, SgdParams::default(), |_| true)?;
+        let x = seeded_randn(&[40, 5, 2048], 1, DType::F32, device)?;
+        let labels: Vec<u32> = (0..40u32).map(|i| i % 12).collect();
+        let y = Tensor::new(labels.as_slice(), device)?;
+        Ok(ApnOnFeatures {
+            cfg,
+            vm,
+            model,
+            opt,
+            x,
+            y,
+        })
+    }
+}
+
+/// One phase of the plain APN step, as [`step_phases`] times it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseRow {
+    /// The phase.
+    pub phase: String,
+    /// Milliseconds per step until the host had issued the phase's work (its call returned;
+    /// on a CPU, the whole phase).
+    pub issue_ms: f64,
+    /// Milliseconds more until the device had finished it (`synchronize`).
+    pub wait_ms: f64,
+}
+
+/// The plain APN training step of `vdg device throughput` (2048-d features, B = 40) cut into
+/// its phases, with the device synchronised after each: how long the host takes to issue each
+/// phase and how long the device then takes to finish it. Where issuing dominates, the step
+/// is bound by the host's op-by-op graph, not by the device's arithmetic.
+pub fn step_phases(device: &Device, iterations: usize) -> Result<Vec<PhaseRow>> {
+    let ApnOnFeatures {
+        vm: _vm,
+        model,
+        mut opt,
+        x,
+        y,
+        ..
+    } = ApnOnFeatures::new(device)?;
+    const PHASES: [&str; 5] = [
+        "forward (projection with dropout, APN head)",
+        "loss, read back to the host",
+        "backward",
+        "gradient-norm clip (norm read back)",
+        "SGD step",
+    ];
+    let mut issue = [0.0f64; PHASES.len()];
+    let mut wait = [0.0f64; PHASES.len()];
+    let mut timed_phase = |i: usize, counting: bool, f: &mut dyn FnMut() -> Result<()>| {
+        let t0 = Instant::now();
+        f()?;
+        let t1 = Instant::now();
+        device.synchronize()?;
+        if counting {
+            issue[i] += (t1 - t0).as_secs_f64();
+            wait[i] += t1.elapsed().as_secs_f64();
+        }
+        Ok::<(), Error>(())
+    };
+    // Three untimed steps first (kernels loaded, memory pools warm).
+    for n in 0..iterations + 3 {
+        let counting = n >= 3;
+        let mut out = None;
+        timed_phase(0, counting, &mut || {
+            out = Some(model.forward_t(&x, true)?);
+            Ok(())
+        })?;
+        let logits = out
+            .take()
+            .map(|o| o.logits)
+            .ok_or_else(|| Error::Device("the forward pass returned nothing".into()))?;
+        let mut loss = None;
+        timed_phase(1, counting, &mut || {
+            let l = cross_entropy(&logits, &y)?;
+            l.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            loss = Some(l);
+            Ok(())
+        })?;
+        let loss = loss.ok_or_else(|| Error::Device("no loss".into()))?;
+        let mut grads = None;
+        timed_phase(2, counting, &mut || {
+            grads = Some(loss.backward()?);
+            Ok(())
+        })?;
+        let mut grads = grads.ok_or_else(|| Error::Device("no gradients".into()))?;
+        timed_phase(3, counting, &mut || {
+            crate::optim::clip_grad_norm(&mut grads, opt.vars(), 20.0)?;
+            Ok(())
+        })?;
+        timed_phase(4, counting, &mut || {
+            opt.step(&grads)?;
+            Ok(())
+        })?;
+    }
+    let per = |t: f64| 1e3 * t / iterations.max(1) as f64;
+    Ok(PHASES
+        .iter()
+        .enumerate()
+        .map(|(i, phase)| PhaseRow {
+            phase: (*phase).into(),
+            issue_ms: per(issue[i]),
+            wait_ms: per(wait[i]),
+        })
+        .collect())
+}
+
 /// Measures the APN step on cached features (plain, and Algorithm 1's ADA* with both copies
 /// and 5 ascent steps each), ResNet-50 inference as `vdg features` runs it, and an I3D
 /// training step, on `device`.
 pub fn throughput(device: &Device, scale: Scale) -> Result<Vec<ThroughputRow>> {
     let mut rows = Vec::new();
-    let min_seconds = if scale == Scale::Paper { 5.0 } else { 2.0 };
-    let name = device_name(device);
+    let min_seconds: f64 = if scale == Scale::Paper { 5.0 } else { 2.0 };
+    let name = if !device.is_cpu() && crate::device::tf32_from_env() {
+        format!("{} (TF32)", device_name(device))
+    } else {
+        device_name(device)
+    };
 
-    // The APN head on 256-d features, B = 40, M = 5 (BENCHMARKS.md's shapes).
-    let cfg = ModelConfig::default();
-    // As `vdg train --features` runs it on a ResNet-50 cache: 2048-d trunk features, the
-    // projection to D (dropout 0.8), the head; the shapes of ../shared/peers/apn_torch.py's
-    // `apn-feat` configurations.
-    let vm = VarMap::new();
-    let vb = VarBuilder::from_varmap(&vm, DType::F32, device);
-    let head = build_head(ModelKind::Apn, &cfg, 12, 0, vb.pp("head"))?;
-    let projection = Backbone::cached(2048, cfg.feature_dim, 0.8, vb.pp("backbone"))?;
-    seeded_init(&vm, 0)?;
-    let model = VideoModel::frames(projection, head, ModelKind::Apn);
-    let mut opt = SgdMomentum::from_varmap(&vm, SgdParams::default(), |_| true)?;
-    let x = seeded_randn(&[40, 5, 2048], 1, DType::F32, device)?;
+    // What one small operation costs (an add on a 40 x 256 float32 tensor: a new tensor, one
+    // kernel): on a GPU the floor of a graph of many small ops, which the host issues one by
+    // one.
+    let a = seeded_randn(&[40, 256], 4, DType::F32, device)?;
+    let b = seeded_randn(&[40, 256], 5, DType::F32, device)?;
+    const CHAIN: usize = 1000;
+    let (secs, n) = timed(device, min_seconds.min(2.0), 100, || {
+        let mut x = a.clone();
+        for _ in 0..CHAIN {
+            x = (&x + &b)?;
+        }
+        Ok(())
+    })?;
+    rows.push(ThroughputRow {
+        work: "small_op".into(),
+        device: name.clone(),
+        shapes: format!("add of two 40x256 float32 tensors, chains of {CHAIN}"),
+        per_second: CHAIN as f64 / secs,
+        unit: "ops".into(),
+        iterations: n,
+    });
+
+    let ApnOnFeatures {
+        cfg,
+        vm,
+        model,
+        mut opt,
+        x,
+        y,
+    } = ApnOnFeatures::new(device)?;
     let labels: Vec<u32> = (0..40u32).map(|i| i % 12).collect();
-    let y = Tensor::new(labels.as_slice(), device)?;
     let ada = AdaStep {
         targets: AdaVariant::AdaStar.targets(ModelKind::Apn)?,
         cfg: AdaConfig::default(),

@@ -26,8 +26,25 @@ pub fn device(name: &str) -> Result<Device> {
     }
 }
 
+/// `1`: float32 matrix products (and so convolutions) in TF32 on a CUDA device's tensor
+/// cores (README, "Running on a GPU"). Off by default, as in PyTorch's matmuls.
+pub const CUDA_TF32_ENV: &str = "VDG_CUDA_TF32";
+
+/// Whether `VDG_CUDA_TF32` asks for TF32 products.
+pub fn tf32_from_env() -> bool {
+    std::env::var(CUDA_TF32_ENV).is_ok_and(|v| v == "1" || v == "true")
+}
+
 #[cfg(feature = "cuda")]
 fn cuda(ordinal: usize) -> Result<Device> {
+    let device = open_cuda(ordinal)?;
+    // Process-wide in candle; set from the environment every time a device is opened.
+    candle_core::cuda::set_gemm_reduced_precision_f32(tf32_from_env());
+    Ok(device)
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda(ordinal: usize) -> Result<Device> {
     Device::new_cuda(ordinal).map_err(|e| {
         // The first line only: candle appends a backtrace when RUST_BACKTRACE is set.
         let e = e.to_string();
