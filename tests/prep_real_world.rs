@@ -773,6 +773,38 @@ fn parts_merged_give_the_bytes_of_one_machine() {
         .unwrap();
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert_same_outputs(&m, &whole);
+
+    // A part whose shard changed at its size on the way (a bad copy between machines) is
+    // refused by name: the merge would copy its bytes and record them as good. Restored, the
+    // merge goes through.
+    let shard = p3[1].join("frames-00000.parquet");
+    let good = std::fs::read(&shard).unwrap();
+    let mut bad = good.clone();
+    let middle = bad.len() / 2;
+    bad[middle] ^= 1;
+    std::fs::write(&shard, &bad).unwrap();
+    let o = vdg()
+        .args(["prep", "merge", "--out"])
+        .arg(tmp.path().join("m-damaged"))
+        .args(&p3)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("does not match its prep.json (frames-00000.parquet: same size"),
+        "{}",
+        text(&o)
+    );
+    assert!(!tmp.path().join("m-damaged/prep.json").exists());
+    std::fs::write(&shard, &good).unwrap();
+    let o = vdg()
+        .args(["prep", "merge", "--out"])
+        .arg(tmp.path().join("m-damaged"))
+        .args(&p3)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_same_outputs(&tmp.path().join("m-damaged"), &whole);
 }
 
 /// `vdg prep verify`: a prep verifies; a shard changed in place at its size (which a rerun

@@ -446,6 +446,35 @@ pub fn merge_parts(
             format!("part(s) {} are missing from the merge", missing.join(", ")),
         ));
     }
+    // The merge copies the parts' bytes and records the result's hashes as good: a part
+    // damaged on its way here (a bad copy between machines) must not pass into it.
+    for dir in parts {
+        let v = crate::verify::verify(dir, 0, &|_, _| {})?;
+        if !v.ok() {
+            let mut what: Vec<String> = v
+                .checked
+                .iter()
+                .filter_map(|c| {
+                    let name = c.path.file_name()?.to_string_lossy().into_owned();
+                    Some(format!("{name}: {}", c.problem.as_ref()?))
+                })
+                .collect();
+            what.extend(v.stray.iter().filter_map(|p| {
+                Some(format!(
+                    "{}: not listed in prep.json",
+                    p.file_name()?.to_string_lossy()
+                ))
+            }));
+            return Err(bad(
+                dir,
+                format!(
+                    "does not match its prep.json ({}); copy the part again from where it was \
+                     prepared, or rerun that part with --force",
+                    what.join("; ")
+                ),
+            ));
+        }
+    }
     let mut rows = Vec::new();
     let mut inputs = Identities::new();
     for dir in parts {
