@@ -783,28 +783,27 @@ fn parts_merged_give_the_bytes_of_one_machine() {
     let middle = bad.len() / 2;
     bad[middle] ^= 1;
     std::fs::write(&shard, &bad).unwrap();
-    let o = vdg()
-        .args(["prep", "merge", "--out"])
-        .arg(tmp.path().join("m-damaged"))
-        .args(&p3)
-        .output()
-        .unwrap();
+    let merged = tmp.path().join("m-damaged");
+    let merge = || {
+        vdg()
+            .args(["prep", "merge", "--out"])
+            .arg(&merged)
+            .args(&p3)
+            .output()
+            .unwrap()
+    };
+    let o = merge();
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(
         text(&o).contains("does not match its prep.json (frames-00000.parquet: same size"),
         "{}",
         text(&o)
     );
-    assert!(!tmp.path().join("m-damaged/prep.json").exists());
+    assert!(!merged.join("prep.json").exists());
     std::fs::write(&shard, &good).unwrap();
-    let o = vdg()
-        .args(["prep", "merge", "--out"])
-        .arg(tmp.path().join("m-damaged"))
-        .args(&p3)
-        .output()
-        .unwrap();
+    let o = merge();
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert_same_outputs(&tmp.path().join("m-damaged"), &whole);
+    assert_same_outputs(&merged, &whole);
 }
 
 /// `vdg prep verify`: a prep verifies; a shard changed in place at its size (which a rerun

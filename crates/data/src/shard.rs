@@ -330,6 +330,19 @@ pub struct ShardInfo {
     pub sha256: String,
 }
 
+impl ShardInfo {
+    /// The record of a `videos.parquet` just written with [`write_videos_table`].
+    pub fn videos_table(rows: &[VideoRow], committed: Committed) -> Self {
+        ShardInfo {
+            file: VIDEOS_FILE.to_owned(),
+            videos: rows.len() as u64,
+            frames: rows.iter().map(|r| u64::from(r.num_frames)).sum(),
+            bytes: committed.bytes,
+            sha256: committed.sha256,
+        }
+    }
+}
+
 /// A shard file being written: Parquet into a temporary name, renamed on [`Self::finish`].
 struct ShardFile {
     file: AtomicFile,

@@ -751,13 +751,7 @@ fn run_locked(
     // The videos table, then prep.json, last.
     let videos_path = out.join(VIDEOS_FILE);
     let committed = shard::write_videos_table(&videos_path, &rows)?;
-    let videos_table = ShardInfo {
-        file: VIDEOS_FILE.to_owned(),
-        videos: rows.len() as u64,
-        frames: rows.iter().map(|r| u64::from(r.num_frames)).sum(),
-        bytes: committed.bytes,
-        sha256: committed.sha256,
-    };
+    let videos_table = ShardInfo::videos_table(&rows, committed);
     let record = make_record(plan, &rows, shards, videos_table);
     let json = serde_json::to_vec_pretty(&record).map_err(|e| Error::Io {
         path: prep_path.clone(),

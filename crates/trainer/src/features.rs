@@ -421,13 +421,7 @@ pub fn run_features(
         })
         .collect();
     let committed = write_videos_table(&opts.out.join(VIDEOS_FILE), &table)?;
-    let videos_table = ShardInfo {
-        file: VIDEOS_FILE.to_owned(),
-        videos: table.len() as u64,
-        frames: table.iter().map(|r| u64::from(r.num_frames)).sum(),
-        bytes: committed.bytes,
-        sha256: committed.sha256,
-    };
+    let videos_table = ShardInfo::videos_table(&table, committed);
     let record = FeaturesRecord {
         schema_version: FEATURES_SCHEMA_VERSION,
         tool_version: env!("CARGO_PKG_VERSION").into(),
