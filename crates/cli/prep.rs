@@ -462,7 +462,8 @@ fn verify(dir: &Path, jobs: usize, quiet: bool) -> Result<ExitCode> {
     if features.as_ref().is_some_and(|f| f.videos_table.is_none()) {
         eprintln!(
             "note: {record} of this feature folder predates recording videos.parquet's hash; \
-             that file was not checked (rerun `vdg features` with --force to record it)"
+             that file was not checked (rerunning the same `vdg features` command records it \
+             and keeps the complete shards)"
         );
     }
     let bytes: u64 = v.checked.iter().map(|c| c.bytes).sum();
