@@ -187,7 +187,8 @@ pub struct CommonPrep {
     #[arg(long)]
     strict_frame_count: bool,
     /// Encode every JPEG from RGB. By default a 4:2:0 BT.601 source stored at its own size
-    /// goes to JPEG straight from the decoder's planes (no RGB); the two differ by rounding.
+    /// goes to JPEG straight from the decoder's planes (no RGB), exact to 0.1 level; through
+    /// RGB such frames come out about one level darker (swscale's rounding; datasets.md).
     #[arg(long)]
     jpeg_via_rgb: bool,
     /// Stop (exit 2) when a manifest class has no videos in a domain (a partial download),
