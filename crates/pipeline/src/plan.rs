@@ -30,7 +30,8 @@ pub struct ContentOptions {
     pub strict_frame_count: bool,
     /// Encode every JPEG from RGB, even where the decoder's YUV planes can be stored as
     /// they are (4:2:0 BT.601 at its own size; see `DecodeOptions::yuv420`). Off by
-    /// default; the two routes differ by rounding only.
+    /// default; through RGB such frames come out about one level darker (swscale's
+    /// unscaled conversion rounds down; datasets.md, "How exact the colours are").
     #[serde(default)]
     pub jpeg_via_rgb: bool,
 }
