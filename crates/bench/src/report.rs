@@ -752,7 +752,9 @@ fn paired_differences(
 }
 
 /// `"{mean} [{low}, {high}]"`: the mean of paired differences and its 95 % confidence
-/// interval (Student t over the pairs); `None` without pairs.
+/// interval (Student t over the pairs); `None` without pairs. The differences are of two
+/// accuracies in percent, so the interval is cut to [-100, +100], where the true difference
+/// lies: with few pairs (two pairs: t = 12.7) the t interval alone can run past it.
 fn with_interval(diffs: &[f64]) -> Option<String> {
     if diffs.is_empty() {
         return None;
@@ -760,7 +762,11 @@ fn with_interval(diffs: &[f64]) -> Option<String> {
     let (mean, sd) = mean_std(diffs);
     let half = t95(diffs.len() - 1) * sd / (diffs.len() as f64).sqrt();
     Some(if half.is_finite() {
-        format!("{mean:+.2} [{:+.2}, {:+.2}]", mean - half, mean + half)
+        format!(
+            "{mean:+.2} [{:+.2}, {:+.2}]",
+            (mean - half).max(-100.0),
+            (mean + half).min(100.0)
+        )
     } else {
         format!("{mean:+.2} (one pair: no interval)")
     })
@@ -1326,6 +1332,25 @@ mod tests {
         assert!(
             line.contains("APN + ada_star +2.00 [-2.30, +6.30]"),
             "{line}"
+        );
+    }
+
+    #[test]
+    fn a_summary_interval_stays_within_the_possible_differences() {
+        // Two pairs, TRN + ada minus TRN: -20 and +40 -> mean +10, sd 42.43, t(1) = 12.706:
+        // +/- 381.2, cut to the [-100, +100] a difference of two accuracies can take.
+        let runs = vec![
+            run("ucf->hmdb", "trn", "none", 0, 60.0),
+            run("ucf->hmdb", "trn", "ada", 0, 40.0),
+            run("ucf->hmdb", "trn", "none", 1, 30.0),
+            run("ucf->hmdb", "trn", "ada", 1, 70.0),
+        ];
+        let line = summary(&leaderboard(runs)).join("\n");
+        assert!(line.contains("TRN + ada +10.00 [-100.00, +100.00]"), "{line}");
+        // Within the range an interval is left as it is.
+        assert_eq!(
+            with_interval(&[1.0, 3.0, 2.0]).unwrap(),
+            "+2.00 [-0.48, +4.48]"
         );
     }
 
