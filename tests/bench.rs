@@ -254,6 +254,9 @@ fn bench_list_names_benchmarks_directions_and_models() {
         "pku_mmd",
         "L->C,R",
         "synthetic",
+        "synthetic_timing",
+        "synthetic_appearance",
+        "synthetic_varied_source",
         "models: tsn, trn, trn_attn, apn",
     ] {
         assert!(s.contains(needle), "{needle}: {s}");
@@ -483,4 +486,69 @@ fn walk_count(dir: &Path) -> usize {
             })
             .sum()
     })
+}
+
+/// A built-in variant of the synthetic benchmark (`--benchmark synthetic_timing`) is made on
+/// demand like the embedded one, into a folder of its own name, with the embedded
+/// benchmark's defaults, and every report names it; `vdg prep synthetic` refuses a name that
+/// is not a synthetic benchmark.
+#[test]
+fn a_synthetic_variant_runs_under_its_own_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("bench");
+    let o = run(&[
+        "bench",
+        "run",
+        "--out",
+        out.to_str().unwrap(),
+        "--benchmark",
+        "synthetic_timing",
+        "--scale",
+        "tiny",
+        "--seeds",
+        "1",
+        "--epochs",
+        "1",
+        "--models",
+        "tsn",
+        "--ada",
+        "none",
+        "-q",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let data = out.join("data/synthetic_timing");
+    let prep: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("prep.json")).unwrap()).unwrap();
+    assert_eq!(prep["benchmark"], "synthetic_timing");
+    let marker = std::fs::read_to_string(data.join("raw/.vdg-synthetic")).unwrap();
+    assert!(marker.contains("target_appearance=false"), "{marker}");
+    let lb: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("leaderboard.json")).unwrap()).unwrap();
+    let runs = lb["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    assert!(runs.iter().all(|r| r["benchmark"] == "synthetic_timing"));
+    let md = std::fs::read_to_string(out.join("leaderboard.md")).unwrap();
+    // The embedded benchmark's CPU-sized defaults, not the paper's.
+    for needle in [
+        "## synthetic_timing",
+        "embedded synthetic benchmark (no paper numbers)",
+        "input 32 (224)",
+    ] {
+        assert!(md.contains(needle), "{needle}:\n{md}");
+    }
+    let o = run(&[
+        "prep",
+        "synthetic",
+        "--benchmark",
+        "ucf_hmdb",
+        "--out",
+        tmp.path().join("p").to_str().unwrap(),
+        "-q",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("not a synthetic benchmark"),
+        "{}",
+        text(&o)
+    );
 }

@@ -40,11 +40,20 @@ pub enum BenchCommand {
 pub fn run(cmd: BenchCommand, quiet: bool) -> Result<ExitCode> {
     match cmd {
         BenchCommand::List => {
-            for (name, text) in vdg_data::manifest::BUILTIN_MANIFESTS {
-                let m = Manifest::from_toml(text, Path::new(name))?;
+            let manifests = vdg_data::manifest::BUILTIN_MANIFESTS
+                .iter()
+                .map(|(name, text)| Ok((*name, Manifest::from_toml(text, Path::new(name))?)))
+                .collect::<Result<Vec<_>>>()?;
+            let name_w = manifests.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+            let title_w = manifests
+                .iter()
+                .map(|(_, m)| m.title.chars().count())
+                .max()
+                .unwrap_or(0);
+            for (name, m) in &manifests {
                 let dirs: Vec<String> = m.directions.iter().map(|d| d.to_string()).collect();
                 println!(
-                    "{name:<20} {:<22} {} classes, M = {}, directions: {}",
+                    "{name:<name_w$}  {:<title_w$}  {} classes, M = {}, directions: {}",
                     m.title,
                     m.classes.len(),
                     m.segments,
@@ -126,8 +135,9 @@ impl BenchProgress for Bar {
     }
 }
 
-fn prepare_synthetic(dir: &Path, scale: &str) -> Result<()> {
-    let prep = crate::prep::PrepCommand::Synthetic(crate::prep::SyntheticArgs::new(dir, scale));
+fn prepare_synthetic(dir: &Path, benchmark: &str, scale: &str) -> Result<()> {
+    let prep =
+        crate::prep::PrepCommand::Synthetic(crate::prep::SyntheticArgs::new(dir, benchmark, scale));
     let code = crate::prep::run(prep, true)?;
     if code != ExitCode::SUCCESS {
         bail!("preparing the synthetic benchmark failed");
@@ -144,7 +154,7 @@ fn bench_run(a: &BenchRunArgs, quiet: bool) -> Result<ExitCode> {
     }
     // With workers every cell is done by now: this pass finds them and writes the reports.
     // The workers' plan pass prepared the synthetic data a moment ago (and said so).
-    let prepared = |_: &Path, _: &str| Ok(());
+    let prepared = |_: &Path, _: &str, _: &str| Ok(());
     let bar = Bar(crate::logging::new_bar(quiet, "runs"));
     let host = Host {
         git_revision: env!("VDG_GIT_REV"),

@@ -73,7 +73,7 @@ pub enum PrepCommand {
         common: CommonPrep,
     },
     /// The embedded synthetic benchmark: generates its clips (into <out>/raw) and prepares
-    /// them (manifests/synthetic.toml). No download.
+    /// them (manifests/synthetic.toml; --benchmark picks a variant). No download.
     Synthetic(SyntheticArgs),
     /// Merge the folders of `--part 0/N` .. `--part N-1/N` runs into one prepared folder,
     /// byte-identical to a single-machine prep; copies frames, never decodes.
@@ -118,15 +118,28 @@ pub struct SyntheticArgs {
     /// prepares by default), large (360).
     #[arg(long, default_value = "small")]
     pub scale: String,
+    /// Which synthetic benchmark: synthetic (the embedded one, both shifts),
+    /// synthetic_timing (the temporal shift alone), synthetic_appearance (the spatial shift
+    /// alone), synthetic_varied_source (the source varied within its family); datasets.md,
+    /// "Which shift the gap comes from". --manifest replaces it with a file.
+    #[arg(
+        long,
+        default_value = "synthetic",
+        value_name = "NAME",
+        conflicts_with = "manifest"
+    )]
+    pub benchmark: String,
     #[command(flatten)]
     pub common: CommonPrep,
 }
 
 impl SyntheticArgs {
-    /// Options for preparing the synthetic benchmark into `out` at `scale`, defaults otherwise.
-    pub fn new(out: &Path, scale: &str) -> Self {
+    /// Options for preparing the synthetic benchmark `benchmark` (`synthetic` or a
+    /// `synthetic_*` variant) into `out` at `scale`, defaults otherwise.
+    pub fn new(out: &Path, benchmark: &str, scale: &str) -> Self {
         SyntheticArgs {
             scale: scale.to_owned(),
+            benchmark: benchmark.to_owned(),
             common: CommonPrep {
                 out: out.to_owned(),
                 short_side: vdg_pipeline::decode::DEFAULT_SHORT_SIDE,
@@ -257,17 +270,29 @@ pub fn sample(cmd: SampleCommand) -> Result<ExitCode> {
     }
 }
 
-/// Generates the synthetic raw clips into `raw` unless a complete set for this scale and seed
-/// is there (a marker file written last says so).
+/// Generates the synthetic raw clips of `manifest` (its generator) into `raw` unless a
+/// complete set for this generator, scale and seed is there (a marker file written last
+/// says so).
 fn ensure_synthetic(
     raw: &Path,
+    manifest: &Manifest,
     scale: vdg_pipeline::synthetic::Scale,
     scale_name: &str,
     seed: u64,
 ) -> Result<()> {
     let marker = raw.join(".vdg-synthetic");
+    let generator = manifest.generator.unwrap_or_default();
+    // The default generator's marker is the one folders made before variants existed.
+    let variant = if generator == vdg_pipeline::synthetic::Generator::default() {
+        String::new()
+    } else {
+        format!(
+            " target_appearance={} target_timing={} source_variety={}",
+            generator.target_appearance, generator.target_timing, generator.source_variety
+        )
+    };
     let want = format!(
-        "scale={scale_name} seed={seed} version={}\n",
+        "scale={scale_name} seed={seed} version={}{variant}\n",
         env!("CARGO_PKG_VERSION")
     );
     if std::fs::read_to_string(&marker).is_ok_and(|m| m == want) {
@@ -296,10 +321,11 @@ fn ensure_synthetic(
     // Claim the folder before writing into it.
     vdg_data::atomic::AtomicFile::write_all(&marker, b"generating\n")?;
     tracing::info!(
-        "generating the synthetic clips ({scale_name}, seed {seed}) into {}",
+        "generating the synthetic clips of {} ({scale_name}, seed {seed}) into {}",
+        manifest.name,
         raw.display()
     );
-    let n = vdg_pipeline::synthetic::write_synthetic(raw, scale, seed)
+    let n = vdg_pipeline::synthetic::write_synthetic(raw, &generator, scale, seed)
         .with_context(|| format!("writing synthetic clips into {}", raw.display()))?;
     vdg_data::atomic::AtomicFile::write_all(&marker, want.as_bytes())?;
     tracing::info!("{n} synthetic clips written");
@@ -360,12 +386,26 @@ pub fn run(cmd: PrepCommand, quiet: bool) -> Result<ExitCode> {
                     )
                 })?;
             let raw = args.common.out.join("raw");
-            let manifest = load_manifest("synthetic", &args.common.manifest)?;
+            if !vdg_data::manifest::is_synthetic_benchmark(&args.benchmark) {
+                bail!(
+                    "{:?} is not a synthetic benchmark; known: synthetic, synthetic_timing, \
+                     synthetic_appearance, synthetic_varied_source",
+                    args.benchmark
+                );
+            }
+            let manifest = load_manifest(&args.benchmark, &args.common.manifest)?;
+            if manifest.domains.iter().any(|d| d.dataset != "synthetic") {
+                bail!(
+                    "{}: `vdg prep synthetic` needs a manifest whose domains are all of dataset \
+                     \"synthetic\"",
+                    manifest.origin.display()
+                );
+            }
             // Lock the output folder before touching raw/ in it: two runs must never
             // generate or clear the same clips at once.
             let lock = lock_output(&args.common.out)
                 .with_context(|| format!("preparing {}", args.common.out.display()))?;
-            ensure_synthetic(&raw, scale, &args.scale, args.common.seed)?;
+            ensure_synthetic(&raw, &manifest, scale, &args.scale, args.common.seed)?;
             let scan = scan_synthetic(&raw).context("scanning the synthetic clips")?;
             prep_with_lock(&manifest, &[&scan], &args.common, quiet, Some(lock))
         }

@@ -167,7 +167,7 @@ pub struct RunRecord {
 pub fn deviations(c: &TrainConfig, benchmark: &str, features: bool) -> Vec<String> {
     let paper = TrainConfig::paper(c.model, c.ada);
     let mut d = Vec::new();
-    if benchmark == "synthetic" {
+    if vdg_data::manifest::is_synthetic_benchmark(benchmark) {
         d.push("embedded synthetic benchmark (no paper numbers)".to_string());
     }
     if c.protocol == Protocol::ReleasedCode {
@@ -261,7 +261,7 @@ pub fn deviations(c: &TrainConfig, benchmark: &str, features: bool) -> Vec<Strin
 pub fn random_init_problem(c: &TrainConfig, benchmark: &str, features: bool) -> Option<String> {
     let resnet = matches!(c.backbone, BackboneKind::Resnet18 | BackboneKind::Resnet50);
     (c.protocol == Protocol::Paper
-        && benchmark != "synthetic"
+        && !vdg_data::manifest::is_synthetic_benchmark(benchmark)
         && resnet
         && !features
         && c.backbone_weights.is_none())

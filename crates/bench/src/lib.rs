@@ -20,7 +20,7 @@
 //! let cli = Cli::parse_from(["bench", "--data", "out/synthetic", "--out", "bench-out"]);
 //! let host = Host {
 //!     git_revision: "unknown",
-//!     prepare_synthetic: &|_, _| anyhow::bail!("prepare it with `vdg prep synthetic`"),
+//!     prepare_synthetic: &|_, _, _| anyhow::bail!("prepare it with `vdg prep synthetic`"),
 //!     progress: &Silent,
 //! };
 //! let outcome = run_matrix(&cli.run, &host)?;

@@ -20,9 +20,10 @@ use crate::report::{self, Leaderboard, RunResult};
 pub struct Host<'a> {
     /// The tool's git revision, recorded in every run's `config.toml`.
     pub git_revision: &'a str,
-    /// Prepares the embedded synthetic benchmark into the folder at the scale given
-    /// (`vdg prep synthetic`), when a bench needs it and it is not there yet.
-    pub prepare_synthetic: &'a dyn Fn(&Path, &str) -> Result<()>,
+    /// Prepares the synthetic benchmark named (`synthetic` or a built-in `synthetic_*`
+    /// variant) into the folder at the scale given (`vdg prep synthetic`), when a bench
+    /// needs it and it is not there yet. Arguments: folder, benchmark, scale.
+    pub prepare_synthetic: &'a dyn Fn(&Path, &str, &str) -> Result<()>,
     /// Told how many cells there are and when each is done.
     pub progress: &'a dyn BenchProgress,
 }
@@ -276,7 +277,7 @@ impl BenchConfig {
     /// Defaults: for `synthetic`, a CPU-sized setting that runs in minutes; for real
     /// benchmarks, the paper's settings.
     fn defaults(benchmark: &str) -> Self {
-        let synthetic = benchmark == "synthetic";
+        let synthetic = vdg_data::manifest::is_synthetic_benchmark(benchmark);
         BenchConfig {
             benchmark: benchmark.into(),
             data: None,
@@ -327,7 +328,10 @@ pub fn jobs(a: &BenchRunArgs) -> Result<usize> {
     let cfg = resolve_config(a)?;
     let cpu = cfg.device.is_empty() || cfg.device == "cpu";
     Ok(
-        if cfg.benchmark == "synthetic" && cfg.features.is_none() && cpu {
+        if vdg_data::manifest::is_synthetic_benchmark(&cfg.benchmark)
+            && cfg.features.is_none()
+            && cpu
+        {
             std::thread::available_parallelism().map_or(1, usize::from)
         } else {
             1
@@ -537,8 +541,13 @@ fn matrix(a: &BenchRunArgs, host: &Host<'_>, plan_only: bool) -> Result<MatrixOu
     let data = match (&cfg.features, &cfg.data, cfg.benchmark.as_str()) {
         (Some(f), _, _) => f.clone(),
         (None, Some(d), _) => d.clone(),
-        (None, None, "synthetic") => {
-            let d = out.join("data").join("synthetic");
+        (None, None, b)
+            if vdg_data::manifest::is_synthetic_benchmark(b)
+                && vdg_data::manifest::BUILTIN_MANIFESTS
+                    .iter()
+                    .any(|(n, _)| *n == b) =>
+        {
+            let d = out.join("data").join(b);
             if partial && !d.join(vdg_data::shard::PREP_FILE).exists() {
                 bail!(
                     "{} has no prepared data: run `vdg bench plan` with the same options once \
@@ -548,14 +557,14 @@ fn matrix(a: &BenchRunArgs, host: &Host<'_>, plan_only: bool) -> Result<MatrixOu
             }
             if !d.join(vdg_data::shard::PREP_FILE).exists() {
                 tracing::info!(
-                    "preparing the synthetic benchmark ({}) in {}",
+                    "preparing the synthetic benchmark {b} ({}) in {}",
                     cfg.scale,
                     d.display()
                 );
             }
             if !partial {
-                (host.prepare_synthetic)(&d, &cfg.scale)
-                    .context("preparing the synthetic benchmark")?;
+                (host.prepare_synthetic)(&d, b, &cfg.scale)
+                    .with_context(|| format!("preparing the synthetic benchmark {b}"))?;
             }
             d
         }

@@ -1346,7 +1346,10 @@ mod tests {
             run("ucf->hmdb", "trn", "ada", 1, 70.0),
         ];
         let line = summary(&leaderboard(runs)).join("\n");
-        assert!(line.contains("TRN + ada +10.00 [-100.00, +100.00]"), "{line}");
+        assert!(
+            line.contains("TRN + ada +10.00 [-100.00, +100.00]"),
+            "{line}"
+        );
         // Within the range an interval is left as it is.
         assert_eq!(
             with_interval(&[1.0, 3.0, 2.0]).unwrap(),

@@ -30,7 +30,58 @@ pub const BUILTIN_MANIFESTS: &[(&str, &str)] = &[
         "synthetic",
         include_str!("../../../manifests/synthetic.toml"),
     ),
+    (
+        "synthetic_timing",
+        include_str!("../../../manifests/synthetic_timing.toml"),
+    ),
+    (
+        "synthetic_appearance",
+        include_str!("../../../manifests/synthetic_appearance.toml"),
+    ),
+    (
+        "synthetic_varied_source",
+        include_str!("../../../manifests/synthetic_varied_source.toml"),
+    ),
 ];
+
+/// Whether `name` is the embedded synthetic benchmark or one of its variants (`synthetic_*`):
+/// such benchmarks get the embedded benchmark's CPU-sized training defaults, and `vdg bench
+/// run` generates the built-in ones on demand.
+pub fn is_synthetic_benchmark(name: &str) -> bool {
+    name == "synthetic" || name.starts_with("synthetic_")
+}
+
+/// How `vdg prep synthetic` draws a synthetic benchmark's clips: the manifest's optional
+/// `[generator]` table (datasets.md, "Synthetic"). Without the table every field has its
+/// default, the embedded benchmark's generator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Generator {
+    /// The target domain's own appearance (a disc of a random bright hue on noisy stripes);
+    /// `false` draws the source's (a light square on flat grey), leaving the timing shift.
+    #[serde(default = "yes")]
+    pub target_appearance: bool,
+    /// The target domain's own timing (a lead-in hold of 6-14 frames, 6-7 frames a move);
+    /// `false` gives it the source's (the signature first, 8 frames a move), leaving the
+    /// appearance shift.
+    #[serde(default = "yes")]
+    pub target_timing: bool,
+    /// The source domain varies within its own family: a square of grey 160-255 and
+    /// half-side 4.5-6.5 px on a flat grey of 15-60, a lead-in of 0-3 frames, 8-9 frames a
+    /// move (the default: grey 200-254, half-side 5, flat grey 30, no lead-in, 8 frames).
+    #[serde(default)]
+    pub source_variety: bool,
+}
+
+impl Default for Generator {
+    fn default() -> Self {
+        Generator {
+            target_appearance: true,
+            target_timing: true,
+            source_variety: false,
+        }
+    }
+}
 
 /// Key of a class's `native` table that applies to every domain.
 pub const ALL_DOMAINS_KEY: &str = "all";
@@ -79,6 +130,8 @@ struct RawManifest {
     directions: Vec<RawDirection>,
     split: RawSplit,
     classes: Vec<RawClass>,
+    #[serde(default)]
+    generator: Option<Generator>,
 }
 
 fn yes() -> bool {
@@ -195,6 +248,9 @@ pub struct Manifest {
     pub split_rules: BTreeMap<String, SplitRule>,
     /// Classes ordered by label.
     pub classes: Vec<Class>,
+    /// How `vdg prep synthetic` draws the clips (`[generator]`; only in manifests whose
+    /// domains are all of dataset `synthetic`).
+    pub generator: Option<Generator>,
 }
 
 impl Manifest {
@@ -294,6 +350,14 @@ impl Manifest {
                     ));
                 }
             }
+        }
+        if raw.generator.is_some() && raw.domains.iter().any(|d| d.dataset != "synthetic") {
+            return Err(invalid(
+                "generator".into(),
+                "only a synthetic benchmark (every domain of dataset \"synthetic\") has a \
+                 generator"
+                    .into(),
+            ));
         }
         if !raw.split.rules.contains_key(&raw.split.default) {
             return Err(invalid(
@@ -403,6 +467,7 @@ impl Manifest {
             segments: raw.segments,
             horizontal_flip: raw.horizontal_flip,
             model_notes: raw.model_notes,
+            generator: raw.generator,
             domains: raw
                 .domains
                 .into_iter()
@@ -571,6 +636,54 @@ label = 0
 name = "x"
 native = { a = ["X"], b = ["x"] }
 "#;
+
+    #[test]
+    fn the_synthetic_variants_differ_from_the_embedded_benchmark_in_their_generator_only() {
+        let base = Manifest::builtin("synthetic").unwrap();
+        assert_eq!(base.generator, None);
+        for (name, g) in [
+            (
+                "synthetic_timing",
+                Generator {
+                    target_appearance: false,
+                    ..Generator::default()
+                },
+            ),
+            (
+                "synthetic_appearance",
+                Generator {
+                    target_timing: false,
+                    ..Generator::default()
+                },
+            ),
+            (
+                "synthetic_varied_source",
+                Generator {
+                    source_variety: true,
+                    ..Generator::default()
+                },
+            ),
+        ] {
+            let m = Manifest::builtin(name).unwrap();
+            assert!(is_synthetic_benchmark(&m.name), "{name}");
+            assert_eq!((m.name.as_str(), m.generator), (name, Some(g)));
+            assert_eq!(m.classes, base.classes, "{name}");
+            assert_eq!(m.directions, base.directions, "{name}");
+            assert_eq!(m.split_rules, base.split_rules, "{name}");
+            assert_eq!(
+                (m.segments, m.horizontal_flip, &m.model_notes),
+                (base.segments, base.horizontal_flip, &base.model_notes),
+                "{name}"
+            );
+        }
+        assert!(!is_synthetic_benchmark("ucf_hmdb") && !is_synthetic_benchmark("synth"));
+        // Only a synthetic benchmark has a generator, and its keys are checked.
+        let e = load(&format!("{MINI}\n[generator]\ntarget_timing = false\n")).unwrap_err();
+        assert!(e.to_string().contains("generator"), "{e}");
+        let text = Manifest::builtin("synthetic").unwrap().text;
+        let e = load(&format!("{text}\n[generator]\ntarget_timimg = false\n")).unwrap_err();
+        assert!(e.to_string().contains("target_timimg"), "{e}");
+    }
 
     #[test]
     fn a_manifest_file_with_a_byte_order_mark_and_crlf_loads() {

@@ -11,12 +11,15 @@
 //!
 //! So the order of two adjacent moves (a local relation) identifies the class in both
 //! domains, while "what happens at the start of the clip" (a global cue) misleads across
-//! them. Every clip is a pure function of (seed, domain, class, index).
+//! them. A manifest's `[generator]` table ([`Generator`]) can leave either shift out or vary
+//! the source within its family (the `synthetic_*` variants). Every clip is a pure function
+//! of (generator, seed, domain, class, index).
 
 use std::path::Path;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+pub use vdg_data::manifest::Generator;
 use vdg_data::split::derive_seed;
 
 use crate::encode::VideoWriter;
@@ -103,17 +106,38 @@ fn delta(m: Move) -> (f32, f32) {
     }
 }
 
-/// The frames of one clip, RGB24, `SIZE x SIZE`.
-pub fn clip_frames(domain: &str, class: usize, index: u32, seed: u64) -> Vec<Vec<u8>> {
+/// The frames of one clip, RGB24, `SIZE x SIZE`, drawn as `generator` says.
+pub fn clip_frames(
+    generator: &Generator,
+    domain: &str,
+    class: usize,
+    index: u32,
+    seed: u64,
+) -> Vec<Vec<u8>> {
     let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(
         seed,
         &format!("synthetic/{domain}/{class}/{index}"),
     ));
-    let target = domain == "target";
+    let is_target = domain == "target";
+    // The target's appearance and timing, each unless the generator leaves it out; the
+    // source's variety within its own family.
+    let target = is_target && generator.target_appearance;
+    let target_timing = is_target && generator.target_timing;
+    let varied = !is_target && generator.source_variety;
     let (_, a, b) = CLASSES[class % CLASSES.len()];
     // Sub-action schedule: (move, frames).
     let travel = 14.0f32; // pixels per move
-    let schedule: Vec<(Move, u32)> = if target {
+    let schedule: Vec<(Move, u32)> = if varied {
+        // The source's early onset and normal speed, varied a little.
+        let slow = 8 + rng.random_range(0..2);
+        let lead = rng.random_range(0..=3);
+        vec![
+            (Move::Hold, lead),
+            (a, slow),
+            (b, slow),
+            (Move::Hold, FRAMES - lead - 2 * slow),
+        ]
+    } else if target_timing {
         // Later onset after a random lead-in hold, faster moves, a shorter hold after.
         let fast = 6 + rng.random_range(0..2);
         let lead = rng.random_range(6..=14);
@@ -153,11 +177,28 @@ pub fn clip_frames(domain: &str, class: usize, index: u32, seed: u64) -> Vec<Vec
         ];
         c[rng.random_range(0..3)] = 255;
         c
+    } else if varied {
+        let g = rng.random_range(160..=255);
+        [g, g, g]
     } else {
         let g = rng.random_range(200..255);
         [g, g, g]
     };
     let stripe = rng.random_range(4..9);
+    // The source's square: half-side and background grey.
+    let (half, ground) = if varied {
+        let g = rng.random_range(15..=60u8);
+        (rng.random_range(4.5f32..=6.5), [g, g, g])
+    } else {
+        (5.0, [30, 30, 30])
+    };
+    let look = Look {
+        target,
+        colour,
+        stripe,
+        half,
+        ground,
+    };
     let mut frames = Vec::with_capacity(FRAMES as usize);
     for (m, n) in schedule {
         let (dx, dy) = delta(m);
@@ -167,7 +208,7 @@ pub fn clip_frames(domain: &str, class: usize, index: u32, seed: u64) -> Vec<Vec
             } else {
                 (0.0, 0.0)
             };
-            frames.push(draw(x + jx, y + jy, target, colour, stripe, &mut rng));
+            frames.push(draw(x + jx, y + jy, &look, &mut rng));
             x += dx * travel / n as f32;
             y += dy * travel / n as f32;
         }
@@ -176,14 +217,29 @@ pub fn clip_frames(domain: &str, class: usize, index: u32, seed: u64) -> Vec<Vec
     frames
 }
 
-fn draw(
-    cx: f32,
-    cy: f32,
+/// How one clip's frames look.
+#[derive(Clone, Copy)]
+struct Look {
+    /// The target's appearance: a disc on noisy stripes (else a square on flat grey).
     target: bool,
+    /// The object's colour.
     colour: [u8; 3],
+    /// Stripe width (target).
     stripe: u32,
-    rng: &mut ChaCha8Rng,
-) -> Vec<u8> {
+    /// Half the square's side (source).
+    half: f32,
+    /// The flat background (source).
+    ground: [u8; 3],
+}
+
+fn draw(cx: f32, cy: f32, look: &Look, rng: &mut ChaCha8Rng) -> Vec<u8> {
+    let Look {
+        target,
+        colour,
+        stripe,
+        half,
+        ground,
+    } = *look;
     let s = SIZE as usize;
     let mut buf = vec![0u8; s * s * 3];
     let r = 5.0f32;
@@ -194,7 +250,7 @@ fn draw(
             let inside = if target {
                 fx * fx + fy * fy <= r * r
             } else {
-                fx.abs() <= r && fy.abs() <= r
+                fx.abs() <= half && fy.abs() <= half
             };
             let mut p = if inside {
                 colour
@@ -202,7 +258,7 @@ fn draw(
                 let band = ((px + py) as u32 / stripe).is_multiple_of(2);
                 if band { [55, 60, 45] } else { [30, 35, 55] }
             } else {
-                [30, 30, 30]
+                ground
             };
             if target {
                 for c in &mut p {
@@ -216,8 +272,8 @@ fn draw(
 }
 
 /// Writes the raw synthetic layout `root/<domain>/<class>/<domain>_<class>_<NNN>.avi`
-/// (MPEG-4 AVI); returns the number of clips.
-pub fn write_synthetic(root: &Path, scale: Scale, seed: u64) -> Result<u32> {
+/// (MPEG-4 AVI) drawn as `generator` says; returns the number of clips.
+pub fn write_synthetic(root: &Path, generator: &Generator, scale: Scale, seed: u64) -> Result<u32> {
     let mut n = 0;
     for domain in DOMAINS {
         for (c, (name, _, _)) in CLASSES.iter().enumerate() {
@@ -227,7 +283,7 @@ pub fn write_synthetic(root: &Path, scale: Scale, seed: u64) -> Result<u32> {
                 let path = dir.join(format!("{domain}_{name}_{i:03}.avi"));
                 let tmp = path.with_extension("avi.part.avi");
                 let mut w = VideoWriter::create(&tmp, "mpeg4", SIZE, SIZE, FPS)?;
-                for f in clip_frames(domain, c, i, seed) {
+                for f in clip_frames(generator, domain, c, i, seed) {
                     w.write_rgb(&f)?;
                 }
                 w.finish()?;
@@ -245,12 +301,13 @@ mod tests {
 
     #[test]
     fn clips_are_deterministic_and_sized() {
-        let a = clip_frames("target", 2, 3, 7);
+        let g = Generator::default();
+        let a = clip_frames(&g, "target", 2, 3, 7);
         assert_eq!(a.len(), FRAMES as usize);
         assert!(a.iter().all(|f| f.len() == (SIZE * SIZE * 3) as usize));
-        assert_eq!(a, clip_frames("target", 2, 3, 7));
-        assert_ne!(a, clip_frames("target", 2, 4, 7));
-        assert_eq!(clip_frames("source", 0, 0, 1).len(), FRAMES as usize);
+        assert_eq!(a, clip_frames(&g, "target", 2, 3, 7));
+        assert_ne!(a, clip_frames(&g, "target", 2, 4, 7));
+        assert_eq!(clip_frames(&g, "source", 0, 0, 1).len(), FRAMES as usize);
     }
 
     /// The object's centroid moves along the class signature.
@@ -271,7 +328,7 @@ mod tests {
             (sx / n, sy / n)
         };
         // Source "right_then_up": frames 0..8 move right, 8..16 move up.
-        let f = clip_frames("source", 0, 0, 3);
+        let f = clip_frames(&Generator::default(), "source", 0, 0, 3);
         let (p0, p8, p15) = (centroid(&f[0]), centroid(&f[8]), centroid(&f[15]));
         assert!(
             p8.0 - p0.0 > 8.0 && (p8.1 - p0.1).abs() < 2.0,
@@ -280,6 +337,85 @@ mod tests {
         assert!(
             p8.1 - p15.1 > 8.0 && (p15.0 - p8.0).abs() < 2.0,
             "{p8:?} {p15:?}"
+        );
+    }
+
+    /// The object's centre: the mean position of pixels with a channel above 100 (objects
+    /// have one at 255 or a grey of at least 160; backgrounds stay under 73).
+    fn centre(f: &[u8]) -> (f64, f64) {
+        let s = SIZE as usize;
+        let (mut sx, mut sy, mut n) = (0.0, 0.0, 0.0);
+        for y in 0..s {
+            for x in 0..s {
+                let i = (y * s + x) * 3;
+                if f[i..i + 3].iter().any(|&c| c > 100) {
+                    sx += x as f64;
+                    sy += y as f64;
+                    n += 1.0;
+                }
+            }
+        }
+        (sx / n, sy / n)
+    }
+
+    /// How far the object moved over the first `n` frames, in pixels.
+    fn moved(f: &[Vec<u8>], n: usize) -> f64 {
+        let (a, b) = (centre(&f[0]), centre(&f[n]));
+        ((b.0 - a.0).powi(2) + (b.1 - a.1).powi(2)).sqrt()
+    }
+
+    #[test]
+    fn the_generator_leaves_out_the_shift_it_is_told_to() {
+        let corner = |f: &[u8]| [f[0], f[1], f[2]];
+        let timing_only = Generator {
+            target_appearance: false,
+            ..Generator::default()
+        };
+        let appearance_only = Generator {
+            target_timing: false,
+            ..Generator::default()
+        };
+        for i in 0..4 {
+            // The default target: noisy stripes, a hold of at least 6 frames first.
+            let t = clip_frames(&Generator::default(), "target", 1, i, 5);
+            assert!(t.iter().any(|f| corner(f) != corner(&t[0])), "clip {i}");
+            assert!(moved(&t, 5) < 3.5, "clip {i}: {}", moved(&t, 5));
+            // Timing only: the source's flat grey without noise, the target's late onset.
+            let t = clip_frames(&timing_only, "target", 1, i, 5);
+            assert!(t.iter().all(|f| corner(f) == [30, 30, 30]), "clip {i}");
+            assert!(moved(&t, 5) < 3.5, "clip {i}: {}", moved(&t, 5));
+            // Appearance only: noisy stripes, but the signature from the first frame on.
+            let t = clip_frames(&appearance_only, "target", 1, i, 5);
+            assert!(t.iter().any(|f| corner(f) != corner(&t[0])), "clip {i}");
+            assert!(moved(&t, 5) > 6.0, "clip {i}: {}", moved(&t, 5));
+            // The source is the same clip under every one of the three.
+            let s = clip_frames(&Generator::default(), "source", 1, i, 5);
+            assert_eq!(s, clip_frames(&timing_only, "source", 1, i, 5));
+            assert_eq!(s, clip_frames(&appearance_only, "source", 1, i, 5));
+        }
+    }
+
+    #[test]
+    fn a_varied_source_varies_within_its_family() {
+        let varied = Generator {
+            source_variety: true,
+            ..Generator::default()
+        };
+        let grounds: std::collections::BTreeSet<u8> = (0..8)
+            .map(|i| {
+                let f = clip_frames(&varied, "source", 0, i, 2);
+                let g = f[0][0];
+                // Flat and grey, in every frame.
+                assert!(f.iter().all(|x| x[..3] == [g, g, g]), "clip {i}");
+                assert!((15..=60).contains(&g), "clip {i}: {g}");
+                g
+            })
+            .collect();
+        assert!(grounds.len() > 1, "{grounds:?}");
+        // The target is the default generator's.
+        assert_eq!(
+            clip_frames(&varied, "target", 3, 1, 2),
+            clip_frames(&Generator::default(), "target", 3, 1, 2)
         );
     }
 }
