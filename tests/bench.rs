@@ -552,3 +552,46 @@ fn a_synthetic_variant_runs_under_its_own_name() {
         text(&o)
     );
 }
+
+/// `vdg bench run --force` after a change of `--scale` prepares its synthetic data again
+/// (until 2026-12-04 the data prep refused it, asking for the --force already given).
+#[test]
+fn a_changed_scale_under_force_prepares_the_synthetic_data_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("bench");
+    let args = |scale: &'static str| {
+        vec![
+            "bench",
+            "run",
+            "--out",
+            out.to_str().unwrap(),
+            "--scale",
+            scale,
+            "--seeds",
+            "1",
+            "--epochs",
+            "1",
+            "--models",
+            "tsn",
+            "--ada",
+            "none",
+            "-q",
+        ]
+    };
+    let o = run(&args("tiny"));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = run(&args("small"));
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("--force"), "{}", text(&o));
+    let mut forced = args("small");
+    forced.push("--force");
+    let o = run(&forced);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let data = out.join("data/synthetic");
+    let marker = std::fs::read_to_string(data.join("raw/.vdg-synthetic")).unwrap();
+    assert!(marker.contains("scale=small"), "{marker}");
+    let prep: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("prep.json")).unwrap()).unwrap();
+    // 48 clips per class and domain, 6 classes, 2 domains.
+    assert_eq!(prep["counts"]["ok"], 576, "{}", prep["counts"]);
+}

@@ -642,6 +642,40 @@ fn synthetic_prep_never_deletes_a_folder_it_did_not_make() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let marker = std::fs::read_to_string(mine.join("raw/.vdg-synthetic")).unwrap();
     assert!(marker.contains("seed=3"), "{marker}");
+    // Other settings without --force are refused before the clips are touched: they are
+    // the ones the folder's shards were made from.
+    let o = prep(&[
+        "synthetic",
+        "--out",
+        s(&mine),
+        "--scale",
+        "tiny",
+        "--benchmark",
+        "synthetic_timing",
+        "-q",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("holds a synthetic prep of other settings"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        std::fs::read_to_string(mine.join("raw/.vdg-synthetic")).unwrap(),
+        marker
+    );
+    let o = prep(&[
+        "synthetic",
+        "--out",
+        s(&mine),
+        "--scale",
+        "tiny",
+        "--seed",
+        "3",
+        "-q",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("nothing to do"), "{}", text(&o));
     // While another run holds the folder's lock, raw/ is not touched (not even a folder
     // this command made and would regenerate for another seed).
     let lock = std::fs::File::create(mine.join(".vdg-prep.lock")).unwrap();

@@ -134,8 +134,11 @@ pub struct SyntheticArgs {
 }
 
 impl SyntheticArgs {
-    /// Options for preparing the synthetic benchmark `benchmark` (`synthetic` or a
-    /// `synthetic_*` variant) into `out` at `scale`, defaults otherwise.
+    /// Options for `vdg bench run`'s own copy of the synthetic benchmark `benchmark`
+    /// (`synthetic` or a `synthetic_*` variant) in `out` at `scale`, defaults otherwise.
+    /// The folder is the bench's, which reaches it with other settings only on a fresh
+    /// folder or under its own `--force` (it refuses a changed configuration before), so a
+    /// prep of other settings there is replaced.
     pub fn new(out: &Path, benchmark: &str, scale: &str) -> Self {
         SyntheticArgs {
             scale: scale.to_owned(),
@@ -156,7 +159,7 @@ impl SyntheticArgs {
                 retry_failed: false,
                 stall_timeout: vdg_pipeline::prep::DEFAULT_STALL_TIMEOUT_SECS,
                 part: None,
-                force: false,
+                force: true,
             },
         }
     }
@@ -272,14 +275,18 @@ pub fn sample(cmd: SampleCommand) -> Result<ExitCode> {
 
 /// Generates the synthetic raw clips of `manifest` (its generator) into `raw` unless a
 /// complete set for this generator, scale and seed is there (a marker file written last
-/// says so).
+/// says so). Clips of other settings beside a finished prep (`out/prep.json`) are kept
+/// unless `force`: prep would refuse the run anyway, and the folder's clips would no longer
+/// be the ones its shards were made from.
 fn ensure_synthetic(
-    raw: &Path,
+    out: &Path,
     manifest: &Manifest,
     scale: vdg_pipeline::synthetic::Scale,
     scale_name: &str,
     seed: u64,
+    force: bool,
 ) -> Result<()> {
+    let raw = &out.join("raw");
     let marker = raw.join(".vdg-synthetic");
     let generator = manifest.generator.unwrap_or_default();
     // The default generator's marker is the one folders made before variants existed.
@@ -295,8 +302,18 @@ fn ensure_synthetic(
         "scale={scale_name} seed={seed} version={}{variant}\n",
         env!("CARGO_PKG_VERSION")
     );
-    if std::fs::read_to_string(&marker).is_ok_and(|m| m == want) {
+    let found = std::fs::read_to_string(&marker);
+    if found.as_ref().is_ok_and(|m| *m == want) {
         return Ok(());
+    }
+    if !force && out.join(vdg_data::shard::PREP_FILE).exists() {
+        bail!(
+            "{} holds a synthetic prep of other settings (its clips: {}; asked for: {}); \
+             rerun with --force to replace it, or choose another --out",
+            out.display(),
+            found.as_deref().map_or("unknown", str::trim_end),
+            want.trim_end()
+        );
     }
     if raw.exists() {
         // Only a folder this command made (it carries the marker from the first write on,
@@ -385,7 +402,6 @@ pub fn run(cmd: PrepCommand, quiet: bool) -> Result<ExitCode> {
                         args.scale
                     )
                 })?;
-            let raw = args.common.out.join("raw");
             if !vdg_data::manifest::is_synthetic_benchmark(&args.benchmark) {
                 bail!(
                     "{:?} is not a synthetic benchmark; known: synthetic, synthetic_timing, \
@@ -405,8 +421,16 @@ pub fn run(cmd: PrepCommand, quiet: bool) -> Result<ExitCode> {
             // generate or clear the same clips at once.
             let lock = lock_output(&args.common.out)
                 .with_context(|| format!("preparing {}", args.common.out.display()))?;
-            ensure_synthetic(&raw, &manifest, scale, &args.scale, args.common.seed)?;
-            let scan = scan_synthetic(&raw).context("scanning the synthetic clips")?;
+            ensure_synthetic(
+                &args.common.out,
+                &manifest,
+                scale,
+                &args.scale,
+                args.common.seed,
+                args.common.force,
+            )?;
+            let scan = scan_synthetic(&args.common.out.join("raw"))
+                .context("scanning the synthetic clips")?;
             prep_with_lock(&manifest, &[&scan], &args.common, quiet, Some(lock))
         }
         PrepCommand::Merge {
