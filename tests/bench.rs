@@ -257,6 +257,8 @@ fn bench_list_names_benchmarks_directions_and_models() {
         "synthetic_timing",
         "synthetic_appearance",
         "synthetic_varied_source",
+        "synthetic_onset",
+        "synthetic_speed",
         "models: tsn, trn, trn_attn, apn",
     ] {
         assert!(s.contains(needle), "{needle}: {s}");

@@ -120,8 +120,9 @@ pub struct SyntheticArgs {
     pub scale: String,
     /// Which synthetic benchmark: synthetic (the embedded one, both shifts),
     /// synthetic_timing (the temporal shift alone), synthetic_appearance (the spatial shift
-    /// alone), synthetic_varied_source (the source varied within its family); datasets.md,
-    /// "Which shift the gap comes from". --manifest replaces it with a file.
+    /// alone), synthetic_onset / synthetic_speed (the appearance and one timing factor),
+    /// synthetic_varied_source (the source varied within its family); datasets.md, "Which
+    /// shift the gap comes from". --manifest replaces it with a file.
     #[arg(
         long,
         default_value = "synthetic",
@@ -294,8 +295,11 @@ fn ensure_synthetic(
         String::new()
     } else {
         format!(
-            " target_appearance={} target_timing={} source_variety={}",
-            generator.target_appearance, generator.target_timing, generator.source_variety
+            " target_appearance={} target_onset={} target_speed={} source_variety={}",
+            generator.target_appearance,
+            generator.target_onset,
+            generator.target_speed,
+            generator.source_variety
         )
     };
     let want = format!(
@@ -405,7 +409,8 @@ pub fn run(cmd: PrepCommand, quiet: bool) -> Result<ExitCode> {
             if !vdg_data::manifest::is_synthetic_benchmark(&args.benchmark) {
                 bail!(
                     "{:?} is not a synthetic benchmark; known: synthetic, synthetic_timing, \
-                     synthetic_appearance, synthetic_varied_source",
+                     synthetic_appearance, synthetic_onset, synthetic_speed, \
+                     synthetic_varied_source",
                     args.benchmark
                 );
             }

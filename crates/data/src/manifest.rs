@@ -42,6 +42,14 @@ pub const BUILTIN_MANIFESTS: &[(&str, &str)] = &[
         "synthetic_varied_source",
         include_str!("../../../manifests/synthetic_varied_source.toml"),
     ),
+    (
+        "synthetic_onset",
+        include_str!("../../../manifests/synthetic_onset.toml"),
+    ),
+    (
+        "synthetic_speed",
+        include_str!("../../../manifests/synthetic_speed.toml"),
+    ),
 ];
 
 /// Whether `name` is the embedded synthetic benchmark or one of its variants (`synthetic_*`):
@@ -61,11 +69,14 @@ pub struct Generator {
     /// `false` draws the source's (a light square on flat grey), leaving the timing shift.
     #[serde(default = "yes")]
     pub target_appearance: bool,
-    /// The target domain's own timing (a lead-in hold of 6-14 frames, 6-7 frames a move);
-    /// `false` gives it the source's (the signature first, 8 frames a move), leaving the
-    /// appearance shift.
+    /// The target domain's own onset (a lead-in hold of 6-14 frames before the signature);
+    /// `false`: the source's (the signature first).
     #[serde(default = "yes")]
-    pub target_timing: bool,
+    pub target_onset: bool,
+    /// The target domain's own speed (6-7 frames a move); `false`: the source's (8). With
+    /// `target_onset` the temporal shift: both `false` leave the appearance shift alone.
+    #[serde(default = "yes")]
+    pub target_speed: bool,
     /// The source domain varies within its own family: a square of grey 160-255 and
     /// half-side 4.5-6.5 px on a flat grey of 15-60, a lead-in of 0-3 frames, 8-9 frames a
     /// move (the default: grey 200-254, half-side 5, flat grey 30, no lead-in, 8 frames).
@@ -77,7 +88,8 @@ impl Default for Generator {
     fn default() -> Self {
         Generator {
             target_appearance: true,
-            target_timing: true,
+            target_onset: true,
+            target_speed: true,
             source_variety: false,
         }
     }
@@ -652,7 +664,22 @@ native = { a = ["X"], b = ["x"] }
             (
                 "synthetic_appearance",
                 Generator {
-                    target_timing: false,
+                    target_onset: false,
+                    target_speed: false,
+                    ..Generator::default()
+                },
+            ),
+            (
+                "synthetic_onset",
+                Generator {
+                    target_speed: false,
+                    ..Generator::default()
+                },
+            ),
+            (
+                "synthetic_speed",
+                Generator {
+                    target_onset: false,
                     ..Generator::default()
                 },
             ),
@@ -678,7 +705,7 @@ native = { a = ["X"], b = ["x"] }
         }
         assert!(!is_synthetic_benchmark("ucf_hmdb") && !is_synthetic_benchmark("synth"));
         // Only a synthetic benchmark has a generator, and its keys are checked.
-        let e = load(&format!("{MINI}\n[generator]\ntarget_timing = false\n")).unwrap_err();
+        let e = load(&format!("{MINI}\n[generator]\ntarget_speed = false\n")).unwrap_err();
         assert!(e.to_string().contains("generator"), "{e}");
         let text = Manifest::builtin("synthetic").unwrap().text;
         let e = load(&format!("{text}\n[generator]\ntarget_timimg = false\n")).unwrap_err();

@@ -122,40 +122,10 @@ pub fn clip_frames(
     // The target's appearance and timing, each unless the generator leaves it out; the
     // source's variety within its own family.
     let target = is_target && generator.target_appearance;
-    let target_timing = is_target && generator.target_timing;
     let varied = !is_target && generator.source_variety;
     let (_, a, b) = CLASSES[class % CLASSES.len()];
-    // Sub-action schedule: (move, frames).
+    let schedule = schedule(generator, is_target, a, b, &mut rng);
     let travel = 14.0f32; // pixels per move
-    let schedule: Vec<(Move, u32)> = if varied {
-        // The source's early onset and normal speed, varied a little.
-        let slow = 8 + rng.random_range(0..2);
-        let lead = rng.random_range(0..=3);
-        vec![
-            (Move::Hold, lead),
-            (a, slow),
-            (b, slow),
-            (Move::Hold, FRAMES - lead - 2 * slow),
-        ]
-    } else if target_timing {
-        // Later onset after a random lead-in hold, faster moves, a shorter hold after.
-        let fast = 6 + rng.random_range(0..2);
-        let lead = rng.random_range(6..=14);
-        vec![
-            (Move::Hold, lead),
-            (a, fast),
-            (b, fast),
-            (Move::Hold, FRAMES - lead - 2 * fast),
-        ]
-    } else {
-        let slow = 8;
-        vec![
-            (a, slow),
-            (b, slow),
-            (Move::Hold, slow),
-            (Move::Hold, FRAMES - 3 * slow),
-        ]
-    };
     let size = SIZE as f32;
     // Start where the two moves stay inside the frame.
     let (da, db) = (delta(a), delta(b));
@@ -215,6 +185,52 @@ pub fn clip_frames(
     }
     frames.truncate(FRAMES as usize);
     frames
+}
+
+/// The clip's sub-actions, (move, frames), for the moves `a` then `b`, in the target domain
+/// if `is_target`, as `generator` says.
+fn schedule(
+    generator: &Generator,
+    is_target: bool,
+    a: Move,
+    b: Move,
+    rng: &mut ChaCha8Rng,
+) -> Vec<(Move, u32)> {
+    let (onset, speed) = (
+        is_target && generator.target_onset,
+        is_target && generator.target_speed,
+    );
+    if !is_target && generator.source_variety {
+        // The source's early onset and normal speed, varied a little.
+        let slow = 8 + rng.random_range(0..2);
+        let lead = rng.random_range(0..=3);
+        vec![
+            (Move::Hold, lead),
+            (a, slow),
+            (b, slow),
+            (Move::Hold, FRAMES - lead - 2 * slow),
+        ]
+    } else if onset || speed {
+        // Later onset after a random lead-in hold, faster moves, a shorter hold after (both
+        // drawn, so that either alone leaves the other's draw unused, not the stream moved).
+        let fast = 6 + rng.random_range(0..2);
+        let lead = rng.random_range(6..=14);
+        let (fast, lead) = (if speed { fast } else { 8 }, if onset { lead } else { 0 });
+        vec![
+            (Move::Hold, lead),
+            (a, fast),
+            (b, fast),
+            (Move::Hold, FRAMES - lead - 2 * fast),
+        ]
+    } else {
+        let slow = 8;
+        vec![
+            (a, slow),
+            (b, slow),
+            (Move::Hold, slow),
+            (Move::Hold, FRAMES - 3 * slow),
+        ]
+    }
 }
 
 /// How one clip's frames look.
@@ -372,7 +388,8 @@ mod tests {
             ..Generator::default()
         };
         let appearance_only = Generator {
-            target_timing: false,
+            target_onset: false,
+            target_speed: false,
             ..Generator::default()
         };
         for i in 0..4 {
@@ -417,5 +434,45 @@ mod tests {
             clip_frames(&varied, "target", 3, 1, 2),
             clip_frames(&Generator::default(), "target", 3, 1, 2)
         );
+    }
+
+    #[test]
+    fn each_timing_factor_is_left_out_alone() {
+        let with = |onset: bool, speed: bool| Generator {
+            target_onset: onset,
+            target_speed: speed,
+            ..Generator::default()
+        };
+        let (a, b) = (Move::Right, Move::Up);
+        for i in 0..20u64 {
+            let rng = || ChaCha8Rng::seed_from_u64(i);
+            let both = schedule(&with(true, true), true, a, b, &mut rng());
+            let onset = schedule(&with(true, false), true, a, b, &mut rng());
+            let speed = schedule(&with(false, true), true, a, b, &mut rng());
+            let neither = schedule(&with(false, false), true, a, b, &mut rng());
+            let (lead, fast) = (both[0].1, both[1].1);
+            assert!(
+                (6..=14).contains(&lead) && (6..=7).contains(&fast),
+                "{both:?}"
+            );
+            // The same draws, each factor kept or set to the source's.
+            assert_eq!(
+                onset[..3],
+                [(Move::Hold, lead), (a, 8), (b, 8)],
+                "{onset:?}"
+            );
+            assert_eq!(
+                speed[..3],
+                [(Move::Hold, 0), (a, fast), (b, fast)],
+                "{speed:?}"
+            );
+            assert_eq!(
+                neither,
+                schedule(&with(true, true), false, a, b, &mut rng())
+            );
+            for s in [&both, &onset, &speed, &neither] {
+                assert_eq!(s.iter().map(|(_, n)| n).sum::<u32>(), FRAMES, "{s:?}");
+            }
+        }
     }
 }
