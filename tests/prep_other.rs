@@ -626,34 +626,20 @@ fn synthetic_prep_never_deletes_a_folder_it_did_not_make() {
     );
     // Its own folder is regenerated when the options change (another seed).
     let mine = tmp.path().join("mine");
-    let o = prep(&["synthetic", "--out", s(&mine), "--scale", "tiny", "-q"]);
+    let into_mine = |extra: &[&str]| {
+        let mut args = vec!["synthetic", "--out", s(&mine), "--scale", "tiny", "-q"];
+        args.extend_from_slice(extra);
+        prep(&args)
+    };
+    let o = into_mine(&[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let o = prep(&[
-        "synthetic",
-        "--out",
-        s(&mine),
-        "--scale",
-        "tiny",
-        "--seed",
-        "3",
-        "--force",
-        "-q",
-    ]);
+    let o = into_mine(&["--seed", "3", "--force"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let marker = std::fs::read_to_string(mine.join("raw/.vdg-synthetic")).unwrap();
     assert!(marker.contains("seed=3"), "{marker}");
     // Other settings without --force are refused before the clips are touched: they are
     // the ones the folder's shards were made from.
-    let o = prep(&[
-        "synthetic",
-        "--out",
-        s(&mine),
-        "--scale",
-        "tiny",
-        "--benchmark",
-        "synthetic_timing",
-        "-q",
-    ]);
+    let o = into_mine(&["--benchmark", "synthetic_timing"]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(
         text(&o).contains("holds a synthetic prep of other settings"),
@@ -664,16 +650,7 @@ fn synthetic_prep_never_deletes_a_folder_it_did_not_make() {
         std::fs::read_to_string(mine.join("raw/.vdg-synthetic")).unwrap(),
         marker
     );
-    let o = prep(&[
-        "synthetic",
-        "--out",
-        s(&mine),
-        "--scale",
-        "tiny",
-        "--seed",
-        "3",
-        "-q",
-    ]);
+    let o = into_mine(&["--seed", "3"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert!(text(&o).contains("nothing to do"), "{}", text(&o));
     // While another run holds the folder's lock, raw/ is not touched (not even a folder
@@ -683,17 +660,7 @@ fn synthetic_prep_never_deletes_a_folder_it_did_not_make() {
     let before = std::fs::read_dir(mine.join("raw/source"))
         .map(|d| d.count())
         .ok();
-    let o = prep(&[
-        "synthetic",
-        "--out",
-        s(&mine),
-        "--scale",
-        "tiny",
-        "--seed",
-        "4",
-        "--force",
-        "-q",
-    ]);
+    let o = into_mine(&["--seed", "4", "--force"]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains("lock"), "{}", text(&o));
     let marker = std::fs::read_to_string(mine.join("raw/.vdg-synthetic")).unwrap();
