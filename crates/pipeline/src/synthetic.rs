@@ -11,8 +11,9 @@
 //!
 //! So the order of two adjacent moves (a local relation) identifies the class in both
 //! domains, while "what happens at the start of the clip" (a global cue) misleads across
-//! them. A manifest's `[generator]` table ([`Generator`]) can leave either shift out or vary
-//! the source within its family (the `synthetic_*` variants). Every clip is a pure function
+//! them. A manifest's `[generator]` table ([`Generator`]) can leave out the target's
+//! appearance, its onset or its speed, or vary the source within its family (the
+//! `synthetic_*` variants; datasets.md, "Which shift the gap comes from"). Every clip is a pure function
 //! of (generator, seed, domain, class, index).
 
 use std::path::Path;
