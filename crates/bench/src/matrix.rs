@@ -274,8 +274,8 @@ pub struct BenchConfig {
 }
 
 impl BenchConfig {
-    /// Defaults: for `synthetic`, a CPU-sized setting that runs in minutes; for real
-    /// benchmarks, the paper's settings.
+    /// Defaults: for `synthetic` and its `synthetic_*` variants, a CPU-sized setting that
+    /// runs in minutes; for real benchmarks, the paper's settings.
     fn defaults(benchmark: &str) -> Self {
         let synthetic = vdg_data::manifest::is_synthetic_benchmark(benchmark);
         BenchConfig {
