@@ -407,11 +407,15 @@ pub fn run(cmd: PrepCommand, quiet: bool) -> Result<ExitCode> {
                     )
                 })?;
             if !vdg_data::manifest::is_synthetic_benchmark(&args.benchmark) {
+                let known: Vec<&str> = vdg_data::manifest::BUILTIN_MANIFESTS
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .filter(|n| vdg_data::manifest::is_synthetic_benchmark(n))
+                    .collect();
                 bail!(
-                    "{:?} is not a synthetic benchmark; known: synthetic, synthetic_timing, \
-                     synthetic_appearance, synthetic_onset, synthetic_speed, \
-                     synthetic_varied_source",
-                    args.benchmark
+                    "{:?} is not a synthetic benchmark; known: {}",
+                    args.benchmark,
+                    known.join(", ")
                 );
             }
             let manifest = load_manifest(&args.benchmark, &args.common.manifest)?;
